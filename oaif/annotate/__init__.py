@@ -1,0 +1,1 @@
+"""Annotators: backends that judge one ordered pair at a time, and the both-orders judge above them."""

@@ -1,0 +1,95 @@
+"""Judge every pair in both orders and keep only the pairs on which the orders agree.
+
+Position bias is large in LLM judges (RLAIF: the smallest labeler preferred the same
+position in 56% of swapped pairs), so each pair (a, b) is asked as (a, b) and as (b, a).
+The pair is kept when both orders prefer the same response; its soft label is the mean
+probability, over the two orders, that the kept "chosen" response is better.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from oaif.annotate.base import Annotator, JudgeRequest
+from oaif.records import Judgment, OrderResult, PreferencePair, Sample, Verdict
+
+
+def aggregate(p_a_first: float | None, p_b_first: float | None) -> tuple[Verdict, float | None]:
+    """Combine the two orders' answers into (verdict, P(a better) averaged over orders).
+
+    p_a_first: P(first better) when a was shown first;  p_b_first: same with b first.
+    Invalid if either is None; 'a'/'b' if both orders lean the same way; 'tie' if both are
+    exactly 0.5; otherwise 'disagree'.
+    """
+    if p_a_first is None or p_b_first is None:
+        return "invalid", None
+    p_a_1, p_a_2 = p_a_first, 1.0 - p_b_first   # both as P(a better)
+    p_a = (p_a_1 + p_a_2) / 2
+    lean = [(p > 0.5) - (p < 0.5) for p in (p_a_1, p_a_2)]
+    if lean[0] != lean[1]:
+        return "disagree", p_a
+    return {1: "a", -1: "b", 0: "tie"}[lean[0]], p_a
+
+
+@dataclass(frozen=True)
+class Judged:
+    judgments: list[Judgment]
+    pairs: list[PreferencePair]
+
+
+def judge_pairs(annotator: Annotator, constitution_name: str, constitution_hash: str, template_hash: str,
+                pairs: list[tuple[Sample, Sample]], round: int, policy_version: int) -> Judged:
+    """All pairs' both-order requests go to the backend in one call (one batch for vLLM)."""
+    todo = [i for i, (a, b) in enumerate(pairs) if a.text != b.text]
+    requests = []
+    for i in todo:
+        a, b = pairs[i]
+        requests += [JudgeRequest(a.messages, a.text, b.text), JudgeRequest(a.messages, b.text, a.text)]
+    answers = annotator.judge(requests) if requests else []
+    if len(answers) != len(requests):
+        raise RuntimeError(f"annotator {annotator.backend} returned {len(answers)} answers for {len(requests)} requests")
+    by_pair = {i: (answers[2 * k], answers[2 * k + 1]) for k, i in enumerate(todo)}
+
+    judgments, kept = [], []
+    for i, (a, b) in enumerate(pairs):
+        if i in by_pair:
+            first, second = by_pair[i]
+            orders = [OrderResult("a", first.p_first, first.raw), OrderResult("b", second.p_first, second.raw)]
+            verdict, p_a = aggregate(first.p_first, second.p_first)
+        else:
+            orders, verdict, p_a = [], "identical", None
+        judgments.append(Judgment(
+            round=round, policy_version=policy_version, prompt_id=a.prompt_id, a=a.index, b=b.index,
+            backend=annotator.backend, model=annotator.model, constitution=constitution_name,
+            constitution_hash=constitution_hash, template_hash=template_hash,
+            orders=orders, p_a=p_a, verdict=verdict))
+        if verdict in ("a", "b"):
+            chosen, rejected = (a, b) if verdict == "a" else (b, a)
+            kept.append(PreferencePair(
+                round=round, policy_version=policy_version, prompt_id=a.prompt_id, messages=a.messages,
+                chosen=chosen.text, rejected=rejected.text,
+                p_chosen=p_a if verdict == "a" else 1.0 - p_a,
+                prompt_token_ids=a.prompt_token_ids,
+                chosen_token_ids=chosen.token_ids, rejected_token_ids=rejected.token_ids))
+    return Judged(judgments, kept)
+
+
+def judgment_metrics(judgments: list[Judgment]) -> dict[str, float | None]:
+    """annotate/* metrics of one round (DESIGN §6 names)."""
+    judged = [j for j in judgments if j.verdict != "identical"]
+    valid = [j for j in judged if j.verdict != "invalid"]
+    agreed = [j for j in valid if j.verdict in ("a", "b", "tie")]
+    kept = [j for j in valid if j.verdict in ("a", "b")]
+    answers = [o.p_first for j in valid for o in j.orders]
+    ratio = lambda n, d: n / d if d else None  # noqa: E731 (None, not 0, when nothing was judged)
+    return {
+        "annotate/order_agreement": ratio(len(agreed), len(valid)),
+        "annotate/invalid_rate": ratio(len(judged) - len(valid), len(judged)),
+        "annotate/mean_confidence": ratio(sum(max(j.p_a, 1 - j.p_a) for j in kept), len(kept)),
+        "annotate/first_position_rate": ratio(sum(p > 0.5 for p in answers), len(answers)),
+        "annotate/identical": len(judgments) - len(judged),
+        "annotate/disagree": sum(j.verdict == "disagree" for j in judgments),
+        "annotate/ties": sum(j.verdict == "tie" for j in judgments),
+        "annotate/invalid": len(judged) - len(valid),
+        "annotate/requests": 2 * len(judged),
+    }

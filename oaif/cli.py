@@ -1,0 +1,50 @@
+"""The `oaif` command.
+
+    oaif init-tiny DIR                      build the embedded tiny policy
+    oaif run CONFIG [key=value ...]         run the loop
+    oaif config-help                        every config key, its default and meaning
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from oaif.config import ConfigError, describe, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="oaif", description="Online AI feedback: align a policy with an LLM judge.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run the loop from a YAML config")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. train.beta=0.2 annotate.backend=vllm")
+    p = sub.add_parser("init-tiny", help="build the tiny local policy (no hub needed)")
+    p.add_argument("out")
+    p.add_argument("--steps", type=int, default=300, help="warm-up steps on prompts/tiny_sft.jsonl")
+    p.add_argument("--seed", type=int, default=0)
+    sub.add_parser("config-help", help="list every config key")
+    args = parser.parse_args(argv)
+
+    if args.command == "config-help":
+        for key, default, help in describe():
+            print(f"{key} (default: {default or 'empty'})\n    {help}")
+        return 0
+    if args.command == "init-tiny":
+        from oaif.tiny import init_tiny
+
+        init_tiny(args.out, steps=args.steps, seed=args.seed)
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from oaif.loop import run
+
+        run(cfg)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"oaif: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

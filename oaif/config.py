@@ -1,0 +1,247 @@
+"""Typed run configuration: frozen dataclasses, loaded from YAML plus `a.b=c` overrides.
+
+Every field carries its help text in `metadata["help"]`; `oaif config-help` prints them.
+Loading gathers every problem (unknown key, wrong type, bad value) into one `ConfigError`
+that names each dotted path and suggests the nearest known key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    model: str = _f("models/tiny", "Path or hub id of the policy to train (loaded with from_pretrained and vllm.LLM).")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f(
+        "float32", "Weights dtype for training and generation. CPU runs use float32; bfloat16 on GPUs.")
+    max_prompt_tokens: int = _f(256, "Prompts longer than this (after the chat template) are skipped, with a count.")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    samples_per_prompt: int = _f(2, "Responses sampled per prompt; OAIF uses 2 (one pair).")
+    temperature: float = _f(0.9, "Sampling temperature (OAIF paper: 0.9). Must be > 0: greedy gives n=1 only.")
+    top_p: float = _f(1.0, "Nucleus sampling mass.")
+    max_new_tokens: int = _f(64, "Token limit per response; a response that hits it has finish_reason 'length'.")
+    kv_cache_gib: float = _f(1.0, "KV cache reserved by the policy's vLLM engine (GiB). vLLM's CPU default takes most of RAM.")
+    tensor_parallel_size: int = _f(1, "vLLM tensor parallelism for the policy engine (GPUs only).")
+    gpu_memory_utilization: float = _f(0.4, "GPU only: share of GPU memory for the policy engine (the trainer needs the rest).")
+
+
+@dataclass(frozen=True)
+class AnnotateConfig:
+    backend: Literal["rules", "vllm"] = _f("rules", "Annotator backend: 'rules' (checks declared in the constitution) or 'vllm' (a local judge LLM).")
+    constitution: str = _f("constitutions/concise.yaml", "Constitution file: the principles (and rule checks) that define 'better'.")
+    template: str = _f("prompts/judge.txt", "Judge prompt template for LLM backends. Placeholders: {preamble} {principles} {prompt} {response_1} {response_2}.")
+    model: str = _f("", "Judge model path or hub id (LLM backends). Empty: the policy's starting model.")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "Judge model dtype.")
+    labels: tuple[str, str] = _f(("1", "2"), "The two answer labels the judge's next token is read from, first then second.")
+    max_prompt_tokens: int = _f(1024, "Judge prompts longer than this are judged invalid (counted, never truncated).")
+    kv_cache_gib: float = _f(1.0, "KV cache reserved by the judge's vLLM engine (GiB).")
+    gpu_memory_utilization: float = _f(0.3, "GPU only: share of GPU memory for the judge engine.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    loss: Literal["dpo", "ipo", "slic"] = _f("dpo", "Direct alignment loss (OAIF paper compares all three).")
+    beta: float | None = _f(None, "Loss temperature. Empty: the paper default for the loss (dpo 0.1, ipo 1.0, slic 0.002).")
+    learning_rate: float = _f(5e-7, "AdamW learning rate (OAIF paper: 5e-7 for PaLM 2; tiny models need far more).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    batch_size: int = _f(64, "Pairs per optimizer step; a round's pairs are split into steps of this size.")
+    micro_batch_size: int = _f(8, "Pairs per forward/backward pass (gradient accumulation up to batch_size).")
+    epochs_per_round: int = _f(1, "Passes over each round's pairs.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = _f("tiny", "Run name; the run directory is <output_dir>/<name>.")
+    output_dir: str = _f("runs", "Parent folder of run directories.")
+    overwrite: bool = _f(False, "Replace an existing run directory of the same name (otherwise it is an error).")
+    prompts: str = _f("prompts/tiny_prompts.jsonl", "Prompt set: JSONL, one {'messages': [...]} (or {'prompt': str}) per line.")
+    rounds: int = _f(8, "Rounds of generate → annotate → train → sync.")
+    prompts_per_round: int = _f(16, "Prompts per round (the OAIF batch; the paper uses 128).")
+    seed: int = _f(0, "Seeds prompt order, the vLLM engine and torch.")
+    threads: int = _f(0, "torch threads for training (0: leave torch's default).")
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+# Per-loss defaults from the OAIF paper (Guo et al. 2024, §4): DPO 0.1, IPO 1.0, SLiC 0.002.
+PAPER_BETA = {"dpo": 0.1, "ipo": 1.0, "slic": 0.002}
+
+
+def beta_for(train: TrainConfig) -> float:
+    return PAPER_BETA[train.loss] if train.beta is None else train.beta
+
+
+def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
+    """Check (and lightly convert) one leaf value against its annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path, errors)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            errors.append(f"{path}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            errors.append(f"{path}: expected a list of {len(args)} items, got {value!r}")
+            return value
+        return tuple(_coerce(v, a, f"{path}[{i}]", errors) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"{path}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            errors.append(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {path}")
+
+
+def _build(cls: type, data: Any, path: str, errors: list[str]) -> Any:
+    if not isinstance(data, dict):
+        errors.append(f"{path or 'config'}: expected a mapping, got {data!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{(path + '.' if path else '') + near[0]}'?)" if near else ""
+            errors.append(f"{dotted}: unknown key{hint}")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, dotted, errors)
+        else:
+            kwargs[key] = _coerce(value, tp, dotted, errors)
+    return cls(**kwargs)
+
+
+def _validate(cfg: RunConfig) -> list[str]:
+    errors = []
+    positive = {
+        "rounds": cfg.rounds, "prompts_per_round": cfg.prompts_per_round,
+        "generate.max_new_tokens": cfg.generate.max_new_tokens,
+        "train.batch_size": cfg.train.batch_size, "train.micro_batch_size": cfg.train.micro_batch_size,
+        "train.epochs_per_round": cfg.train.epochs_per_round, "generate.kv_cache_gib": cfg.generate.kv_cache_gib,
+        "policy.max_prompt_tokens": cfg.policy.max_prompt_tokens,
+    }
+    errors += [f"{k}: must be > 0, got {v}" for k, v in positive.items() if v <= 0]
+    if cfg.generate.samples_per_prompt < 2:
+        errors.append(f"generate.samples_per_prompt: a pair needs 2 samples, got {cfg.generate.samples_per_prompt}")
+    if cfg.generate.temperature <= 0:
+        errors.append("generate.temperature: must be > 0 (vLLM allows only one greedy sample per prompt)")
+    if cfg.train.learning_rate <= 0:
+        errors.append(f"train.learning_rate: must be > 0, got {cfg.train.learning_rate}")
+    if cfg.train.beta is not None and cfg.train.beta <= 0:
+        errors.append(f"train.beta: must be > 0, got {cfg.train.beta}")
+    if cfg.annotate.labels[0] == cfg.annotate.labels[1]:
+        errors.append("annotate.labels: the two labels must differ")
+    return errors
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.beta=0.2' -> (['train', 'beta'], 0.2); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.beta=0.2")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {k} is not a section")
+        node[keys[-1]] = value
+    errors: list[str] = []
+    cfg = _build(RunConfig, data, "", errors)
+    if not errors:
+        errors = _validate(cfg)
+    if errors:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"{len(errors)} problem(s){where}:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    out = dataclasses.asdict(cfg)
+
+    def plain(v):  # tuples -> lists so the saved YAML is plain and reloadable
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return list(v) if isinstance(v, tuple) else v
+
+    return plain(out)
+
+
+def dump_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every leaf field: the README's config reference."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe(hints[f.name], key + ".")
+        else:
+            default = f.default
+            rows.append((key, "" if default is None else str(list(default) if isinstance(default, tuple) else default),
+                         f.metadata["help"]))
+    return rows

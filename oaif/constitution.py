@@ -1,0 +1,136 @@
+"""Constitutions: the editable files that say what "better" means.
+
+A constitution is a YAML file:
+
+    name: concise                 # recorded with every judgment
+    preamble: |                   # the judge's task, in plain words
+      ...
+    principles:                   # what the judge weighs (LLM backends)
+      - Prefer the response that ...
+    rules:                        # optional deterministic checks (the `rules` backend)
+      - {check: shorter, weight: 1.0}
+      - {check: not_contains, text: "As an AI", weight: 2.0}
+
+Rule checks (each adds its weight to a response's score; the higher score wins):
+  shorter / longer          the response with fewer / more characters
+  contains / not_contains   `text` appears / does not appear (case-sensitive)
+  regex                     `pattern` matches somewhere (Python `re.search`)
+  max_chars                 the response has at most `limit` characters
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+RULE_FIELDS = {
+    "shorter": set(), "longer": set(), "contains": {"text"}, "not_contains": {"text"},
+    "regex": {"pattern"}, "max_chars": {"limit"},
+}
+TOP_FIELDS = {"name", "description", "preamble", "principles", "rules"}
+
+
+class ConstitutionError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Rule:
+    check: str
+    weight: float = 1.0
+    text: str = ""
+    pattern: str = ""
+    limit: int = 0
+
+    def score(self, response: str, other: str) -> float:
+        """This rule's contribution to `response`'s score when compared with `other`."""
+        hit = {
+            "shorter": lambda: len(response) < len(other),
+            "longer": lambda: len(response) > len(other),
+            "contains": lambda: self.text in response,
+            "not_contains": lambda: self.text not in response,
+            "regex": lambda: re.search(self.pattern, response) is not None,
+            "max_chars": lambda: len(response) <= self.limit,
+        }[self.check]()
+        return self.weight if hit else 0.0
+
+
+@dataclass(frozen=True)
+class Constitution:
+    name: str
+    preamble: str
+    principles: tuple[str, ...]
+    rules: tuple[Rule, ...]
+    hash: str                      # sha256 of the file's bytes, first 16 hex digits
+    path: str
+
+    def render_principles(self) -> str:
+        return "\n".join(f"{i}. {p}" for i, p in enumerate(self.principles, 1))
+
+
+def _rule(path: Path, i: int, raw: object) -> Rule:
+    where = f"{path}: rules[{i}]"
+    if not isinstance(raw, dict) or "check" not in raw:
+        raise ConstitutionError(f"{where}: expected a mapping with a 'check' ({', '.join(RULE_FIELDS)})")
+    check = raw["check"]
+    if check not in RULE_FIELDS:
+        raise ConstitutionError(f"{where}.check: unknown check {check!r}; known: {', '.join(RULE_FIELDS)}")
+    needed = RULE_FIELDS[check]
+    unknown = set(raw) - needed - {"check", "weight"}
+    if unknown:
+        raise ConstitutionError(f"{where}: unknown field(s) {sorted(unknown)} for check {check!r}")
+    missing = needed - set(raw)
+    if missing:
+        raise ConstitutionError(f"{where}: check {check!r} needs {sorted(missing)}")
+    weight = raw.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+        raise ConstitutionError(f"{where}.weight: must be a positive number, got {weight!r}")
+    if "text" in needed and not (isinstance(raw["text"], str) and raw["text"]):
+        raise ConstitutionError(f"{where}.text: must be a non-empty string")
+    if "pattern" in needed:
+        try:
+            re.compile(raw["pattern"])
+        except (re.error, TypeError) as e:
+            raise ConstitutionError(f"{where}.pattern: not a valid regular expression ({e})") from None
+    if "limit" in needed and (isinstance(raw["limit"], bool) or not isinstance(raw["limit"], int) or raw["limit"] < 0):
+        raise ConstitutionError(f"{where}.limit: must be a non-negative integer")
+    return Rule(check=check, weight=float(weight), text=raw.get("text", ""),
+                pattern=raw.get("pattern", ""), limit=raw.get("limit", 0))
+
+
+def load_constitution(path: str | Path) -> Constitution:
+    path = Path(path)
+    if not path.is_file():
+        raise ConstitutionError(f"constitution file {path} not found (annotate.constitution)")
+    data = path.read_bytes()
+    try:
+        raw = yaml.safe_load(data)
+    except yaml.YAMLError as e:
+        raise ConstitutionError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConstitutionError(f"{path}: expected a mapping with {sorted(TOP_FIELDS)}")
+    unknown = set(raw) - TOP_FIELDS
+    if unknown:
+        raise ConstitutionError(f"{path}: unknown field(s) {sorted(unknown)}; known: {sorted(TOP_FIELDS)}")
+    for key in ("name", "preamble"):
+        if not isinstance(raw.get(key), str) or not raw[key].strip():
+            raise ConstitutionError(f"{path}: '{key}' must be a non-empty string")
+    principles = raw.get("principles")
+    if not isinstance(principles, list) or not principles:
+        raise ConstitutionError(f"{path}: 'principles' must be a non-empty list of strings")
+    for i, p in enumerate(principles):
+        if not isinstance(p, str) or not p.strip():
+            raise ConstitutionError(f"{path}: principles[{i}] must be a non-empty string")
+    rules = raw.get("rules") or []
+    if not isinstance(rules, list):
+        raise ConstitutionError(f"{path}: 'rules' must be a list")
+    return Constitution(
+        name=raw["name"].strip(), preamble=raw["preamble"].strip(),
+        principles=tuple(p.strip() for p in principles),
+        rules=tuple(_rule(path, i, r) for i, r in enumerate(rules)),
+        hash=hashlib.sha256(data).hexdigest()[:16], path=str(path),
+    )

@@ -1,0 +1,29 @@
+"""Builds vLLM engines the same way for the policy and a local judge.
+
+The engine runs in this process (no engine subprocess) so that weights can be pushed into
+it as tensors (sync.py) without a disk write.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Must be set before vLLM builds an engine: keep the engine core in this process.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+# vLLM logs every engine step at INFO; the loop prints its own line per round.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+GIB = 1 << 30
+
+
+def build_llm(model: str, dtype: str, seed: int, kv_cache_gib: float, max_model_len: int,
+              tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.4):
+    """One engine. The KV cache is sized from config because vLLM's CPU default reserves
+    most of the machine's memory, which the trainer (and a second engine) also need."""
+    from vllm import LLM  # imported here so that config errors surface before vLLM loads
+
+    return LLM(
+        model=model, tokenizer=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
+        kv_cache_memory_bytes=int(kv_cache_gib * GIB), tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True,
+    )

@@ -1,0 +1,151 @@
+"""The OAIF loop: generate → annotate (both orders) → train (online DPO) → sync, per round.
+
+    oaif run configs/tiny_cpu.yaml [key=value ...]
+
+Each round samples from the policy as it is *now* (the engine holds the weights of the
+last sync), so the preference data is always on-policy (OAIF, Guo et al. 2024, Alg. 1).
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from oaif.annotate.base import Annotator, JudgeTemplate, load_template
+from oaif.annotate.judge import judge_pairs, judgment_metrics
+from oaif.annotate.select import build_annotator
+from oaif.config import RunConfig, dump_config
+from oaif.constitution import Constitution, load_constitution
+from oaif.records import Prompt, append_jsonl, load_prompts, write_jsonl
+
+# (metric, column title, format) of the line printed per round.
+COLUMNS = [("round", "round", "d"), ("pairs_kept", "kept", "d"), ("pairs_dropped", "dropped", "d"),
+           ("generate/mean_length", "mean_len", ".1f"), ("train/loss", "loss", ".4f"),
+           ("train/reward_accuracy", "reward_acc", ".2f"), ("round/seconds", "seconds", ".1f")]
+
+
+def format_row(metrics: dict) -> str:
+    cells = []
+    for key, title, fmt in COLUMNS:
+        v = metrics.get(key)
+        cells.append(f"{format(v, fmt) if v is not None else '-':>{max(len(title), 6)}}")
+    return "  ".join(cells)
+
+
+def header() -> str:
+    return "  ".join(f"{title:>{max(len(title), 6)}}" for _, title, _ in COLUMNS)
+
+
+class RunDirExists(FileExistsError):
+    pass
+
+
+def prepare_run_dir(cfg: RunConfig) -> Path:
+    run_dir = Path(cfg.output_dir) / cfg.name
+    if run_dir.exists():
+        if not cfg.overwrite:
+            raise RunDirExists(f"run directory {run_dir} exists: pass name=<new name> or overwrite=true")
+        shutil.rmtree(run_dir)
+    (run_dir / "rounds").mkdir(parents=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def round_prompts(prompts: list[Prompt], per_round: int, seed: int):
+    """Endless stream of prompt batches: each pass over the set in a new seeded order."""
+    rng, queue = random.Random(seed), []
+    while True:
+        batch = []
+        while len(batch) < per_round:
+            if not queue:
+                queue = prompts[:]
+                rng.shuffle(queue)
+            batch.append(queue.pop())
+        yield batch
+
+
+@dataclass
+class Loop:
+    """Everything a round needs, built once by `setup`."""
+    cfg: RunConfig
+    run_dir: Path
+    generator: "Generator"
+    annotator: Annotator
+    constitution: Constitution
+    template: JudgeTemplate
+    trainer: "DPOTrainer"
+    llm: "vllm.LLM"
+    policy_version: int = 0
+
+    def round(self, index: int, prompts: list[Prompt]) -> dict:
+        from oaif.sync import push_weights
+
+        t0 = time.perf_counter()
+        out = self.run_dir / "rounds" / f"{index:06d}"
+        groups, metrics = self.generator.sample(prompts, index, self.policy_version)
+        write_jsonl(out / "samples.jsonl", [s for g in groups for s in g])
+
+        pairs = [(g[k], g[k + 1]) for g in groups for k in range(0, len(g) - 1, 2)]
+        judged = judge_pairs(self.annotator, self.constitution.name, self.constitution.hash, self.template.hash,
+                             pairs, index, self.policy_version)
+        write_jsonl(out / "judgments.jsonl", judged.judgments)
+        write_jsonl(out / "pairs.jsonl", judged.pairs)
+        metrics |= judgment_metrics(judged.judgments)
+
+        if judged.pairs:
+            metrics |= self.trainer.train_round(judged.pairs)
+            metrics["sync/seconds"] = push_weights(self.llm, self.trainer.policy)
+            self.policy_version += 1
+        seconds = time.perf_counter() - t0
+        return {"round": index, "policy_version": self.policy_version, "pairs_kept": len(judged.pairs),
+                "pairs_dropped": len(pairs) - len(judged.pairs), **metrics,
+                "round/seconds": seconds, "round/pairs_per_s": len(judged.pairs) / seconds}
+
+
+def setup(cfg: RunConfig, run_dir: Path, constitution: Constitution, template: JudgeTemplate) -> Loop:
+    from transformers import AutoTokenizer
+
+    from oaif.engines import build_llm
+    from oaif.generate import Generator
+    from oaif.train import DPOTrainer, load_causal_lm
+
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.policy.model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    g = cfg.generate
+    llm = build_llm(cfg.policy.model, cfg.policy.dtype, cfg.seed, g.kv_cache_gib,
+                    cfg.policy.max_prompt_tokens + g.max_new_tokens, g.tensor_parallel_size,
+                    g.gpu_memory_utilization)
+    annotator = build_annotator(cfg, constitution, template)
+    policy = load_causal_lm(cfg.policy.model, cfg.policy.dtype, trainable=True)
+    reference = load_causal_lm(cfg.policy.model, cfg.policy.dtype, trainable=False)
+    trainer = DPOTrainer(policy, reference, cfg.train, tokenizer.pad_token_id)
+    return Loop(cfg, run_dir, Generator(llm, tokenizer, g, cfg.policy.max_prompt_tokens), annotator,
+                constitution, template, trainer, llm)
+
+
+def run(cfg: RunConfig, log=print) -> Path:
+    """Run every round; returns the run directory."""
+    # Bad input fails here, before any engine starts or any file is written.
+    prompts = load_prompts(cfg.prompts)
+    constitution = load_constitution(cfg.annotate.constitution)
+    template = load_template(cfg.annotate.template)
+    run_dir = prepare_run_dir(cfg)
+    loop = setup(cfg, run_dir, constitution, template)
+    log(f"run directory: {run_dir}")
+    log(header())
+    batches = round_prompts(prompts, cfg.prompts_per_round, cfg.seed)
+    for index in range(cfg.rounds):
+        metrics = loop.round(index, next(batches))
+        append_jsonl(run_dir / "metrics.jsonl", metrics)
+        log(format_row(metrics))
+    log(f"done: {cfg.rounds} rounds; records and metrics.jsonl in {run_dir}")
+    return run_dir

@@ -1,0 +1,145 @@
+"""The records stages hand to each other, and their JSONL files.
+
+Every record carries the round and the policy version (number of weight syncs applied to
+the engine) that produced it, so a stage can be re-run alone from saved records.
+Files are written whole (temp file + rename) or appended a whole line per write, so a
+crash never leaves half a record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+Message = dict[str, str]  # {"role": ..., "content": ...}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    messages: list[Message]
+
+
+@dataclass(frozen=True)
+class Sample:
+    round: int
+    policy_version: int
+    prompt_id: str
+    messages: list[Message]
+    index: int                      # which of the prompt's samples
+    text: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]            # response tokens, EOS included when the model stopped
+    finish_reason: str              # "stop" (EOS) or "length" (hit max_new_tokens)
+
+
+Verdict = Literal["a", "b", "tie", "invalid", "disagree", "identical"]
+
+
+@dataclass(frozen=True)
+class OrderResult:
+    first: Literal["a", "b"]        # which response the judge saw in position 1
+    p_first: float | None           # P(position 1 is better); None when the answer was invalid
+    raw: str                        # the backend's raw output, kept for audits
+
+
+@dataclass(frozen=True)
+class Judgment:
+    round: int
+    policy_version: int
+    prompt_id: str
+    a: int                          # sample index of response a
+    b: int
+    backend: str
+    model: str
+    constitution: str
+    constitution_hash: str
+    template_hash: str
+    orders: list[OrderResult]       # both orders: a first, then b first (empty when identical)
+    p_a: float | None               # mean over orders of P(a better)
+    verdict: Verdict
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    round: int
+    policy_version: int
+    prompt_id: str
+    messages: list[Message]
+    chosen: str
+    rejected: str
+    p_chosen: float                 # soft label: mean P(chosen better) over both orders, >= 0.5
+    prompt_token_ids: list[int]
+    chosen_token_ids: list[int]
+    rejected_token_ids: list[int]
+
+
+def to_json(record: Any) -> str:
+    return json.dumps(dataclasses.asdict(record) if dataclasses.is_dataclass(record) else record,
+                      ensure_ascii=False)
+
+
+def write_jsonl(path: Path, records: Iterable[Any]) -> None:
+    """Write a whole file atomically: readers see the old file or the complete new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(to_json(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, record: Any) -> None:
+    """Append one record as a single write of one whole line (O_APPEND)."""
+    data = (to_json(record) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON record ({e.msg}); fix or remove that line") from None
+    return out
+
+
+def load_prompts(path: str | Path) -> list[Prompt]:
+    """Prompt set: JSONL lines of {"messages": [...]} or {"prompt": "text"}, optional "id"."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} not found (run.prompts)")
+    prompts = []
+    for n, row in enumerate(read_jsonl(path), 1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{n}: expected an object with 'messages' or 'prompt'")
+        if "messages" in row:
+            messages = row["messages"]
+            ok = isinstance(messages, list) and messages and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages)
+            if not ok:
+                raise ValueError(f"{path}:{n}: 'messages' must be a non-empty list of {{role, content}} strings")
+        elif isinstance(row.get("prompt"), str):
+            messages = [{"role": "user", "content": row["prompt"]}]
+        else:
+            raise ValueError(f"{path}:{n}: expected 'messages' (chat list) or 'prompt' (string)")
+        prompts.append(Prompt(id=str(row.get("id", n - 1)), messages=messages))
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
