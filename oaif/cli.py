@@ -23,12 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out")
     p.add_argument("--steps", type=int, default=300, help="warm-up steps on prompts/tiny_sft.jsonl")
     p.add_argument("--seed", type=int, default=0)
-    sub.add_parser("config-help", help="list every config key")
+    p = sub.add_parser("config-help", help="list every config key")
+    p.add_argument("--markdown", action="store_true", help="as the README's reference table")
     args = parser.parse_args(argv)
 
     if args.command == "config-help":
+        if args.markdown:
+            print("| key | default | meaning |\n|---|---|---|")
         for key, default, help in describe():
-            print(f"{key} (default: {default or 'empty'})\n    {help}")
+            print(f"| `{key}` | `{default}` | {help} |" if args.markdown else f"{key} (default: {default or 'empty'})\n    {help}")
         return 0
     if args.command == "init-tiny":
         from oaif.tiny import init_tiny

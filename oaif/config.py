@@ -28,6 +28,7 @@ class PolicyConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = _f(
         "float32", "Weights dtype for training and generation. CPU runs use float32; bfloat16 on GPUs.")
     max_prompt_tokens: int = _f(256, "Prompts longer than this (after the chat template) are skipped, with a count.")
+    device: str = _f("auto", "Training device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
 
 
 @dataclass(frozen=True)

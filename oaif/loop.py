@@ -125,8 +125,8 @@ def setup(cfg: RunConfig, run_dir: Path, constitution: Constitution, template: J
                     cfg.policy.max_prompt_tokens + g.max_new_tokens, g.tensor_parallel_size,
                     g.gpu_memory_utilization)
     annotator = build_annotator(cfg, constitution, template)
-    policy = load_causal_lm(cfg.policy.model, cfg.policy.dtype, trainable=True)
-    reference = load_causal_lm(cfg.policy.model, cfg.policy.dtype, trainable=False)
+    policy = load_causal_lm(cfg.policy.model, cfg.policy.dtype, trainable=True, device=cfg.policy.device)
+    reference = load_causal_lm(cfg.policy.model, cfg.policy.dtype, trainable=False, device=cfg.policy.device)
     trainer = DPOTrainer(policy, reference, cfg.train, tokenizer.pad_token_id)
     return Loop(cfg, run_dir, Generator(llm, tokenizer, g, cfg.policy.max_prompt_tokens), annotator,
                 constitution, template, trainer, llm)
@@ -143,9 +143,12 @@ def run(cfg: RunConfig, log=print) -> Path:
     log(f"run directory: {run_dir}")
     log(header())
     batches = round_prompts(prompts, cfg.prompts_per_round, cfg.seed)
+    lengths = []
     for index in range(cfg.rounds):
         metrics = loop.round(index, next(batches))
         append_jsonl(run_dir / "metrics.jsonl", metrics)
         log(format_row(metrics))
-    log(f"done: {cfg.rounds} rounds; records and metrics.jsonl in {run_dir}")
+        lengths.append(metrics["generate/mean_length"])
+    log(f"done: {cfg.rounds} rounds, policy version {loop.policy_version}; mean response length "
+        f"{lengths[0]:.1f} -> {lengths[-1]:.1f} tokens; records and metrics.jsonl in {run_dir}")
     return run_dir

@@ -7,9 +7,14 @@ reset afterwards because its KV blocks were computed with the old weights.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
+
+# On every reload vLLM warns that the rotary embedding "failed to load": its cos/sin cache
+# is a computed buffer, never in a checkpoint, and vLLM restores it. Not a real failure.
+logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
 
 
 def push_weights(llm, model: torch.nn.Module) -> float:

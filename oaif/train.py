@@ -19,8 +19,14 @@ from oaif.records import PreferencePair
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_causal_lm(path: str, dtype: str, trainable: bool) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_causal_lm(path: str, dtype: str, trainable: bool, device: str = "cpu") -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(resolve_device(device))
     model.train(trainable)  # the frozen reference stays in eval mode (no dropout)
     model.requires_grad_(trainable)
     return model
@@ -89,7 +95,8 @@ class DPOTrainer:
         """Chosen and rejected go through one forward pass each for policy and reference."""
         prompts = [p.prompt_token_ids for p in pairs] * 2
         responses = [p.chosen_token_ids for p in pairs] + [p.rejected_token_ids for p in pairs]
-        batch = batch_sequences(prompts, responses, self.pad_id)
+        device = next(self.policy.parameters()).device
+        batch = [t.to(device) for t in batch_sequences(prompts, responses, self.pad_id)]
         policy = sequence_logps(self.policy, *batch)
         with torch.no_grad():
             ref = sequence_logps(self.reference, *batch)

@@ -1,0 +1,52 @@
+import pytest
+import yaml
+
+from oaif.config import ConfigError, load_config
+
+from conftest import ROOT, run_oaif
+
+
+def test_bundled_config_loads_and_overrides_apply():
+    cfg = load_config(ROOT / "configs/tiny_cpu.yaml", ["train.beta=0.2", "annotate.backend=vllm", "rounds=3"])
+    assert cfg.train.beta == 0.2 and cfg.annotate.backend == "vllm" and cfg.rounds == 3
+    assert cfg.generate.temperature == 0.9 and cfg.generate.samples_per_prompt == 2
+
+
+def test_unknown_keys_name_the_path_and_suggest(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"learning_rat": 1e-3}, "generate": {"temperature": "hot"},
+                                    "annotate": {"backend": "gpt"}}))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert str(path) in msg
+    assert "train.learning_rat: unknown key (did you mean 'train.learning_rate'?)" in msg
+    assert "generate.temperature: expected a number, got 'hot'" in msg
+    assert "annotate.backend: 'gpt' is not one of 'rules', 'vllm'" in msg
+
+
+def test_values_are_checked():
+    with pytest.raises(ConfigError, match="generate.temperature: must be > 0"):
+        load_config(None, ["generate.temperature=0"])
+    with pytest.raises(ConfigError, match="a pair needs 2 samples"):
+        load_config(None, ["generate.samples_per_prompt=1"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["rounds"])
+
+
+def test_cli_rejects_a_bad_override_before_doing_anything(tmp_path):
+    r = run_oaif("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}", "train.bta=0.3")
+    assert r.returncode == 2
+    assert "train.bta: unknown key (did you mean 'train.beta'?)" in r.stderr
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_cli_names_a_missing_prompt_file(tmp_path):
+    r = run_oaif("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}", "prompts=nope.jsonl")
+    assert r.returncode == 2 and "prompt file nope.jsonl not found (run.prompts)" in r.stderr
+
+
+def test_readme_config_reference_matches_the_code():
+    r = run_oaif("config-help", "--markdown")
+    assert r.returncode == 0
+    assert r.stdout.strip() in (ROOT / "README.md").read_text(), "regenerate with: oaif config-help --markdown"

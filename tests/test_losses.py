@@ -1,0 +1,54 @@
+import math
+
+import torch
+
+from oaif.losses import dpo_loss, ipo_loss, rewards, slic_loss
+from oaif.train import batch_sequences, sequence_logps
+
+# One pair: policy chosen/rejected -10/-12, reference -11/-11, so h = (−10+11) − (−12+11) = 2.
+PC, PR, RC, RR = (torch.tensor([v]) for v in (-10.0, -12.0, -11.0, -11.0))
+
+
+def test_dpo_matches_hand_computed():
+    # −log σ(0.1·2) = log(1 + e^−0.2)
+    assert math.isclose(dpo_loss(PC, PR, RC, RR, 0.1).item(), math.log(1 + math.exp(-0.2)), rel_tol=1e-6)
+
+
+def test_ipo_matches_hand_computed():
+    # (2 − 1/(2·1))² = 2.25
+    assert math.isclose(ipo_loss(PC, PR, RC, RR, 1.0).item(), 2.25, rel_tol=1e-6)
+
+
+def test_slic_matches_hand_computed():
+    assert math.isclose(slic_loss(PC, PR, RC, RR, 0.002).item(), 1 - 0.004, rel_tol=1e-6)
+    assert slic_loss(PC, PR, RC, RR, 1.0).item() == 0.0  # margin 2 > 1: hinge inactive
+
+
+def test_rewards_are_beta_scaled_log_ratios():
+    chosen, rejected = rewards(PC, PR, RC, RR, 0.1)
+    assert math.isclose(chosen.item(), 0.1, rel_tol=1e-6) and math.isclose(rejected.item(), -0.1, rel_tol=1e-6)
+
+
+def test_dpo_gradient_raises_chosen_and_lowers_rejected():
+    pc, pr = PC.clone().requires_grad_(), PR.clone().requires_grad_()
+    dpo_loss(pc, pr, RC, RR, 0.1).sum().backward()
+    assert pc.grad.item() < 0 < pr.grad.item()
+
+
+class FixedLogits(torch.nn.Module):
+    """A 'model' whose next-token distribution at every position is softmax([0, log 3]):
+    token 0 has p=1/4, token 1 has p=3/4, whatever the input."""
+
+    def forward(self, input_ids, attention_mask):
+        logits = torch.tensor([0.0, math.log(3.0)]).expand(*input_ids.shape, 2)
+        return type("Out", (), {"logits": logits})()
+
+
+def test_sequence_logps_counts_only_response_tokens():
+    # Prompt [1, 1, 1] (any tokens), response [0, 1]; a second row has a shorter prompt and padding.
+    ids, attn, mask = batch_sequences([[1, 1, 1], [1]], [[0, 1], [1]], pad_id=0)
+    assert ids.tolist() == [[1, 1, 1, 0, 1], [1, 1, 0, 0, 0]]
+    assert mask.tolist() == [[0, 0, 0, 1, 1], [0, 1, 0, 0, 0]]
+    logps = sequence_logps(FixedLogits(), ids, attn, mask)
+    # Row 0: log(1/4) + log(3/4); row 1: log(3/4) only (prompt and padding masked).
+    assert torch.allclose(logps, torch.tensor([math.log(0.25) + math.log(0.75), math.log(0.75)]), atol=1e-6)
