@@ -68,7 +68,7 @@ def init_tiny(out: str | Path, steps: int = 300, seed: int = 0, hidden: int = 12
             for r in rows]
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / max(steps, 1)))
     model.train()
     t0 = time.time()
     for step in range(steps):
