@@ -43,16 +43,47 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
+class OpenAIConfig:
+    base_url: str = _f("https://api.openai.com/v1", "Endpoint of any OpenAI-compatible server (OpenAI, vLLM, llama.cpp, Ollama).")
+    api_key_env: str = _f("OPENAI_API_KEY", "NAME of the environment variable holding the key (the key never enters config, logs or records). Unset variable: no key sent.")
+    endpoint: Literal["chat", "completions"] = _f("chat", "'chat': the judge prompt as a user message; 'completions': the raw prompt, scored exactly like the local backends.")
+    mode: Literal["logprob", "text"] = _f("logprob", "'logprob': one token, P from the two label tokens' log-probs; 'text': the judge writes an answer ending in a fixed final line, which is parsed.")
+    top_logprobs: int = _f(20, "logprob mode: how many top tokens to ask for (a label outside them counts as at most the smallest one).")
+    max_tokens: int = _f(512, "text mode: answer length limit.")
+    temperature: float = _f(0.0, "text mode: sampling temperature of the judge.")
+    max_concurrency: int = _f(8, "Requests in flight at once.")
+    timeout_s: float = _f(60.0, "Per-request timeout (seconds).")
+    max_retries: int = _f(4, "Retries of a failed request (timeouts, 429, 5xx, malformed bodies) before it counts as invalid.")
+    backoff_s: float = _f(1.0, "First retry delay; doubles each retry. A 429's Retry-After overrides it.")
+
+
+@dataclass(frozen=True)
+class MixMember:
+    backend: Literal["rules", "vllm", "openai", "transformers"] = _f("rules", "This member's backend.")
+    constitution: str = _f("", "This member's constitution file (empty: annotate.constitution).")
+    model: str = _f("", "This member's judge model (LLM backends; empty: annotate.model).")
+    weight: float = _f(1.0, "Weight of this member's probability in the mix.")
+
+
+@dataclass(frozen=True)
 class AnnotateConfig:
-    backend: Literal["rules", "vllm"] = _f("rules", "Annotator backend: 'rules' (checks declared in the constitution) or 'vllm' (a local judge LLM).")
+    backend: Literal["rules", "vllm", "openai", "transformers", "mix"] = _f(
+        "rules", "Annotator: 'rules' (checks in the constitution), 'vllm' (local judge in vLLM), 'openai' (any OpenAI-compatible API), 'transformers' (local judge in transformers), 'mix' (weighted mix of annotate.mix).")
     constitution: str = _f("constitutions/concise.yaml", "Constitution file: the principles (and rule checks) that define 'better'.")
-    template: str = _f("prompts/judge.txt", "Judge prompt template for LLM backends. Placeholders: {preamble} {principles} {prompt} {response_1} {response_2}.")
-    model: str = _f("", "Judge model path or hub id (LLM backends). Empty: the policy's starting model.")
-    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "Judge model dtype.")
-    labels: tuple[str, str] = _f(("1", "2"), "The two answer labels the judge's next token is read from, first then second.")
+    template: str = _f("prompts/judge.txt", "Judge prompt template for LLM backends. Placeholders: {preamble} {principles} {examples} {prompt} {response_1} {response_2}; its last line is the answer prefix.")
+    model: str = _f("", "Judge model: a local path or hub id (vllm, transformers) or the API's model name (openai). Empty: the policy's starting model.")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "Local judge model dtype.")
+    labels: tuple[str, str] = _f(("1", "2"), "The two answer labels, first then second; the judge's answer is read as one of them.")
+    principles: Literal["all", "sample"] = _f("all", "'all' principles in every judge prompt, or one 'sample'd per comparison (Constitutional AI); both orders of a pair get the same one.")
+    chain_of_thought: bool = _f(False, "LLM backends: the judge first writes a rationale (greedy), then the label is read after it (RLAIF §2.1.2).")
+    rationale_tokens: int = _f(128, "chain_of_thought: rationale length limit (tokens).")
     max_prompt_tokens: int = _f(1024, "Judge prompts longer than this are judged invalid (counted, never truncated).")
+    batch_size: int = _f(16, "transformers backend: judge prompts per forward pass.")
+    cache: str = _f("runs/judge_cache.jsonl", "Judgment cache file (LLM backends), keyed by (backend, model, constitution hash, template hash, settings, prompt, both responses); shared by runs so a repeated or resumed run does not pay twice. Empty: no cache.")
     kv_cache_gib: float = _f(1.0, "KV cache reserved by the judge's vLLM engine (GiB).")
     gpu_memory_utilization: float = _f(0.3, "GPU only: share of GPU memory for the judge engine.")
+    openai: OpenAIConfig = field(default_factory=OpenAIConfig)
+    mix: tuple[MixMember, ...] = _f((), "backend 'mix': the members, e.g. [{backend: vllm, constitution: constitutions/helpful.yaml, weight: 0.7}, {backend: rules, constitution: constitutions/code.yaml, weight: 0.3}]. P(first better) is the weighted mean of the members'; any invalid member makes the answer invalid.")
 
 
 @dataclass(frozen=True)
@@ -109,6 +140,12 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
         if value not in choices:
             errors.append(f"{path}: {value!r} is not one of {', '.join(map(repr, choices))}")
         return value
+    if origin is tuple and len(typing.get_args(tp)) == 2 and typing.get_args(tp)[1] is Ellipsis:
+        item = typing.get_args(tp)[0]
+        if not isinstance(value, (list, tuple)):
+            errors.append(f"{path}: expected a list, got {value!r}")
+            return ()
+        return tuple(_build(item, v, f"{path}[{i}]", errors) for i, v in enumerate(value))
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -175,8 +212,18 @@ def _validate(cfg: RunConfig) -> list[str]:
         errors.append(f"train.learning_rate: must be > 0, got {cfg.train.learning_rate}")
     if cfg.train.beta is not None and cfg.train.beta <= 0:
         errors.append(f"train.beta: must be > 0, got {cfg.train.beta}")
-    if cfg.annotate.labels[0] == cfg.annotate.labels[1]:
+    a = cfg.annotate
+    if a.labels[0] == a.labels[1]:
         errors.append("annotate.labels: the two labels must differ")
+    if a.backend == "mix" and not a.mix:
+        errors.append("annotate.mix: backend 'mix' needs at least one member")
+    errors += [f"annotate.mix[{i}].weight: must be > 0" for i, m in enumerate(a.mix) if m.weight <= 0]
+    o = a.openai
+    errors += [f"annotate.openai.{k}: must be > 0" for k, v in
+               {"max_concurrency": o.max_concurrency, "timeout_s": o.timeout_s, "top_logprobs": o.top_logprobs,
+                "max_tokens": o.max_tokens}.items() if v <= 0]
+    if o.max_retries < 0:
+        errors.append("annotate.openai.max_retries: must be >= 0")
     return errors
 
 
@@ -239,8 +286,12 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, st
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = prefix + f.name
-        if dataclasses.is_dataclass(hints[f.name]):
-            rows += describe(hints[f.name], key + ".")
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, key + ".")
+        elif typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            rows.append((key, "[]", f.metadata["help"]))
+            rows += describe(typing.get_args(tp)[0], key + "[].")
         else:
             default = f.default
             rows.append((key, "" if default is None else str(list(default) if isinstance(default, tuple) else default),

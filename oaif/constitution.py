@@ -7,6 +7,8 @@ A constitution is a YAML file:
       ...
     principles:                   # what the judge weighs (LLM backends)
       - Prefer the response that ...
+    examples:                     # optional few-shot examples for LLM judges
+      - {prompt: ..., response_1: ..., response_2: ..., preferred: 1, rationale: ...}
     rules:                        # optional deterministic checks (the `rules` backend)
       - {check: shorter, weight: 1.0}
       - {check: not_contains, text: "As an AI", weight: 2.0}
@@ -31,7 +33,8 @@ RULE_FIELDS = {
     "shorter": set(), "longer": set(), "contains": {"text"}, "not_contains": {"text"},
     "regex": {"pattern"}, "max_chars": {"limit"},
 }
-TOP_FIELDS = {"name", "description", "preamble", "principles", "rules"}
+TOP_FIELDS = {"name", "description", "preamble", "principles", "examples", "rules"}
+EXAMPLE_FIELDS = {"prompt", "response_1", "response_2", "preferred", "rationale"}
 
 
 class ConstitutionError(ValueError):
@@ -60,16 +63,43 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class Example:
+    """A few-shot example shown to LLM judges: which of two responses the principles prefer."""
+    prompt: str
+    response_1: str
+    response_2: str
+    preferred: int                 # 1 or 2
+    rationale: str = ""
+
+
+@dataclass(frozen=True)
 class Constitution:
     name: str
     preamble: str
     principles: tuple[str, ...]
+    examples: tuple[Example, ...]
     rules: tuple[Rule, ...]
     hash: str                      # sha256 of the file's bytes, first 16 hex digits
     path: str
+    sample_principles: bool = False  # show one principle per comparison instead of all
 
-    def render_principles(self) -> str:
-        return "\n".join(f"{i}. {p}" for i, p in enumerate(self.principles, 1))
+
+
+def _example(path: Path, i: int, raw: object) -> Example:
+    where = f"{path}: examples[{i}]"
+    if not isinstance(raw, dict):
+        raise ConstitutionError(f"{where}: expected a mapping with {sorted(EXAMPLE_FIELDS)}")
+    unknown = set(raw) - EXAMPLE_FIELDS
+    if unknown:
+        raise ConstitutionError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(EXAMPLE_FIELDS)}")
+    for key in ("prompt", "response_1", "response_2"):
+        if not isinstance(raw.get(key), str):
+            raise ConstitutionError(f"{where}.{key}: must be a string")
+    if raw.get("preferred") not in (1, 2):
+        raise ConstitutionError(f"{where}.preferred: must be 1 or 2, got {raw.get('preferred')!r}")
+    if not isinstance(raw.get("rationale", ""), str):
+        raise ConstitutionError(f"{where}.rationale: must be a string")
+    return Example(raw["prompt"], raw["response_1"], raw["response_2"], raw["preferred"], raw.get("rationale", ""))
 
 
 def _rule(path: Path, i: int, raw: object) -> Rule:
@@ -102,7 +132,7 @@ def _rule(path: Path, i: int, raw: object) -> Rule:
                 pattern=raw.get("pattern", ""), limit=raw.get("limit", 0))
 
 
-def load_constitution(path: str | Path) -> Constitution:
+def load_constitution(path: str | Path, sample_principles: bool = False) -> Constitution:
     path = Path(path)
     if not path.is_file():
         raise ConstitutionError(f"constitution file {path} not found (annotate.constitution)")
@@ -125,12 +155,14 @@ def load_constitution(path: str | Path) -> Constitution:
     for i, p in enumerate(principles):
         if not isinstance(p, str) or not p.strip():
             raise ConstitutionError(f"{path}: principles[{i}] must be a non-empty string")
-    rules = raw.get("rules") or []
-    if not isinstance(rules, list):
-        raise ConstitutionError(f"{path}: 'rules' must be a list")
+    rules, examples = raw.get("rules") or [], raw.get("examples") or []
+    for key, value in (("rules", rules), ("examples", examples)):
+        if not isinstance(value, list):
+            raise ConstitutionError(f"{path}: '{key}' must be a list")
     return Constitution(
         name=raw["name"].strip(), preamble=raw["preamble"].strip(),
         principles=tuple(p.strip() for p in principles),
+        examples=tuple(_example(path, i, e) for i, e in enumerate(examples)),
         rules=tuple(_rule(path, i, r) for i, r in enumerate(rules)),
-        hash=hashlib.sha256(data).hexdigest()[:16], path=str(path),
+        hash=hashlib.sha256(data).hexdigest()[:16], path=str(path), sample_principles=sample_principles,
     )

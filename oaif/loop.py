@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch
 
-from oaif.annotate.base import Annotator, JudgeTemplate, load_template
+from oaif.annotate.base import Annotator
 from oaif.annotate.judge import judge_pairs, judgment_metrics
-from oaif.annotate.select import build_annotator
+from oaif.annotate.select import build_annotator, check_inputs
 from oaif.config import RunConfig, dump_config
-from oaif.constitution import Constitution, load_constitution
 from oaif.records import Prompt, append_jsonl, load_prompts, write_jsonl
 
 # (metric, column title, format) of the line printed per round.
@@ -76,11 +75,10 @@ class Loop:
     run_dir: Path
     generator: "Generator"
     annotator: Annotator
-    constitution: Constitution
-    template: JudgeTemplate
     trainer: "DPOTrainer"
     llm: "vllm.LLM"
     policy_version: int = 0
+    annotator_totals: dict | None = None   # annotator.stats at the end of the last round
 
     def round(self, index: int, prompts: list[Prompt]) -> dict:
         from oaif.sync import push_weights
@@ -91,11 +89,13 @@ class Loop:
         write_jsonl(out / "samples.jsonl", [s for g in groups for s in g])
 
         pairs = [(g[k], g[k + 1]) for g in groups for k in range(0, len(g) - 1, 2)]
-        judged = judge_pairs(self.annotator, self.constitution.name, self.constitution.hash, self.template.hash,
-                             pairs, index, self.policy_version)
+        judged = judge_pairs(self.annotator, pairs, index, self.policy_version)
         write_jsonl(out / "judgments.jsonl", judged.judgments)
         write_jsonl(out / "pairs.jsonl", judged.pairs)
         metrics |= judgment_metrics(judged.judgments)
+        totals, before = dict(self.annotator.stats), self.annotator_totals or {}
+        metrics |= {f"annotate/{k}": v - before.get(k, 0) for k, v in totals.items()}  # this round's share
+        self.annotator_totals = totals
 
         if judged.pairs:
             metrics |= self.trainer.train_round(judged.pairs)
@@ -107,7 +107,7 @@ class Loop:
                 "round/seconds": seconds, "round/pairs_per_s": len(judged.pairs) / seconds}
 
 
-def setup(cfg: RunConfig, run_dir: Path, constitution: Constitution, template: JudgeTemplate) -> Loop:
+def setup(cfg: RunConfig, run_dir: Path) -> Loop:
     from transformers import AutoTokenizer
 
     from oaif.engines import build_llm
@@ -124,22 +124,20 @@ def setup(cfg: RunConfig, run_dir: Path, constitution: Constitution, template: J
     llm = build_llm(cfg.policy.model, cfg.policy.dtype, cfg.seed, g.kv_cache_gib,
                     cfg.policy.max_prompt_tokens + g.max_new_tokens, g.tensor_parallel_size,
                     g.gpu_memory_utilization)
-    annotator = build_annotator(cfg, constitution, template)
+    annotator = build_annotator(cfg)
     policy = load_causal_lm(cfg.policy.model, cfg.policy.dtype, trainable=True, device=cfg.policy.device)
     reference = load_causal_lm(cfg.policy.model, cfg.policy.dtype, trainable=False, device=cfg.policy.device)
     trainer = DPOTrainer(policy, reference, cfg.train, tokenizer.pad_token_id)
-    return Loop(cfg, run_dir, Generator(llm, tokenizer, g, cfg.policy.max_prompt_tokens), annotator,
-                constitution, template, trainer, llm)
+    return Loop(cfg, run_dir, Generator(llm, tokenizer, g, cfg.policy.max_prompt_tokens), annotator, trainer, llm)
 
 
 def run(cfg: RunConfig, log=print) -> Path:
     """Run every round; returns the run directory."""
     # Bad input fails here, before any engine starts or any file is written.
     prompts = load_prompts(cfg.prompts)
-    constitution = load_constitution(cfg.annotate.constitution)
-    template = load_template(cfg.annotate.template)
+    check_inputs(cfg)
     run_dir = prepare_run_dir(cfg)
-    loop = setup(cfg, run_dir, constitution, template)
+    loop = setup(cfg, run_dir)
     log(f"run directory: {run_dir}")
     log(header())
     batches = round_prompts(prompts, cfg.prompts_per_round, cfg.seed)

@@ -37,7 +37,7 @@ def test_rules_concise_run_makes_responses_shorter(tiny_model, tmp_path):
 def test_vllm_judge_run_records_both_orders(tiny_model, tmp_path):
     r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
                  "name=judge", "rounds=2", "prompts_per_round=8", "annotate.backend=vllm",
-                 "annotate.constitution=constitutions/helpful.yaml")
+                 "annotate.constitution=constitutions/helpful.yaml", f"annotate.cache={tmp_path}/cache.jsonl")
     assert r.returncode == 0, r.stderr[-3000:]
     for k in range(2):
         judgments = read_jsonl(tmp_path / f"judge/rounds/{k:06d}/judgments.jsonl")
@@ -50,5 +50,5 @@ def test_vllm_judge_run_records_both_orders(tiny_model, tmp_path):
             for o in j["orders"]:
                 assert 0.0 < o["p_first"] < 1.0 and "logp[1]=" in o["raw"] and "logp[2]=" in o["raw"]
     metrics = read_jsonl(tmp_path / "judge/metrics.jsonl")
-    assert len(metrics) == 2 and metrics[0]["annotate/requests"] > 0
+    assert len(metrics) == 2 and metrics[0]["annotate/requests"] > 0 and metrics[0]["annotate/prompt_tokens"] > 0
     json.dumps(metrics)  # plain JSON: no NaN

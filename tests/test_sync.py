@@ -60,7 +60,7 @@ def test_after_dpo_steps_and_sync_vllm_greedy_equals_transformers(tiny_model, en
     steps = 0
     for version in range(3):
         groups, _ = gen.sample(prompts[8 + 16 * version: 24 + 16 * version], version, version)
-        pairs = judge_pairs(judge, "concise", "h", "t", [(g[0], g[1]) for g in groups], version, version).pairs
+        pairs = judge_pairs(judge, [(g[0], g[1]) for g in groups], version, version).pairs
         assert pairs, "the tiny policy should give pairs of different lengths"
         trainer.train_round(pairs)
         steps = trainer.steps

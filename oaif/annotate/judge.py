@@ -37,8 +37,7 @@ class Judged:
     pairs: list[PreferencePair]
 
 
-def judge_pairs(annotator: Annotator, constitution_name: str, constitution_hash: str, template_hash: str,
-                pairs: list[tuple[Sample, Sample]], round: int, policy_version: int) -> Judged:
+def judge_pairs(annotator: Annotator, pairs: list[tuple[Sample, Sample]], round: int, policy_version: int) -> Judged:
     """All pairs' both-order requests go to the backend in one call (one batch for vLLM)."""
     todo = [i for i, (a, b) in enumerate(pairs) if a.text != b.text]
     requests = []
@@ -47,9 +46,10 @@ def judge_pairs(annotator: Annotator, constitution_name: str, constitution_hash:
         requests += [JudgeRequest(a.messages, a.text, b.text), JudgeRequest(a.messages, b.text, a.text)]
     answers = annotator.judge(requests) if requests else []
     if len(answers) != len(requests):
-        raise RuntimeError(f"annotator {annotator.backend} returned {len(answers)} answers for {len(requests)} requests")
+        raise RuntimeError(f"annotator {annotator.identity.backend} returned {len(answers)} answers for {len(requests)} requests")
     by_pair = {i: (answers[2 * k], answers[2 * k + 1]) for k, i in enumerate(todo)}
 
+    who = annotator.identity
     judgments, kept = [], []
     for i, (a, b) in enumerate(pairs):
         if i in by_pair:
@@ -60,8 +60,8 @@ def judge_pairs(annotator: Annotator, constitution_name: str, constitution_hash:
             orders, verdict, p_a = [], "identical", None
         judgments.append(Judgment(
             round=round, policy_version=policy_version, prompt_id=a.prompt_id, a=a.index, b=b.index,
-            backend=annotator.backend, model=annotator.model, constitution=constitution_name,
-            constitution_hash=constitution_hash, template_hash=template_hash,
+            backend=who.backend, model=who.model, constitution=who.constitution,
+            constitution_hash=who.constitution_hash, template_hash=who.template_hash,
             orders=orders, p_a=p_a, verdict=verdict))
         if verdict in ("a", "b"):
             chosen, rejected = (a, b) if verdict == "a" else (b, a)
@@ -91,5 +91,4 @@ def judgment_metrics(judgments: list[Judgment]) -> dict[str, float | None]:
         "annotate/disagree": sum(j.verdict == "disagree" for j in judgments),
         "annotate/ties": sum(j.verdict == "tie" for j in judgments),
         "annotate/invalid": len(judged) - len(valid),
-        "annotate/requests": 2 * len(judged),
     }

@@ -1,38 +1,81 @@
-"""Picks the annotator backend named in config from one explicit mapping."""
+"""Builds the annotator named in config, from one explicit mapping of backends."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
-from oaif.annotate.base import Annotator, JudgeTemplate
-from oaif.config import RunConfig
-from oaif.constitution import Constitution
+from oaif.annotate.base import Annotator, JudgeTemplate, load_template
+from oaif.config import AnnotateConfig, RunConfig
+from oaif.constitution import Constitution, load_constitution
 
 
-def _rules(cfg: RunConfig, constitution: Constitution, template: JudgeTemplate) -> Annotator:
+def _rules(cfg: RunConfig, a: AnnotateConfig, model: str, constitution: Constitution,
+           template: JudgeTemplate) -> Annotator:
     from oaif.annotate.rules import RulesAnnotator
 
     return RulesAnnotator(constitution)
 
 
-def _vllm(cfg: RunConfig, constitution: Constitution, template: JudgeTemplate) -> Annotator:
-    from transformers import AutoTokenizer
-
+def _vllm(cfg: RunConfig, a: AnnotateConfig, model: str, constitution: Constitution,
+          template: JudgeTemplate) -> Annotator:
     from oaif.annotate.vllm_local import VLLMAnnotator
-    from oaif.engines import build_llm
 
-    a = cfg.annotate
-    model = a.model or cfg.policy.model  # default judge: the policy's starting model
-    llm = build_llm(model, a.dtype, seed=cfg.seed + 1, kv_cache_gib=a.kv_cache_gib,
-                    max_model_len=a.max_prompt_tokens + 1, gpu_memory_utilization=a.gpu_memory_utilization)
-    return VLLMAnnotator(llm, AutoTokenizer.from_pretrained(model), a, constitution, template, model)
+    return VLLMAnnotator(a, model, constitution, template, seed=cfg.seed + 1)
 
 
-BACKENDS: dict[str, Callable[[RunConfig, Constitution, JudgeTemplate], Annotator]] = {
-    "rules": _rules,
-    "vllm": _vllm,
+def _transformers(cfg: RunConfig, a: AnnotateConfig, model: str, constitution: Constitution,
+                  template: JudgeTemplate) -> Annotator:
+    from oaif.annotate.transformers_local import TransformersAnnotator
+
+    return TransformersAnnotator(a, model, constitution, template, device=cfg.policy.device)
+
+
+def _openai(cfg: RunConfig, a: AnnotateConfig, model: str, constitution: Constitution,
+            template: JudgeTemplate) -> Annotator:
+    from oaif.annotate.openai_api import OpenAIAnnotator
+
+    return OpenAIAnnotator(a, model, constitution, template)
+
+
+BACKENDS: dict[str, Callable[..., Annotator]] = {
+    "rules": _rules, "vllm": _vllm, "transformers": _transformers, "openai": _openai,
 }
 
 
-def build_annotator(cfg: RunConfig, constitution: Constitution, template: JudgeTemplate) -> Annotator:
-    return BACKENDS[cfg.annotate.backend](cfg, constitution, template)
+def load_inputs(a: AnnotateConfig, constitution_path: str) -> tuple[Constitution, JudgeTemplate]:
+    """Constitution and template, validated together (cheap: call before starting engines)."""
+    constitution = load_constitution(constitution_path, sample_principles=a.principles == "sample")
+    return constitution, load_template(a.template, constitution)
+
+
+def _single(cfg: RunConfig, backend: str, constitution_path: str, model: str) -> Annotator:
+    a = cfg.annotate
+    constitution, template = load_inputs(a, constitution_path)
+    annotator = BACKENDS[backend](cfg, a, model or a.model or cfg.policy.model, constitution, template)
+    if a.cache and backend != "rules":  # rules cost nothing to re-run
+        from oaif.annotate.cache import CachedAnnotator
+
+        settings = {k: v for k, v in dataclasses.asdict(a).items()
+                    if k in ("labels", "principles", "chain_of_thought", "rationale_tokens")}
+        settings["openai"] = {k: getattr(a.openai, k) for k in ("endpoint", "mode", "top_logprobs", "temperature")}
+        annotator = CachedAnnotator(annotator, a.cache, settings)
+    return annotator
+
+
+def build_annotator(cfg: RunConfig) -> Annotator:
+    a = cfg.annotate
+    if a.backend != "mix":
+        return _single(cfg, a.backend, a.constitution, "")
+    from oaif.annotate.mix import MixAnnotator
+
+    return MixAnnotator([(_single(cfg, m.backend, m.constitution or a.constitution, m.model), m.weight)
+                         for m in a.mix])
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """Fail on a bad constitution or template before any engine starts or file is written."""
+    a = cfg.annotate
+    paths = [m.constitution or a.constitution for m in a.mix] if a.backend == "mix" else [a.constitution]
+    for path in paths:
+        load_inputs(a, path)

@@ -1,64 +1,49 @@
 """The `vllm` backend: a local judge LLM in its own vLLM engine.
 
-The judge prompt (template + constitution + conversation + both responses) ends where the
-answer label goes; the probability that response 1 is better is the softmax over the two
-label tokens' log-probs at that position (RLAIF §2.1, Constitutional AI §4.1). vLLM
-returns exactly those two log-probs (`logprob_token_ids`), so no top-k cut-off applies.
-Both orders of all pairs go to the engine in one batched call.
+vLLM returns exactly the two label tokens' log-probs (`logprob_token_ids`), so no top-k
+cut-off applies; both orders of all pairs go to the engine in one batched call.
 """
 
 from __future__ import annotations
 
-import math
-
-from oaif.annotate.base import Answer, JudgeRequest, JudgeTemplate, render_judge_prompt
+from oaif.annotate.base import Identity, JudgeTemplate
+from oaif.annotate.local import LocalJudge
 from oaif.config import AnnotateConfig
 from oaif.constitution import Constitution
 
 
-def label_token_id(tokenizer, prefix_ids: list[int], prompt: str, label: str) -> int:
-    """The single token that `label` adds right after `prompt` (tokenizers merge across
-    boundaries, so the label is tokenized in place, not alone)."""
-    ids = tokenizer(prompt + label, add_special_tokens=False)["input_ids"]
-    if ids[:len(prefix_ids)] != prefix_ids or len(ids) != len(prefix_ids) + 1:
-        raise ValueError(f"annotate.labels: {label!r} is not one token after the judge prompt for this "
-                         f"tokenizer; pick labels that are (e.g. '1'/'2' or 'A'/'B')")
-    return ids[-1]
+class VLLMScorer:
+    def __init__(self, llm):
+        self.llm = llm
 
-
-class VLLMAnnotator:
-    backend = "vllm"
-
-    def __init__(self, llm, tokenizer, cfg: AnnotateConfig, constitution: Constitution, template: JudgeTemplate,
-                 model_name: str):
-        self.llm, self.tokenizer, self.cfg = llm, tokenizer, cfg
-        self.constitution, self.template, self.model = constitution, template, model_name
-
-    def judge(self, requests: list[JudgeRequest]) -> list[Answer]:
+    def greedy(self, prompts: list[list[int]], max_tokens: int) -> list[str]:
         from vllm import SamplingParams, TokensPrompt
 
-        answers: list[Answer | None] = [None] * len(requests)
-        batch, params, where = [], [], []
-        for i, r in enumerate(requests):
-            text = render_judge_prompt(self.template, self.constitution, r)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) > self.cfg.max_prompt_tokens:
-                answers[i] = Answer(None, f"judge prompt has {len(ids)} tokens > annotate.max_prompt_tokens")
-                continue
-            label_ids = [label_token_id(self.tokenizer, ids, text, lab) for lab in self.cfg.labels]
-            batch.append(TokensPrompt(prompt_token_ids=ids))
-            params.append(SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=label_ids))
-            where.append((i, label_ids))
-        outputs = self.llm.generate(batch, params, use_tqdm=False) if batch else []
-        for (i, label_ids), out in zip(where, outputs):
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                                 SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
+        return [o.outputs[0].text for o in outs]
+
+    def label_logprobs(self, prompts: list[list[int]], label_ids: list[list[int]]) -> list[tuple[float, float, str]]:
+        from vllm import SamplingParams, TokensPrompt
+
+        params = [SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=ids) for ids in label_ids]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        result = []
+        for out, ids in zip(outs, label_ids):
             c = out.outputs[0]
-            logprobs = c.logprobs[0]
-            l1, l2 = (logprobs[t].logprob for t in label_ids)
-            if not (math.isfinite(l1) or math.isfinite(l2)):
-                answers[i] = Answer(None, f"next={c.text!r} both label log-probs are -inf")
-                continue
-            top = max(l1, l2)
-            p1 = math.exp(l1 - top) / (math.exp(l1 - top) + math.exp(l2 - top))
-            answers[i] = Answer(p1, f"next={c.text!r} logp[{self.cfg.labels[0]}]={l1:.4f} "
-                                    f"logp[{self.cfg.labels[1]}]={l2:.4f}")
-        return answers
+            result.append((c.logprobs[0][ids[0]].logprob, c.logprobs[0][ids[1]].logprob, c.text))
+        return result
+
+
+def VLLMAnnotator(cfg: AnnotateConfig, model: str, constitution: Constitution, template: JudgeTemplate,
+                  llm=None, seed: int = 0) -> LocalJudge:
+    """A judge in its own engine (built here unless `llm` is given)."""
+    from transformers import AutoTokenizer
+
+    from oaif.engines import build_llm
+
+    if llm is None:
+        llm = build_llm(model, cfg.dtype, seed=seed, kv_cache_gib=cfg.kv_cache_gib,
+                        max_model_len=cfg.max_prompt_tokens + 1, gpu_memory_utilization=cfg.gpu_memory_utilization)
+    identity = Identity("vllm", model, constitution.name, constitution.hash, template.hash)
+    return LocalJudge(VLLMScorer(llm), AutoTokenizer.from_pretrained(model), cfg, constitution, template, identity)

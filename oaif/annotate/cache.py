@@ -1,0 +1,50 @@
+"""A judgment cache, so a repeated or resumed run does not pay for the same judgment twice.
+
+Keyed by everything that decides an answer: the annotator's identity (backend, model,
+constitution hash, template hash), the judging settings (labels, chain of thought, ...),
+the conversation and the two responses in their order. Only valid answers are stored: a
+timeout or a 429 today should be asked again tomorrow. The file is JSONL, one whole line
+appended per answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+from oaif.annotate.base import Annotator, Answer, JudgeRequest
+from oaif.records import append_jsonl, read_jsonl
+
+
+class CachedAnnotator:
+    def __init__(self, inner: Annotator, path: str | Path, settings: dict):
+        self.inner, self.path = inner, Path(path)
+        self.identity = inner.identity
+        self.settings = json.dumps({"identity": dataclasses.asdict(inner.identity), **settings}, sort_keys=True)
+        self.entries = {row["key"]: Answer(row["p_first"], row["raw"])
+                        for row in (read_jsonl(self.path) if self.path.is_file() else [])}
+        self.hits = self.misses = 0
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return {**self.inner.stats, "cache_hits": self.hits, "cache_misses": self.misses}
+
+    def key(self, r: JudgeRequest) -> str:
+        text = json.dumps([self.settings, r.messages, r.first, r.second, r.principles])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def judge(self, requests: list[JudgeRequest]) -> list[Answer]:
+        keys = [self.key(r) for r in requests]
+        todo = [i for i, k in enumerate(keys) if k not in self.entries]
+        self.hits += len(requests) - len(todo)
+        self.misses += len(todo)
+        fresh = self.inner.judge([requests[i] for i in todo]) if todo else []
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for i, answer in zip(todo, fresh):
+            if answer.p_first is not None:
+                self.entries[keys[i]] = answer
+                append_jsonl(self.path, {"key": keys[i], "p_first": answer.p_first, "raw": answer.raw})
+        answers = dict(zip(todo, fresh))
+        return [answers[i] if i in answers else self.entries[k] for i, k in enumerate(keys)]

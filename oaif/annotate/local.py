@@ -1,0 +1,81 @@
+"""What the local LLM backends (vllm, transformers) share: render the judge prompt, check its
+length, optionally get a rationale first, then read the two label tokens' log-probs.
+
+The probability that response 1 is better is the softmax over the two label log-probs at
+the answer position (RLAIF §2.1; Constitutional AI §4.1). A backend only supplies a
+`LabelScorer`: greedy text for rationales, and the label log-probs for a batch of prompts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+from oaif.annotate.base import (Answer, Identity, JudgeRequest, JudgeTemplate, rationale_prompt,
+                                render_judge_prompt, two_label_probability)
+from oaif.config import AnnotateConfig
+from oaif.constitution import Constitution
+
+
+class LabelScorer(Protocol):
+    def greedy(self, prompts: list[list[int]], max_tokens: int) -> list[str]:
+        ...
+
+    def label_logprobs(self, prompts: list[list[int]], label_ids: list[list[int]]) -> list[tuple[float, float, str]]:
+        """Per prompt: (log p(label 1), log p(label 2), the greedy next token's text)."""
+        ...
+
+
+def label_token_id(tokenizer, prefix_ids: list[int], prompt: str, label: str) -> int:
+    """The single token that `label` adds right after `prompt` (tokenizers merge across
+    boundaries, so the label is tokenized in place, not alone)."""
+    ids = tokenizer(prompt + label, add_special_tokens=False)["input_ids"]
+    if ids[:len(prefix_ids)] != prefix_ids or len(ids) != len(prefix_ids) + 1:
+        raise ValueError(f"annotate.labels: {label!r} is not one token after the judge prompt for this "
+                         f"tokenizer; pick labels that are (e.g. '1'/'2' or 'A'/'B')")
+    return ids[-1]
+
+
+class LocalJudge:
+    def __init__(self, scorer: LabelScorer, tokenizer, cfg: AnnotateConfig, constitution: Constitution,
+                 template: JudgeTemplate, identity: Identity):
+        self.scorer, self.tokenizer, self.cfg = scorer, tokenizer, cfg
+        self.constitution, self.template, self.identity = constitution, template, identity
+        self.stats: dict[str, float] = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def judge(self, requests: list[JudgeRequest]) -> list[Answer]:
+        cfg, labels = self.cfg, self.cfg.labels
+        rationales: list[str | None] = [None] * len(requests)
+        if cfg.chain_of_thought:
+            prompts = [self.encode(rationale_prompt(self.template, self.constitution, r, labels)) for r in requests]
+            fits = [i for i, ids in enumerate(prompts) if len(ids) + cfg.rationale_tokens <= cfg.max_prompt_tokens]
+            for i, text in zip(fits, self.scorer.greedy([prompts[i] for i in fits], cfg.rationale_tokens)):
+                rationales[i] = text
+            self.stats["completion_tokens"] += len(fits) * cfg.rationale_tokens
+
+        answers: list[Answer | None] = [None] * len(requests)
+        batch, label_ids, where = [], [], []
+        for i, r in enumerate(requests):
+            if cfg.chain_of_thought and rationales[i] is None:
+                answers[i] = Answer(None, "rationale prompt too long for annotate.max_prompt_tokens")
+                continue
+            text = render_judge_prompt(self.template, self.constitution, r, labels, rationales[i])
+            ids = self.encode(text)
+            if len(ids) > cfg.max_prompt_tokens:
+                answers[i] = Answer(None, f"judge prompt has {len(ids)} tokens > annotate.max_prompt_tokens")
+                continue
+            batch.append(ids)
+            label_ids.append([label_token_id(self.tokenizer, ids, text, lab) for lab in labels])
+            where.append(i)
+        scores = self.scorer.label_logprobs(batch, label_ids) if batch else []
+        self.stats["requests"] += len(batch)
+        self.stats["prompt_tokens"] += sum(map(len, batch))
+        for i, (l1, l2, next_text) in zip(where, scores):
+            why = f"rationale={rationales[i]!r} " if rationales[i] is not None else ""
+            raw = f"{why}next={next_text!r} logp[{labels[0]}]={l1:.4f} logp[{labels[1]}]={l2:.4f}"
+            ok = math.isfinite(l1) or math.isfinite(l2)
+            answers[i] = Answer(two_label_probability(l1, l2) if ok else None, raw)
+        return answers
