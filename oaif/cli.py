@@ -2,6 +2,8 @@
 
     oaif init-tiny DIR                      build the embedded tiny policy
     oaif run CONFIG [key=value ...]         run the loop
+    oaif annotate IN --out OUT CONFIG [key=value ...]
+                                            judge pairs from a file with CONFIG's annotator
     oaif config-help                        every config key, its default and meaning
 """
 
@@ -19,6 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="run the loop from a YAML config")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. train.beta=0.2 annotate.backend=vllm")
+    p = sub.add_parser("annotate", help="judge pairs from a JSONL file with a config's annotator")
+    p.add_argument("input", help="JSONL lines with prompt (string or chat messages), a, b")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value, as for `oaif run`")
+    p.add_argument("--out", required=True, help="output JSONL (written whole)")
     p = sub.add_parser("init-tiny", help="build the tiny local policy (no hub needed)")
     p.add_argument("out")
     p.add_argument("--steps", type=int, default=300, help="warm-up steps on prompts/tiny_sft.jsonl")
@@ -40,9 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(args.config, args.overrides)
-        from oaif.loop import run
+        if args.command == "annotate":
+            from oaif.annotate.offline import annotate_file
 
-        run(cfg)
+            annotate_file(cfg, args.input, args.out)
+        else:
+            from oaif.loop import run
+
+            run(cfg)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"oaif: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,71 @@
+"""`oaif annotate`: judge pairs from a file, outside the loop, with a config's annotator.
+
+    oaif annotate pairs.jsonl --out judged.jsonl configs/tiny_cpu.yaml annotate.backend=vllm
+
+Input lines: {"prompt": "text" or [chat messages], "a": "...", "b": "..."} (other fields are
+kept). Output lines: the input plus `verdict` (a, b, tie or invalid; `reason` says whether a
+tie came from the judge, from the two orders disagreeing, or from identical responses),
+`p_a` (P(a better), averaged over both orders) and each order's probability and raw output.
+Use it to try a constitution on a few examples before training with it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from oaif.annotate.judge import judge_pairs, judgment_metrics
+from oaif.annotate.select import build_annotator, check_inputs
+from oaif.config import RunConfig
+from oaif.records import Sample, read_jsonl, write_jsonl
+
+VERDICT = {"a": "a", "b": "b", "tie": "tie", "disagree": "tie", "identical": "tie", "invalid": "invalid"}
+
+
+def read_pairs(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"input file {path} not found")
+    rows = read_jsonl(path)
+    for n, row in enumerate(rows, 1):
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        ok_prompt = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in prompt))
+        if not ok_prompt:
+            raise ValueError(f"{path}:{n}: 'prompt' must be a string or a list of {{role, content}} messages")
+        for key in ("a", "b"):
+            if not isinstance(row.get(key), str):
+                raise ValueError(f"{path}:{n}: '{key}' must be a string (the response to judge)")
+    if not rows:
+        raise ValueError(f"{path}: no pairs")
+    return rows
+
+
+def annotate_file(cfg: RunConfig, in_path: str | Path, out_path: str | Path, log=print) -> dict:
+    rows = read_pairs(Path(in_path))  # bad input fails before any model loads
+    check_inputs(cfg)
+    annotator = build_annotator(cfg)
+    pairs = []
+    for n, row in enumerate(rows):
+        messages = [{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str) else row["prompt"]
+        a, b = (Sample(round=0, policy_version=0, prompt_id=str(n), messages=messages, index=k, text=text,
+                       prompt_token_ids=[], token_ids=[], finish_reason="") for k, text in enumerate((row["a"], row["b"])))
+        pairs.append((a, b))
+    judged = judge_pairs(annotator, pairs, round=0, policy_version=0)
+    out = []
+    for row, j in zip(rows, judged.judgments):
+        orders = {o.first: o for o in j.orders}
+        out.append({**row, "verdict": VERDICT[j.verdict], "reason": j.verdict, "p_a": j.p_a,
+                    "p_first_a_first": orders["a"].p_first if orders else None,
+                    "raw_a_first": orders["a"].raw if orders else None,
+                    "p_first_b_first": orders["b"].p_first if orders else None,
+                    "raw_b_first": orders["b"].raw if orders else None,
+                    "backend": j.backend, "model": j.model, "constitution": j.constitution,
+                    "constitution_hash": j.constitution_hash, "template_hash": j.template_hash})
+    write_jsonl(Path(out_path), out)
+    metrics = judgment_metrics(judged.judgments) | {f"annotate/{k}": v for k, v in annotator.stats.items()}
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    log(f"judged {len(rows)} pairs -> {out_path}: order agreement {fmt(metrics['annotate/order_agreement'])}, "
+        f"invalid rate {fmt(metrics['annotate/invalid_rate'])}, first-position rate "
+        f"{fmt(metrics['annotate/first_position_rate'])}; verdicts "
+        + ", ".join(f"{v}={sum(o['verdict'] == v for o in out)}" for v in ("a", "b", "tie", "invalid")))
+    return metrics
