@@ -52,3 +52,38 @@ def test_vllm_judge_run_records_both_orders(tiny_model, tmp_path):
     metrics = read_jsonl(tmp_path / "judge/metrics.jsonl")
     assert len(metrics) == 2 and metrics[0]["annotate/requests"] > 0 and metrics[0]["annotate/prompt_tokens"] > 0
     json.dumps(metrics)  # plain JSON: no NaN
+
+
+def test_mixed_annotator_run_with_sampled_principles_and_chain_of_thought(tiny_model, tmp_path):
+    config = tmp_path / "mix.yaml"
+    config.write_text(f"""
+policy: {{model: {tiny_model}}}
+output_dir: {tmp_path}
+name: mix
+rounds: 2
+prompts_per_round: 6
+annotate:
+  backend: mix
+  principles: sample
+  chain_of_thought: true
+  rationale_tokens: 8
+  cache: {tmp_path}/cache.jsonl
+  mix:
+    - {{backend: transformers, constitution: constitutions/harmless.yaml, weight: 1.0}}
+    - {{backend: rules, constitution: constitutions/concise.yaml, weight: 3.0}}
+train: {{learning_rate: 1.0e-4}}
+""")
+    r = run_oaif("run", str(config))
+    assert r.returncode == 0, r.stderr[-3000:]
+    judgments = read_jsonl(tmp_path / "mix/rounds/000000/judgments.jsonl")
+    judged = [j for j in judgments if j["verdict"] != "identical"]
+    assert judged and all(j["backend"] == "mix(transformers*1,rules*3)" for j in judgments)
+    assert all(j["constitution"] == "harmless+concise" for j in judgments)
+    for j in judged:
+        for o in j["orders"]:
+            assert "transformers/harmless w=1: rationale=" in o["raw"] and "rules/concise w=3: score_1=" in o["raw"]
+    # The rules member outweighs the judge: the shorter response always wins, whatever the judge says.
+    for p in read_jsonl(tmp_path / "mix/rounds/000000/pairs.jsonl"):
+        assert len(p["chosen"]) < len(p["rejected"])
+    m = read_jsonl(tmp_path / "mix/metrics.jsonl")[0]
+    assert m["annotate/cache_misses"] == 2 * len(judged) and m["annotate/completion_tokens"] > 0
