@@ -39,6 +39,7 @@ class GenerateConfig:
     max_new_tokens: int = _f(64, "Token limit per response; a response that hits it has finish_reason 'length'.")
     kv_cache_gib: float = _f(1.0, "KV cache reserved by the policy's vLLM engine (GiB). vLLM's CPU default takes most of RAM.")
     tensor_parallel_size: int = _f(1, "vLLM tensor parallelism for the policy engine (GPUs only).")
+    enforce_eager: bool = _f(False, "Skip vLLM's graph compilation/capture: faster engine start, possibly slower generation.")
     gpu_memory_utilization: float = _f(0.4, "GPU only: share of GPU memory for the policy engine (the trainer needs the rest).")
 
 
@@ -81,21 +82,45 @@ class AnnotateConfig:
     batch_size: int = _f(16, "transformers backend: judge prompts per forward pass.")
     cache: str = _f("runs/judge_cache.jsonl", "Judgment cache file (LLM backends), keyed by (backend, model, constitution hash, template hash, settings, prompt, both responses); shared by runs so a repeated or resumed run does not pay twice. Empty: no cache.")
     kv_cache_gib: float = _f(1.0, "KV cache reserved by the judge's vLLM engine (GiB).")
+    enforce_eager: bool = _f(False, "Judge engine: skip vLLM's graph compilation (faster start).")
     gpu_memory_utilization: float = _f(0.3, "GPU only: share of GPU memory for the judge engine.")
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
     mix: tuple[MixMember, ...] = _f((), "backend 'mix': the members, e.g. [{backend: vllm, constitution: constitutions/helpful.yaml, weight: 0.7}, {backend: rules, constitution: constitutions/code.yaml, weight: 0.3}]. P(first better) is the weighted mean of the members'; any invalid member makes the answer invalid.")
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    enabled: bool = _f(False, "Train a LoRA adapter (peft) instead of all weights.")
+    r: int = _f(16, "LoRA rank.")
+    alpha: int = _f(32, "LoRA alpha (scale = alpha / r).")
+    dropout: float = _f(0.0, "LoRA dropout (0: the sampled policy and the trained one stay the same function).")
+    target_modules: tuple[str, ...] = _f(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                                         "Module names that get adapters.")
+    adapter: str = _f("", "Start from this trained adapter (path). The reference is then a frozen copy of base+adapter; with a fresh adapter it is the base with the adapter disabled.")
+    sync: Literal["merge", "vllm_lora"] = _f("merge", "How LoRA weights reach vLLM: 'merge' (merge, push the merged weights, unmerge; measured faster here) or 'vllm_lora' (vLLM's own LoRA loading, a new adapter id per round).")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    loss: Literal["dpo", "ipo", "slic"] = _f("dpo", "Direct alignment loss (OAIF paper compares all three).")
-    beta: float | None = _f(None, "Loss temperature. Empty: the paper default for the loss (dpo 0.1, ipo 1.0, slic 0.002).")
+    loss: Literal["dpo", "cdpo", "soft", "ipo", "slic", "kto"] = _f(
+        "dpo", "Loss: dpo, cdpo (label smoothing), soft (annotator probability as target), ipo, slic (OAIF compares dpo/ipo/slic), kto (each response desirable/undesirable).")
+    beta: float | None = _f(None, "Loss temperature. Empty: the paper default for the loss (dpo/cdpo/soft/kto 0.1, ipo 1.0, slic 0.002).")
+    label_smoothing: float = _f(0.1, "cdpo: the probability that a label is flipped (ε).")
+    margin_scale: float = _f(0.0, "dpo/cdpo/soft: subtract scale·(2p−1) from βh, p = the annotator's P(chosen better) (Llama 2's margin idea). 0: off.")
+    kto_desirable_weight: float = _f(1.0, "kto: λD.")
+    kto_undesirable_weight: float = _f(1.0, "kto: λU.")
+    length_normalize: bool = _f(False, "Average response log-probs over tokens instead of summing them.")
     learning_rate: float = _f(5e-7, "AdamW learning rate (OAIF paper: 5e-7 for PaLM 2; tiny models need far more).")
+    lr_schedule: Literal["constant", "linear", "cosine"] = _f("constant", "Learning-rate schedule after warm-up, over the run's estimated optimizer steps.")
+    warmup_steps: int = _f(0, "Linear warm-up steps (OAIF paper: 150).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     batch_size: int = _f(64, "Pairs per optimizer step; a round's pairs are split into steps of this size.")
     micro_batch_size: int = _f(8, "Pairs per forward/backward pass (gradient accumulation up to batch_size).")
     epochs_per_round: int = _f(1, "Passes over each round's pairs.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
+    disable_dropout: bool = _f(True, "Set every dropout in the policy to 0, so the policy that is trained is the one that sampled.")
+    checkpoint_every: int = _f(0, "Save a checkpoint every N rounds (0: only after the last round).")
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass(frozen=True)
@@ -119,7 +144,8 @@ class ConfigError(ValueError):
 
 
 # Per-loss defaults from the OAIF paper (Guo et al. 2024, §4): DPO 0.1, IPO 1.0, SLiC 0.002.
-PAPER_BETA = {"dpo": 0.1, "ipo": 1.0, "slic": 0.002}
+# cDPO, the soft-label loss and KTO are DPO-shaped and keep DPO's 0.1.
+PAPER_BETA = {"dpo": 0.1, "cdpo": 0.1, "soft": 0.1, "kto": 0.1, "ipo": 1.0, "slic": 0.002}
 
 
 def beta_for(train: TrainConfig) -> float:
@@ -145,7 +171,9 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
         if not isinstance(value, (list, tuple)):
             errors.append(f"{path}: expected a list, got {value!r}")
             return ()
-        return tuple(_build(item, v, f"{path}[{i}]", errors) for i, v in enumerate(value))
+        if dataclasses.is_dataclass(item):
+            return tuple(_build(item, v, f"{path}[{i}]", errors) for i, v in enumerate(value))
+        return tuple(_coerce(v, item, f"{path}[{i}]", errors) for i, v in enumerate(value))
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -161,6 +189,11 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
             errors.append(f"{path}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors.append(f"{path}: expected a number, got {value!r}")
             return value
@@ -200,7 +233,7 @@ def _validate(cfg: RunConfig) -> list[str]:
         "rounds": cfg.rounds, "prompts_per_round": cfg.prompts_per_round,
         "generate.max_new_tokens": cfg.generate.max_new_tokens,
         "train.batch_size": cfg.train.batch_size, "train.micro_batch_size": cfg.train.micro_batch_size,
-        "train.epochs_per_round": cfg.train.epochs_per_round, "generate.kv_cache_gib": cfg.generate.kv_cache_gib,
+        "train.epochs_per_round": cfg.train.epochs_per_round, "train.lora.r": cfg.train.lora.r, "generate.kv_cache_gib": cfg.generate.kv_cache_gib,
         "policy.max_prompt_tokens": cfg.policy.max_prompt_tokens,
     }
     errors += [f"{k}: must be > 0, got {v}" for k, v in positive.items() if v <= 0]
@@ -210,6 +243,10 @@ def _validate(cfg: RunConfig) -> list[str]:
         errors.append("generate.temperature: must be > 0 (vLLM allows only one greedy sample per prompt)")
     if cfg.train.learning_rate <= 0:
         errors.append(f"train.learning_rate: must be > 0, got {cfg.train.learning_rate}")
+    if not 0 <= cfg.train.label_smoothing < 0.5:
+        errors.append(f"train.label_smoothing: must be in [0, 0.5), got {cfg.train.label_smoothing}")
+    if cfg.train.lora.adapter and not cfg.train.lora.enabled:
+        errors.append("train.lora.adapter: set train.lora.enabled=true to start from an adapter")
     if cfg.train.beta is not None and cfg.train.beta <= 0:
         errors.append(f"train.beta: must be > 0, got {cfg.train.beta}")
     a = cfg.annotate

@@ -17,7 +17,8 @@ GIB = 1 << 30
 
 
 def build_llm(model: str, dtype: str, seed: int, kv_cache_gib: float, max_model_len: int,
-              tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.4):
+              tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.4, max_lora_rank: int = 0,
+              enforce_eager: bool = False):
     """One engine. The KV cache is sized from config because vLLM's CPU default reserves
     most of the machine's memory, which the trainer (and a second engine) also need."""
     from vllm import LLM  # imported here so that config errors surface before vLLM loads
@@ -25,5 +26,7 @@ def build_llm(model: str, dtype: str, seed: int, kv_cache_gib: float, max_model_
     return LLM(
         model=model, tokenizer=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
         kv_cache_memory_bytes=int(kv_cache_gib * GIB), tensor_parallel_size=tensor_parallel_size,
-        gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True,
+        gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True, enforce_eager=enforce_eager,
+        # LoRA served by vLLM itself (train.lora.sync: vllm_lora); 0 keeps LoRA support off.
+        **({"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": 1} if max_lora_rank else {}),
     )

@@ -18,6 +18,7 @@ class Generator:
 
         self.llm, self.tokenizer, self.cfg = llm, tokenizer, cfg
         self.max_prompt_tokens = max_prompt_tokens
+        self.lora_request = None  # set by the sync when vLLM serves the policy's LoRA adapter
         self.params = SamplingParams(n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
                                      max_tokens=cfg.max_new_tokens)
 
@@ -33,7 +34,7 @@ class Generator:
         kept = [(p, ids) for p, ids in encoded if len(ids) <= self.max_prompt_tokens]
         t0 = time.perf_counter()
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for _, ids in kept], self.params,
-                                    use_tqdm=False)
+                                    use_tqdm=False, lora_request=self.lora_request)
         seconds = time.perf_counter() - t0
         groups = []
         for (prompt, ids), out in zip(kept, outputs):
@@ -57,5 +58,6 @@ class Generator:
         from vllm import SamplingParams, TokensPrompt
 
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in token_ids],
-                                 SamplingParams(temperature=0.0, max_tokens=max_new_tokens), use_tqdm=False)
+                                 SamplingParams(temperature=0.0, max_tokens=max_new_tokens), use_tqdm=False,
+                                 lora_request=self.lora_request)
         return [list(o.outputs[0].token_ids) for o in outs]

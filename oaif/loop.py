@@ -8,6 +8,7 @@ last sync), so the preference data is always on-policy (OAIF, Guo et al. 2024, A
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import time
@@ -19,6 +20,7 @@ import torch
 from oaif.annotate.base import Annotator
 from oaif.annotate.judge import judge_pairs, judgment_metrics
 from oaif.annotate.select import build_annotator, check_inputs
+from oaif.checkpoint import save_checkpoint
 from oaif.config import RunConfig, dump_config
 from oaif.records import Prompt, append_jsonl, load_prompts, write_jsonl
 
@@ -77,12 +79,22 @@ class Loop:
     annotator: Annotator
     trainer: "DPOTrainer"
     llm: "vllm.LLM"
+    tokenizer: object
     policy_version: int = 0
     annotator_totals: dict | None = None   # annotator.stats at the end of the last round
 
-    def round(self, index: int, prompts: list[Prompt]) -> dict:
-        from oaif.sync import push_weights
+    def sync(self) -> float:
+        """Make the engine sample from the trainer's current policy; returns seconds."""
+        from oaif.sync import push_lora_adapter, push_weights
 
+        if self.cfg.train.lora.enabled and self.cfg.train.lora.sync == "vllm_lora":
+            t0 = time.perf_counter()
+            self.generator.lora_request = push_lora_adapter(self.trainer.policy, self.run_dir / "adapters",
+                                                            self.policy_version)
+            return time.perf_counter() - t0
+        return push_weights(self.llm, self.trainer.policy)
+
+    def round(self, index: int, prompts: list[Prompt]) -> dict:
         t0 = time.perf_counter()
         out = self.run_dir / "rounds" / f"{index:06d}"
         groups, metrics = self.generator.sample(prompts, index, self.policy_version)
@@ -99,8 +111,8 @@ class Loop:
 
         if judged.pairs:
             metrics |= self.trainer.train_round(judged.pairs)
-            metrics["sync/seconds"] = push_weights(self.llm, self.trainer.policy)
             self.policy_version += 1
+            metrics["sync/seconds"] = self.sync()
         seconds = time.perf_counter() - t0
         return {"round": index, "policy_version": self.policy_version, "pairs_kept": len(judged.pairs),
                 "pairs_dropped": len(pairs) - len(judged.pairs), **metrics,
@@ -112,7 +124,7 @@ def setup(cfg: RunConfig, run_dir: Path) -> Loop:
 
     from oaif.engines import build_llm
     from oaif.generate import Generator
-    from oaif.train import DPOTrainer, load_causal_lm
+    from oaif.train import DPOTrainer, build_policy
 
     torch.manual_seed(cfg.seed)
     if cfg.threads:
@@ -120,15 +132,22 @@ def setup(cfg: RunConfig, run_dir: Path) -> Loop:
     tokenizer = AutoTokenizer.from_pretrained(cfg.policy.model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    g = cfg.generate
+    g, lora = cfg.generate, cfg.train.lora
     llm = build_llm(cfg.policy.model, cfg.policy.dtype, cfg.seed, g.kv_cache_gib,
                     cfg.policy.max_prompt_tokens + g.max_new_tokens, g.tensor_parallel_size,
-                    g.gpu_memory_utilization)
+                    g.gpu_memory_utilization, max_lora_rank=lora.r if lora.enabled and lora.sync == "vllm_lora" else 0,
+                    enforce_eager=g.enforce_eager)
     annotator = build_annotator(cfg)
-    policy = load_causal_lm(cfg.policy.model, cfg.policy.dtype, trainable=True, device=cfg.policy.device)
-    reference = load_causal_lm(cfg.policy.model, cfg.policy.dtype, trainable=False, device=cfg.policy.device)
-    trainer = DPOTrainer(policy, reference, cfg.train, tokenizer.pad_token_id)
-    return Loop(cfg, run_dir, Generator(llm, tokenizer, g, cfg.policy.max_prompt_tokens), annotator, trainer, llm)
+    policy, reference = build_policy(cfg.policy.model, cfg.policy.dtype, cfg.policy.device, cfg.train)
+    # The schedule runs over the most optimizer steps the run can take (every pair kept).
+    pairs_per_round = cfg.prompts_per_round * (g.samples_per_prompt // 2)
+    total_steps = cfg.rounds * cfg.train.epochs_per_round * math.ceil(pairs_per_round / cfg.train.batch_size)
+    trainer = DPOTrainer(policy, reference, cfg.train, tokenizer.pad_token_id, total_steps)
+    loop = Loop(cfg, run_dir, Generator(llm, tokenizer, g, cfg.policy.max_prompt_tokens), annotator, trainer, llm,
+                tokenizer)
+    if lora.adapter:  # the engine holds the base weights; round 0 must sample from base+adapter
+        loop.sync()
+    return loop
 
 
 def run(cfg: RunConfig, log=print) -> Path:
@@ -144,6 +163,9 @@ def run(cfg: RunConfig, log=print) -> Path:
     lengths = []
     for index in range(cfg.rounds):
         metrics = loop.round(index, next(batches))
+        last = index == cfg.rounds - 1
+        if last or (cfg.train.checkpoint_every and (index + 1) % cfg.train.checkpoint_every == 0):
+            save_checkpoint(run_dir, index, loop.policy_version, loop.trainer, loop.tokenizer)
         append_jsonl(run_dir / "metrics.jsonl", metrics)
         log(format_row(metrics))
         lengths.append(metrics["generate/mean_length"])

@@ -3,12 +3,19 @@
 The only module that reaches into vLLM's workers. Weights travel as tensors through
 `collective_rpc("reload_weights")` (no engine restart, no disk write); the prefix cache is
 reset afterwards because its KV blocks were computed with the old weights.
+
+LoRA policies sync one of two ways (`train.lora.sync`):
+  merge      merge the adapter into the base weights, push them, unmerge (default: the
+             engine then generates at full speed, see README benchmarks);
+  vllm_lora  save the adapter and hand vLLM a new LoRARequest (the engine must be built
+             with enable_lora).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 
@@ -17,10 +24,43 @@ import torch
 logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
 
 
+def is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def hf_named_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The model's weights under the names of the plain Hugging Face checkpoint that vLLM
+    loaded. For a (merged) peft model: drop the wrapper prefix and the lora_* tensors."""
+    if not is_peft(model):
+        return [(name, t.detach()) for name, t in model.state_dict().items()]
+    out = []
+    for name, t in model.get_base_model().state_dict().items():
+        if "lora_" in name:
+            continue
+        out.append((name.replace(".base_layer.", "."), t.detach()))
+    return out
+
+
 def push_weights(llm, model: torch.nn.Module) -> float:
-    """Load `model`'s current weights into `llm`; returns the seconds it took."""
+    """Load `model`'s current weights (LoRA merged in) into `llm`; returns seconds."""
     t0 = time.perf_counter()
-    weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+    merged = is_peft(model)
+    if merged:
+        model.merge_adapter()
+    try:
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": hf_named_weights(model)})
+    finally:
+        if merged:
+            model.unmerge_adapter()
     llm.reset_prefix_cache()
     return time.perf_counter() - t0
+
+
+def push_lora_adapter(model: torch.nn.Module, root: Path, version: int):
+    """Save the adapter for `version` and return the LoRARequest that makes vLLM use it.
+    Each version gets a new id: vLLM caches adapters by id."""
+    from vllm.lora.request import LoRARequest
+
+    path = root / f"v{version:06d}"
+    model.save_pretrained(path)
+    return LoRARequest(f"policy-v{version}", version + 1, str(path))

@@ -1,11 +1,17 @@
-"""Online DPO update: policy (trained) vs a frozen reference (the policy at run start).
+"""Online DPO update: the policy (trained) against a frozen reference (the policy at run start).
 
 Sequences are the exact token ids vLLM sampled (prompt + response, EOS included when the
 model stopped), so nothing is re-tokenized between sampling and training.
+
+With LoRA and a fresh adapter the reference is the same model with the adapter disabled
+(no second copy in memory). A run that starts from a trained adapter keeps a frozen copy of
+base+adapter instead, because "adapter disabled" would then be the base model, not the
+policy the run started from.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -13,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from oaif.config import TrainConfig, beta_for
-from oaif.losses import LOSSES, rewards
+from oaif.losses import dpo_loss, ipo_loss, kto_loss, rewards, slic_loss
 from oaif.records import PreferencePair
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -30,6 +36,35 @@ def load_causal_lm(path: str, dtype: str, trainable: bool, device: str = "cpu") 
     model.train(trainable)  # the frozen reference stays in eval mode (no dropout)
     model.requires_grad_(trainable)
     return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(model.config, key):  # attention dropout is often a config float, not a module
+            setattr(model.config, key, 0.0)
+
+
+def build_policy(path: str, dtype: str, device: str, cfg: TrainConfig) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """(trainable policy, frozen reference or None when the reference is 'adapter disabled')."""
+    model = load_causal_lm(path, dtype, trainable=not cfg.lora.enabled, device=device)
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    if not cfg.lora.enabled:
+        return model, load_causal_lm(path, dtype, trainable=False, device=device)
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    lora = cfg.lora
+    if lora.adapter:
+        reference = PeftModel.from_pretrained(copy.deepcopy(model), lora.adapter).merge_and_unload()
+        reference.eval().requires_grad_(False)
+        policy = PeftModel.from_pretrained(model, lora.adapter, is_trainable=True)
+        return policy, reference
+    policy = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                              target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+    return policy, None
 
 
 def batch_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int):
@@ -50,46 +85,63 @@ def batch_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id
     return input_ids, attention_mask, loss_mask
 
 
-def sequence_logps(model: torch.nn.Module, input_ids, attention_mask, loss_mask) -> torch.Tensor:
-    """Summed log-probs of the masked (response) tokens, shape (B,).
+def sequence_logps(model: torch.nn.Module, input_ids, attention_mask, loss_mask,
+                   length_normalize: bool = False) -> torch.Tensor:
+    """Summed (or mean) log-probs of the masked (response) tokens, shape (B,).
 
     Logits at position t predict token t+1, so the mask is shifted by one.
     """
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
     targets = input_ids[:, 1:]
+    mask = loss_mask[:, 1:]
     token_logps = torch.gather(logits.log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)
-    return (token_logps * loss_mask[:, 1:]).sum(-1)
+    total = (token_logps * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if length_normalize else total
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    """Linear warm-up, then constant, linear decay or cosine decay to 0 at total_steps."""
+    def scale(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return 1.0 - progress if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return scale
 
 
 @dataclass
 class StepStats:
-    loss: float = 0.0
-    accuracy: float = 0.0
-    margin: float = 0.0
-    chosen_reward: float = 0.0
-    rejected_reward: float = 0.0
-    logps_chosen: float = 0.0
-    logps_rejected: float = 0.0
-    kl: float = 0.0
+    """Pair-weighted running means of one round's training metrics."""
+    sums: dict
     n: int = 0
 
     def add(self, pairs: int, **means: float) -> None:
         for k, v in means.items():
-            setattr(self, k, getattr(self, k) + v * pairs)
+            self.sums[k] = self.sums.get(k, 0.0) + v * pairs
         self.n += pairs
 
     def means(self) -> dict[str, float]:
-        return {k: getattr(self, k) / self.n for k in self.__dataclass_fields__ if k != "n"}
+        return {k: v / self.n for k, v in self.sums.items()}
 
 
 class DPOTrainer:
-    def __init__(self, policy: torch.nn.Module, reference: torch.nn.Module, cfg: TrainConfig, pad_id: int):
+    def __init__(self, policy: torch.nn.Module, reference: torch.nn.Module | None, cfg: TrainConfig, pad_id: int,
+                 total_steps: int = 0):
         self.policy, self.reference, self.cfg, self.pad_id = policy, reference, cfg, pad_id
         self.beta = beta_for(cfg)
-        self.loss_fn = LOSSES[cfg.loss]
         self.optimizer = torch.optim.AdamW(
             [p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
         self.steps = 0
+
+    def _reference_logps(self, batch) -> torch.Tensor:
+        with torch.no_grad():
+            if self.reference is not None:
+                return sequence_logps(self.reference, *batch, self.cfg.length_normalize)
+            with self.policy.disable_adapter():  # fresh LoRA adapter: the base is the reference
+                return sequence_logps(self.policy, *batch, self.cfg.length_normalize)
 
     def _forward(self, pairs: list[PreferencePair]):
         """Chosen and rejected go through one forward pass each for policy and reference."""
@@ -97,15 +149,36 @@ class DPOTrainer:
         responses = [p.chosen_token_ids for p in pairs] + [p.rejected_token_ids for p in pairs]
         device = next(self.policy.parameters()).device
         batch = [t.to(device) for t in batch_sequences(prompts, responses, self.pad_id)]
-        policy = sequence_logps(self.policy, *batch)
-        with torch.no_grad():
-            ref = sequence_logps(self.reference, *batch)
+        policy = sequence_logps(self.policy, *batch, self.cfg.length_normalize)
+        ref = self._reference_logps(batch)
         n = len(pairs)
         return policy[:n], policy[n:], ref[:n], ref[n:]
 
+    def loss(self, pc, pr, rc, rr, p_chosen: torch.Tensor) -> torch.Tensor:
+        """Per-pair losses (B,) for the configured loss."""
+        cfg, beta = self.cfg, self.beta
+        margin = cfg.margin_scale * (2 * p_chosen - 1)
+        if cfg.loss == "dpo":
+            return dpo_loss(pc, pr, rc, rr, beta, margin=margin)
+        if cfg.loss == "cdpo":
+            return dpo_loss(pc, pr, rc, rr, beta, smoothing=cfg.label_smoothing, margin=margin)
+        if cfg.loss == "soft":
+            return dpo_loss(pc, pr, rc, rr, beta, smoothing=1 - p_chosen, margin=margin)
+        if cfg.loss == "ipo":
+            return ipo_loss(pc, pr, rc, rr, beta)
+        if cfg.loss == "slic":
+            return slic_loss(pc, pr, rc, rr, beta)
+        # KTO: chosen responses are desirable, rejected undesirable; the reference point is
+        # the batch's mean log-ratio (both were sampled from the policy: a KL estimate).
+        policy, ref = torch.cat([pc, pr]), torch.cat([rc, rr])
+        desirable = torch.arange(len(policy), device=policy.device) < len(pc)
+        per_response = kto_loss(policy, ref, desirable, beta, (policy - ref).mean(),
+                                cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
+        return (per_response[:len(pc)] + per_response[len(pc):]) / 2
+
     def train_round(self, pairs: list[PreferencePair]) -> dict[str, float]:
         """epochs_per_round passes over the pairs, in optimizer steps of batch_size pairs."""
-        cfg, stats = self.cfg, StepStats()
+        cfg, stats = self.cfg, StepStats({})
         for _ in range(cfg.epochs_per_round):
             for start in range(0, len(pairs), cfg.batch_size):
                 batch = pairs[start:start + cfg.batch_size]
@@ -113,27 +186,23 @@ class DPOTrainer:
                 for m in range(0, len(batch), cfg.micro_batch_size):
                     micro = batch[m:m + cfg.micro_batch_size]
                     pc, pr, rc, rr = self._forward(micro)
-                    losses = self.loss_fn(pc, pr, rc, rr, self.beta)
+                    p_chosen = torch.tensor([p.p_chosen for p in micro], device=pc.device)
+                    losses = self.loss(pc, pr, rc, rr, p_chosen)
                     # Scale so the accumulated gradient is the mean over the whole step's batch.
                     (losses.sum() / len(batch)).backward()
                     chosen_r, rejected_r = rewards(pc, pr, rc, rr, self.beta)
                     stats.add(len(micro), loss=losses.mean().item(),
-                              accuracy=(chosen_r > rejected_r).float().mean().item(),
-                              margin=(chosen_r - rejected_r).mean().item(),
-                              chosen_reward=chosen_r.mean().item(), rejected_reward=rejected_r.mean().item(),
+                              reward_accuracy=(chosen_r > rejected_r).float().mean().item(),
+                              reward_margin=(chosen_r - rejected_r).mean().item(),
+                              rewards_chosen=chosen_r.mean().item(), rewards_rejected=rejected_r.mean().item(),
                               logps_chosen=pc.mean().item(), logps_rejected=pr.mean().item(),
                               # Both responses were sampled from the policy, so the mean
                               # log-ratio is a Monte-Carlo estimate of KL(πθ || π0).
-                              kl=((pc + pr - rc - rr) / 2).mean().item())
+                              kl_to_ref=((pc + pr - rc - rr) / 2).mean().item())
                 if cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
+                self.scheduler.step()
                 self.steps += 1
-        m = stats.means()
-        return {
-            "train/loss": m["loss"], "train/reward_accuracy": m["accuracy"], "train/reward_margin": m["margin"],
-            "train/rewards_chosen": m["chosen_reward"], "train/rewards_rejected": m["rejected_reward"],
-            "train/logps_chosen": m["logps_chosen"], "train/logps_rejected": m["logps_rejected"],
-            "train/kl_to_ref": m["kl"], "train/steps": self.steps,
-            "train/steps_this_round": cfg.epochs_per_round * math.ceil(len(pairs) / cfg.batch_size),
-        }
+        return {**{f"train/{k}": v for k, v in stats.means().items()},
+                "train/steps": self.steps, "train/learning_rate": self.scheduler.get_last_lr()[0]}

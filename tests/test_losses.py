@@ -52,3 +52,47 @@ def test_sequence_logps_counts_only_response_tokens():
     logps = sequence_logps(FixedLogits(), ids, attn, mask)
     # Row 0: log(1/4) + log(3/4); row 1: log(3/4) only (prompt and padding masked).
     assert torch.allclose(logps, torch.tensor([math.log(0.25) + math.log(0.75), math.log(0.75)]), atol=1e-6)
+
+
+def test_cdpo_and_soft_label_match_hand_computed():
+    # ε = 0.1: −0.9·log σ(0.2) − 0.1·log σ(−0.2)
+    expected = -0.9 * math.log(1 / (1 + math.exp(-0.2))) - 0.1 * math.log(1 / (1 + math.exp(0.2)))
+    assert math.isclose(dpo_loss(PC, PR, RC, RR, 0.1, smoothing=0.1).item(), expected, rel_tol=1e-6)
+    # The soft-label loss is cDPO with ε = 1 − p: p = 0.9 gives the same number.
+    assert math.isclose(dpo_loss(PC, PR, RC, RR, 0.1, smoothing=1 - torch.tensor([0.9])).item(), expected,
+                        rel_tol=1e-5)
+
+
+def test_margin_is_subtracted_inside_the_sigmoid():
+    # margin 0.5: −log σ(0.2 − 0.5) = log(1 + e^0.3)
+    assert math.isclose(dpo_loss(PC, PR, RC, RR, 0.1, margin=0.5).item(), math.log(1 + math.exp(0.3)), rel_tol=1e-6)
+
+
+def test_kto_matches_hand_computed():
+    from oaif.losses import kto_loss
+
+    policy, ref = torch.tensor([-10.0, -12.0]), torch.tensor([-11.0, -11.0])   # log-ratios +1, −1
+    desirable = torch.tensor([True, False])
+    z0 = torch.tensor(0.25)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    out = kto_loss(policy, ref, desirable, beta=0.5, kl=z0, weight_desirable=1.0, weight_undesirable=2.0)
+    assert torch.allclose(out, torch.tensor([1 - sig(0.5 * (1 - 0.25)), 2 * (1 - sig(0.5 * (0.25 + 1)))]), atol=1e-6)
+    # A negative KL estimate is clamped to 0.
+    out0 = kto_loss(policy, ref, desirable, beta=0.5, kl=torch.tensor(-3.0))
+    assert math.isclose(out0[0].item(), 1 - sig(0.5), rel_tol=1e-6)
+
+
+def test_length_normalised_logps_are_means():
+    ids, attn, mask = batch_sequences([[1, 1, 1]], [[0, 1]], pad_id=0)
+    mean = sequence_logps(FixedLogits(), ids, attn, mask, length_normalize=True)
+    assert math.isclose(mean.item(), (math.log(0.25) + math.log(0.75)) / 2, rel_tol=1e-6)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    from oaif.config import TrainConfig
+    from oaif.train import lr_lambda
+
+    f = lr_lambda(TrainConfig(warmup_steps=4, lr_schedule="linear"), total_steps=14)
+    assert [round(f(s), 3) for s in (0, 3, 4, 9, 14)] == [0.25, 1.0, 1.0, 0.5, 0.0]
+    c = lr_lambda(TrainConfig(lr_schedule="cosine"), total_steps=10)
+    assert math.isclose(c(5), 0.5, abs_tol=1e-9) and c(10) < 1e-9

