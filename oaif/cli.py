@@ -1,6 +1,7 @@
 """The `oaif` command.
 
     oaif init-tiny DIR                      build the embedded tiny policy
+    oaif export CHECKPOINT --out DIR        a checkpoint as a plain HF model (LoRA merged)
     oaif run CONFIG [key=value ...]         run the loop
     oaif annotate IN --out OUT CONFIG [key=value ...]
                                             judge pairs from a file with CONFIG's annotator
@@ -26,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value, as for `oaif run`")
     p.add_argument("--out", required=True, help="output JSONL (written whole)")
+    p = sub.add_parser("export", help="write a checkpoint as a plain Hugging Face model (a LoRA adapter merged in)")
+    p.add_argument("checkpoint", help="runs/NAME/checkpoints/round_XXXXXX")
+    p.add_argument("--out", required=True)
     p = sub.add_parser("init-tiny", help="build the tiny local policy (no hub needed)")
     p.add_argument("out")
     p.add_argument("--steps", type=int, default=300, help="warm-up steps on prompts/tiny_sft.jsonl")
@@ -46,6 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         init_tiny(args.out, steps=args.steps, seed=args.seed)
         return 0
     try:
+        if args.command == "export":
+            from pathlib import Path
+
+            from oaif.checkpoint import export_merged
+
+            checkpoint = Path(args.checkpoint)
+            cfg = load_config(checkpoint.parent.parent / "config.yaml")  # the run's resolved config
+            print(f"exported {export_merged(checkpoint, Path(args.out), cfg.policy.model, cfg.policy.dtype)}")
+            return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "annotate":
             from oaif.annotate.offline import annotate_file

@@ -6,7 +6,7 @@ from transformers import AutoTokenizer
 
 from oaif.annotate.judge import judge_pairs
 from oaif.annotate.rules import RulesAnnotator
-from oaif.config import GenerateConfig, TrainConfig
+from oaif.config import GenerateConfig, LoraConfig, TrainConfig
 from oaif.constitution import load_constitution
 from oaif.engines import build_llm
 from oaif.generate import Generator
@@ -73,3 +73,29 @@ def test_after_dpo_steps_and_sync_vllm_greedy_equals_transformers(tiny_model, en
     after = gen.greedy(check_ids, 48)
     assert after == hf, "vLLM must generate exactly what the trained transformers policy generates"
     assert after != before, "training should have changed at least one greedy output (else the check is vacuous)"
+
+
+def test_lora_merge_sync_matches_the_peft_policy(tiny_model, engine):
+    """LoRA sync by merge -> push -> unmerge: vLLM then generates what the peft model generates,
+    and the adapter is left unmerged for further training."""
+    from oaif.sync import push_weights
+    from oaif.train import build_policy
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    gen = Generator(engine, tokenizer, GenerateConfig(max_new_tokens=48), max_prompt_tokens=128)
+    cfg = TrainConfig(learning_rate=1e-2, batch_size=8, micro_batch_size=8,
+                      lora=LoraConfig(enabled=True, r=8, alpha=16))
+    policy, reference = build_policy(str(tiny_model), "float32", "cpu", cfg)
+    assert reference is None  # fresh adapter: the reference is the base with the adapter disabled
+    trainer = DPOTrainer(policy, reference, cfg, tokenizer.pad_token_id)
+    judge = RulesAnnotator(load_constitution(ROOT / "constitutions/concise.yaml"))
+    prompts = load_prompts(ROOT / "prompts/tiny_prompts.jsonl")
+    push_weights(engine, policy)  # the shared engine may hold another test's weights
+    for version in range(2):
+        groups, _ = gen.sample(prompts[16 * version: 16 * version + 16], version, version)
+        trainer.train_round(judge_pairs(judge, [(g[0], g[1]) for g in groups], version, version).pairs)
+        push_weights(engine, policy)
+    assert not any(getattr(m, "merged", False) for m in policy.modules())
+    policy.eval()
+    check_ids = [gen.encode(p) for p in prompts[40:46]]
+    assert gen.greedy(check_ids, 48) == [hf_greedy(policy, ids, 48, tokenizer.eos_token_id) for ids in check_ids]
