@@ -40,6 +40,8 @@ class GenerateConfig:
     kv_cache_gib: float = _f(1.0, "KV cache reserved by the policy's vLLM engine (GiB). vLLM's CPU default takes most of RAM.")
     tensor_parallel_size: int = _f(1, "vLLM tensor parallelism for the policy engine (GPUs only).")
     enforce_eager: bool = _f(False, "Skip vLLM's graph compilation/capture: faster engine start, possibly slower generation.")
+    server_url: str = _f("", "Server mode: sample from a running vLLM OpenAI-compatible server at this URL (started with VLLM_SERVER_DEV_MODE=1) instead of an in-process engine; weights reach it through its reload endpoints.")
+    server_weights_dir: str = _f("/dev/shm", "Server mode: where each round's weights are saved for the server to reload (must be readable by the server).")
     gpu_memory_utilization: float = _f(0.4, "GPU only: share of GPU memory for the policy engine (the trainer needs the rest).")
 
 
@@ -245,6 +247,8 @@ def _validate(cfg: RunConfig) -> list[str]:
         errors.append(f"train.learning_rate: must be > 0, got {cfg.train.learning_rate}")
     if not 0 <= cfg.train.label_smoothing < 0.5:
         errors.append(f"train.label_smoothing: must be in [0, 0.5), got {cfg.train.label_smoothing}")
+    if cfg.generate.server_url and cfg.train.lora.sync == "vllm_lora":
+        errors.append("train.lora.sync: 'vllm_lora' needs the in-process engine; server mode syncs by merge")
     if cfg.train.lora.adapter and not cfg.train.lora.enabled:
         errors.append("train.lora.adapter: set train.lora.enabled=true to start from an adapter")
     if cfg.train.beta is not None and cfg.train.beta <= 0:

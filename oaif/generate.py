@@ -1,26 +1,61 @@
-"""Sampling from the current policy with an in-process vLLM engine.
+"""Sampling from the current policy: an in-process vLLM engine, or a vLLM server (server.py).
 
-The engine is seeded once (engines.build_llm); a per-request seed would make every
-prompt's samples identical.
+Both engines offer the same two calls on prompt token ids and return the exact sampled
+token ids, so the trainer never re-tokenizes. Engines are seeded once (engines.build_llm,
+the server's --seed); a per-request seed would make every prompt's samples identical.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Protocol
 
 from oaif.config import GenerateConfig
 from oaif.records import Prompt, Sample
 
+Completion = tuple[list[int], str, str]   # (token ids, text, finish_reason)
 
-class Generator:
-    def __init__(self, llm, tokenizer, cfg: GenerateConfig, max_prompt_tokens: int):
+
+class Engine(Protocol):
+    def sample(self, prompt_token_ids: list[list[int]], n: int, temperature: float, top_p: float,
+               max_tokens: int) -> list[list[Completion]]:
+        ...
+
+    def greedy(self, prompt_token_ids: list[list[int]], max_tokens: int) -> list[list[int]]:
+        ...
+
+
+class InProcessEngine:
+    """A vllm.LLM in this process; `lora_request` is set by the sync when vLLM serves the
+    policy's LoRA adapter itself."""
+
+    def __init__(self, llm):
+        self.llm, self.lora_request = llm, None
+
+    def _generate(self, prompt_token_ids: list[list[int]], params):
+        from vllm import TokensPrompt
+
+        return self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids], params,
+                                 use_tqdm=False, lora_request=self.lora_request)
+
+    def sample(self, prompt_token_ids, n, temperature, top_p, max_tokens) -> list[list[Completion]]:
         from vllm import SamplingParams
 
-        self.llm, self.tokenizer, self.cfg = llm, tokenizer, cfg
+        outs = self._generate(prompt_token_ids, SamplingParams(n=n, temperature=temperature, top_p=top_p,
+                                                               max_tokens=max_tokens))
+        return [[(list(c.token_ids), c.text, c.finish_reason) for c in o.outputs] for o in outs]
+
+    def greedy(self, prompt_token_ids, max_tokens) -> list[list[int]]:
+        from vllm import SamplingParams
+
+        outs = self._generate(prompt_token_ids, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+
+class Generator:
+    def __init__(self, engine: Engine, tokenizer, cfg: GenerateConfig, max_prompt_tokens: int):
+        self.engine, self.tokenizer, self.cfg = engine, tokenizer, cfg
         self.max_prompt_tokens = max_prompt_tokens
-        self.lora_request = None  # set by the sync when vLLM serves the policy's LoRA adapter
-        self.params = SamplingParams(n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
-                                     max_tokens=cfg.max_new_tokens)
 
     def encode(self, prompt: Prompt) -> list[int]:
         text = self.tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
@@ -28,21 +63,17 @@ class Generator:
 
     def sample(self, prompts: list[Prompt], round: int, policy_version: int) -> tuple[list[list[Sample]], dict]:
         """samples_per_prompt samples per prompt; prompts over max_prompt_tokens are skipped."""
-        from vllm import TokensPrompt
-
+        cfg = self.cfg
         encoded = [(p, self.encode(p)) for p in prompts]
         kept = [(p, ids) for p, ids in encoded if len(ids) <= self.max_prompt_tokens]
         t0 = time.perf_counter()
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for _, ids in kept], self.params,
-                                    use_tqdm=False, lora_request=self.lora_request)
+        outputs = self.engine.sample([ids for _, ids in kept], cfg.samples_per_prompt, cfg.temperature, cfg.top_p,
+                                     cfg.max_new_tokens)
         seconds = time.perf_counter() - t0
-        groups = []
-        for (prompt, ids), out in zip(kept, outputs):
-            groups.append([
-                Sample(round=round, policy_version=policy_version, prompt_id=prompt.id, messages=prompt.messages,
-                       index=k, text=c.text, prompt_token_ids=ids, token_ids=list(c.token_ids),
-                       finish_reason=c.finish_reason)
-                for k, c in enumerate(out.outputs)])
+        groups = [[Sample(round=round, policy_version=policy_version, prompt_id=prompt.id, messages=prompt.messages,
+                          index=k, text=text, prompt_token_ids=ids, token_ids=token_ids, finish_reason=finish)
+                   for k, (token_ids, text, finish) in enumerate(completions)]
+                  for (prompt, ids), completions in zip(kept, outputs)]
         lengths = [len(s.token_ids) for g in groups for s in g]
         metrics = {
             "generate/mean_length": sum(lengths) / len(lengths) if lengths else None,
@@ -55,9 +86,4 @@ class Generator:
 
     def greedy(self, token_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Greedy continuations (for checks and evaluation)."""
-        from vllm import SamplingParams, TokensPrompt
-
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in token_ids],
-                                 SamplingParams(temperature=0.0, max_tokens=max_new_tokens), use_tqdm=False,
-                                 lora_request=self.lora_request)
-        return [list(o.outputs[0].token_ids) for o in outs]
+        return self.engine.greedy(token_ids, max_new_tokens)

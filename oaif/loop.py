@@ -78,21 +78,26 @@ class Loop:
     generator: "Generator"
     annotator: Annotator
     trainer: "DPOTrainer"
-    llm: "vllm.LLM"
+    llm: "vllm.LLM | None"   # None in server mode
     tokenizer: object
     policy_version: int = 0
     annotator_totals: dict | None = None   # annotator.stats at the end of the last round
 
     def sync(self) -> float:
         """Make the engine sample from the trainer's current policy; returns seconds."""
-        from oaif.sync import push_lora_adapter, push_weights
+        from oaif.sync import merged_copy, push_lora_adapter, push_weights
 
+        g, policy = self.cfg.generate, self.trainer.policy
+        if g.server_url:
+            from oaif.server import push_weights_to_server
+
+            return push_weights_to_server(g.server_url, merged_copy(policy), g.server_weights_dir)
         if self.cfg.train.lora.enabled and self.cfg.train.lora.sync == "vllm_lora":
             t0 = time.perf_counter()
-            self.generator.lora_request = push_lora_adapter(self.trainer.policy, self.run_dir / "adapters",
-                                                            self.policy_version)
+            self.generator.engine.lora_request = push_lora_adapter(policy, self.run_dir / "adapters",
+                                                                   self.policy_version)
             return time.perf_counter() - t0
-        return push_weights(self.llm, self.trainer.policy)
+        return push_weights(self.llm, policy)
 
     def round(self, index: int, prompts: list[Prompt]) -> dict:
         t0 = time.perf_counter()
@@ -123,7 +128,7 @@ def setup(cfg: RunConfig, run_dir: Path) -> Loop:
     from transformers import AutoTokenizer
 
     from oaif.engines import build_llm
-    from oaif.generate import Generator
+    from oaif.generate import Generator, InProcessEngine
     from oaif.train import DPOTrainer, build_policy
 
     torch.manual_seed(cfg.seed)
@@ -133,19 +138,28 @@ def setup(cfg: RunConfig, run_dir: Path) -> Loop:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     g, lora = cfg.generate, cfg.train.lora
-    llm = build_llm(cfg.policy.model, cfg.policy.dtype, cfg.seed, g.kv_cache_gib,
-                    cfg.policy.max_prompt_tokens + g.max_new_tokens, g.tensor_parallel_size,
-                    g.gpu_memory_utilization, max_lora_rank=lora.r if lora.enabled and lora.sync == "vllm_lora" else 0,
-                    enforce_eager=g.enforce_eager)
+    if g.server_url:
+        from oaif.server import ServerEngine
+
+        llm, engine = None, ServerEngine(g.server_url)
+    else:
+        llm = build_llm(cfg.policy.model, cfg.policy.dtype, cfg.seed, g.kv_cache_gib,
+                        cfg.policy.max_prompt_tokens + g.max_new_tokens, g.tensor_parallel_size,
+                        g.gpu_memory_utilization,
+                        max_lora_rank=lora.r if lora.enabled and lora.sync == "vllm_lora" else 0,
+                        enforce_eager=g.enforce_eager)
+        engine = InProcessEngine(llm)
     annotator = build_annotator(cfg)
     policy, reference = build_policy(cfg.policy.model, cfg.policy.dtype, cfg.policy.device, cfg.train)
     # The schedule runs over the most optimizer steps the run can take (every pair kept).
     pairs_per_round = cfg.prompts_per_round * (g.samples_per_prompt // 2)
     total_steps = cfg.rounds * cfg.train.epochs_per_round * math.ceil(pairs_per_round / cfg.train.batch_size)
     trainer = DPOTrainer(policy, reference, cfg.train, tokenizer.pad_token_id, total_steps)
-    loop = Loop(cfg, run_dir, Generator(llm, tokenizer, g, cfg.policy.max_prompt_tokens), annotator, trainer, llm,
-                tokenizer)
-    if lora.adapter:  # the engine holds the base weights; round 0 must sample from base+adapter
+    loop = Loop(cfg, run_dir, Generator(engine, tokenizer, g, cfg.policy.max_prompt_tokens), annotator, trainer,
+                llm, tokenizer)
+    # Round 0 must sample from the policy as it starts: an in-process engine holds the base
+    # weights (wrong when starting from an adapter); a server may hold anything (an earlier run's).
+    if lora.adapter or g.server_url:
         loop.sync()
     return loop
 

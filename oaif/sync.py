@@ -41,6 +41,16 @@ def hf_named_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain model to save for a server to reload: a peft policy merged into a copy of its
+    base (the trained adapter stays unmerged); a plain policy as it is."""
+    if not is_peft(model):
+        return model
+    import copy
+
+    return copy.deepcopy(model).merge_and_unload()
+
+
 def push_weights(llm, model: torch.nn.Module) -> float:
     """Load `model`'s current weights (LoRA merged in) into `llm`; returns seconds."""
     t0 = time.perf_counter()

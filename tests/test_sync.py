@@ -9,7 +9,7 @@ from oaif.annotate.rules import RulesAnnotator
 from oaif.config import GenerateConfig, LoraConfig, TrainConfig
 from oaif.constitution import load_constitution
 from oaif.engines import build_llm
-from oaif.generate import Generator
+from oaif.generate import Generator, InProcessEngine
 from oaif.records import load_prompts
 from oaif.sync import push_weights
 from oaif.train import DPOTrainer, load_causal_lm
@@ -31,7 +31,7 @@ def engine(tiny_model):
 def test_samples_carry_exact_tokens_and_eos(tiny_model, engine):
     # Runs before the training test below, which changes the shared engine's weights.
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    gen = Generator(engine, tokenizer, GenerateConfig(max_new_tokens=64), max_prompt_tokens=128)
+    gen = Generator(InProcessEngine(engine), tokenizer, GenerateConfig(max_new_tokens=64), max_prompt_tokens=128)
     groups, metrics = gen.sample(load_prompts(ROOT / "prompts/tiny_prompts.jsonl")[:6], 0, 0)
     assert all(len(g) == 2 for g in groups)
     for s in (s for g in groups for s in g):
@@ -45,7 +45,7 @@ def test_samples_carry_exact_tokens_and_eos(tiny_model, engine):
 
 def test_after_dpo_steps_and_sync_vllm_greedy_equals_transformers(tiny_model, engine):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    gen = Generator(engine, tokenizer, GenerateConfig(max_new_tokens=48), max_prompt_tokens=128)
+    gen = Generator(InProcessEngine(engine), tokenizer, GenerateConfig(max_new_tokens=48), max_prompt_tokens=128)
     policy = load_causal_lm(str(tiny_model), "float32", trainable=True)
     reference = load_causal_lm(str(tiny_model), "float32", trainable=False)
     # A large learning rate so that a few steps visibly change greedy outputs.
@@ -82,7 +82,7 @@ def test_lora_merge_sync_matches_the_peft_policy(tiny_model, engine):
     from oaif.train import build_policy
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    gen = Generator(engine, tokenizer, GenerateConfig(max_new_tokens=48), max_prompt_tokens=128)
+    gen = Generator(InProcessEngine(engine), tokenizer, GenerateConfig(max_new_tokens=48), max_prompt_tokens=128)
     cfg = TrainConfig(learning_rate=1e-2, batch_size=8, micro_batch_size=8,
                       lora=LoraConfig(enabled=True, r=8, alpha=16))
     policy, reference = build_policy(str(tiny_model), "float32", "cpu", cfg)
