@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 
 
-def save_checkpoint(run_dir: Path, round: int, policy_version: int, trainer, tokenizer) -> Path:
+def save_checkpoint(run_dir: Path, round: int, policy_version: int, trainer, tokenizer,
+                    state_dict: dict | None = None) -> Path:
+    """state_dict: the gathered weights of a multi-process run (FSDP, ZeRO-3 shard them)."""
     final = run_dir / "checkpoints" / f"round_{round:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    trainer.policy.save_pretrained(tmp / "policy")   # peft: the adapter only (small)
+    trainer.policy.save_pretrained(tmp / "policy", state_dict=state_dict)   # peft: the adapter only (small)
     tokenizer.save_pretrained(tmp / "policy")
     torch.save({"round": round, "policy_version": policy_version, "steps": trainer.steps,
                 "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),

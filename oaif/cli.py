@@ -3,6 +3,8 @@
     oaif init-tiny DIR                      build the embedded tiny policy
     oaif export CHECKPOINT --out DIR        a checkpoint as a plain HF model (LoRA merged)
     oaif run CONFIG [key=value ...]         run the loop
+    oaif offline PAIRS CONFIG [key=value ...]
+                                            train on a fixed pair file (the offline baseline)
     oaif annotate IN --out OUT CONFIG [key=value ...]
                                             judge pairs from a file with CONFIG's annotator
     oaif config-help                        every config key, its default and meaning
@@ -22,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="run the loop from a YAML config")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. train.beta=0.2 annotate.backend=vllm")
+    p = sub.add_parser("offline", help="train on a fixed file of preference pairs (no generation)")
+    p.add_argument("pairs", help="JSONL: oaif pair records, `oaif annotate` output, or prompt/chosen/rejected rows")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value, as for `oaif run`")
     p = sub.add_parser("annotate", help="judge pairs from a JSONL file with a config's annotator")
     p.add_argument("input", help="JSONL lines with prompt (string or chat messages), a, b")
     p.add_argument("config")
@@ -64,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
             from oaif.annotate.offline import annotate_file
 
             annotate_file(cfg, args.input, args.out)
+        elif args.command == "offline":
+            from oaif.offline import run_offline
+
+            run_offline(cfg, args.pairs)
         else:
             from oaif.loop import run
 

@@ -86,6 +86,7 @@ class AnnotateConfig:
     kv_cache_gib: float = _f(1.0, "KV cache reserved by the judge's vLLM engine (GiB).")
     enforce_eager: bool = _f(False, "Judge engine: skip vLLM's graph compilation (faster start).")
     gpu_memory_utilization: float = _f(0.3, "GPU only: share of GPU memory for the judge engine.")
+    missing_eos_penalty: float = _f(0.0, "Subtract this from the judge's logit for a response cut off by generate.max_new_tokens (no EOS), in both orders; e.g. 20 makes a truncated response lose to a finished one. 0: off.")
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
     mix: tuple[MixMember, ...] = _f((), "backend 'mix': the members, e.g. [{backend: vllm, constitution: constitutions/helpful.yaml, weight: 0.7}, {backend: rules, constitution: constitutions/code.yaml, weight: 0.3}]. P(first better) is the weighted mean of the members'; any invalid member makes the answer invalid.")
 
@@ -121,6 +122,7 @@ class TrainConfig:
     epochs_per_round: int = _f(1, "Passes over each round's pairs.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     disable_dropout: bool = _f(True, "Set every dropout in the policy to 0, so the policy that is trained is the one that sampled.")
+    check_replicas: bool = _f(False, "Multi-process (DDP): after every optimizer step, compare a hash of every rank's parameters, write them to replicas.jsonl and stop if they differ. Costs one pass over the weights per step.")
     checkpoint_every: int = _f(0, "Save a checkpoint every N rounds (0: only after the last round).")
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -254,6 +256,8 @@ def _validate(cfg: RunConfig) -> list[str]:
     if cfg.train.beta is not None and cfg.train.beta <= 0:
         errors.append(f"train.beta: must be > 0, got {cfg.train.beta}")
     a = cfg.annotate
+    if a.missing_eos_penalty < 0:
+        errors.append(f"annotate.missing_eos_penalty: must be >= 0, got {a.missing_eos_penalty}")
     if a.labels[0] == a.labels[1]:
         errors.append("annotate.labels: the two labels must differ")
     if a.backend == "mix" and not a.mix:

@@ -72,117 +72,204 @@ def round_prompts(prompts: list[Prompt], per_round: int, seed: int):
 
 @dataclass
 class Loop:
-    """Everything a round needs, built once by `setup`."""
+    """Everything a round needs, built once by `setup`. Under `accelerate launch` only rank 0
+    has a generator and annotator (None elsewhere); every rank has the trainer."""
     cfg: RunConfig
     run_dir: Path
-    generator: "Generator"
-    annotator: Annotator
+    generator: "Generator | None"
+    annotator: Annotator | None
     trainer: "DPOTrainer"
-    llm: "vllm.LLM | None"   # None in server mode
+    llm: "vllm.LLM | None"   # the in-process engine; None in server mode
     tokenizer: object
+    accelerator: object = None
+    server_url: str = ""       # generate.server_url, or the server rank 0 started
+    server: object = None      # the server process rank 0 started (stopped by close)
     policy_version: int = 0
     annotator_totals: dict | None = None   # annotator.stats at the end of the last round
 
     def sync(self) -> float:
-        """Make the engine sample from the trainer's current policy; returns seconds."""
+        """Make the engine sample from the trainer's current policy; returns seconds.
+        Every rank calls it (weights may have to be gathered); rank 0 pushes."""
+        from oaif.distributed import gathered_state_dict, on_main
         from oaif.sync import merged_copy, push_lora_adapter, push_weights
 
-        g, policy = self.cfg.generate, self.trainer.policy
-        if g.server_url:
+        g, policy, lora = self.cfg.generate, self.trainer.policy, self.cfg.train.lora
+        if self.server_url:
             from oaif.server import push_weights_to_server
 
-            return push_weights_to_server(g.server_url, merged_copy(policy), g.server_weights_dir)
-        if self.cfg.train.lora.enabled and self.cfg.train.lora.sync == "vllm_lora":
+            state = None if lora.enabled else gathered_state_dict(self.accelerator, self.trainer.model)
+            return on_main(self.accelerator, lambda: push_weights_to_server(
+                self.server_url, merged_copy(policy), g.server_weights_dir, state_dict=state))
+        if lora.enabled and lora.sync == "vllm_lora":
             t0 = time.perf_counter()
             self.generator.engine.lora_request = push_lora_adapter(policy, self.run_dir / "adapters",
                                                                    self.policy_version)
             return time.perf_counter() - t0
         return push_weights(self.llm, policy)
 
-    def round(self, index: int, prompts: list[Prompt]) -> dict:
-        t0 = time.perf_counter()
+    def collect(self, index: int, prompts: list[Prompt]) -> tuple[list, dict]:
+        """Sample, judge both orders, write the round's records; (kept pairs, metrics)."""
         out = self.run_dir / "rounds" / f"{index:06d}"
         groups, metrics = self.generator.sample(prompts, index, self.policy_version)
         write_jsonl(out / "samples.jsonl", [s for g in groups for s in g])
 
         pairs = [(g[k], g[k + 1]) for g in groups for k in range(0, len(g) - 1, 2)]
-        judged = judge_pairs(self.annotator, pairs, index, self.policy_version)
+        judged = judge_pairs(self.annotator, pairs, index, self.policy_version,
+                             self.cfg.annotate.missing_eos_penalty)
         write_jsonl(out / "judgments.jsonl", judged.judgments)
         write_jsonl(out / "pairs.jsonl", judged.pairs)
         metrics |= judgment_metrics(judged.judgments)
         totals, before = dict(self.annotator.stats), self.annotator_totals or {}
         metrics |= {f"annotate/{k}": v - before.get(k, 0) for k, v in totals.items()}  # this round's share
         self.annotator_totals = totals
+        return judged.pairs, {"pairs_kept": len(judged.pairs), "pairs_dropped": len(pairs) - len(judged.pairs),
+                              **metrics}
 
-        if judged.pairs:
-            metrics |= self.trainer.train_round(judged.pairs)
+    def round(self, index: int, batches) -> dict:
+        """One round on every rank: rank 0 collects, all train on the pairs, rank 0 syncs."""
+        from oaif.distributed import on_main
+
+        t0 = time.perf_counter()
+        pairs, metrics = on_main(self.accelerator, lambda: self.collect(index, next(batches)))
+        if pairs:
+            metrics |= self.trainer.train_round(pairs)
             self.policy_version += 1
             metrics["sync/seconds"] = self.sync()
         seconds = time.perf_counter() - t0
-        return {"round": index, "policy_version": self.policy_version, "pairs_kept": len(judged.pairs),
-                "pairs_dropped": len(pairs) - len(judged.pairs), **metrics,
-                "round/seconds": seconds, "round/pairs_per_s": len(judged.pairs) / seconds}
+        return {"round": index, "policy_version": self.policy_version, **metrics,
+                "round/seconds": seconds, "round/pairs_per_s": len(pairs) / seconds}
+
+    def close(self) -> None:
+        if self.server is not None:
+            from oaif.server import stop_server
+
+            stop_server(self.server)
 
 
-def setup(cfg: RunConfig, run_dir: Path) -> Loop:
+def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    from oaif.engines import build_llm
-    from oaif.generate import Generator, InProcessEngine
-    from oaif.train import DPOTrainer, build_policy
-
-    torch.manual_seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.policy.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    g, lora = cfg.generate, cfg.train.lora
-    if g.server_url:
-        from oaif.server import ServerEngine
+    return tokenizer
 
-        llm, engine = None, ServerEngine(g.server_url)
-    else:
-        llm = build_llm(cfg.policy.model, cfg.policy.dtype, cfg.seed, g.kv_cache_gib,
-                        cfg.policy.max_prompt_tokens + g.max_new_tokens, g.tensor_parallel_size,
-                        g.gpu_memory_utilization,
-                        max_lora_rank=lora.r if lora.enabled and lora.sync == "vllm_lora" else 0,
-                        enforce_eager=g.enforce_eager)
-        engine = InProcessEngine(llm)
-    annotator = build_annotator(cfg)
-    policy, reference = build_policy(cfg.policy.model, cfg.policy.dtype, cfg.policy.device, cfg.train)
+
+def build_trainer(cfg: RunConfig, pad_id: int, total_steps: int, accelerator=None) -> "DPOTrainer":
+    """The config's policy, reference and trainer: shared by `oaif run` and `oaif offline`."""
+    from oaif.train import DPOTrainer, build_policy
+
+    torch.manual_seed(cfg.seed)   # the same on every rank: LoRA adapters start identical
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = str(accelerator.device) if accelerator is not None else cfg.policy.device
+    policy, reference = build_policy(cfg.policy.model, cfg.policy.dtype, device, cfg.train)
+    return DPOTrainer(policy, reference, cfg.train, pad_id, total_steps, accelerator)
+
+
+def start_local_server(cfg: RunConfig):
+    """Rank 0 of a multi-process run: a vLLM server for the policy on a free local port."""
+    import socket
+
+    from oaif.server import start_server
+
+    g = cfg.generate
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    extra = ["--tensor-parallel-size", str(g.tensor_parallel_size), "--gpu-memory-utilization",
+             str(g.gpu_memory_utilization), *(["--enforce-eager"] if g.enforce_eager else [])]
+    proc = start_server(cfg.policy.model, port, cfg.policy.dtype, cfg.seed,
+                        cfg.policy.max_prompt_tokens + g.max_new_tokens, g.kv_cache_gib, extra)
+    return f"http://127.0.0.1:{port}", proc
+
+
+def setup(cfg: RunConfig, run_dir: Path, accelerator=None) -> Loop:
+    from oaif.distributed import on_main
+    from oaif.generate import Generator, InProcessEngine
+
+    g, lora = cfg.generate, cfg.train.lora
     # The schedule runs over the most optimizer steps the run can take (every pair kept).
     pairs_per_round = cfg.prompts_per_round * (g.samples_per_prompt // 2)
     total_steps = cfg.rounds * cfg.train.epochs_per_round * math.ceil(pairs_per_round / cfg.train.batch_size)
-    trainer = DPOTrainer(policy, reference, cfg.train, tokenizer.pad_token_id, total_steps)
-    loop = Loop(cfg, run_dir, Generator(engine, tokenizer, g, cfg.policy.max_prompt_tokens), annotator, trainer,
-                llm, tokenizer)
+    tokenizer = load_tokenizer(cfg.policy.model)
+    trainer = build_trainer(cfg, tokenizer.pad_token_id, total_steps, accelerator)
+    loop = Loop(cfg, run_dir, None, None, trainer, None, tokenizer, accelerator, g.server_url)
+
+    def engines() -> str:  # rank 0 only
+        if accelerator is not None and not g.server_url:
+            loop.server_url, loop.server = start_local_server(cfg)
+        if loop.server_url:
+            from oaif.server import ServerEngine
+
+            engine = ServerEngine(loop.server_url)
+        else:
+            from oaif.engines import build_llm
+
+            loop.llm = build_llm(cfg.policy.model, cfg.policy.dtype, cfg.seed, g.kv_cache_gib,
+                                 cfg.policy.max_prompt_tokens + g.max_new_tokens, g.tensor_parallel_size,
+                                 g.gpu_memory_utilization,
+                                 max_lora_rank=lora.r if lora.enabled and lora.sync == "vllm_lora" else 0,
+                                 enforce_eager=g.enforce_eager)
+            engine = InProcessEngine(loop.llm)
+        loop.generator = Generator(engine, tokenizer, g, cfg.policy.max_prompt_tokens)
+        loop.annotator = build_annotator(cfg)
+        return loop.server_url
+
+    loop.server_url = on_main(accelerator, engines)   # every rank learns whether weights go to a server
     # Round 0 must sample from the policy as it starts: an in-process engine holds the base
     # weights (wrong when starting from an adapter); a server may hold anything (an earlier run's).
-    if lora.adapter or g.server_url:
+    if lora.adapter or loop.server_url:
         loop.sync()
     return loop
 
 
 def run(cfg: RunConfig, log=print) -> Path:
-    """Run every round; returns the run directory."""
+    """Run every round; returns the run directory. Under `accelerate launch` every rank runs
+    this; rank 0 alone writes files and prints."""
+    from oaif.distributed import check_distributed, make_accelerator, on_main
+
+    accelerator = make_accelerator()
+    main = accelerator is None or accelerator.is_main_process
+    log = log if main else (lambda *_: None)
     # Bad input fails here, before any engine starts or any file is written.
     prompts = load_prompts(cfg.prompts)
     check_inputs(cfg)
-    run_dir = prepare_run_dir(cfg)
-    loop = setup(cfg, run_dir)
-    log(f"run directory: {run_dir}")
-    log(header())
-    batches = round_prompts(prompts, cfg.prompts_per_round, cfg.seed)
-    lengths = []
-    for index in range(cfg.rounds):
-        metrics = loop.round(index, next(batches))
-        last = index == cfg.rounds - 1
-        if last or (cfg.train.checkpoint_every and (index + 1) % cfg.train.checkpoint_every == 0):
-            save_checkpoint(run_dir, index, loop.policy_version, loop.trainer, loop.tokenizer)
-        append_jsonl(run_dir / "metrics.jsonl", metrics)
-        log(format_row(metrics))
-        lengths.append(metrics["generate/mean_length"])
+    check_distributed(cfg, accelerator)
+    run_dir = on_main(accelerator, lambda: prepare_run_dir(cfg))
+    loop = setup(cfg, run_dir, accelerator)
+    try:
+        log(f"run directory: {run_dir}" + (f" ({accelerator.num_processes} processes)" if accelerator else ""))
+        log(header())
+        batches = round_prompts(prompts, cfg.prompts_per_round, cfg.seed)
+        lengths = []
+        for index in range(cfg.rounds):
+            metrics = loop.round(index, batches)
+            finish_round(cfg, run_dir, loop.trainer, loop.tokenizer, accelerator, index, loop.policy_version, metrics,
+                         last=index == cfg.rounds - 1)
+            log(format_row(metrics))
+            lengths.append(metrics["generate/mean_length"])
+    finally:
+        loop.close()
     log(f"done: {cfg.rounds} rounds, policy version {loop.policy_version}; mean response length "
         f"{lengths[0]:.1f} -> {lengths[-1]:.1f} tokens; records and metrics.jsonl in {run_dir}")
     return run_dir
+
+
+def finish_round(cfg: RunConfig, run_dir: Path, trainer, tokenizer, accelerator, index: int, policy_version: int,
+                 metrics: dict, last: bool) -> None:
+    """Checkpoint (when due), metrics.jsonl and replicas.jsonl; rank 0 writes."""
+    from oaif.distributed import gathered_state_dict, on_main
+
+    due = last or (cfg.train.checkpoint_every and (index + 1) % cfg.train.checkpoint_every == 0)
+    state = gathered_state_dict(accelerator, trainer.model) if due else None   # every rank: may gather shards
+
+    def write() -> None:
+        if due:
+            save_checkpoint(run_dir, index, policy_version, trainer, tokenizer, state)
+        append_jsonl(run_dir / "metrics.jsonl", metrics)
+        for step, hashes in trainer.replica_hashes:
+            append_jsonl(run_dir / "replicas.jsonl", {"round": index, "step": step, "hashes": hashes})
+
+    on_main(accelerator, write)
+    trainer.replica_hashes.clear()

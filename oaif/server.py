@@ -27,6 +27,9 @@ import httpx
 import torch
 
 GIB = 1 << 30
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                 "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+                 "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE")
 
 
 class ServerError(RuntimeError):
@@ -56,6 +59,10 @@ def start_server(model: str, port: int, dtype: str, seed: int, max_model_len: in
             "--generation-config", "vllm", "--disable-uvicorn-access-log", *extra_args]
     # The weight endpoints (/pause, /collective_rpc, ...) exist only in development mode.
     full_env = {**os.environ, **(env or {}), "VLLM_SERVER_DEV_MODE": "1"}
+    # Started from a rank of `accelerate launch`, the server must not see the trainers'
+    # process group: it is a world of its own.
+    for key in LAUNCHER_VARS:
+        full_env.pop(key, None)
     fd, log_path = tempfile.mkstemp(prefix=f"oaif-vllm-{port}-", suffix=".log")
     with os.fdopen(fd, "w") as log:
         # Own session: stop_server can end the server and its engine subprocess as one group.
@@ -146,15 +153,16 @@ class ServerEngine:
 
 
 def push_weights_to_server(base_url: str, model: torch.nn.Module, tmp_root: str = "/dev/shm",
-                           timeout_s: float = 600.0) -> float:
-    """Load `model`'s weights into the server in place; returns the seconds it took (save included).
+                           timeout_s: float = 600.0, state_dict: dict | None = None) -> float:
+    """Load `model`'s weights (or `state_dict`, gathered from sharded ranks) into the server
+    in place; returns the seconds it took (save included).
 
     One save and one RPC per sync, not one HTTP call per tensor. `tmp_root` must be readable
     by the server's engine process."""
     t0 = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="oaif-weights-", dir=tmp_root)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         with httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s) as client:
             # mode=wait: requests in flight finish on the old weights rather than being aborted.
             _post(client, "/pause", params={"mode": "wait"})

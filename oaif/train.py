@@ -7,11 +7,19 @@ With LoRA and a fresh adapter the reference is the same model with the adapter d
 (no second copy in memory). A run that starts from a trained adapter keeps a frozen copy of
 base+adapter instead, because "adapter disabled" would then be the base model, not the
 policy the run started from.
+
+Under `accelerate launch` every rank holds the policy (wrapped by the chosen engine: DDP,
+FSDP or DeepSpeed) and trains on its share of each optimizer step's pairs. Shares are
+padded to equal length with weight-0 copies, because every rank must run the same number
+of forward/backward passes (each backward is a collective); the loss is scaled so the
+averaged gradient equals one process's gradient over the whole step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -113,34 +121,67 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
 
 @dataclass
 class StepStats:
-    """Pair-weighted running means of one round's training metrics."""
+    """Pair-weighted sums of one round's training metrics (padding pairs weigh 0)."""
     sums: dict
-    n: int = 0
+    n: float = 0.0
 
-    def add(self, pairs: int, **means: float) -> None:
-        for k, v in means.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v * pairs
-        self.n += pairs
+    def add(self, weights: torch.Tensor, **values: torch.Tensor) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + (v.detach().float() * weights).sum().item()
+        self.n += weights.sum().item()
 
-    def means(self) -> dict[str, float]:
-        return {k: v / self.n for k, v in self.sums.items()}
+    def means(self, accelerator=None) -> dict[str, float]:
+        keys = sorted(self.sums)
+        totals = torch.tensor([self.sums[k] for k in keys] + [self.n], dtype=torch.float64)
+        if accelerator is not None:  # every rank saw only its share of the pairs
+            totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
+        return {k: (totals[i] / totals[-1]).item() for i, k in enumerate(keys)}
+
+
+def rank_share(batch: list, rank: int, world: int) -> tuple[list, list[float]]:
+    """This rank's pairs of an optimizer step and their weights: an interleaved slice padded
+    to ceil(len/world) with weight-0 copies, so every rank runs the same passes."""
+    share = batch[rank::world]
+    size = -(-len(batch) // world)
+    return share + [batch[0]] * (size - len(share)), [1.0] * len(share) + [0.0] * (size - len(share))
+
+
+def parameter_hash(model: torch.nn.Module) -> str:
+    """sha256 of the trainable parameters' bytes: equal on every rank iff the replicas are."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 class DPOTrainer:
     def __init__(self, policy: torch.nn.Module, reference: torch.nn.Module | None, cfg: TrainConfig, pad_id: int,
-                 total_steps: int = 0):
-        self.policy, self.reference, self.cfg, self.pad_id = policy, reference, cfg, pad_id
+                 total_steps: int = 0, accelerator=None):
+        self.cfg, self.pad_id, self.accelerator = cfg, pad_id, accelerator
         self.beta = beta_for(cfg)
-        self.optimizer = torch.optim.AdamW(
+        optimizer = torch.optim.AdamW(
             [p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        # `policy` is the plain model (saved, synced); `model` runs the training passes
+        # (the engine's wrapper under accelerate). The scheduler is stepped here once per
+        # optimizer step, so it is not handed to accelerate (which would step it per rank).
+        self.policy, self.model, self.optimizer = policy, policy, optimizer
+        if accelerator is not None:
+            self.model, self.optimizer = accelerator.prepare(policy, optimizer)
+            self.policy = accelerator.unwrap_model(self.model)
+        self.reference = reference
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
         self.steps = 0
+        self.replica_hashes: list[tuple[int, list[str]]] = []   # (step, every rank's parameter_hash): check_replicas
 
     def _reference_logps(self, batch) -> torch.Tensor:
         with torch.no_grad():
             if self.reference is not None:
                 return sequence_logps(self.reference, *batch, self.cfg.length_normalize)
-            with self.policy.disable_adapter():  # fresh LoRA adapter: the base is the reference
+            # Fresh LoRA adapter: the base is the reference. The plain model runs it, outside
+            # the engine's wrapper (no gradient, nothing to synchronise).
+            with self.policy.disable_adapter():
                 return sequence_logps(self.policy, *batch, self.cfg.length_normalize)
 
     def _forward(self, pairs: list[PreferencePair]):
@@ -149,13 +190,13 @@ class DPOTrainer:
         responses = [p.chosen_token_ids for p in pairs] + [p.rejected_token_ids for p in pairs]
         device = next(self.policy.parameters()).device
         batch = [t.to(device) for t in batch_sequences(prompts, responses, self.pad_id)]
-        policy = sequence_logps(self.policy, *batch, self.cfg.length_normalize)
+        policy = sequence_logps(self.model, *batch, self.cfg.length_normalize)
         ref = self._reference_logps(batch)
         n = len(pairs)
         return policy[:n], policy[n:], ref[:n], ref[n:]
 
-    def loss(self, pc, pr, rc, rr, p_chosen: torch.Tensor) -> torch.Tensor:
-        """Per-pair losses (B,) for the configured loss."""
+    def loss(self, pc, pr, rc, rr, p_chosen: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-pair losses (B,) for the configured loss (weights: only KTO's reference point uses them)."""
         cfg, beta = self.cfg, self.beta
         margin = cfg.margin_scale * (2 * p_chosen - 1)
         if cfg.loss == "dpo":
@@ -171,38 +212,62 @@ class DPOTrainer:
         # KTO: chosen responses are desirable, rejected undesirable; the reference point is
         # the batch's mean log-ratio (both were sampled from the policy: a KL estimate).
         policy, ref = torch.cat([pc, pr]), torch.cat([rc, rr])
+        w = torch.ones_like(policy) if weights is None else torch.cat([weights, weights])
         desirable = torch.arange(len(policy), device=policy.device) < len(pc)
-        per_response = kto_loss(policy, ref, desirable, beta, (policy - ref).mean(),
+        per_response = kto_loss(policy, ref, desirable, beta, ((policy - ref) * w).sum() / w.sum().clamp(min=1),
                                 cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
         return (per_response[:len(pc)] + per_response[len(pc):]) / 2
 
     def train_round(self, pairs: list[PreferencePair]) -> dict[str, float]:
-        """epochs_per_round passes over the pairs, in optimizer steps of batch_size pairs."""
-        cfg, stats = self.cfg, StepStats({})
+        """epochs_per_round passes over the pairs, in optimizer steps of batch_size pairs.
+        Under accelerate every rank calls this with the same pairs and trains on its share."""
+        cfg, stats, acc = self.cfg, StepStats({}), self.accelerator
+        rank, world = (acc.process_index, acc.num_processes) if acc else (0, 1)
         for _ in range(cfg.epochs_per_round):
             for start in range(0, len(pairs), cfg.batch_size):
                 batch = pairs[start:start + cfg.batch_size]
+                share, weights = rank_share(batch, rank, world)
                 self.optimizer.zero_grad(set_to_none=True)
-                for m in range(0, len(batch), cfg.micro_batch_size):
-                    micro = batch[m:m + cfg.micro_batch_size]
-                    pc, pr, rc, rr = self._forward(micro)
-                    p_chosen = torch.tensor([p.p_chosen for p in micro], device=pc.device)
-                    losses = self.loss(pc, pr, rc, rr, p_chosen)
-                    # Scale so the accumulated gradient is the mean over the whole step's batch.
-                    (losses.sum() / len(batch)).backward()
+                micros = range(0, len(share), cfg.micro_batch_size)
+                for m in micros:
+                    micro = share[m:m + cfg.micro_batch_size]
+                    # Gradients are averaged across ranks once per step, on the last pass.
+                    last = m == micros[-1]
+                    with contextlib.nullcontext() if acc is None or last else acc.no_sync(self.model):
+                        pc, pr, rc, rr = self._forward(micro)
+                        w = torch.tensor(weights[m:m + cfg.micro_batch_size], device=pc.device)
+                        p_chosen = torch.tensor([p.p_chosen for p in micro], device=pc.device)
+                        losses = self.loss(pc, pr, rc, rr, p_chosen, w)
+                        # Scaled so the rank-averaged, accumulated gradient is the mean over the step's pairs.
+                        loss = (losses * w).sum() * world / len(batch)
+                        loss.backward() if acc is None else acc.backward(loss)
                     chosen_r, rejected_r = rewards(pc, pr, rc, rr, self.beta)
-                    stats.add(len(micro), loss=losses.mean().item(),
-                              reward_accuracy=(chosen_r > rejected_r).float().mean().item(),
-                              reward_margin=(chosen_r - rejected_r).mean().item(),
-                              rewards_chosen=chosen_r.mean().item(), rewards_rejected=rejected_r.mean().item(),
-                              logps_chosen=pc.mean().item(), logps_rejected=pr.mean().item(),
+                    stats.add(w, loss=losses, reward_accuracy=(chosen_r > rejected_r).float(),
+                              reward_margin=chosen_r - rejected_r, rewards_chosen=chosen_r,
+                              rewards_rejected=rejected_r, logps_chosen=pc, logps_rejected=pr,
                               # Both responses were sampled from the policy, so the mean
                               # log-ratio is a Monte-Carlo estimate of KL(πθ || π0).
-                              kl_to_ref=((pc + pr - rc - rr) / 2).mean().item())
+                              kl_to_ref=(pc + pr - rc - rr) / 2)
                 if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                    clip = torch.nn.utils.clip_grad_norm_ if acc is None else acc.clip_grad_norm_
+                    clip(self.model.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.steps += 1
-        return {**{f"train/{k}": v for k, v in stats.means().items()},
+                if cfg.check_replicas:
+                    self.check_replicas()
+        return {**{f"train/{k}": v for k, v in stats.means(acc).items()},
                 "train/steps": self.steps, "train/learning_rate": self.scheduler.get_last_lr()[0]}
+
+    def check_replicas(self) -> None:
+        """Record every rank's parameter hash for this step; stop if they differ."""
+        mine = parameter_hash(self.policy)
+        hashes = [mine]
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            import torch.distributed as dist
+
+            hashes = [None] * self.accelerator.num_processes
+            dist.all_gather_object(hashes, mine)
+        self.replica_hashes.append((self.steps, hashes))
+        if len(set(hashes)) > 1:
+            raise RuntimeError(f"train.check_replicas: ranks' parameters differ after step {self.steps}: {hashes}")

@@ -75,3 +75,22 @@ def test_rules_backend_prefers_shorter_in_both_orders():
     assert out.pairs[0].p_chosen == 1.0
     assert out.judgments[0].orders[0].raw == "score_1=0 score_2=1"
     assert (out.judgments[0].backend, out.judgments[0].constitution) == ("rules", "concise")
+
+
+def test_missing_eos_penalty_turns_the_verdict_against_a_truncated_response():
+    import dataclasses
+
+    finished, truncated = sample("done", 0), dataclasses.replace(sample("cut off", 1), finish_reason="length")
+    # The judge prefers the truncated response (b) in both orders: P(a first)=0.3, P(b first)=0.8.
+    assert judge_pairs(ScriptedJudge([0.3, 0.8]), [(finished, truncated)], 0, 0).judgments[0].verdict == "b"
+    # logit(0.3) = -0.847; +2 for a (b is penalised) gives sigmoid(1.153) = 0.760 (a first);
+    # logit(0.8) = 1.386; -2 gives sigmoid(-0.614) = 0.351 (b first), i.e. P(a) = 0.649.
+    out = judge_pairs(ScriptedJudge([0.3, 0.8]), [(finished, truncated)], 0, 0, missing_eos_penalty=2.0)
+    assert out.judgments[0].verdict == "a"
+    assert out.judgments[0].p_a == pytest.approx((0.7601 + 0.6489) / 2, abs=1e-3)
+    assert [o.p_first for o in out.judgments[0].orders] == [0.3, 0.8]   # the judge's raw answers are kept
+    # Equal fates (both finished) are left alone; a rules judge's exact 0/1 is handled.
+    assert judge_pairs(ScriptedJudge([0.3, 0.8]), [(finished, sample("x", 1))], 0, 0,
+                       missing_eos_penalty=2.0).judgments[0].p_a == pytest.approx(0.25)
+    out = judge_pairs(ScriptedJudge([0.0, 1.0]), [(finished, truncated)], 0, 0, missing_eos_penalty=20.0)
+    assert out.judgments[0].verdict == "a"

@@ -8,6 +8,7 @@ probability, over the two orders, that the kept "chosen" response is better.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from oaif.annotate.base import Annotator, JudgeRequest
@@ -31,13 +32,32 @@ def aggregate(p_a_first: float | None, p_b_first: float | None) -> tuple[Verdict
     return {1: "a", -1: "b", 0: "tie"}[lean[0]], p_a
 
 
+def penalize_missing_eos(p_a_first: float | None, p_b_first: float | None, a: Sample, b: Sample,
+                         penalty: float) -> tuple[float | None, float | None]:
+    """Move both orders' answers against a response cut off by the length limit (no EOS).
+
+    The penalty is subtracted from that response's logit (TRL's missing_eos_penalty, on a
+    pairwise judge): a large one (e.g. 20) makes a truncated response lose to a finished one
+    whatever the judge said; equal fates (both or neither truncated) change nothing."""
+    shift = penalty * ((a.finish_reason == "length") - (b.finish_reason == "length"))  # > 0: a is penalised
+    if not shift or p_a_first is None or p_b_first is None:
+        return p_a_first, p_b_first
+
+    def moved(p: float, by: float) -> float:
+        p = min(max(p, 1e-6), 1 - 1e-6)  # rules judges answer exactly 0 or 1
+        return 1 / (1 + math.exp(-(math.log(p / (1 - p)) + by)))
+
+    return moved(p_a_first, -shift), moved(p_b_first, shift)
+
+
 @dataclass(frozen=True)
 class Judged:
     judgments: list[Judgment]
     pairs: list[PreferencePair]
 
 
-def judge_pairs(annotator: Annotator, pairs: list[tuple[Sample, Sample]], round: int, policy_version: int) -> Judged:
+def judge_pairs(annotator: Annotator, pairs: list[tuple[Sample, Sample]], round: int, policy_version: int,
+                missing_eos_penalty: float = 0.0) -> Judged:
     """All pairs' both-order requests go to the backend in one call (one batch for vLLM)."""
     todo = [i for i, (a, b) in enumerate(pairs) if a.text != b.text]
     requests = []
@@ -55,7 +75,7 @@ def judge_pairs(annotator: Annotator, pairs: list[tuple[Sample, Sample]], round:
         if i in by_pair:
             first, second = by_pair[i]
             orders = [OrderResult("a", first.p_first, first.raw), OrderResult("b", second.p_first, second.raw)]
-            verdict, p_a = aggregate(first.p_first, second.p_first)
+            verdict, p_a = aggregate(*penalize_missing_eos(first.p_first, second.p_first, a, b, missing_eos_penalty))
         else:
             orders, verdict, p_a = [], "identical", None
         judgments.append(Judgment(

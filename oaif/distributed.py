@@ -1,0 +1,94 @@
+"""Multi-process training on an existing engine: `accelerate launch` (DDP, FSDP, DeepSpeed).
+
+    accelerate launch --config_file configs/accelerate/gpu_ddp.yaml -m oaif.cli run CONFIG
+    accelerate launch --multi_gpu --num_processes 2 -m oaif.cli run CONFIG    (CPUs: DDP on gloo)
+
+Rank 0 (the main process) samples, judges and writes every record; all ranks train on
+their share of each round's pairs (train.py); rank 0 pushes the gathered weights to the
+generator. An in-process vLLM engine cannot live beside torch.distributed (it would join
+the trainers' process group), so under a launcher the policy is served by a vLLM server
+process: the one at generate.server_url, or one rank 0 starts and stops itself.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Callable, TypeVar
+
+from oaif.config import ConfigError, RunConfig
+
+T = TypeVar("T")
+
+# Rank 0 may spend a long round sampling and judging while the others wait in a collective:
+# the default process-group timeout (30 min) would kill them.
+WAIT_TIMEOUT = timedelta(hours=6)
+
+
+def launched() -> bool:
+    """True under a multi-process launcher (accelerate launch, torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def make_accelerator():
+    """An Accelerator when launched with several processes, else None (the plain path)."""
+    if not launched():
+        return None
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # Without a GPU, accelerate only forms a (gloo) process group when told it runs on CPUs.
+    return Accelerator(cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=WAIT_TIMEOUT)])
+
+
+def check_distributed(cfg: RunConfig, accelerator, judge: bool = True) -> None:
+    """Settings that cannot work across processes, named before anything starts (judge:
+    whether this command runs the annotator)."""
+    if accelerator is None:
+        return
+    from accelerate.utils import DistributedType
+
+    errors = []
+    a = cfg.annotate
+    backends = [m.backend for m in a.mix] if a.backend == "mix" else [a.backend]
+    if judge and "vllm" in backends:
+        errors.append("annotate.backend: the 'vllm' judge is an in-process engine, which cannot run beside "
+                      "torch.distributed; serve the judge model with vLLM's OpenAI server and use backend 'openai'")
+    if cfg.train.lora.enabled and cfg.train.lora.sync == "vllm_lora":
+        errors.append("train.lora.sync: 'vllm_lora' needs the in-process engine; multi-process runs sync by merge")
+    replicated = accelerator.distributed_type in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+    if cfg.train.lora.enabled and not replicated:
+        errors.append(f"train.lora.enabled: LoRA runs under DDP only (this launch is {accelerator.distributed_type.value})")
+    if cfg.train.check_replicas and not replicated:
+        errors.append(f"train.check_replicas: only DDP keeps whole replicas (this launch is "
+                      f"{accelerator.distributed_type.value})")
+    if errors:
+        raise ConfigError(f"{len(errors)} problem(s) for a multi-process run:\n  " + "\n  ".join(errors))
+
+
+def on_main(accelerator, fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0 only and hand its result (or its error) to every rank, so a failure
+    on rank 0 stops all ranks with the same message instead of leaving them waiting."""
+    if accelerator is None:
+        return fn()
+    import torch.distributed as dist
+
+    box: list = [None]
+    if accelerator.is_main_process:
+        try:
+            box[0] = (fn(), None)
+        except Exception as e:  # noqa: BLE001 (re-raised on every rank below)
+            box[0] = (None, e)
+    dist.broadcast_object_list(box, src=0)
+    result, error = box[0]
+    if error is not None:
+        raise error
+    return result
+
+
+def gathered_state_dict(accelerator, model):
+    """The full state dict for saving or syncing, or None on the plain path. Every rank must
+    call it: FSDP and ZeRO-3 gather the shards collectively."""
+    return None if accelerator is None else accelerator.get_state_dict(model)

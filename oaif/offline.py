@@ -1,0 +1,114 @@
+"""`oaif offline`: the same trainer on a fixed file of preference pairs, with no generation.
+
+    oaif offline PAIRS.jsonl CONFIG [key=value ...]
+
+The baseline the OAIF paper sets against online feedback: pairs sampled and judged once,
+then trained on, while the policy drifts away from the policy that produced them. PAIRS may
+be any of
+  - oaif's own pair records (runs/NAME/rounds/000000/pairs.jsonl: round 0 of a run, sampled
+    from the starting policy), whose exact token ids are used as they are;
+  - `oaif annotate` output: rows with verdict 'a' or 'b' become pairs, others are skipped;
+  - {"prompt": text or chat messages, "chosen": ..., "rejected": ...} rows (TRL's format),
+    optional "p_chosen"; responses are tokenized and end with EOS.
+A round is one shuffled pass over the file (rounds=N: N epochs; train.epochs_per_round
+repeats each). It writes the same run directory as `oaif run`, without per-round samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from pathlib import Path
+
+from oaif.config import RunConfig
+from oaif.records import PreferencePair, read_jsonl, write_jsonl
+
+PAIR_FIELDS = [f.name for f in dataclasses.fields(PreferencePair)]
+
+
+def _messages(row: dict, where: str) -> list[dict]:
+    prompt = row.get("messages", row.get("prompt"))
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list) and prompt and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt):
+        return prompt
+    raise ValueError(f"{where}: 'prompt' must be a string or a list of {{role, content}} messages")
+
+
+def load_pairs(path: str | Path, tokenizer, max_prompt_tokens: int) -> tuple[list[PreferencePair], dict]:
+    """(pairs, counts of skipped rows by reason); a malformed row is an error naming its line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pair file {path} not found")
+    pairs, skipped = [], {"no_preference": 0, "prompt_too_long": 0}
+    for n, row in enumerate(read_jsonl(path), 1):
+        where = f"{path}:{n}"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected an object")
+        if "chosen_token_ids" in row:   # oaif's own record: exact token ids
+            missing = [k for k in PAIR_FIELDS if k not in row]
+            if missing:
+                raise ValueError(f"{where}: an oaif pair record needs {', '.join(missing)}")
+            pairs.append(PreferencePair(**{k: row[k] for k in PAIR_FIELDS}))
+            continue
+        if "verdict" in row:            # `oaif annotate` output
+            if row["verdict"] not in ("a", "b"):
+                skipped["no_preference"] += 1
+                continue
+            first = row["verdict"] == "a"
+            chosen, rejected = (row.get("a"), row.get("b")) if first else (row.get("b"), row.get("a"))
+            p_chosen = row.get("p_a") if first else 1 - row.get("p_a", 0.0)
+        else:
+            chosen, rejected, p_chosen = row.get("chosen"), row.get("rejected"), row.get("p_chosen", 1.0)
+        if not (isinstance(chosen, str) and isinstance(rejected, str)):
+            raise ValueError(f"{where}: expected 'chosen' and 'rejected' strings, an oaif pair record, "
+                             f"or `oaif annotate` output (a, b, verdict)")
+        if not isinstance(p_chosen, (int, float)) or not 0 <= p_chosen <= 1:
+            raise ValueError(f"{where}: 'p_chosen' must be a probability in [0, 1], got {p_chosen!r}")
+        messages = _messages(row, where)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(prompt_ids) > max_prompt_tokens:
+            skipped["prompt_too_long"] += 1
+            continue
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in (chosen, rejected)]
+        pairs.append(PreferencePair(
+            round=0, policy_version=0, prompt_id=str(row.get("id", n - 1)), messages=messages, chosen=chosen,
+            rejected=rejected, p_chosen=float(p_chosen), prompt_token_ids=prompt_ids, chosen_token_ids=ids[0],
+            rejected_token_ids=ids[1]))
+    if not pairs:
+        raise ValueError(f"{path}: no usable pairs (skipped: {skipped})")
+    return pairs, skipped
+
+
+def run_offline(cfg: RunConfig, pairs_path: str | Path, log=print) -> Path:
+    """Train on the pair file for cfg.rounds shuffled passes; returns the run directory."""
+    from oaif.distributed import check_distributed, make_accelerator, on_main
+    from oaif.loop import build_trainer, finish_round, format_row, header, load_tokenizer, prepare_run_dir
+
+    accelerator = make_accelerator()
+    log = log if accelerator is None or accelerator.is_main_process else (lambda *_: None)
+    check_distributed(cfg, accelerator, judge=False)
+    tokenizer = load_tokenizer(cfg.policy.model)
+    pairs, skipped = load_pairs(pairs_path, tokenizer, cfg.policy.max_prompt_tokens)  # every rank: same file
+    run_dir = on_main(accelerator, lambda: prepare_run_dir(cfg))
+    on_main(accelerator, lambda: write_jsonl(run_dir / "pairs.jsonl", pairs))   # what was trained on, as tokens
+    steps = cfg.rounds * cfg.train.epochs_per_round * -(-len(pairs) // cfg.train.batch_size)
+    trainer = build_trainer(cfg, tokenizer.pad_token_id, steps, accelerator)
+    log(f"run directory: {run_dir}; {len(pairs)} pairs from {pairs_path} (skipped: {skipped})")
+    log(header())
+    rng = random.Random(cfg.seed)
+    for index in range(cfg.rounds):
+        t0 = time.perf_counter()
+        order = pairs[:]
+        rng.shuffle(order)
+        metrics = {"round": index, "policy_version": index + 1, "pairs_kept": len(pairs),
+                   **trainer.train_round(order)}
+        metrics["round/seconds"] = time.perf_counter() - t0
+        finish_round(cfg, run_dir, trainer, tokenizer, accelerator, index, index + 1, metrics,
+                     last=index == cfg.rounds - 1)
+        log(format_row(metrics))
+    log(f"done: {cfg.rounds} passes over {len(pairs)} pairs; checkpoint in {run_dir / 'checkpoints'}")
+    return run_dir

@@ -1,0 +1,94 @@
+"""Multi-process training under `accelerate launch` (2 processes, DDP on gloo, CPU).
+
+Rank 0 samples (from a vLLM server process it starts), judges and writes records; both
+ranks train on their share of every step. Checked: the run completes through the CLI and
+writes the same kinds of records as one process; the ranks' parameters are identical after
+every step; and 2-process training gives the weights 1-process training gives.
+"""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from oaif.records import Judgment, PreferencePair, Sample, read_jsonl
+from oaif.train import rank_share
+
+from conftest import ROOT, run_oaif
+
+
+def launch(*args: str) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2 -m oaif.cli ...` (no GPU here: gloo on CPU)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "oaif.cli", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def test_rank_share_pads_every_rank_to_the_same_passes():
+    assert rank_share(list("abcde"), 0, 2) == (["a", "c", "e"], [1.0, 1.0, 1.0])
+    assert rank_share(list("abcde"), 1, 2) == (["b", "d", "a"], [1.0, 1.0, 0.0])
+    assert rank_share(["a"], 1, 2) == (["a"], [0.0])
+    assert rank_share(list("abc"), 0, 1) == (list("abc"), [1.0] * 3)
+
+
+def test_two_process_loop_through_the_cli(tiny_model, tmp_path):
+    common = ["configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}", "rounds=3",
+              "prompts_per_round=8", "train.batch_size=4", "train.micro_batch_size=1"]
+    r = launch("run", *common, "name=two", "train.check_replicas=true", "generate.enforce_eager=true")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "(2 processes)" in r.stdout and r.stdout.count("run directory") == 1   # rank 0 alone prints
+    two = tmp_path / "two"
+    metrics = read_jsonl(two / "metrics.jsonl")
+    assert [m["policy_version"] for m in metrics] == [1, 2, 3]
+
+    # Both ranks' parameters were hashed after every optimizer step and are identical.
+    replicas = read_jsonl(two / "replicas.jsonl")
+    assert [r["step"] for r in replicas] == list(range(1, metrics[-1]["train/steps"] + 1))
+    assert all(len(r["hashes"]) == 2 and r["hashes"][0] == r["hashes"][1] for r in replicas)
+    assert len({r["hashes"][0] for r in replicas}) == len(replicas)   # and they change every step
+
+    # The same kinds of records as a one-process run.
+    r = run_oaif("run", *common, "name=one", "generate.enforce_eager=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = tmp_path / "one"
+    files = lambda d: sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())  # noqa: E731
+    assert set(files(two)) - set(files(one)) == {"replicas.jsonl"}
+    assert set(files(one)) <= set(files(two))
+    fields = {"samples": Sample, "judgments": Judgment, "pairs": PreferencePair}
+    for name, cls in fields.items():
+        rows = read_jsonl(two / f"rounds/000002/{name}.jsonl")
+        assert rows and all(set(row) == {f.name for f in dataclasses.fields(cls)} for row in rows)
+    assert set(read_jsonl(one / "metrics.jsonl")[0]) == set(metrics[0])
+    samples = read_jsonl(two / "rounds/000002/samples.jsonl")
+    assert len(samples) == 16 and all(s["policy_version"] == 2 and s["token_ids"] for s in samples)
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+def test_two_process_training_gives_the_one_process_weights(tiny_model, tmp_path, micro):
+    # 7 pairs in steps of 4: the last step splits 2 + 1 (+ 1 weight-0 padding pair).
+    rows = [{"prompt": f"Question {i}?", "chosen": "Yes.", "rejected": f"Well, about question {i}, it depends."}
+            for i in range(7)]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = [str(pairs), "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
+              "rounds=2", "train.batch_size=4", f"train.micro_batch_size={micro}", "train.learning_rate=1e-3"]
+    r = run_oaif("offline", *common, "name=one")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = launch("offline", *common, "name=two", "train.check_replicas=true")
+    assert r.returncode == 0, r.stderr[-4000:]
+
+    weights = lambda name: load_file(tmp_path / name / "checkpoints/round_000001/policy/model.safetensors")  # noqa: E731
+    one, two, base = weights("one"), weights("two"), load_file(tiny_model / "model.safetensors")
+    moved = max((one[k] - base[k]).abs().max().item() for k in base)
+    differ = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert moved > 1e-3, "training should move the weights (else the comparison is vacuous)"
+    assert differ < 1e-4, f"2-process weights differ from 1-process by {differ:.2e} (moved {moved:.2e})"
+    m_one, m_two = read_jsonl(tmp_path / "one/metrics.jsonl"), read_jsonl(tmp_path / "two/metrics.jsonl")
+    assert [m["train/steps"] for m in m_two] == [m["train/steps"] for m in m_one] == [4, 8]
+    for a, b in zip(m_one, m_two):   # metrics are reduced over ranks: the same as one process's
+        assert b["train/loss"] == pytest.approx(a["train/loss"], abs=1e-4)
+        assert b["train/reward_accuracy"] == pytest.approx(a["train/reward_accuracy"], abs=1e-6)
