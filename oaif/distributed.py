@@ -1,7 +1,7 @@
 """Multi-process training on an existing engine: `accelerate launch` (DDP, FSDP, DeepSpeed).
 
     accelerate launch --config_file configs/accelerate/gpu_ddp.yaml -m oaif.cli run CONFIG
-    accelerate launch --multi_gpu --num_processes 2 -m oaif.cli run CONFIG    (CPUs: DDP on gloo)
+    accelerate launch --config_file configs/accelerate/cpu_ddp_2proc.yaml -m oaif.cli run CONFIG  (CPUs, gloo)
 
 Rank 0 (the main process) samples, judges and writes every record; all ranks train on
 their share of each round's pairs (train.py); rank 0 pushes the gathered weights to the
@@ -64,8 +64,20 @@ def check_distributed(cfg: RunConfig, accelerator, judge: bool = True) -> None:
     if cfg.train.check_replicas and not replicated:
         errors.append(f"train.check_replicas: only DDP keeps whole replicas (this launch is "
                       f"{accelerator.distributed_type.value})")
+    world, t = accelerator.num_processes, cfg.train
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and t.micro_batch_size * world < t.batch_size:
+        # DeepSpeed's engine steps the optimizer inside every backward that syncs, so each
+        # rank gets one pass per optimizer step.
+        errors.append(f"train.micro_batch_size: under DeepSpeed each rank runs one pass per optimizer step; "
+                      f"set it to at least batch_size / processes = {-(-t.batch_size // world)}")
     if errors:
         raise ConfigError(f"{len(errors)} problem(s) for a multi-process run:\n  " + "\n  ".join(errors))
+
+
+def end(accelerator) -> None:
+    """Leave the process group before exit (else gloo can abort at interpreter exit)."""
+    if accelerator is not None:
+        accelerator.end_training()
 
 
 def on_main(accelerator, fn: Callable[[], T]) -> T:

@@ -227,11 +227,18 @@ def setup(cfg: RunConfig, run_dir: Path, accelerator=None) -> Loop:
 def run(cfg: RunConfig, log=print) -> Path:
     """Run every round; returns the run directory. Under `accelerate launch` every rank runs
     this; rank 0 alone writes files and prints."""
-    from oaif.distributed import check_distributed, make_accelerator, on_main
+    from oaif.distributed import end, make_accelerator
 
     accelerator = make_accelerator()
-    main = accelerator is None or accelerator.is_main_process
-    log = log if main else (lambda *_: None)
+    try:
+        return _run(cfg, accelerator, log if accelerator is None or accelerator.is_main_process else (lambda *_: None))
+    finally:
+        end(accelerator)
+
+
+def _run(cfg: RunConfig, accelerator, log) -> Path:
+    from oaif.distributed import check_distributed, on_main
+
     # Bad input fails here, before any engine starts or any file is written.
     prompts = load_prompts(cfg.prompts)
     check_inputs(cfg)

@@ -85,11 +85,20 @@ def load_pairs(path: str | Path, tokenizer, max_prompt_tokens: int) -> tuple[lis
 
 def run_offline(cfg: RunConfig, pairs_path: str | Path, log=print) -> Path:
     """Train on the pair file for cfg.rounds shuffled passes; returns the run directory."""
-    from oaif.distributed import check_distributed, make_accelerator, on_main
-    from oaif.loop import build_trainer, finish_round, format_row, header, load_tokenizer, prepare_run_dir
+    from oaif.distributed import end, make_accelerator
 
     accelerator = make_accelerator()
-    log = log if accelerator is None or accelerator.is_main_process else (lambda *_: None)
+    try:
+        return _run_offline(cfg, pairs_path, accelerator,
+                            log if accelerator is None or accelerator.is_main_process else (lambda *_: None))
+    finally:
+        end(accelerator)
+
+
+def _run_offline(cfg: RunConfig, pairs_path: str | Path, accelerator, log) -> Path:
+    from oaif.distributed import check_distributed, on_main
+    from oaif.loop import build_trainer, finish_round, format_row, header, load_tokenizer, prepare_run_dir
+
     check_distributed(cfg, accelerator, judge=False)
     tokenizer = load_tokenizer(cfg.policy.model)
     pairs, skipped = load_pairs(pairs_path, tokenizer, cfg.policy.max_prompt_tokens)  # every rank: same file

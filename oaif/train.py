@@ -168,6 +168,10 @@ class DPOTrainer:
         # optimizer step, so it is not handed to accelerate (which would step it per rank).
         self.policy, self.model, self.optimizer = policy, policy, optimizer
         if accelerator is not None:
+            from accelerate.utils import DistributedType
+
+            if accelerator.distributed_type == DistributedType.DEEPSPEED:  # no DataLoader to infer it from
+                accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
             self.model, self.optimizer = accelerator.prepare(policy, optimizer)
             self.policy = accelerator.unwrap_model(self.model)
         self.reference = reference

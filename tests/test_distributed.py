@@ -22,9 +22,9 @@ from conftest import ROOT, run_oaif
 
 
 def launch(*args: str) -> subprocess.CompletedProcess:
-    """`accelerate launch --multi_gpu --num_processes 2 -m oaif.cli ...` (no GPU here: gloo on CPU)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "oaif.cli", *args]
+    """`accelerate launch --config_file configs/accelerate/cpu_ddp_2proc.yaml -m oaif.cli ...`"""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs/accelerate/cpu_ddp_2proc.yaml"), "-m", "oaif.cli", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
