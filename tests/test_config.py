@@ -50,3 +50,16 @@ def test_readme_config_reference_matches_the_code():
     r = run_oaif("config-help", "--markdown")
     assert r.returncode == 0
     assert r.stdout.strip() in (ROOT / "README.md").read_text(), "regenerate with: oaif config-help --markdown"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_loads(path):
+    load_config(path)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_accelerate_config_is_valid_for_accelerate(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    assert cfg.num_processes >= 2 and cfg.num_machines == 1
