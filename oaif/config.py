@@ -26,7 +26,7 @@ def _f(default: Any, help: str) -> Any:
 class PolicyConfig:
     model: str = _f("models/tiny", "Path or hub id of the policy to train (loaded with from_pretrained and vllm.LLM).")
     dtype: Literal["float32", "bfloat16", "float16"] = _f(
-        "float32", "Weights dtype for training and generation. CPU runs use float32; bfloat16 on GPUs.")
+        "float32", "Dtype of the vLLM engine, the frozen reference and the training forward passes (autocast). Trained weights stay float32 (master weights) so small updates are not rounded away. bfloat16 on GPUs; both run on CPUs.")
     max_prompt_tokens: int = _f(256, "Prompts longer than this (after the chat template) are skipped, with a count.")
     device: str = _f("auto", "Training device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
 

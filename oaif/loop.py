@@ -164,7 +164,7 @@ def build_trainer(cfg: RunConfig, pad_id: int, total_steps: int, accelerator=Non
         torch.set_num_threads(cfg.threads)
     device = str(accelerator.device) if accelerator is not None else cfg.policy.device
     policy, reference = build_policy(cfg.policy.model, cfg.policy.dtype, device, cfg.train)
-    return DPOTrainer(policy, reference, cfg.train, pad_id, total_steps, accelerator)
+    return DPOTrainer(policy, reference, cfg.train, pad_id, total_steps, accelerator, cfg.policy.dtype)
 
 
 def start_local_server(cfg: RunConfig):
