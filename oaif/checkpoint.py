@@ -4,7 +4,8 @@ round and policy version, and the RNG states, saved whole (temp dir + rename).
     runs/NAME/checkpoints/round_000009/{policy/, trainer.pt}
 
 `oaif export CHECKPOINT --out DIR` turns one into a plain Hugging Face model (a LoRA
-adapter merged into its base), loadable by from_pretrained and vLLM.
+adapter merged into its base), loadable by from_pretrained and vLLM. `oaif resume RUN_DIR`
+continues a run from its latest checkpoint (loop.py).
 """
 
 from __future__ import annotations
@@ -51,3 +52,27 @@ def export_merged(checkpoint: Path, out: Path, base_model: str, dtype: str) -> P
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(policy_dir).save_pretrained(out)
     return out
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The newest complete checkpoint (a .tmp folder is an interrupted save, never used)."""
+    done = sorted(p for p in (run_dir / "checkpoints").glob("round_*") if not p.name.endswith(".tmp"))
+    if not done:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (checkpoints/round_*)")
+    return done[-1]
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    path = checkpoint / "trainer.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint}: no trainer.pt; is this a checkpoint directory?")
+    return torch.load(path, weights_only=False)   # our own file: optimizer state and RNG states
+
+
+def restore_trainer(trainer, state: dict) -> None:
+    """Optimizer, schedule position, step count and RNG states as they were saved."""
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.steps = state["steps"]
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])

@@ -3,6 +3,7 @@
     oaif init-tiny DIR                      build the embedded tiny policy
     oaif export CHECKPOINT --out DIR        a checkpoint as a plain HF model (LoRA merged)
     oaif run CONFIG [key=value ...]         run the loop
+    oaif resume RUN_DIR [key=value ...]     continue a run from its latest checkpoint
     oaif offline PAIRS CONFIG [key=value ...]
                                             train on a fixed pair file (the offline baseline)
     oaif annotate IN --out OUT CONFIG [key=value ...]
@@ -13,7 +14,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from pathlib import Path
 
 from oaif.config import ConfigError, describe, load_config
 
@@ -24,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="run the loop from a YAML config")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. train.beta=0.2 annotate.backend=vllm")
+    p = sub.add_parser("resume", help="continue a run from its latest (or a chosen) checkpoint")
+    p.add_argument("run_dir", help="runs/NAME")
+    p.add_argument("overrides", nargs="*", help="key=value on the run's saved config, e.g. rounds=20")
+    p.add_argument("--checkpoint", help="runs/NAME/checkpoints/round_XXXXXX (default: the latest); "
+                                        "anything recorded after it is dropped and redone")
     p = sub.add_parser("offline", help="train on a fixed file of preference pairs (no generation)")
     p.add_argument("pairs", help="JSONL: oaif pair records, `oaif annotate` output, or prompt/chosen/rejected rows")
     p.add_argument("config")
@@ -57,13 +65,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if args.command == "export":
-            from pathlib import Path
-
             from oaif.checkpoint import export_merged
 
             checkpoint = Path(args.checkpoint)
             cfg = load_config(checkpoint.parent.parent / "config.yaml")  # the run's resolved config
             print(f"exported {export_merged(checkpoint, Path(args.out), cfg.policy.model, cfg.policy.dtype)}")
+            return 0
+        if args.command == "resume":
+            from oaif.loop import run
+
+            run_dir = Path(args.run_dir)
+            fixed = [o for o in args.overrides if o.split("=", 1)[0].strip() in ("name", "output_dir")]
+            if fixed:
+                raise ConfigError(f"{fixed[0]}: a resumed run stays in {run_dir}; copy the folder to move it")
+            if not (run_dir / "config.yaml").is_file():
+                raise ConfigError(f"{run_dir}: no config.yaml; is this a run directory (runs/NAME)?")
+            cfg = load_config(run_dir / "config.yaml", args.overrides)
+            # The folder may have been moved since: it is the run directory, whatever the saved paths say.
+            cfg = dataclasses.replace(cfg, name=run_dir.name, output_dir=str(run_dir.parent))
+            run(cfg, resume_dir=run_dir, checkpoint=Path(args.checkpoint) if args.checkpoint else None)
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "annotate":

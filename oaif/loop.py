@@ -20,9 +20,9 @@ import torch
 from oaif.annotate.base import Annotator
 from oaif.annotate.judge import judge_pairs, judgment_metrics
 from oaif.annotate.select import build_annotator, check_inputs
-from oaif.checkpoint import save_checkpoint
-from oaif.config import RunConfig, dump_config
-from oaif.records import Prompt, append_jsonl, load_prompts, write_jsonl
+from oaif.checkpoint import latest_checkpoint, read_trainer_state, restore_trainer, save_checkpoint
+from oaif.config import ConfigError, RunConfig, dump_config
+from oaif.records import Prompt, append_jsonl, load_prompts, read_jsonl, write_jsonl
 
 # (metric, column title, format) of the line printed per round.
 COLUMNS = [("round", "round", "d"), ("pairs_kept", "kept", "d"), ("pairs_dropped", "dropped", "d"),
@@ -155,16 +155,22 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def build_trainer(cfg: RunConfig, pad_id: int, total_steps: int, accelerator=None) -> "DPOTrainer":
-    """The config's policy, reference and trainer: shared by `oaif run` and `oaif offline`."""
+def build_trainer(cfg: RunConfig, pad_id: int, total_steps: int, accelerator=None,
+                  resume_from: Path | None = None) -> "DPOTrainer":
+    """The config's policy, reference and trainer: shared by `oaif run` and `oaif offline`.
+    resume_from: a checkpoint to continue from (its weights and trainer state)."""
     from oaif.train import DPOTrainer, build_policy
 
     torch.manual_seed(cfg.seed)   # the same on every rank: LoRA adapters start identical
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = str(accelerator.device) if accelerator is not None else cfg.policy.device
-    policy, reference = build_policy(cfg.policy.model, cfg.policy.dtype, device, cfg.train)
-    return DPOTrainer(policy, reference, cfg.train, pad_id, total_steps, accelerator, cfg.policy.dtype)
+    policy, reference = build_policy(cfg.policy.model, cfg.policy.dtype, device, cfg.train,
+                                     str(resume_from / "policy") if resume_from else None)
+    trainer = DPOTrainer(policy, reference, cfg.train, pad_id, total_steps, accelerator, cfg.policy.dtype)
+    if resume_from:
+        restore_trainer(trainer, read_trainer_state(resume_from))
+    return trainer
 
 
 def start_local_server(cfg: RunConfig):
@@ -184,7 +190,7 @@ def start_local_server(cfg: RunConfig):
     return f"http://127.0.0.1:{port}", proc
 
 
-def setup(cfg: RunConfig, run_dir: Path, accelerator=None) -> Loop:
+def setup(cfg: RunConfig, run_dir: Path, accelerator=None, resume_from: Path | None = None) -> Loop:
     from oaif.distributed import on_main
     from oaif.generate import Generator, InProcessEngine
 
@@ -193,8 +199,10 @@ def setup(cfg: RunConfig, run_dir: Path, accelerator=None) -> Loop:
     pairs_per_round = cfg.prompts_per_round * (g.samples_per_prompt // 2)
     total_steps = cfg.rounds * cfg.train.epochs_per_round * math.ceil(pairs_per_round / cfg.train.batch_size)
     tokenizer = load_tokenizer(cfg.policy.model)
-    trainer = build_trainer(cfg, tokenizer.pad_token_id, total_steps, accelerator)
+    trainer = build_trainer(cfg, tokenizer.pad_token_id, total_steps, accelerator, resume_from)
     loop = Loop(cfg, run_dir, None, None, trainer, None, tokenizer, accelerator, g.server_url)
+    if resume_from:
+        loop.policy_version = read_trainer_state(resume_from)["policy_version"]
 
     def engines() -> str:  # rank 0 only
         if accelerator is not None and not g.server_url:
@@ -217,40 +225,82 @@ def setup(cfg: RunConfig, run_dir: Path, accelerator=None) -> Loop:
         return loop.server_url
 
     loop.server_url = on_main(accelerator, engines)   # every rank learns whether weights go to a server
-    # Round 0 must sample from the policy as it starts: an in-process engine holds the base
-    # weights (wrong when starting from an adapter); a server may hold anything (an earlier run's).
-    if lora.adapter or loop.server_url:
+    # The first round must sample from the policy as it starts: an in-process engine holds
+    # the base weights (wrong when starting from an adapter or resuming); a server may hold
+    # anything (an earlier run's).
+    if lora.adapter or loop.server_url or resume_from:
         loop.sync()
     return loop
 
 
-def run(cfg: RunConfig, log=print) -> Path:
+def run(cfg: RunConfig, log=print, resume_dir: Path | None = None, checkpoint: Path | None = None) -> Path:
     """Run every round; returns the run directory. Under `accelerate launch` every rank runs
-    this; rank 0 alone writes files and prints."""
+    this; rank 0 alone writes files and prints. With resume_dir: continue that run from
+    `checkpoint` (default: its latest) instead of starting a new one."""
     from oaif.distributed import end, make_accelerator
 
     accelerator = make_accelerator()
     try:
-        return _run(cfg, accelerator, log if accelerator is None or accelerator.is_main_process else (lambda *_: None))
+        return _run(cfg, accelerator, log if accelerator is None or accelerator.is_main_process else (lambda *_: None),
+                    resume_dir, checkpoint)
     finally:
         end(accelerator)
 
 
-def _run(cfg: RunConfig, accelerator, log) -> Path:
+def rewind_run_dir(cfg: RunConfig, run_dir: Path, last_round: int) -> list[str]:
+    """Drop everything recorded after `last_round` (it is redone) and save the resumed
+    config; returns what was dropped. Safe to repeat if the resume itself is interrupted."""
+    dropped = []
+    for name in ("metrics.jsonl", "replicas.jsonl"):
+        path = run_dir / name
+        if path.is_file():
+            rows = read_jsonl(path)
+            kept = [r for r in rows if r["round"] <= last_round]
+            if len(kept) < len(rows):
+                write_jsonl(path, kept)
+                dropped.append(f"{len(rows) - len(kept)} lines of {name}")
+    for parent, prefix in (("rounds", ""), ("checkpoints", "round_")):
+        for d in sorted((run_dir / parent).glob(prefix + "*")):
+            if int(d.name.removeprefix(prefix).removesuffix(".tmp")) > last_round:
+                shutil.rmtree(d)
+                dropped.append(f"{parent}/{d.name}")
+    dump_config(cfg, run_dir / "config.yaml")
+    return dropped
+
+
+def _run(cfg: RunConfig, accelerator, log, resume_dir: Path | None, checkpoint: Path | None) -> Path:
     from oaif.distributed import check_distributed, on_main
 
     # Bad input fails here, before any engine starts or any file is written.
     prompts = load_prompts(cfg.prompts)
     check_inputs(cfg)
     check_distributed(cfg, accelerator)
-    run_dir = on_main(accelerator, lambda: prepare_run_dir(cfg))
-    loop = setup(cfg, run_dir, accelerator)
+    start = 0
+    if resume_dir is None:
+        run_dir = on_main(accelerator, lambda: prepare_run_dir(cfg))
+    else:
+        run_dir, checkpoint = resume_dir, checkpoint or latest_checkpoint(resume_dir)
+        done = read_trainer_state(checkpoint)["round"]
+        start = done + 1
+        if start >= cfg.rounds:
+            raise ConfigError(f"{run_dir}: rounds 0-{done} are done ({checkpoint.name}); "
+                              f"pass rounds=N with N > {start} to continue")
+        is_adapter = (checkpoint / "policy/adapter_config.json").is_file()
+        if is_adapter != cfg.train.lora.enabled:
+            raise ConfigError(f"{checkpoint}: holds {'a LoRA adapter' if is_adapter else 'full weights'} but "
+                              f"train.lora.enabled is {cfg.train.lora.enabled}")
+        dropped = on_main(accelerator, lambda: rewind_run_dir(cfg, run_dir, done))
+        log(f"resuming {run_dir} after round {done} from {checkpoint}"
+            + (f"; dropped what came later: {', '.join(dropped)}" if dropped else ""))
+    loop = setup(cfg, run_dir, accelerator, checkpoint if resume_dir else None)
     try:
         log(f"run directory: {run_dir}" + (f" ({accelerator.num_processes} processes)" if accelerator else ""))
         log(header())
         batches = round_prompts(prompts, cfg.prompts_per_round, cfg.seed)
+        for _ in range(start):   # the prompts the done rounds used
+            next(batches)
         lengths = []
-        for index in range(cfg.rounds):
+        for index in range(start, cfg.rounds):
             metrics = loop.round(index, batches)
             finish_round(cfg, run_dir, loop.trainer, loop.tokenizer, accelerator, index, loop.policy_version, metrics,
                          last=index == cfg.rounds - 1)
@@ -258,7 +308,8 @@ def _run(cfg: RunConfig, accelerator, log) -> Path:
             lengths.append(metrics["generate/mean_length"])
     finally:
         loop.close()
-    log(f"done: {cfg.rounds} rounds, policy version {loop.policy_version}; mean response length "
+    log(f"done: {cfg.rounds} rounds" + (f" (resumed after round {start - 1})" if start else "")
+        + f", policy version {loop.policy_version}; mean response length "
         f"{lengths[0]:.1f} -> {lengths[-1]:.1f} tokens; records and metrics.jsonl in {run_dir}")
     return run_dir
 

@@ -55,27 +55,33 @@ def disable_dropout(model: torch.nn.Module) -> None:
             setattr(model.config, key, 0.0)
 
 
-def build_policy(path: str, dtype: str, device: str, cfg: TrainConfig) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+def build_policy(path: str, dtype: str, device: str, cfg: TrainConfig,
+                 resume_from: str | None = None) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """(trainable policy, frozen reference or None when the reference is 'adapter disabled').
 
     Trained weights are float32 whatever `dtype` is (master weights: in bfloat16 an update
     of lr≈1e-6 on a weight of 0.05 rounds away to nothing); the forward passes run in
     `dtype` under autocast. Frozen weights (the reference, a LoRA base) stay in `dtype`;
-    peft keeps LoRA adapters in float32 on a bfloat16 base."""
-    model = load_causal_lm(path, dtype if cfg.lora.enabled else "float32", trainable=not cfg.lora.enabled,
+    peft keeps LoRA adapters in float32 on a bfloat16 base.
+
+    resume_from: a checkpoint's policy/ folder (full weights or adapter) to continue from;
+    the reference stays the run's starting policy."""
+    lora = cfg.lora
+    full_weights = resume_from if resume_from and not lora.enabled else path
+    model = load_causal_lm(full_weights, dtype if lora.enabled else "float32", trainable=not lora.enabled,
                            device=device)
     if cfg.disable_dropout:
         disable_dropout(model)
-    if not cfg.lora.enabled:
+    if not lora.enabled:
         return model, load_causal_lm(path, dtype, trainable=False, device=device)
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    lora = cfg.lora
+    reference = None   # a fresh adapter: "adapter disabled" is the starting policy
     if lora.adapter:
         reference = PeftModel.from_pretrained(copy.deepcopy(model), lora.adapter).merge_and_unload()
         reference.eval().requires_grad_(False)
-        policy = PeftModel.from_pretrained(model, lora.adapter, is_trainable=True)
-        return policy, reference
+    if lora.adapter or resume_from:
+        return PeftModel.from_pretrained(model, resume_from or lora.adapter, is_trainable=True), reference
     policy = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                               target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
     return policy, None

@@ -1,0 +1,81 @@
+"""Checkpoints and resume: a resumed trainer continues exactly; `oaif resume` rewinds a run to
+a checkpoint, samples from the checkpoint's policy and continues the schedule."""
+
+import random
+
+import torch
+
+from oaif.checkpoint import save_checkpoint
+from oaif.config import LoraConfig, PolicyConfig, RunConfig, TrainConfig
+from oaif.loop import build_trainer, load_tokenizer
+from oaif.records import PreferencePair, read_jsonl
+
+from conftest import run_oaif
+
+
+def synthetic_pairs(n: int, seed: int) -> list[PreferencePair]:
+    rng = random.Random(seed)
+    ids = lambda k: [rng.randrange(3, 200) for _ in range(k)]  # noqa: E731
+    return [PreferencePair(round=0, policy_version=0, prompt_id=str(i), messages=[], chosen="", rejected="",
+                           p_chosen=0.9, prompt_token_ids=ids(6), chosen_token_ids=ids(3) + [2],
+                           rejected_token_ids=ids(9) + [2]) for i in range(n)]
+
+
+def test_resumed_trainer_takes_the_same_next_steps(tiny_model, tmp_path):
+    for lora in (False, True):
+        train = TrainConfig(learning_rate=1e-3, batch_size=4, micro_batch_size=2, lr_schedule="cosine",
+                            warmup_steps=2, lora=LoraConfig(enabled=lora, r=4))
+        cfg = RunConfig(policy=PolicyConfig(model=str(tiny_model), device="cpu"), train=train)
+        tokenizer = load_tokenizer(cfg.policy.model)
+        first = build_trainer(cfg, tokenizer.pad_token_id, total_steps=12)
+        first.train_round(synthetic_pairs(8, 0))
+        checkpoint = save_checkpoint(tmp_path / f"lora{lora}", 0, 1, first, tokenizer)
+        resumed = build_trainer(cfg, tokenizer.pad_token_id, total_steps=12, resume_from=checkpoint)
+        assert resumed.steps == first.steps == 2
+        more = synthetic_pairs(8, 1)
+        a, b = first.train_round(more), resumed.train_round(more)
+        assert a["train/learning_rate"] == b["train/learning_rate"]
+        assert abs(a["train/loss"] - b["train/loss"]) < 1e-6
+        pa = dict(first.policy.named_parameters())
+        for name, p in resumed.policy.named_parameters():
+            if p.requires_grad:
+                assert torch.allclose(p, pa[name], atol=1e-6), name
+
+
+def test_resume_rewinds_to_a_checkpoint_then_extends_the_run(tiny_model, tmp_path):
+    common = [f"policy.model={tiny_model}", "generate.enforce_eager=true"]
+    r = run_oaif("run", "configs/tiny_cpu.yaml", *common, f"output_dir={tmp_path}", "name=res", "rounds=4",
+                 "train.checkpoint_every=2", "train.learning_rate=1e-3", "train.lr_schedule=linear")
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = tmp_path / "res"
+    original = read_jsonl(run_dir / "metrics.jsonl")
+
+    # As if the run had died after round 1's checkpoint: rounds 2-3 are dropped and redone.
+    r = run_oaif("resume", str(run_dir), "--checkpoint", str(run_dir / "checkpoints/round_000001"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "dropped what came later: 2 lines of metrics.jsonl, rounds/000002, rounds/000003" in r.stdout
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["round"] for m in metrics] == [0, 1, 2, 3] and [m["policy_version"] for m in metrics] == [1, 2, 3, 4]
+    assert metrics[:2] == original[:2]
+    # The optimizer steps and the learning-rate schedule continue where the checkpoint left them.
+    for key in ("train/steps", "train/learning_rate"):
+        assert [m[key] for m in metrics[2:]] == [m[key] for m in original[2:]], key
+    # Round 2 samples from the checkpoint's policy (already short), not from the base model.
+    samples = read_jsonl(run_dir / "rounds/000002/samples.jsonl")
+    assert all(s["policy_version"] == 2 for s in samples)
+    assert metrics[2]["generate/mean_length"] < 0.75 * metrics[0]["generate/mean_length"]
+
+    # Extend the finished run by one round from its latest checkpoint.
+    r = run_oaif("resume", str(run_dir), "rounds=5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [m["round"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [0, 1, 2, 3, 4]
+    assert (run_dir / "checkpoints/round_000004/trainer.pt").is_file()
+
+    # Nothing left to do, or a move attempted: a clear error and nothing touched.
+    r = run_oaif("resume", str(run_dir))
+    assert r.returncode == 2 and "rounds 0-4 are done" in r.stderr and "rounds=N" in r.stderr
+    r = run_oaif("resume", str(run_dir), "rounds=6", "name=elsewhere")
+    assert r.returncode == 2 and "stays in" in r.stderr
+    r = run_oaif("resume", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "no config.yaml" in r.stderr
+    assert len(read_jsonl(run_dir / "metrics.jsonl")) == 5
