@@ -175,14 +175,10 @@ def build_trainer(cfg: RunConfig, pad_id: int, total_steps: int, accelerator=Non
 
 def start_local_server(cfg: RunConfig):
     """Rank 0 of a multi-process run: a vLLM server for the policy on a free local port."""
-    import socket
-
-    from oaif.server import start_server
+    from oaif.server import free_port, start_server
 
     g = cfg.generate
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     extra = ["--tensor-parallel-size", str(g.tensor_parallel_size), "--gpu-memory-utilization",
              str(g.gpu_memory_utilization), *(["--enforce-eager"] if g.enforce_eager else [])]
     proc = start_server(cfg.policy.model, port, cfg.policy.dtype, cfg.seed,

@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from oaif.records import Judgment, PreferencePair, Sample, read_jsonl

@@ -8,7 +8,6 @@ The server boots (~30 s) while the local backends judge, so the module costs abo
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from oaif.annotate.base import JudgeRequest, load_template
 from oaif.annotate.openai_api import OpenAIAnnotator
 from oaif.config import AnnotateConfig, OpenAIConfig
 from oaif.constitution import load_constitution
+from oaif.server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BOOT_DEADLINE_S = 150
@@ -49,9 +49,7 @@ def vocab_size(tiny_model) -> int:
 @pytest.fixture(scope="module")
 def server_process(tiny_model, vocab_size, tmp_path_factory):
     """Starts the server and returns at once; `server` waits for it to be healthy."""
-    with socket.socket() as s:  # a free port (released just before the server takes it)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # released just before the server takes it
     log = tmp_path_factory.mktemp("vllm_server") / "server.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")  # GiB; vLLM's CPU default takes most of RAM
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # set in this process by oaif.engines; the server keeps its default

@@ -1,7 +1,6 @@
 """Tier 2: the real vLLM engine, real DPO steps, the real in-place weight sync."""
 
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from oaif.annotate.judge import judge_pairs
@@ -12,15 +11,9 @@ from oaif.engines import build_llm
 from oaif.generate import Generator, InProcessEngine
 from oaif.records import load_prompts
 from oaif.sync import push_weights
-from oaif.train import DPOTrainer, load_causal_lm
+from oaif.train import DPOTrainer
 
-from conftest import ROOT
-
-
-def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos: int) -> list[int]:
-    out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos)
-    return out[0, len(prompt_ids):].tolist()
+from conftest import ROOT, hf_greedy, train_push_and_compare_greedy
 
 
 @pytest.fixture(scope="module")
@@ -44,35 +37,7 @@ def test_samples_carry_exact_tokens_and_eos(tiny_model, engine):
 
 
 def test_after_dpo_steps_and_sync_vllm_greedy_equals_transformers(tiny_model, engine):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    gen = Generator(InProcessEngine(engine), tokenizer, GenerateConfig(max_new_tokens=48), max_prompt_tokens=128)
-    policy = load_causal_lm(str(tiny_model), "float32", trainable=True)
-    reference = load_causal_lm(str(tiny_model), "float32", trainable=False)
-    # A large learning rate so that a few steps visibly change greedy outputs.
-    trainer = DPOTrainer(policy, reference, TrainConfig(learning_rate=3e-3, batch_size=8, micro_batch_size=4),
-                         tokenizer.pad_token_id)
-    judge = RulesAnnotator(load_constitution(ROOT / "constitutions/concise.yaml"))
-    prompts = load_prompts(ROOT / "prompts/tiny_prompts.jsonl")
-    check = prompts[:8]
-    check_ids = [gen.encode(p) for p in check]
-    before = gen.greedy(check_ids, 48)
-
-    steps = 0
-    for version in range(3):
-        groups, _ = gen.sample(prompts[8 + 16 * version: 24 + 16 * version], version, version)
-        pairs = judge_pairs(judge, [(g[0], g[1]) for g in groups], version, version).pairs
-        assert pairs, "the tiny policy should give pairs of different lengths"
-        trainer.train_round(pairs)
-        steps = trainer.steps
-        seconds = push_weights(engine, policy)
-        assert seconds >= 0
-    assert steps >= 3
-
-    policy.eval()
-    hf = [hf_greedy(policy, ids, 48, tokenizer.eos_token_id) for ids in check_ids]
-    after = gen.greedy(check_ids, 48)
-    assert after == hf, "vLLM must generate exactly what the trained transformers policy generates"
-    assert after != before, "training should have changed at least one greedy output (else the check is vacuous)"
+    train_push_and_compare_greedy(tiny_model, InProcessEngine(engine), lambda policy: push_weights(engine, policy))
 
 
 def test_lora_merge_sync_matches_the_peft_policy(tiny_model, engine):
