@@ -40,14 +40,19 @@ def test_after_dpo_steps_and_sync_vllm_greedy_equals_transformers(tiny_model, en
     train_push_and_compare_greedy(tiny_model, InProcessEngine(engine), lambda policy: push_weights(engine, policy))
 
 
-def test_lora_merge_sync_matches_the_peft_policy(tiny_model, engine):
-    """LoRA sync by merge -> push -> unmerge: vLLM then generates what the peft model generates,
-    and the adapter is left unmerged for further training."""
-    from oaif.sync import push_weights
+@pytest.mark.parametrize("sync", ["merge", "vllm_lora"])
+def test_lora_sync_matches_the_peft_policy(tiny_model, engine, tmp_path, sync):
+    """Both LoRA syncs: merge -> push -> unmerge into the shared engine, or vLLM's own LoRA
+    loading (a new adapter id per version) in a LoRA-enabled engine. Either way vLLM then
+    generates what the peft model generates, and the adapter stays unmerged for training."""
+    from oaif.sync import push_lora_adapter
     from oaif.train import build_policy
 
+    llm = engine if sync == "merge" else build_llm(str(tiny_model), "float32", seed=0, kv_cache_gib=0.25,
+                                                   max_model_len=256, max_lora_rank=8, enforce_eager=True)
+    served = InProcessEngine(llm)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    gen = Generator(InProcessEngine(engine), tokenizer, GenerateConfig(max_new_tokens=48), max_prompt_tokens=128)
+    gen = Generator(served, tokenizer, GenerateConfig(max_new_tokens=48), max_prompt_tokens=128)
     cfg = TrainConfig(learning_rate=1e-2, batch_size=8, micro_batch_size=8,
                       lora=LoraConfig(enabled=True, r=8, alpha=16))
     policy, reference = build_policy(str(tiny_model), "float32", "cpu", cfg)
@@ -55,12 +60,21 @@ def test_lora_merge_sync_matches_the_peft_policy(tiny_model, engine):
     trainer = DPOTrainer(policy, reference, cfg, tokenizer.pad_token_id)
     judge = RulesAnnotator(load_constitution(ROOT / "constitutions/concise.yaml"))
     prompts = load_prompts(ROOT / "prompts/tiny_prompts.jsonl")
-    push_weights(engine, policy)  # the shared engine may hold another test's weights
+
+    def push(version: int) -> None:
+        if sync == "merge":
+            push_weights(llm, policy)
+        else:
+            served.lora_request = push_lora_adapter(policy, tmp_path / "adapters", version)
+
+    push(0)  # the shared engine may hold another test's weights
     for version in range(2):
         groups, _ = gen.sample(prompts[16 * version: 16 * version + 16], version, version)
         trainer.train_round(judge_pairs(judge, [(g[0], g[1]) for g in groups], version, version).pairs)
-        push_weights(engine, policy)
+        push(version + 1)
     assert not any(getattr(m, "merged", False) for m in policy.modules())
     policy.eval()
     check_ids = [gen.encode(p) for p in prompts[40:46]]
     assert gen.greedy(check_ids, 48) == [hf_greedy(policy, ids, 48, tokenizer.eos_token_id) for ids in check_ids]
+    if sync == "vllm_lora":
+        assert served.lora_request.lora_int_id == 3   # versions 0, 1, 2: a new id each

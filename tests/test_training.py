@@ -25,6 +25,18 @@ def test_each_loss_runs_through_the_cli(tiny_model, tmp_path, loss):
     assert (tmp_path / loss / "checkpoints/round_000001/trainer.pt").is_file()
 
 
+def test_lora_with_vllm_lora_sync_runs_through_the_cli(tiny_model, tmp_path):
+    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
+                 "name=vllm-lora", "train.lora.enabled=true", "train.lora.r=8", "train.lora.sync=vllm_lora",
+                 "train.learning_rate=2e-3", *FAST)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = read_jsonl(tmp_path / "vllm-lora/metrics.jsonl")
+    assert [m["policy_version"] for m in metrics] == [1, 2] and all(m["sync/seconds"] > 0 for m in metrics)
+    assert sorted(p.name for p in (tmp_path / "vllm-lora/adapters").iterdir()) == ["v000001", "v000002"]
+    samples = read_jsonl(tmp_path / "vllm-lora/rounds/000001/samples.jsonl")
+    assert all(s["policy_version"] == 1 for s in samples)
+
+
 def test_lora_learns_shorter_then_resumes_from_its_adapter_and_exports(tiny_model, tmp_path):
     # 1. A LoRA run learns the "prefer shorter" preference, like the full-weights run.
     r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
