@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         for key, default, help in describe():
             print(f"| `{key}` | `{default}` | {help} |" if args.markdown else f"{key} (default: {default or 'empty'})\n    {help}")
         return 0
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()   # per-save "Writing model shards" bars would break up the round table
     if args.command == "init-tiny":
         from oaif.tiny import init_tiny
 
