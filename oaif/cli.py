@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
             run(cfg)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"oaif: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":   # under a launcher every rank fails alike: say it once
+            print(f"oaif: error: {e}", file=sys.stderr)
         return 2
     return 0
 
