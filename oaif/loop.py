@@ -1,6 +1,7 @@
 """The OAIF loop: generate → annotate (both orders) → train (online DPO) → sync, per round.
 
     oaif run configs/tiny_cpu.yaml [key=value ...]
+    oaif resume runs/NAME [key=value ...]      (continue from the latest checkpoint)
 
 Each round samples from the policy as it is *now* (the engine holds the weights of the
 last sync), so the preference data is always on-policy (OAIF, Guo et al. 2024, Alg. 1).
@@ -304,9 +305,10 @@ def _run(cfg: RunConfig, accelerator, log, resume_dir: Path | None, checkpoint: 
             lengths.append(metrics["generate/mean_length"])
     finally:
         loop.close()
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731 (None: every prompt of a round was too long)
     log(f"done: {cfg.rounds} rounds" + (f" (resumed after round {start - 1})" if start else "")
         + f", policy version {loop.policy_version}; mean response length "
-        f"{lengths[0]:.1f} -> {lengths[-1]:.1f} tokens; records and metrics.jsonl in {run_dir}")
+        f"{fmt(lengths[0])} -> {fmt(lengths[-1])} tokens; records and metrics.jsonl in {run_dir}")
     return run_dir
 
 
