@@ -1,4 +1,4 @@
-"""Benchmark: what a weight sync costs, three ways, side by side in one process.
+"""Benchmark: what a weight sync costs, four ways, side by side in one run.
 
     .venv/bin/python scripts/bench_sync.py            # writes bench/results/sync.json
 
@@ -8,6 +8,8 @@ For each model size it times, on the same running engine:
             (the route a separate vLLM server process needs)
   restart   building a new engine on the saved weights (what tools without an in-place
             update pay per round)
+  server    oaif's server mode: push_weights_to_server into a vLLM server process
+            (save to /dev/shm + pause, reload_weights, reset prefix cache, resume over HTTP)
 and reports medians and ratios to `inplace`. Models are built like `oaif init-tiny` (no
 warm-up: only the shapes matter here). Thread settings are recorded with the results.
 """
@@ -46,6 +48,7 @@ def main() -> None:
     import torch
 
     from oaif.engines import build_llm
+    from oaif.server import free_port, push_weights_to_server, start_server, stop_server
     from oaif.sync import push_weights
     from oaif.tiny import init_tiny
     from oaif.train import load_causal_lm
@@ -78,13 +81,21 @@ def main() -> None:
             model.save_pretrained(model_dir)
             restart = timed(lambda: build_llm(str(model_dir), "float32", seed=1, kv_cache_gib=0.25,
                                               max_model_len=256), 1)
+            del llm
+            port = free_port()
+            proc = start_server(str(model_dir), port, "float32", seed=0, max_model_len=256, kv_cache_gib=0.25)
+            try:
+                server = timed(lambda: push_weights_to_server(f"http://127.0.0.1:{port}", model, str(work)),
+                               args.reps)
+            finally:
+                stop_server(proc)
             row = {"params": n_params, "inplace_s": inplace, "via_disk_s": disk, "restart_s": restart,
-                   "via_disk_over_inplace": disk / inplace, "restart_over_inplace": restart / inplace}
+                   "server_s": server, "via_disk_over_inplace": disk / inplace,
+                   "restart_over_inplace": restart / inplace, "server_over_inplace": server / inplace}
             results["sizes"][name] = row
             print(f"{name}: {n_params / 1e6:.1f}M params  inplace {inplace * 1e3:.1f} ms  "
                   f"via disk {disk * 1e3:.1f} ms ({disk / inplace:.1f}x)  restart {restart:.1f} s "
-                  f"({restart / inplace:.0f}x)")
-            del llm
+                  f"({restart / inplace:.0f}x)  server {server * 1e3:.1f} ms ({server / inplace:.1f}x)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
