@@ -8,6 +8,9 @@
                                             train on a fixed pair file (the offline baseline)
     oaif annotate IN --out OUT CONFIG [key=value ...]
                                             judge pairs from a file with CONFIG's annotator
+    oaif eval CONFIG [key=value ...] [--out FILE]
+                                            the policy against its start on held-out prompts
+    oaif convert-gguf FILE --out DIR        a GGUF model (llama.cpp, Ollama) as an HF folder
     oaif config-help                        every config key, its default and meaning
 """
 
@@ -42,6 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value, as for `oaif run`")
     p.add_argument("--out", required=True, help="output JSONL (written whole)")
+    p = sub.add_parser("eval", help="win rate of a policy against its starting policy on held-out prompts")
+    p.add_argument("config", help="a config (or a run's config.yaml); eval.* keys say what is compared and how")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. eval.policy=runs/NAME/checkpoints/round_000007")
+    p.add_argument("--out", help="comparisons JSONL (default: <run>/eval/round_XXXXXX.jsonl for a run's checkpoint)")
+    p = sub.add_parser("convert-gguf", help="a GGUF causal LM as a Hugging Face folder (weights, tokenizer, chat template)")
+    p.add_argument("gguf", help="the .gguf file")
+    p.add_argument("--out", required=True, help="the folder to create")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p = sub.add_parser("export", help="write a checkpoint as a plain Hugging Face model (a LoRA adapter merged in)")
     p.add_argument("checkpoint", help="runs/NAME/checkpoints/round_XXXXXX")
     p.add_argument("--out", required=True)
@@ -68,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         init_tiny(args.out, steps=args.steps, seed=args.seed)
         return 0
     try:
+        if args.command == "convert-gguf":
+            from oaif.gguf import convert_gguf
+
+            print(f"converted {args.gguf} -> {convert_gguf(args.gguf, args.out, args.dtype)}")
+            return 0
         if args.command == "export":
             from oaif.checkpoint import export_merged
 
@@ -90,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             run(cfg, resume_dir=run_dir, checkpoint=Path(args.checkpoint) if args.checkpoint else None)
             return 0
         cfg = load_config(args.config, args.overrides)
-        if args.command == "annotate":
+        if args.command == "eval":
+            from oaif.evaluate import run_eval
+
+            run_eval(cfg, args.out)
+        elif args.command == "annotate":
             from oaif.annotate.offline import annotate_file
 
             annotate_file(cfg, args.input, args.out)

@@ -86,6 +86,8 @@ class AnnotateConfig:
     kv_cache_gib: float = _f(1.0, "KV cache reserved by the judge's vLLM engine (GiB).")
     enforce_eager: bool = _f(False, "Judge engine: skip vLLM's graph compilation (faster start).")
     gpu_memory_utilization: float = _f(0.3, "GPU only: share of GPU memory for the judge engine.")
+    chat_template: Literal["auto", "always", "never"] = _f(
+        "auto", "Local judges (vllm, transformers): send the judge prompt as the user turn of the judge model's chat template and read the label at the start of its reply, as the openai chat endpoint does. 'auto': when the judge's tokenizer has a chat template; 'never': the raw prompt.")
     missing_eos_penalty: float = _f(0.0, "Subtract this from the judge's logit for a response cut off by generate.max_new_tokens (no EOS), in both orders; e.g. 20 makes a truncated response lose to a finished one. 0: off.")
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
     mix: tuple[MixMember, ...] = _f((), "backend 'mix': the members, e.g. [{backend: vllm, constitution: constitutions/helpful.yaml, weight: 0.7}, {backend: rules, constitution: constitutions/code.yaml, weight: 0.3}]. P(first better) is the weighted mean of the members'; any invalid member makes the answer invalid.")
@@ -128,6 +130,20 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    every: int = _f(0, "oaif run: evaluate the policy every N rounds and after the last round (0: off).")
+    prompts: str = _f("prompts/heldout.jsonl", "Held-out prompt set (same formats as `prompts`); never trained on.")
+    max_prompts: int = _f(0, "Use the first N prompts of the set (0: all).")
+    policy: str = _f("", "oaif eval: the policy to evaluate: a checkpoint (runs/NAME/checkpoints/round_XXXXXX), an exported model or any HF path. Empty: the latest checkpoint of <output_dir>/<name>.")
+    baseline: str = _f("", "The model the policy is compared with. Empty: the run's starting policy (policy.model).")
+    temperature: float = _f(0.0, "0: one greedy response per prompt and side; > 0: one sampled response at this temperature.")
+    max_new_tokens: int = _f(0, "Response length limit (0: generate.max_new_tokens).")
+    bootstrap: int = _f(1000, "Bootstrap resamples for the win rate's 95% confidence interval.")
+    annotate: AnnotateConfig | None = _f(
+        None, "The evaluation annotator: the keys of `annotate` (e.g. {backend: rules, constitution: constitutions/correct.yaml}); keys left out are taken from `annotate`. Unset: the training annotator, with a warning: the policy is then graded by the judge it was trained to please.")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = _f("tiny", "Run name; the run directory is <output_dir>/<name>.")
     output_dir: str = _f("runs", "Parent folder of run directories.")
@@ -141,6 +157,7 @@ class RunConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 class ConfigError(ValueError):
@@ -158,6 +175,8 @@ def beta_for(train: TrainConfig) -> float:
 
 def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
     """Check (and lightly convert) one leaf value against its annotation."""
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, errors)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -223,11 +242,7 @@ def _build(cls: type, data: Any, path: str, errors: list[str]) -> Any:
             hint = f" (did you mean '{(path + '.' if path else '') + near[0]}'?)" if near else ""
             errors.append(f"{dotted}: unknown key{hint}")
             continue
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, dotted, errors)
-        else:
-            kwargs[key] = _coerce(value, tp, dotted, errors)
+        kwargs[key] = _coerce(value, hints[key], dotted, errors)
     return cls(**kwargs)
 
 
@@ -255,21 +270,42 @@ def _validate(cfg: RunConfig) -> list[str]:
         errors.append("train.lora.adapter: set train.lora.enabled=true to start from an adapter")
     if cfg.train.beta is not None and cfg.train.beta <= 0:
         errors.append(f"train.beta: must be > 0, got {cfg.train.beta}")
-    a = cfg.annotate
+    errors += _validate_annotate(cfg.annotate, "annotate")
+    e = cfg.eval
+    errors += [f"eval.{k}: must be >= 0, got {v}" for k, v in
+               {"every": e.every, "max_prompts": e.max_prompts, "temperature": e.temperature,
+                "max_new_tokens": e.max_new_tokens}.items() if v < 0]
+    if e.bootstrap < 1:
+        errors.append(f"eval.bootstrap: must be >= 1, got {e.bootstrap}")
+    if e.annotate is not None:
+        errors += _validate_annotate(e.annotate, "eval.annotate")
+    return errors
+
+
+def _validate_annotate(a: AnnotateConfig, where: str) -> list[str]:
+    errors = []
     if a.missing_eos_penalty < 0:
-        errors.append(f"annotate.missing_eos_penalty: must be >= 0, got {a.missing_eos_penalty}")
+        errors.append(f"{where}.missing_eos_penalty: must be >= 0, got {a.missing_eos_penalty}")
     if a.labels[0] == a.labels[1]:
-        errors.append("annotate.labels: the two labels must differ")
+        errors.append(f"{where}.labels: the two labels must differ")
     if a.backend == "mix" and not a.mix:
-        errors.append("annotate.mix: backend 'mix' needs at least one member")
-    errors += [f"annotate.mix[{i}].weight: must be > 0" for i, m in enumerate(a.mix) if m.weight <= 0]
+        errors.append(f"{where}.mix: backend 'mix' needs at least one member")
+    errors += [f"{where}.mix[{i}].weight: must be > 0" for i, m in enumerate(a.mix) if m.weight <= 0]
     o = a.openai
-    errors += [f"annotate.openai.{k}: must be > 0" for k, v in
+    errors += [f"{where}.openai.{k}: must be > 0" for k, v in
                {"max_concurrency": o.max_concurrency, "timeout_s": o.timeout_s, "top_logprobs": o.top_logprobs,
                 "max_tokens": o.max_tokens}.items() if v <= 0]
     if o.max_retries < 0:
-        errors.append("annotate.openai.max_retries: must be >= 0")
+        errors.append(f"{where}.openai.max_retries: must be >= 0")
     return errors
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, section by section (lists and values replace)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -300,6 +336,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {k} is not a section")
         node[keys[-1]] = value
+    ev = data.get("eval")
+    if isinstance(ev, dict) and isinstance(ev.get("annotate"), dict) and isinstance(data.get("annotate", {}), dict):
+        # The evaluation annotator inherits every key it leaves out from the training one.
+        data = {**data, "eval": {**ev, "annotate": _merged(data.get("annotate", {}), ev["annotate"])}}
     errors: list[str] = []
     cfg = _build(RunConfig, data, "", errors)
     if not errors:

@@ -18,6 +18,9 @@ Rule checks (each adds its weight to a response's score; the higher score wins):
   contains / not_contains   `text` appears / does not appear (case-sensitive)
   regex                     `pattern` matches somewhere (Python `re.search`)
   max_chars                 the response has at most `limit` characters
+  matches_reference         the response contains one of the prompt's accepted answers (its
+                            "references" in the prompt file) as whole words, ignoring case and
+                            punctuation; a prompt without references cannot be judged by it
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import yaml
 
 RULE_FIELDS = {
     "shorter": set(), "longer": set(), "contains": {"text"}, "not_contains": {"text"},
-    "regex": {"pattern"}, "max_chars": {"limit"},
+    "regex": {"pattern"}, "max_chars": {"limit"}, "matches_reference": set(),
 }
 TOP_FIELDS = {"name", "description", "preamble", "principles", "examples", "rules"}
 EXAMPLE_FIELDS = {"prompt", "response_1", "response_2", "preferred", "rationale"}
@@ -49,9 +52,10 @@ class Rule:
     pattern: str = ""
     limit: int = 0
 
-    def score(self, response: str, other: str) -> float:
+    def score(self, response: str, other: str, references: tuple[str, ...] = ()) -> float:
         """This rule's contribution to `response`'s score when compared with `other`."""
         hit = {
+            "matches_reference": lambda: matches_reference(response, references),
             "shorter": lambda: len(response) < len(other),
             "longer": lambda: len(response) > len(other),
             "contains": lambda: self.text in response,
@@ -60,6 +64,17 @@ class Rule:
             "max_chars": lambda: len(response) <= self.limit,
         }[self.check]()
         return self.weight if hit else 0.0
+
+
+def _words(text: str) -> str:
+    """Lower case, every run of non-alphanumerics one space, padded: ' the capital is paris '."""
+    return " " + " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split()) + " "
+
+
+def matches_reference(response: str, references: tuple[str, ...]) -> bool:
+    """Whether any accepted answer occurs in the response as whole words ('12' is not in '120')."""
+    text = _words(response)
+    return any(_words(r).strip() and _words(r) in text for r in references)
 
 
 @dataclass(frozen=True)

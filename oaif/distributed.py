@@ -56,6 +56,9 @@ def check_distributed(cfg: RunConfig, accelerator, judge: bool = True) -> None:
     if judge and "vllm" in backends:
         errors.append("annotate.backend: the 'vllm' judge is an in-process engine, which cannot run beside "
                       "torch.distributed; serve the judge model with vLLM's OpenAI server and use backend 'openai'")
+    if cfg.eval.every:
+        errors.append("eval.every: in-loop evaluation runs in one process; evaluate a multi-process run's "
+                      "checkpoints with `oaif eval` instead")
     if cfg.train.lora.enabled and cfg.train.lora.sync == "vllm_lora":
         errors.append("train.lora.sync: 'vllm_lora' needs the in-process engine; multi-process runs sync by merge")
     replicated = accelerator.distributed_type in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)

@@ -52,6 +52,15 @@ class InProcessEngine:
         return [list(o.outputs[0].token_ids) for o in outs]
 
 
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 class Generator:
     def __init__(self, engine: Engine, tokenizer, cfg: GenerateConfig, max_prompt_tokens: int):
         self.engine, self.tokenizer, self.cfg = engine, tokenizer, cfg
@@ -71,7 +80,8 @@ class Generator:
                                      cfg.max_new_tokens)
         seconds = time.perf_counter() - t0
         groups = [[Sample(round=round, policy_version=policy_version, prompt_id=prompt.id, messages=prompt.messages,
-                          index=k, text=text, prompt_token_ids=ids, token_ids=token_ids, finish_reason=finish)
+                          index=k, text=text, prompt_token_ids=ids, token_ids=token_ids, finish_reason=finish,
+                          references=list(prompt.references))
                    for k, (token_ids, text, finish) in enumerate(completions)]
                   for (prompt, ids), completions in zip(kept, outputs)]
         lengths = [len(s.token_ids) for g in groups for s in g]

@@ -19,10 +19,13 @@ from pathlib import Path
 import torch
 
 from oaif.annotate.base import Annotator
-from oaif.annotate.judge import judge_pairs, judgment_metrics
+from oaif.annotate.judge import judge_pairs, judgment_metrics, label_mass_warning
 from oaif.annotate.select import build_annotator, check_inputs
 from oaif.checkpoint import latest_checkpoint, read_trainer_state, restore_trainer, save_checkpoint
 from oaif.config import ConfigError, RunConfig, dump_config
+from oaif.generate import load_tokenizer
+from oaif.evaluate import TRAINING_JUDGE_WARNING, eval_annotator_config, eval_prompts, format_summary
+from oaif.evaluate import max_new_tokens as eval_max_new_tokens
 from oaif.records import Prompt, append_jsonl, load_prompts, read_jsonl, write_jsonl
 
 # (metric, column title, format) of the line printed per round.
@@ -87,6 +90,11 @@ class Loop:
     server: object = None      # the server process rank 0 started (stopped by close)
     policy_version: int = 0
     annotator_totals: dict | None = None   # annotator.stats at the end of the last round
+    evaluator: "Evaluator | None" = None   # eval.every > 0: the policy against its start, held out
+
+    def evaluate(self, index: int) -> dict:
+        """eval/* metrics of the policy the engine holds now (rank 0 of one process)."""
+        return self.evaluator(self.generator.engine, self.tokenizer, self.trainer, index, self.policy_version)
 
     def sync(self) -> float:
         """Make the engine sample from the trainer's current policy; returns seconds.
@@ -147,15 +155,6 @@ class Loop:
             stop_server(self.server)
 
 
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def build_trainer(cfg: RunConfig, pad_id: int, total_steps: int, accelerator=None,
                   resume_from: Path | None = None) -> "DPOTrainer":
     """The config's policy, reference and trainer: shared by `oaif run` and `oaif offline`.
@@ -212,7 +211,8 @@ def setup(cfg: RunConfig, run_dir: Path, accelerator=None, resume_from: Path | N
             from oaif.engines import build_llm
 
             loop.llm = build_llm(cfg.policy.model, cfg.policy.dtype, cfg.seed, g.kv_cache_gib,
-                                 cfg.policy.max_prompt_tokens + g.max_new_tokens, g.tensor_parallel_size,
+                                 cfg.policy.max_prompt_tokens + max(g.max_new_tokens, eval_max_new_tokens(cfg)),
+                                 g.tensor_parallel_size,
                                  g.gpu_memory_utilization,
                                  max_lora_rank=lora.r if lora.enabled and lora.sync == "vllm_lora" else 0,
                                  enforce_eager=g.enforce_eager)
@@ -227,6 +227,12 @@ def setup(cfg: RunConfig, run_dir: Path, accelerator=None, resume_from: Path | N
     # anything (an earlier run's).
     if lora.adapter or loop.server_url or resume_from:
         loop.sync()
+    if cfg.eval.every:   # single process (check_distributed refuses it under a launcher)
+        from oaif.evaluate import Evaluator, baseline_responses, eval_annotator_config
+
+        baseline = baseline_responses(cfg, run_dir, loop.generator.engine, tokenizer, fresh=resume_from is None)
+        judge = loop.annotator if cfg.eval.annotate is None else build_annotator(eval_annotator_config(cfg))
+        loop.evaluator = Evaluator(cfg, run_dir, judge, baseline)
     return loop
 
 
@@ -272,6 +278,11 @@ def _run(cfg: RunConfig, accelerator, log, resume_dir: Path | None, checkpoint: 
     prompts = load_prompts(cfg.prompts)
     check_inputs(cfg)
     check_distributed(cfg, accelerator)
+    if cfg.eval.every:
+        eval_prompts(cfg)
+        check_inputs(eval_annotator_config(cfg))
+        if cfg.eval.annotate is None:
+            log(TRAINING_JUDGE_WARNING)
     start = 0
     if resume_dir is None:
         run_dir = on_main(accelerator, lambda: prepare_run_dir(cfg))
@@ -299,9 +310,15 @@ def _run(cfg: RunConfig, accelerator, log, resume_dir: Path | None, checkpoint: 
         lengths = []
         for index in range(start, cfg.rounds):
             metrics = loop.round(index, batches)
+            if cfg.eval.every and ((index + 1) % cfg.eval.every == 0 or index == cfg.rounds - 1):
+                metrics |= loop.evaluate(index)
             finish_round(cfg, run_dir, loop.trainer, loop.tokenizer, accelerator, index, loop.policy_version, metrics,
                          last=index == cfg.rounds - 1)
             log(format_row(metrics))
+            if "eval/win_rate_vs_ref" in metrics:
+                log(f"  eval after round {index}: {format_summary(metrics)}")
+            if (warning := label_mass_warning(metrics)) and index == start:
+                log(f"  {warning}")
             lengths.append(metrics["generate/mean_length"])
     finally:
         loop.close()

@@ -97,7 +97,8 @@ def run_offline(cfg: RunConfig, pairs_path: str | Path, log=print) -> Path:
 
 def _run_offline(cfg: RunConfig, pairs_path: str | Path, accelerator, log) -> Path:
     from oaif.distributed import check_distributed, on_main
-    from oaif.loop import build_trainer, finish_round, format_row, header, load_tokenizer, prepare_run_dir
+    from oaif.generate import load_tokenizer
+    from oaif.loop import build_trainer, finish_round, format_row, header, prepare_run_dir
 
     check_distributed(cfg, accelerator, judge=False)
     tokenizer = load_tokenizer(cfg.policy.model)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
@@ -22,6 +22,7 @@ Message = dict[str, str]  # {"role": ..., "content": ...}
 class Prompt:
     id: str
     messages: list[Message]
+    references: tuple[str, ...] = ()    # accepted answers, for the `matches_reference` rule
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Sample:
     prompt_token_ids: list[int]
     token_ids: list[int]            # response tokens, EOS included when the model stopped
     finish_reason: str              # "stop" (EOS) or "length" (hit max_new_tokens)
+    references: list[str] = field(default_factory=list)   # the prompt's accepted answers, if any
 
 
 Verdict = Literal["a", "b", "tie", "invalid", "disagree", "identical"]
@@ -45,6 +47,7 @@ class OrderResult:
     first: Literal["a", "b"]        # which response the judge saw in position 1
     p_first: float | None           # P(position 1 is better); None when the answer was invalid
     raw: str                        # the backend's raw output, kept for audits
+    label_mass: float | None = None  # LLM judges: next-token probability on the two labels
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def load_prompts(path: str | Path) -> list[Prompt]:
-    """Prompt set: JSONL lines of {"messages": [...]} or {"prompt": "text"}, optional "id"."""
+    """Prompt set: JSONL lines of {"messages": [...]} or {"prompt": "text"}, optional "id" and
+    "references" (accepted answers, for the `matches_reference` rule)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} not found (run.prompts)")
@@ -139,7 +143,10 @@ def load_prompts(path: str | Path) -> list[Prompt]:
             messages = [{"role": "user", "content": row["prompt"]}]
         else:
             raise ValueError(f"{path}:{n}: expected 'messages' (chat list) or 'prompt' (string)")
-        prompts.append(Prompt(id=str(row.get("id", n - 1)), messages=messages))
+        references = row.get("references", [])
+        if not (isinstance(references, list) and all(isinstance(r, str) and r.strip() for r in references)):
+            raise ValueError(f"{path}:{n}: 'references' must be a list of non-empty strings (accepted answers)")
+        prompts.append(Prompt(id=str(row.get("id", n - 1)), messages=messages, references=tuple(references)))
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts

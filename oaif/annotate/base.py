@@ -35,12 +35,16 @@ class JudgeRequest:
     # Principles to show the judge; None: the constitution's own choice (all, or one sampled
     # per pair when the constitution was loaded with sample_principles).
     principles: tuple[str, ...] | None = None
+    references: tuple[str, ...] = ()   # accepted answers to the prompt, when known (rules backend)
 
 
 @dataclass(frozen=True)
 class Answer:
     p_first: float | None   # P(first response is better); None = invalid answer
     raw: str
+    # LLM judges: the share of next-token probability on the two labels. Low means the judge
+    # is not answering the question asked, whatever p_first says. None: not measured.
+    label_mass: float | None = None
 
 
 @dataclass(frozen=True)

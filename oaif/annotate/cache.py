@@ -23,7 +23,8 @@ class CachedAnnotator:
         self.inner, self.path = inner, Path(path)
         self.identity = inner.identity
         self.settings = json.dumps({"identity": dataclasses.asdict(inner.identity), **settings}, sort_keys=True)
-        self.entries = {row["key"]: Answer(row["p_first"], row["raw"])
+        # Lines written before label mass was recorded have none.
+        self.entries = {row["key"]: Answer(row["p_first"], row["raw"], row.get("label_mass"))
                         for row in (read_jsonl(self.path) if self.path.is_file() else [])}
         self.hits = self.misses = 0
 
@@ -45,6 +46,7 @@ class CachedAnnotator:
         for i, answer in zip(todo, fresh):
             if answer.p_first is not None:
                 self.entries[keys[i]] = answer
-                append_jsonl(self.path, {"key": keys[i], "p_first": answer.p_first, "raw": answer.raw})
+                append_jsonl(self.path, {"key": keys[i], "p_first": answer.p_first, "raw": answer.raw,
+                                          "label_mass": answer.label_mass})
         answers = dict(zip(todo, fresh))
         return [answers[i] if i in answers else self.entries[k] for i, k in enumerate(keys)]

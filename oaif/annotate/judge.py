@@ -63,7 +63,9 @@ def judge_pairs(annotator: Annotator, pairs: list[tuple[Sample, Sample]], round:
     requests = []
     for i in todo:
         a, b = pairs[i]
-        requests += [JudgeRequest(a.messages, a.text, b.text), JudgeRequest(a.messages, b.text, a.text)]
+        refs = tuple(a.references)
+        requests += [JudgeRequest(a.messages, a.text, b.text, references=refs),
+                     JudgeRequest(a.messages, b.text, a.text, references=refs)]
     answers = annotator.judge(requests) if requests else []
     if len(answers) != len(requests):
         raise RuntimeError(f"annotator {annotator.identity.backend} returned {len(answers)} answers for {len(requests)} requests")
@@ -74,7 +76,8 @@ def judge_pairs(annotator: Annotator, pairs: list[tuple[Sample, Sample]], round:
     for i, (a, b) in enumerate(pairs):
         if i in by_pair:
             first, second = by_pair[i]
-            orders = [OrderResult("a", first.p_first, first.raw), OrderResult("b", second.p_first, second.raw)]
+            orders = [OrderResult("a", first.p_first, first.raw, first.label_mass),
+                      OrderResult("b", second.p_first, second.raw, second.label_mass)]
             verdict, p_a = aggregate(*penalize_missing_eos(first.p_first, second.p_first, a, b, missing_eos_penalty))
         else:
             orders, verdict, p_a = [], "identical", None
@@ -94,6 +97,26 @@ def judge_pairs(annotator: Annotator, pairs: list[tuple[Sample, Sample]], round:
     return Judged(judgments, kept)
 
 
+# Below this mean share of next-token probability on the two labels, an LLM judge is mostly
+# saying something else than "1" or "2": its preferences are not answers to the question.
+LOW_LABEL_MASS = 0.5
+
+
+def label_mass_warning(metrics: dict) -> str | None:
+    """A warning when the judge's label mass is low, else None."""
+    mass = metrics.get("annotate/label_mass")
+    if mass is None or mass >= LOW_LABEL_MASS:
+        return None
+    return (f"warning: the judge put only {mass:.0%} of its next-token probability on the two labels: it is "
+            f"not answering the question asked, so its preferences carry little signal (order agreement "
+            f"{_fmt(metrics.get('annotate/order_agreement'))}, first-position rate "
+            f"{_fmt(metrics.get('annotate/first_position_rate'))})")
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
 def judgment_metrics(judgments: list[Judgment]) -> dict[str, float | None]:
     """annotate/* metrics of one round (DESIGN §6 names)."""
     judged = [j for j in judgments if j.verdict != "identical"]
@@ -101,12 +124,14 @@ def judgment_metrics(judgments: list[Judgment]) -> dict[str, float | None]:
     agreed = [j for j in valid if j.verdict in ("a", "b", "tie")]
     kept = [j for j in valid if j.verdict in ("a", "b")]
     answers = [o.p_first for j in valid for o in j.orders]
+    masses = [o.label_mass for j in judged for o in j.orders if o.label_mass is not None]
     ratio = lambda n, d: n / d if d else None  # noqa: E731 (None, not 0, when nothing was judged)
     return {
         "annotate/order_agreement": ratio(len(agreed), len(valid)),
         "annotate/invalid_rate": ratio(len(judged) - len(valid), len(judged)),
         "annotate/mean_confidence": ratio(sum(max(j.p_a, 1 - j.p_a) for j in kept), len(kept)),
         "annotate/first_position_rate": ratio(sum(p > 0.5 for p in answers), len(answers)),
+        "annotate/label_mass": ratio(sum(masses), len(masses)),
         "annotate/identical": len(judgments) - len(judged),
         "annotate/disagree": sum(j.verdict == "disagree" for j in judgments),
         "annotate/ties": sum(j.verdict == "tie" for j in judgments),

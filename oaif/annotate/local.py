@@ -4,6 +4,12 @@ length, optionally get a rationale first, then read the two label tokens' log-pr
 The probability that response 1 is better is the softmax over the two label log-probs at
 the answer position (RLAIF §2.1; Constitutional AI §4.1). A backend only supplies a
 `LabelScorer`: greedy text for rationales, and the label log-probs for a batch of prompts.
+
+An instruct judge is asked the way it was trained to be asked: with `annotate.chat_template`
+(default `auto`: when its tokenizer has one) the judge prompt is the user turn of its chat
+template and the label is read at the start of its reply, as the `openai` chat endpoint
+does. The label mass (the share of next-token probability on the two labels) is recorded
+with every answer: a judge that puts little mass there is not answering the question.
 """
 
 from __future__ import annotations
@@ -26,10 +32,10 @@ class LabelScorer(Protocol):
         ...
 
 
-def label_token_id(tokenizer, prefix_ids: list[int], prompt: str, label: str) -> int:
+def label_token_id(tokenize, prefix_ids: list[int], prompt: str, label: str) -> int:
     """The single token that `label` adds right after `prompt` (tokenizers merge across
     boundaries, so the label is tokenized in place, not alone)."""
-    ids = tokenizer(prompt + label)["input_ids"]
+    ids = tokenize(prompt + label)
     if ids[:len(prefix_ids)] != prefix_ids or len(ids) != len(prefix_ids) + 1:
         raise ValueError(f"annotate.labels: {label!r} is not one token after the judge prompt for this "
                          f"tokenizer; pick labels that are (e.g. '1'/'2' or 'A'/'B')")
@@ -42,11 +48,27 @@ class LocalJudge:
         self.scorer, self.tokenizer, self.cfg = scorer, tokenizer, cfg
         self.constitution, self.template, self.identity = constitution, template, identity
         self.stats: dict[str, float] = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if cfg.chat_template == "always" and not has_template:
+            raise ValueError(f"annotate.chat_template: 'always', but the judge {identity.model} has no chat "
+                             f"template; use 'auto' or 'never'")
+        self.chat = cfg.chat_template == "always" or (cfg.chat_template == "auto" and has_template)
 
-    def encode(self, text: str) -> list[int]:
-        # With the tokenizer's special tokens (a BOS where the model has one), as an
-        # OpenAI-compatible completions server tokenizes the same raw prompt.
-        return self.tokenizer(text)["input_ids"]
+    def as_text(self, prompt: str) -> str:
+        """What the judge model reads: the raw prompt, or the prompt as the user turn of its
+        chat template, open for the reply."""
+        if not self.chat:
+            return prompt
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=False)
+
+    def tokenize(self, text: str) -> list[int]:
+        # A raw prompt gets the tokenizer's special tokens (a BOS where the model has one), as
+        # an OpenAI-compatible completions server tokenizes it; a chat template writes its own.
+        return self.tokenizer(text, add_special_tokens=not self.chat)["input_ids"]
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenize(self.as_text(prompt))
 
     def judge(self, requests: list[JudgeRequest]) -> list[Answer]:
         cfg, labels = self.cfg, self.cfg.labels
@@ -64,13 +86,13 @@ class LocalJudge:
             if cfg.chain_of_thought and rationales[i] is None:
                 answers[i] = Answer(None, "rationale prompt too long for annotate.max_prompt_tokens")
                 continue
-            text = render_judge_prompt(self.template, self.constitution, r, labels, rationales[i])
-            ids = self.encode(text)
+            text = self.as_text(render_judge_prompt(self.template, self.constitution, r, labels, rationales[i]))
+            ids = self.tokenize(text)
             if len(ids) > cfg.max_prompt_tokens:
                 answers[i] = Answer(None, f"judge prompt has {len(ids)} tokens > annotate.max_prompt_tokens")
                 continue
             batch.append(ids)
-            label_ids.append([label_token_id(self.tokenizer, ids, text, lab) for lab in labels])
+            label_ids.append([label_token_id(self.tokenize, ids, text, lab) for lab in labels])
             where.append(i)
         scores = self.scorer.label_logprobs(batch, label_ids) if batch else []
         self.stats["requests"] += len(batch)
@@ -79,5 +101,6 @@ class LocalJudge:
             why = f"rationale={rationales[i]!r} " if rationales[i] is not None else ""
             raw = f"{why}next={next_text!r} logp[{labels[0]}]={l1:.4f} logp[{labels[1]}]={l2:.4f}"
             ok = math.isfinite(l1) or math.isfinite(l2)
-            answers[i] = Answer(two_label_probability(l1, l2) if ok else None, raw)
+            mass = math.exp(l1) + math.exp(l2)
+            answers[i] = Answer(two_label_probability(l1, l2) if ok else None, f"{raw} label_mass={mass:.4f}", mass)
         return answers

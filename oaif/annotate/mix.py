@@ -39,8 +39,10 @@ class MixAnnotator:
         for k in range(len(requests)):
             parts = [(a.identity, w, answers_[k]) for (a, w), answers_ in zip(self.members, per_member)]
             raw = " | ".join(f"{i.backend}/{i.constitution} w={w:g}: {ans.raw}" for i, w, ans in parts)
+            masses = [ans.label_mass for _, _, ans in parts if ans.label_mass is not None]
+            mass = sum(masses) / len(masses) if masses else None   # the LLM members' mean
             if any(ans.p_first is None for _, _, ans in parts):
-                answers.append(Answer(None, raw))
+                answers.append(Answer(None, raw, mass))
             else:
-                answers.append(Answer(sum(w * ans.p_first for _, w, ans in parts) / total_weight, raw))
+                answers.append(Answer(sum(w * ans.p_first for _, w, ans in parts) / total_weight, raw, mass))
         return answers

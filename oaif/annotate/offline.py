@@ -2,8 +2,8 @@
 
     oaif annotate pairs.jsonl --out judged.jsonl configs/tiny_cpu.yaml annotate.backend=vllm
 
-Input lines: {"prompt": "text" or [chat messages], "a": "...", "b": "..."} (other fields are
-kept). Output lines: the input plus `verdict` (a, b, tie or invalid; `reason` says whether a
+Input lines: {"prompt": "text" or [chat messages], "a": "...", "b": "..."}, optionally
+"references" (accepted answers, for the `matches_reference` rule); other fields are kept. Output lines: the input plus `verdict` (a, b, tie or invalid; `reason` says whether a
 tie came from the judge, from the two orders disagreeing, or from identical responses),
 `p_a` (P(a better), averaged over both orders) and each order's probability and raw output.
 Use it to try a constitution on a few examples before training with it.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from oaif.annotate.judge import judge_pairs, judgment_metrics
+from oaif.annotate.judge import judge_pairs, judgment_metrics, label_mass_warning
 from oaif.annotate.select import build_annotator, check_inputs
 from oaif.config import RunConfig
 from oaif.records import Sample, read_jsonl, write_jsonl
@@ -35,6 +35,9 @@ def read_pairs(path: Path) -> list[dict]:
         for key in ("a", "b"):
             if not isinstance(row.get(key), str):
                 raise ValueError(f"{path}:{n}: '{key}' must be a string (the response to judge)")
+        refs = row.get("references", [])
+        if not (isinstance(refs, list) and all(isinstance(r, str) and r.strip() for r in refs)):
+            raise ValueError(f"{path}:{n}: 'references' must be a list of non-empty strings (accepted answers)")
     if not rows:
         raise ValueError(f"{path}: no pairs")
     return rows
@@ -48,7 +51,8 @@ def annotate_file(cfg: RunConfig, in_path: str | Path, out_path: str | Path, log
     for n, row in enumerate(rows):
         messages = [{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str) else row["prompt"]
         a, b = (Sample(round=0, policy_version=0, prompt_id=str(n), messages=messages, index=k, text=text,
-                       prompt_token_ids=[], token_ids=[], finish_reason="") for k, text in enumerate((row["a"], row["b"])))
+                       prompt_token_ids=[], token_ids=[], finish_reason="", references=row.get("references", []))
+                for k, text in enumerate((row["a"], row["b"])))
         pairs.append((a, b))
     judged = judge_pairs(annotator, pairs, round=0, policy_version=0)
     out = []
@@ -57,8 +61,10 @@ def annotate_file(cfg: RunConfig, in_path: str | Path, out_path: str | Path, log
         out.append({**row, "verdict": VERDICT[j.verdict], "reason": j.verdict, "p_a": j.p_a,
                     "p_first_a_first": orders["a"].p_first if orders else None,
                     "raw_a_first": orders["a"].raw if orders else None,
+                    "label_mass_a_first": orders["a"].label_mass if orders else None,
                     "p_first_b_first": orders["b"].p_first if orders else None,
                     "raw_b_first": orders["b"].raw if orders else None,
+                    "label_mass_b_first": orders["b"].label_mass if orders else None,
                     "backend": j.backend, "model": j.model, "constitution": j.constitution,
                     "constitution_hash": j.constitution_hash, "template_hash": j.template_hash})
     write_jsonl(Path(out_path), out)
@@ -66,6 +72,8 @@ def annotate_file(cfg: RunConfig, in_path: str | Path, out_path: str | Path, log
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     log(f"judged {len(rows)} pairs -> {out_path}: order agreement {fmt(metrics['annotate/order_agreement'])}, "
         f"invalid rate {fmt(metrics['annotate/invalid_rate'])}, first-position rate "
-        f"{fmt(metrics['annotate/first_position_rate'])}; verdicts "
+        f"{fmt(metrics['annotate/first_position_rate'])}, label mass {fmt(metrics['annotate/label_mass'])}; verdicts "
         + ", ".join(f"{v}={sum(o['verdict'] == v for o in out)}" for v in ("a", "b", "tie", "invalid")))
+    if warning := label_mass_warning(metrics):
+        log(warning)
     return metrics

@@ -78,7 +78,7 @@ class OpenAIAnnotator:
             sem = asyncio.Semaphore(self.api.max_concurrency)
             answers = await asyncio.gather(*(self._one(client, sem, r) for r in requests))
         # A server may echo request headers in an error body; the key must not reach a record.
-        return [Answer(a.p_first, a.raw.replace(key, "<api key>")) for a in answers] if key != NO_KEY else answers
+        return [Answer(a.p_first, a.raw.replace(key, "<api key>"), a.label_mass) for a in answers] if key != NO_KEY else answers
 
     async def _find_label_ids(self, key: str) -> dict[str, int] | None:
         """Each label's token id from the server's /tokenize (vLLM serves it at the root, not
@@ -132,7 +132,8 @@ class OpenAIAnnotator:
         got, err = await self._call(client, sem, render_judge_prompt(t, c, r, self.labels, rationale=rationale),
                                     self._read_top, max_tokens=1, temperature=0.0, **logprobs, **extra)
         answer = Answer(None, err) if err else self._label_answer(*got)
-        return answer if rationale is None else Answer(answer.p_first, f"rationale={rationale!r} {answer.raw}")
+        return answer if rationale is None else Answer(answer.p_first, f"rationale={rationale!r} {answer.raw}",
+                                                       answer.label_mass)
 
     async def _call(self, client: openai.AsyncOpenAI, sem: asyncio.Semaphore, prompt: str, read, **params):
         """One completion with our retries: (what `read` takes from it, None) or (None, why it failed)."""
@@ -219,4 +220,6 @@ class OpenAIAnnotator:
         if logps[0] is None and logps[1] is None:
             return Answer(None, f"next={next_token!r} neither label is among the top {len(top)} candidates")
         l1, l2 = (floor if lp is None else lp for lp in logps)
-        return Answer(two_label_probability(l1, l2), " ".join(notes))
+        # The mass seen among the top candidates (a label outside them adds nothing).
+        mass = sum(math.exp(lp) for lp in logps if lp is not None)
+        return Answer(two_label_probability(l1, l2), " ".join(notes), mass)

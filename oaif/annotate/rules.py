@@ -15,16 +15,22 @@ class RulesAnnotator:
         if not constitution.rules:
             raise ValueError(f"{constitution.path}: the rules backend needs a 'rules:' list in the constitution")
         self.rules = constitution.rules
+        self.needs_references = any(rule.check == "matches_reference" for rule in self.rules)
         self.identity = Identity("rules", "rules", constitution.name, constitution.hash, "")
         self.stats: dict[str, float] = {"requests": 0}
 
-    def score(self, response: str, other: str) -> float:
-        return sum(rule.score(response, other) for rule in self.rules)
+    def score(self, response: str, other: str, references: tuple[str, ...]) -> float:
+        return sum(rule.score(response, other, references) for rule in self.rules)
 
     def judge(self, requests: list[JudgeRequest]) -> list[Answer]:
         answers = []
         for r in requests:
-            s1, s2 = self.score(r.first, r.second), self.score(r.second, r.first)
+            if self.needs_references and not r.references:
+                # Without accepted answers a correctness check has nothing to say: counted
+                # invalid, never silently a tie.
+                answers.append(Answer(None, "matches_reference: this prompt has no references"))
+                continue
+            s1, s2 = self.score(r.first, r.second, r.references), self.score(r.second, r.first, r.references)
             p = 1.0 if s1 > s2 else 0.0 if s1 < s2 else 0.5
             answers.append(Answer(p_first=p, raw=f"score_1={s1:g} score_2={s2:g}"))
         self.stats["requests"] += len(requests)

@@ -1,0 +1,307 @@
+"""Is the trained policy better than the one it started from, by a judge, on prompts it did
+not train on?
+
+    oaif eval CONFIG [key=value ...] [--out FILE]     (and every eval.every rounds in oaif run)
+
+One response per held-out prompt from each side (greedy unless eval.temperature > 0), every
+pair judged in both orders by the evaluation annotator (`eval.annotate`; by default the
+training one, with a warning), then:
+  - win / tie / loss by the conservative rule: a win needs both orders to prefer the policy,
+    a loss both to prefer the baseline; a disagreement between the orders, a judged tie or
+    identical responses are ties; invalid answers are counted and left out;
+  - win rate = (wins + ties / 2) / judged, with a bootstrap 95% interval;
+  - a length-controlled win rate (after AlpacaEval LC): a logistic regression of the judge's
+    preference on the standardized length difference, read at zero difference, so a judge
+    that only rewards length gives about 50% however much shorter the policy got;
+  - the KL of the policy to the reference along the policy's responses (train.response_kl);
+  - the mean response length of each side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from oaif.annotate.base import Annotator
+from oaif.annotate.judge import judge_pairs, judgment_metrics
+from oaif.config import ConfigError, RunConfig
+from oaif.records import Prompt, Sample, load_prompts, read_jsonl, write_jsonl
+
+OUTCOME = {"a": "win", "b": "loss", "tie": "tie", "disagree": "tie", "identical": "tie", "invalid": "invalid"}
+SCORE = {"win": 1.0, "tie": 0.5, "loss": 0.0}
+TRAINING_JUDGE_WARNING = ("warning: eval.annotate is not set, so the policy is graded by the judge it was trained "
+                          "to please; set eval.annotate (e.g. {backend: rules, constitution: constitutions/correct.yaml} "
+                          "with eval.prompts=prompts/heldout_qa.jsonl) for an independent judge")
+
+
+@dataclass(frozen=True)
+class Response:
+    prompt_id: str
+    messages: list
+    references: list[str]
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+
+def eval_prompts(cfg: RunConfig) -> list[Prompt]:
+    prompts = load_prompts(cfg.eval.prompts)
+    return prompts[:cfg.eval.max_prompts] if cfg.eval.max_prompts else prompts
+
+
+def max_new_tokens(cfg: RunConfig) -> int:
+    return cfg.eval.max_new_tokens or cfg.generate.max_new_tokens
+
+
+def eval_annotator_config(cfg: RunConfig) -> RunConfig:
+    """The config whose `annotate` is the evaluation annotator."""
+    return cfg if cfg.eval.annotate is None else dataclasses.replace(cfg, annotate=cfg.eval.annotate)
+
+
+def respond(engine, tokenizer, prompts: list[Prompt], cfg: RunConfig) -> list[Response]:
+    """One response per prompt (greedy, or sampled at eval.temperature); prompts over
+    policy.max_prompt_tokens are left out, the same ones for every model with this tokenizer."""
+    from oaif.generate import Generator
+
+    encode = Generator(engine, tokenizer, cfg.generate, cfg.policy.max_prompt_tokens).encode
+    kept = [(p, ids) for p, ids in ((p, encode(p)) for p in prompts) if len(ids) <= cfg.policy.max_prompt_tokens]
+    outs = engine.sample([ids for _, ids in kept], 1, cfg.eval.temperature, 1.0, max_new_tokens(cfg))
+    return [Response(p.id, p.messages, list(p.references), ids, token_ids, text, finish)
+            for (p, ids), [(token_ids, text, finish)] in zip(kept, outs)]
+
+
+def lc_win_rate(p_policy: list[float], length_diff: list[float], l2: float = 1e-2, steps: int = 50) -> float | None:
+    """Length-controlled win rate: fit P(policy better) ≈ σ(θ0 + θ1·d), d = the length
+    difference (policy − baseline) divided by its standard deviation, by Newton's method on
+    the soft labels (a little L2 keeps a perfectly separable case finite), and return σ(θ0),
+    the predicted win rate at equal length (AlpacaEval LC, Dubois et al. 2024)."""
+    n = len(p_policy)
+    if n == 0:
+        return None
+    mean = sum(length_diff) / n
+    std = math.sqrt(sum((d - mean) ** 2 for d in length_diff) / n)
+    x = [d / std if std > 0 else 0.0 for d in length_diff]
+    t0 = t1 = 0.0
+    for _ in range(steps):
+        q = [1 / (1 + math.exp(-max(-60.0, min(60.0, t0 + t1 * xi)))) for xi in x]
+        g0 = sum(qi - yi for qi, yi in zip(q, p_policy)) + l2 * t0
+        g1 = sum((qi - yi) * xi for qi, yi, xi in zip(q, p_policy, x)) + l2 * t1
+        w = [qi * (1 - qi) for qi in q]
+        h00 = sum(w) + l2
+        h01 = sum(wi * xi for wi, xi in zip(w, x))
+        h11 = sum(wi * xi * xi for wi, xi in zip(w, x)) + l2
+        det = h00 * h11 - h01 * h01
+        t0 -= (h11 * g0 - h01 * g1) / det
+        t1 -= (h00 * g1 - h01 * g0) / det
+    return 1 / (1 + math.exp(-t0))
+
+
+def bootstrap_interval(scores: list[float], resamples: int, seed: int = 0) -> tuple[float, float] | tuple[None, None]:
+    """95% percentile interval of the mean score over resampled comparisons."""
+    if not scores:
+        return None, None
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(scores, k=len(scores))) / len(scores) for _ in range(resamples))
+    return means[int(0.025 * (resamples - 1))], means[int(0.975 * (resamples - 1))]
+
+
+def summarize(records: list[dict], resamples: int, seed: int = 0) -> dict:
+    """eval/* metrics from comparison records (see `compare`)."""
+    valid = [r for r in records if r["outcome"] != "invalid"]
+    scores = [SCORE[r["outcome"]] for r in valid]
+    count = {name: sum(r["outcome"] == o for r in records)
+             for o, name in (("win", "wins"), ("tie", "ties"), ("loss", "losses"), ("invalid", "invalid"))}
+    lo, hi = bootstrap_interval(scores, resamples, seed)
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731 (None, not 0, when nothing was judged)
+    kls = [r["kl_to_ref"] for r in records if r["kl_to_ref"] is not None]
+    return {
+        "eval/win_rate_vs_ref": mean(scores), "eval/win_rate_ci_low": lo, "eval/win_rate_ci_high": hi,
+        "eval/lc_win_rate_vs_ref": lc_win_rate([r["p_policy"] for r in valid],
+                                               [r["policy_tokens"] - r["baseline_tokens"] for r in valid]),
+        "eval/kl_to_ref": mean(kls),
+        "eval/mean_length": mean([r["policy_tokens"] for r in records]),
+        "eval/baseline_mean_length": mean([r["baseline_tokens"] for r in records]),
+        **{f"eval/{k}": v for k, v in count.items()},
+    }
+
+
+def compare(annotator: Annotator, policy: list[Response], baseline: list[Response], kl: list[float] | None,
+            round: int, policy_version: int, missing_eos_penalty: float = 0.0) -> tuple[list[dict], dict]:
+    """Judge policy (a) against baseline (b) on each prompt in both orders: (records, metrics)."""
+    by_id = {r.prompt_id: r for r in baseline}
+    pairs = []
+    for side, responses in ((0, policy), (1, [by_id[r.prompt_id] for r in policy])):
+        pairs.append([Sample(round=round, policy_version=policy_version, prompt_id=r.prompt_id, messages=r.messages,
+                             index=side, text=r.text, prompt_token_ids=r.prompt_token_ids, token_ids=r.token_ids,
+                             finish_reason=r.finish_reason, references=r.references) for r in responses])
+    judged = judge_pairs(annotator, list(zip(*pairs)), round, policy_version, missing_eos_penalty)
+    records = []
+    for k, (a, b, j) in enumerate(zip(*pairs, judged.judgments)):
+        records.append({
+            "round": round, "policy_version": policy_version, "prompt_id": a.prompt_id, "messages": a.messages,
+            "policy": a.text, "baseline": b.text, "policy_tokens": len(a.token_ids), "baseline_tokens": len(b.token_ids),
+            "outcome": OUTCOME[j.verdict], "verdict": j.verdict,
+            "p_policy": 0.5 if j.verdict == "identical" else j.p_a,
+            "orders": [dataclasses.asdict(o) for o in j.orders],   # first "a": the policy shown first
+            "kl_to_ref": kl[k] if kl is not None else None,
+            "backend": j.backend, "model": j.model, "constitution": j.constitution,
+            "constitution_hash": j.constitution_hash})
+    agreement = judgment_metrics(judged.judgments)
+    metrics = {f"eval/{k.removeprefix('annotate/')}": agreement[k] for k in
+               ("annotate/order_agreement", "annotate/first_position_rate", "annotate/label_mass")}
+    return records, metrics
+
+
+def format_summary(m: dict) -> str:
+    f = lambda v, spec=".3f": "-" if v is None else format(v, spec)  # noqa: E731
+    return (f"win {m['eval/wins']} / tie {m['eval/ties']} / loss {m['eval/losses']} (invalid {m['eval/invalid']}): "
+            f"win rate {f(m['eval/win_rate_vs_ref'])} [{f(m['eval/win_rate_ci_low'])}, "
+            f"{f(m['eval/win_rate_ci_high'])}], LC win rate {f(m['eval/lc_win_rate_vs_ref'])}; mean length "
+            f"{f(m['eval/mean_length'], '.1f')} vs {f(m['eval/baseline_mean_length'], '.1f')} tokens; "
+            f"KL to ref {f(m['eval/kl_to_ref'], '.2f')}")
+
+
+class Evaluator:
+    """In-loop evaluation: the baseline's responses are made once; every evaluation samples
+    the policy from the running engine (which holds the last sync) and judges both orders."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, annotator: Annotator, baseline: list[Response]):
+        self.cfg, self.run_dir, self.annotator, self.baseline = cfg, run_dir, annotator, baseline
+        self.prompts = [p for p in eval_prompts(cfg) if p.id in {r.prompt_id for r in baseline}]
+
+    def __call__(self, engine, tokenizer, trainer, round: int, policy_version: int) -> dict:
+        policy = respond(engine, tokenizer, self.prompts, self.cfg)
+        kl = response_kl_of(trainer.policy, trainer.reference, policy, tokenizer.pad_token_id)
+        records, metrics = compare(self.annotator, policy, self.baseline, kl, round, policy_version,
+                                   eval_annotator_config(self.cfg).annotate.missing_eos_penalty)
+        write_jsonl(self.run_dir / "eval" / f"round_{round:06d}.jsonl", records)
+        return summarize(records, self.cfg.eval.bootstrap, self.cfg.seed) | metrics
+
+
+def response_kl_of(policy, reference, responses: list[Response], pad_id: int) -> list[float]:
+    from oaif.train import response_kl
+
+    was_training = policy.training
+    policy.eval()
+    try:
+        return response_kl(policy, reference, [r.prompt_token_ids for r in responses],
+                           [r.token_ids for r in responses], pad_id)
+    finally:
+        policy.train(was_training)
+
+
+def baseline_responses(cfg: RunConfig, run_dir: Path, engine, tokenizer, fresh: bool) -> list[Response]:
+    """The baseline's responses for in-loop evaluation, saved in eval/baseline.jsonl. A fresh
+    run's engine holds the starting policy before round 0, so it answers for the default
+    baseline; a resumed run reads the saved file; another baseline gets its own engine."""
+    path = run_dir / "eval" / "baseline.jsonl"
+    if path.is_file() and not fresh:
+        return [Response(**row) for row in read_jsonl(path)]
+    if fresh and not cfg.eval.baseline:
+        responses = respond(engine, tokenizer, eval_prompts(cfg), cfg)
+    else:
+        responses = generate_with(cfg.eval.baseline or cfg.policy.model, eval_prompts(cfg), cfg)
+    write_jsonl(path, responses)
+    return responses
+
+
+def generate_with(model: str, prompts: list[Prompt], cfg: RunConfig) -> list[Response]:
+    """Responses from `model` in a short-lived engine of its own."""
+    import gc
+
+    from oaif.engines import build_llm
+    from oaif.generate import InProcessEngine, load_tokenizer
+
+    llm = build_llm(model, cfg.policy.dtype, cfg.seed, cfg.generate.kv_cache_gib,
+                    cfg.policy.max_prompt_tokens + max_new_tokens(cfg), enforce_eager=True)
+    responses = respond(InProcessEngine(llm), load_tokenizer(model), prompts, cfg)
+    del llm
+    gc.collect()
+    return responses
+
+
+def resolve_policy(cfg: RunConfig, scratch: Path) -> tuple[str, Path | None]:
+    """(model path for from_pretrained / vLLM, the checkpoint it came from or None). A
+    checkpoint holding a LoRA adapter is merged into its base in `scratch`."""
+    from oaif.checkpoint import export_merged, latest_checkpoint
+
+    policy = cfg.eval.policy
+    if not policy:
+        run_dir = Path(cfg.output_dir) / cfg.name
+        if not (run_dir / "checkpoints").is_dir():
+            raise ConfigError(f"eval.policy is empty and {run_dir} has no checkpoints: set eval.policy=PATH "
+                              f"(a checkpoint, an exported model or an HF path)")
+        checkpoint = latest_checkpoint(run_dir)
+    elif (Path(policy) / "trainer.pt").is_file():
+        checkpoint = Path(policy)
+    else:
+        return policy, None
+    if (checkpoint / "policy" / "adapter_config.json").is_file():
+        return str(export_merged(checkpoint, scratch / "merged", cfg.policy.model, cfg.policy.dtype)), checkpoint
+    return str(checkpoint / "policy"), checkpoint
+
+
+def same_shape(a, b, tokenizer_a, tokenizer_b) -> bool:
+    """Whether b's weights can be pushed into an engine built for a (and KL taken between them)."""
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    return (a.config.architectures == b.config.architectures and shapes(a) == shapes(b)
+            and tokenizer_a.get_vocab() == tokenizer_b.get_vocab())
+
+
+def run_eval(cfg: RunConfig, out: str | Path | None = None, log=print) -> dict:
+    """`oaif eval`: the policy against the baseline on the held-out prompts; writes every
+    comparison to `out` (default: <run>/eval/round_XXXXXX.jsonl for a run's checkpoint) and
+    a one-line summary beside it (.summary.jsonl); returns the metrics."""
+    from oaif.annotate.select import build_annotator, check_inputs
+    from oaif.checkpoint import read_trainer_state
+    from oaif.engines import build_llm
+    from oaif.generate import InProcessEngine, load_tokenizer
+    from oaif.sync import push_weights
+    from oaif.train import load_causal_lm
+
+    prompts = eval_prompts(cfg)           # bad input fails before any model loads
+    judge_cfg = eval_annotator_config(cfg)
+    check_inputs(judge_cfg)
+    if cfg.eval.annotate is None:
+        log(TRAINING_JUDGE_WARNING)
+    baseline_path = cfg.eval.baseline or cfg.policy.model
+    with tempfile.TemporaryDirectory() as scratch:
+        policy_path, checkpoint = resolve_policy(cfg, Path(scratch))
+        round = read_trainer_state(checkpoint)["round"] if checkpoint else -1
+        if out is None and checkpoint is None:
+            raise ConfigError(f"eval.policy={policy_path} is not a checkpoint of a run: pass --out FILE")
+        out = Path(out) if out is not None else checkpoint.parent.parent / "eval" / f"round_{round:06d}.jsonl"
+        log(f"evaluating {policy_path} against {baseline_path} on {len(prompts)} prompts from {cfg.eval.prompts}")
+        policy_model = load_causal_lm(policy_path, cfg.policy.dtype, trainable=False)
+        reference = load_causal_lm(baseline_path, cfg.policy.dtype, trainable=False)
+        tokenizer, policy_tokenizer = load_tokenizer(baseline_path), load_tokenizer(policy_path)
+        same = same_shape(reference, policy_model, tokenizer, policy_tokenizer)
+        # One engine serves both sides when it can: the baseline answers, then the policy's
+        # weights are pushed in place (no second engine start).
+        llm = build_llm(baseline_path, cfg.policy.dtype, cfg.seed, cfg.generate.kv_cache_gib,
+                        cfg.policy.max_prompt_tokens + max_new_tokens(cfg), enforce_eager=cfg.generate.enforce_eager)
+        baseline = respond(InProcessEngine(llm), tokenizer, prompts, cfg)
+        if same:
+            push_weights(llm, policy_model)
+            policy = respond(InProcessEngine(llm), policy_tokenizer, prompts, cfg)
+        else:
+            del llm
+            policy = generate_with(policy_path, prompts, cfg)
+            log("note: policy and baseline differ in architecture or vocabulary: eval/kl_to_ref is not computed")
+        answered = {b.prompt_id for b in baseline}
+        policy = [r for r in policy if r.prompt_id in answered]
+        kl = response_kl_of(policy_model, reference, policy, policy_tokenizer.pad_token_id) if same else None
+        records, metrics = compare(build_annotator(judge_cfg), policy, baseline, kl, round, -1,
+                                   judge_cfg.annotate.missing_eos_penalty)
+    metrics = summarize(records, cfg.eval.bootstrap, cfg.seed) | metrics
+    write_jsonl(out, records)
+    write_jsonl(out.with_suffix(".summary.jsonl"), [{
+        "policy": str(checkpoint or policy_path), "baseline": baseline_path, "prompts": cfg.eval.prompts,
+        "judge": f"{records[0]['backend']}/{records[0]['constitution']}" if records else None, **metrics}])
+    log(f"eval: {format_summary(metrics)}; comparisons in {out}")
+    return metrics
