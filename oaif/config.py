@@ -148,7 +148,7 @@ class RunConfig:
     name: str = _f("tiny", "Run name; the run directory is <output_dir>/<name>.")
     output_dir: str = _f("runs", "Parent folder of run directories.")
     overwrite: bool = _f(False, "Replace an existing run directory of the same name (otherwise it is an error).")
-    prompts: str = _f("prompts/tiny_prompts.jsonl", "Prompt set: JSONL, one {'messages': [...]} (or {'prompt': str}) per line.")
+    prompts: str = _f("prompts/tiny_prompts.jsonl", "Prompt set: JSONL, one {'messages': [...]} (or {'prompt': str}) per line, optional 'id' and 'references' (accepted answers, for the matches_reference rule).")
     rounds: int = _f(8, "Rounds of generate → annotate → train → sync.")
     prompts_per_round: int = _f(16, "Prompts per round (the OAIF batch; the paper uses 128).")
     seed: int = _f(0, "Seeds prompt order, the vLLM engine and torch.")

@@ -50,7 +50,7 @@ class Response:
 
 
 def eval_prompts(cfg: RunConfig) -> list[Prompt]:
-    prompts = load_prompts(cfg.eval.prompts)
+    prompts = load_prompts(cfg.eval.prompts, "eval.prompts")
     return prompts[:cfg.eval.max_prompts] if cfg.eval.max_prompts else prompts
 
 
@@ -78,7 +78,8 @@ def respond(engine, tokenizer, prompts: list[Prompt], cfg: RunConfig) -> list[Re
 def lc_win_rate(p_policy: list[float], length_diff: list[float], l2: float = 1e-2, steps: int = 50) -> float | None:
     """Length-controlled win rate: fit P(policy better) ≈ σ(θ0 + θ1·d), d = the length
     difference (policy − baseline) divided by its standard deviation, by Newton's method on
-    the soft labels (a little L2 keeps a perfectly separable case finite), and return σ(θ0),
+    the soft labels (a little L2 on the slope keeps a perfectly separable case finite; the
+    intercept is left free so it is not pulled toward 50%), and return σ(θ0),
     the predicted win rate at equal length (AlpacaEval LC, Dubois et al. 2024)."""
     n = len(p_policy)
     if n == 0:
@@ -89,10 +90,10 @@ def lc_win_rate(p_policy: list[float], length_diff: list[float], l2: float = 1e-
     t0 = t1 = 0.0
     for _ in range(steps):
         q = [1 / (1 + math.exp(-max(-60.0, min(60.0, t0 + t1 * xi)))) for xi in x]
-        g0 = sum(qi - yi for qi, yi in zip(q, p_policy)) + l2 * t0
+        g0 = sum(qi - yi for qi, yi in zip(q, p_policy))
         g1 = sum((qi - yi) * xi for qi, yi, xi in zip(q, p_policy, x)) + l2 * t1
         w = [qi * (1 - qi) for qi in q]
-        h00 = sum(w) + l2
+        h00 = sum(w) + 1e-9   # a bare epsilon: every q at 0 or 1 would make it singular
         h01 = sum(wi * xi for wi, xi in zip(w, x))
         h11 = sum(wi * xi * xi for wi, xi in zip(w, x)) + l2
         det = h00 * h11 - h01 * h01

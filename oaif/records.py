@@ -122,12 +122,12 @@ def read_jsonl(path: Path) -> list[dict]:
     return out
 
 
-def load_prompts(path: str | Path) -> list[Prompt]:
+def load_prompts(path: str | Path, key: str = "run.prompts") -> list[Prompt]:
     """Prompt set: JSONL lines of {"messages": [...]} or {"prompt": "text"}, optional "id" and
     "references" (accepted answers, for the `matches_reference` rule)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} not found (run.prompts)")
+        raise FileNotFoundError(f"prompt file {path} not found ({key})")
     prompts = []
     for n, row in enumerate(read_jsonl(path), 1):
         if not isinstance(row, dict):

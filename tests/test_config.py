@@ -63,3 +63,28 @@ def test_every_accelerate_config_is_valid_for_accelerate(path):
 
     cfg = load_config_from_file(str(path))
     assert cfg.num_processes >= 2 and cfg.num_machines == 1
+
+
+def test_eval_annotator_inherits_what_it_leaves_out():
+    cfg = load_config(ROOT / "configs/smollm2_cpu.yaml")
+    assert cfg.eval.annotate.backend == "rules" and cfg.eval.annotate.constitution == "constitutions/correct.yaml"
+    assert cfg.eval.annotate.max_prompt_tokens == cfg.annotate.max_prompt_tokens == 1024   # from annotate
+    assert cfg.eval.annotate.mix == cfg.annotate.mix
+    cfg = load_config(ROOT / "configs/tiny_cpu.yaml", ["eval.annotate.openai.timeout_s=5", "annotate.openai.max_retries=1"])
+    assert cfg.eval.annotate.openai.timeout_s == 5 and cfg.eval.annotate.openai.max_retries == 1
+    assert load_config(ROOT / "configs/tiny_cpu.yaml").eval.annotate is None   # unset: the training judge
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["eval.annotate.bakend=rules"])
+    assert "eval.annotate.bakend: unknown key (did you mean 'eval.annotate.backend'?)" in str(e.value)
+    with pytest.raises(ConfigError, match="eval.every: must be >= 0"):
+        load_config(None, ["eval.every=-1"])
+    with pytest.raises(ConfigError, match=r"eval.annotate.labels: the two labels must differ"):
+        load_config(None, ["eval.annotate.labels=[A, A]"])
+
+
+def test_saved_config_reloads_to_the_same(tmp_path):
+    from oaif.config import dump_config
+
+    cfg = load_config(ROOT / "configs/smollm2_cpu.yaml")
+    dump_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg

@@ -97,14 +97,15 @@ def local_probs(server_process, tiny_model, inputs) -> dict[str, list[float | No
     from oaif.annotate.vllm_local import VLLMAnnotator
 
     constitution, template, requests = inputs
-    # Eager engine: torch.compile's warm-up would add ~20 s here.
-    cfg = AnnotateConfig(enforce_eager=True, kv_cache_gib=0.25)
     probs = {}
-    judge = VLLMAnnotator(cfg, str(tiny_model), constitution, template)
-    probs["vllm"] = [a.p_first for a in judge.judge(requests)]
-    del judge  # frees the engine before the next model loads
-    judge = TransformersAnnotator(cfg, str(tiny_model), constitution, template)
-    probs["transformers"] = [a.p_first for a in judge.judge(requests)]
+    for mode in ("never", "always"):   # the raw prompt (completions), the chat template (chat)
+        # Eager engine: torch.compile's warm-up would add ~20 s here.
+        cfg = AnnotateConfig(enforce_eager=True, kv_cache_gib=0.25, chat_template=mode)
+        judge = VLLMAnnotator(cfg, str(tiny_model), constitution, template)
+        probs["vllm", mode] = [(a.p_first, a.label_mass) for a in judge.judge(requests)]
+        del judge  # frees the engine before the next model loads
+        judge = TransformersAnnotator(cfg, str(tiny_model), constitution, template)
+        probs["transformers", mode] = [(a.p_first, a.label_mass) for a in judge.judge(requests)]
     return probs
 
 
@@ -123,8 +124,11 @@ def test_completions_logprobs_match_the_local_backends(local_probs, server, tiny
     api = [a.p_first for a in answers]
     assert all(p is not None and 0 < p < 1 for p in api), [a.raw for a in answers]
     assert all("logp[1]=" in a.raw and "logp[2]=" in a.raw for a in answers)  # both labels found, no bound
-    for backend, probs in local_probs.items():
-        assert api == pytest.approx(probs, abs=1e-3), backend
+    for backend in ("vllm", "transformers"):
+        assert api == pytest.approx([p for p, _ in local_probs[backend, "never"]], abs=1e-3), backend
+        # Every candidate was returned, so the label mass is the same quantity on both sides.
+        assert [a.label_mass for a in answers] == pytest.approx([m for _, m in local_probs[backend, "never"]],
+                                                                abs=1e-3), backend
     # The label ids came from the server's /tokenize and are the local tokenizer's.
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     assert judge.label_ids == {lab: tokenizer.convert_tokens_to_ids(lab) for lab in ("1", "2")}
@@ -141,8 +145,17 @@ def test_text_mode_keeps_the_answer_text(server, tiny_model, inputs):
     assert judge.stats["completion_tokens"] > len(answers)
 
 
-def test_chat_logprobs_are_probabilities(server, tiny_model, vocab_size, inputs):
+def test_chat_logprobs_match_the_local_backends_in_the_chat_template(local_probs, server, tiny_model, vocab_size,
+                                                                     inputs):
+    """annotate.chat_template asks a local judge exactly as the chat endpoint asks a served one:
+    the judge prompt as the user turn, the label read at the start of the reply."""
     judge = openai_judge(server, tiny_model, inputs, endpoint="chat", mode="logprob", top_logprobs=vocab_size)
     answers = judge.judge(inputs[2])
     assert all(a.p_first is not None and 0 < a.p_first < 1 for a in answers), [a.raw for a in answers]
     assert judge.stats["failures"] == 0
+    for backend in ("vllm", "transformers"):
+        chat, raw = local_probs[backend, "always"], local_probs[backend, "never"]
+        assert [a.p_first for a in answers] == pytest.approx([p for p, _ in chat], abs=1e-3), backend
+        assert [a.label_mass for a in answers] == pytest.approx([m for _, m in chat], abs=1e-3), backend
+        # The template changes what the judge reads, so the answers differ (else this is vacuous).
+        assert [p for p, _ in chat] != pytest.approx([p for p, _ in raw], abs=1e-3), backend

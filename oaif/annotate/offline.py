@@ -3,7 +3,8 @@
     oaif annotate pairs.jsonl --out judged.jsonl configs/tiny_cpu.yaml annotate.backend=vllm
 
 Input lines: {"prompt": "text" or [chat messages], "a": "...", "b": "..."}, optionally
-"references" (accepted answers, for the `matches_reference` rule); other fields are kept. Output lines: the input plus `verdict` (a, b, tie or invalid; `reason` says whether a
+"references" (accepted answers, for the `matches_reference` rule) and "correct" ("a" or
+"b": a labelled check set, whose accuracy is then reported); other fields are kept. Output lines: the input plus `verdict` (a, b, tie or invalid; `reason` says whether a
 tie came from the judge, from the two orders disagreeing, or from identical responses),
 `p_a` (P(a better), averaged over both orders) and each order's probability and raw output.
 Use it to try a constitution on a few examples before training with it.
@@ -74,6 +75,11 @@ def annotate_file(cfg: RunConfig, in_path: str | Path, out_path: str | Path, log
         f"invalid rate {fmt(metrics['annotate/invalid_rate'])}, first-position rate "
         f"{fmt(metrics['annotate/first_position_rate'])}, label mass {fmt(metrics['annotate/label_mass'])}; verdicts "
         + ", ".join(f"{v}={sum(o['verdict'] == v for o in out)}" for v in ("a", "b", "tie", "invalid")))
+    if all(row.get("correct") in ("a", "b") for row in rows):   # a labelled check set
+        right = sum(o["verdict"] == row["correct"] for o, row in zip(out, rows))
+        metrics["annotate/accuracy"] = right / len(rows)
+        log(f"agrees with the file's 'correct' field on {right}/{len(rows)} pairs (both orders needed; "
+            f"ties and disagreements count as misses)")
     if warning := label_mass_warning(metrics):
         log(warning)
     return metrics
