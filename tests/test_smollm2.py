@@ -20,8 +20,9 @@ def test_converted_gguf_loads_in_transformers_and_vllm_alike(smollm2_model):
     assert tokenizer.chat_template, "the chat template must come across"
     model = AutoModelForCausalLM.from_pretrained(smollm2_model)
     prompts = ["What is the capital of France?", "Name a colour of the sky.", "Write one word about cats."]
-    ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
-    ids = [i["input_ids"] if isinstance(i, dict) else list(i) for i in ids]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+             for p in prompts]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     hf = [hf_greedy(model, i, 24, tokenizer.eos_token_id) for i in ids]
     assert "Paris" in tokenizer.decode(hf[0]), tokenizer.decode(hf[0])   # the dequantized weights are the model's
     llm = build_llm(str(smollm2_model), "float32", seed=0, kv_cache_gib=0.25, max_model_len=256, enforce_eager=True)
