@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from oaif.config import ConfigError, describe, load_config
+from oaif.config import ConfigError, RunStopped, describe, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,10 +122,13 @@ def main(argv: list[str] | None = None) -> int:
             from oaif.loop import run
 
             run(cfg)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RunStopped) as e:
         if os.environ.get("RANK", "0") == "0":   # under a launcher every rank fails alike: say it once
             print(f"oaif: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # a second SIGINT/SIGTERM (the first stops after the round, cleanly)
+        print("oaif: stopped at once; the last checkpoint is where `oaif resume` continues", file=sys.stderr)
+        return 130
     return 0
 
 

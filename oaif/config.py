@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -125,7 +126,7 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     disable_dropout: bool = _f(True, "Set every dropout in the policy to 0, so the policy that is trained is the one that sampled.")
     check_replicas: bool = _f(False, "Multi-process (DDP): after every optimizer step, compare a hash of every rank's parameters, write them to replicas.jsonl and stop if they differ. Costs one pass over the weights per step.")
-    checkpoint_every: int = _f(0, "Save a checkpoint every N rounds (0: only after the last round).")
+    checkpoint_every: int = _f(5, "Save a checkpoint every N rounds (0: only after the last round). A checkpoint is also written after the last round and when SIGINT/SIGTERM stops a run.")
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -145,9 +146,9 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = _f("tiny", "Run name; the run directory is <output_dir>/<name>.")
+    name: str = _f("tiny", "Run name; the run directory is <output_dir>/<name>. One plain folder name: letters, digits, '.', '-', '_'.")
     output_dir: str = _f("runs", "Parent folder of run directories.")
-    overwrite: bool = _f(False, "Replace an existing run directory of the same name (otherwise it is an error).")
+    overwrite: bool = _f(False, "Replace an existing run directory of the same name (otherwise it is an error). Only a folder that oaif made as a run directory is ever replaced.")
     prompts: str = _f("prompts/tiny_prompts.jsonl", "Prompt set: JSONL, one {'messages': [...]} (or {'prompt': str}) per line, optional 'id' and 'references' (accepted answers, for the matches_reference rule).")
     rounds: int = _f(8, "Rounds of generate → annotate → train → sync.")
     prompts_per_round: int = _f(16, "Prompts per round (the OAIF batch; the paper uses 128).")
@@ -162,6 +163,11 @@ class RunConfig:
 
 class ConfigError(ValueError):
     pass
+
+
+class RunStopped(RuntimeError):
+    """A run that stopped itself on purpose, with a message saying why and what to do (e.g.
+    training diverged); the CLI prints it in one line, like a ConfigError."""
 
 
 # Per-loss defaults from the OAIF paper (Guo et al. 2024, §4): DPO 0.1, IPO 1.0, SLiC 0.002.
@@ -256,6 +262,13 @@ def _validate(cfg: RunConfig) -> list[str]:
         "policy.max_prompt_tokens": cfg.policy.max_prompt_tokens,
     }
     errors += [f"{k}: must be > 0, got {v}" for k, v in positive.items() if v <= 0]
+    # The run directory <output_dir>/<name> may be replaced (overwrite): a name that is not one
+    # plain folder ('', '.', '..', 'a/b') would point it at a parent or another folder.
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", cfg.name) or cfg.name in (".", ".."):
+        errors.append(f"name: {cfg.name!r} is not a plain folder name (letters, digits, '.', '-', '_'; "
+                      f"no '/', not empty); the run directory is <output_dir>/<name>")
+    if not cfg.output_dir.strip():
+        errors.append("output_dir: must not be empty (e.g. runs)")
     if cfg.generate.samples_per_prompt < 2:
         errors.append(f"generate.samples_per_prompt: a pair needs 2 samples, got {cfg.generate.samples_per_prompt}")
     if cfg.generate.temperature <= 0:

@@ -261,7 +261,7 @@ def run_eval(cfg: RunConfig, out: str | Path | None = None, log=print) -> dict:
     from oaif.annotate.select import build_annotator, check_inputs
     from oaif.checkpoint import read_trainer_state
     from oaif.engines import build_llm
-    from oaif.generate import InProcessEngine, load_tokenizer
+    from oaif.generate import InProcessEngine, check_model, load_tokenizer
     from oaif.sync import push_weights
     from oaif.train import load_causal_lm
 
@@ -271,8 +271,11 @@ def run_eval(cfg: RunConfig, out: str | Path | None = None, log=print) -> dict:
     if cfg.eval.annotate is None:
         log(TRAINING_JUDGE_WARNING)
     baseline_path = cfg.eval.baseline or cfg.policy.model
+    check_model(baseline_path, "eval.baseline" if cfg.eval.baseline else "policy.model")
     with tempfile.TemporaryDirectory() as scratch:
         policy_path, checkpoint = resolve_policy(cfg, Path(scratch))
+        if checkpoint is None:
+            check_model(policy_path, "eval.policy")
         round = read_trainer_state(checkpoint)["round"] if checkpoint else -1
         if out is None and checkpoint is None:
             raise ConfigError(f"eval.policy={policy_path} is not a checkpoint of a run: pass --out FILE")

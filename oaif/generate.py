@@ -8,6 +8,7 @@ the server's --seed); a per-request seed would make every prompt's samples ident
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Protocol
 
 from oaif.config import GenerateConfig
@@ -50,6 +51,23 @@ class InProcessEngine:
 
         outs = self._generate(prompt_token_ids, SamplingParams(temperature=0.0, max_tokens=max_tokens))
         return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def check_model(model: str, key: str) -> None:
+    """Fail fast, naming the config key, on a model reference that is neither a model folder
+    nor plausibly a hub id: from_pretrained would otherwise retry the hub for a minute and end
+    in a traceback. A hub id is `name` or `org/name` whose `org` is not a local folder."""
+    from oaif.config import ConfigError
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{key}: {model} is a folder without config.json, not a Hugging Face model folder")
+        return
+    local = model.startswith((".", "/", "~")) or model.count("/") > 1 or (model.count("/") == 1 and path.parent.is_dir())
+    if local or path.exists() or not model.strip():
+        raise ConfigError(f"{key}: model folder {model!r} not found; give a model folder (oaif init-tiny models/tiny "
+                          f"or oaif convert-gguf FILE --out DIR make one) or a hub id (org/name)")
 
 
 def load_tokenizer(path: str):

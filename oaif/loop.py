@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import random
 import shutil
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from oaif.annotate.judge import judge_pairs, judgment_metrics, label_mass_warnin
 from oaif.annotate.select import build_annotator, check_inputs
 from oaif.checkpoint import latest_checkpoint, read_trainer_state, restore_trainer, save_checkpoint
 from oaif.config import ConfigError, RunConfig, dump_config
-from oaif.generate import load_tokenizer
+from oaif.generate import check_model, load_tokenizer
 from oaif.evaluate import TRAINING_JUDGE_WARNING, eval_annotator_config, eval_prompts, format_summary
 from oaif.evaluate import max_new_tokens as eval_max_new_tokens
 from oaif.records import Prompt, append_jsonl, load_prompts, read_jsonl, write_jsonl
@@ -50,11 +52,20 @@ class RunDirExists(FileExistsError):
     pass
 
 
+def is_run_dir(path: Path) -> bool:
+    """A folder oaif made for a run: its resolved config and its rounds folder."""
+    return (path / "config.yaml").is_file() and (path / "rounds").is_dir()
+
+
 def prepare_run_dir(cfg: RunConfig) -> Path:
     run_dir = Path(cfg.output_dir) / cfg.name
     if run_dir.exists():
         if not cfg.overwrite:
             raise RunDirExists(f"run directory {run_dir} exists: pass name=<new name> or overwrite=true")
+        if not is_run_dir(run_dir) or run_dir.is_symlink():
+            # overwrite replaces an earlier run, never a folder (or link) oaif did not make.
+            raise RunDirExists(f"{run_dir} exists and is not an oaif run directory (no config.yaml and rounds/): "
+                               f"overwrite=true only replaces runs; pick another name or output_dir")
         shutil.rmtree(run_dir)
     (run_dir / "rounds").mkdir(parents=True)
     dump_config(cfg, run_dir / "config.yaml")
@@ -221,18 +232,22 @@ def setup(cfg: RunConfig, run_dir: Path, accelerator=None, resume_from: Path | N
         loop.annotator = build_annotator(cfg)
         return loop.server_url
 
-    loop.server_url = on_main(accelerator, engines)   # every rank learns whether weights go to a server
-    # The first round must sample from the policy as it starts: an in-process engine holds
-    # the base weights (wrong when starting from an adapter or resuming); a server may hold
-    # anything (an earlier run's).
-    if lora.adapter or loop.server_url or resume_from:
-        loop.sync()
-    if cfg.eval.every:   # single process (check_distributed refuses it under a launcher)
-        from oaif.evaluate import Evaluator, baseline_responses, eval_annotator_config
+    try:   # a server started here must not outlive a failure of what follows
+        loop.server_url = on_main(accelerator, engines)   # every rank learns whether weights go to a server
+        # The first round must sample from the policy as it starts: an in-process engine holds
+        # the base weights (wrong when starting from an adapter or resuming); a server may hold
+        # anything (an earlier run's).
+        if lora.adapter or loop.server_url or resume_from:
+            loop.sync()
+        if cfg.eval.every:   # single process (check_distributed refuses it under a launcher)
+            from oaif.evaluate import Evaluator, baseline_responses
 
-        baseline = baseline_responses(cfg, run_dir, loop.generator.engine, tokenizer, fresh=resume_from is None)
-        judge = loop.annotator if cfg.eval.annotate is None else build_annotator(eval_annotator_config(cfg))
-        loop.evaluator = Evaluator(cfg, run_dir, judge, baseline)
+            baseline = baseline_responses(cfg, run_dir, loop.generator.engine, tokenizer, fresh=resume_from is None)
+            judge = loop.annotator if cfg.eval.annotate is None else build_annotator(eval_annotator_config(cfg))
+            loop.evaluator = Evaluator(cfg, run_dir, judge, baseline)
+    except BaseException:
+        loop.close()
+        raise
     return loop
 
 
@@ -248,6 +263,42 @@ def run(cfg: RunConfig, log=print, resume_dir: Path | None = None, checkpoint: P
                     resume_dir, checkpoint)
     finally:
         end(accelerator)
+
+
+class GracefulStop:
+    """SIGINT / SIGTERM: finish the round in flight, checkpoint it, stop cleanly (exit 0) with
+    a resume line; a second signal stops at once (the engines and servers are still closed).
+    Installed for the rounds of a one-process run and restored after them."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        self.signal = signal.Signals(signum).name
+        print(f"\n{self.signal}: finishing this round, then a checkpoint; send it again to stop at once",
+              file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def check_models(cfg: RunConfig) -> None:
+    """Every local model the run will load exists (before any file is written)."""
+    check_model(cfg.policy.model, "policy.model")
+    for where, a in (("annotate", cfg.annotate), ("eval.annotate", cfg.eval.annotate)):
+        if a is None:
+            continue
+        members = [(f"{where}.mix[{i}].model", m.backend, m.model) for i, m in enumerate(a.mix)] \
+            if a.backend == "mix" else [(f"{where}.model", a.backend, "")]
+        for key, backend, model in members:
+            if backend in ("vllm", "transformers") and (model or a.model):
+                check_model(model or a.model, key if model else f"{where}.model")
+    if cfg.eval.every and cfg.eval.baseline:
+        check_model(cfg.eval.baseline, "eval.baseline")
 
 
 def rewind_run_dir(cfg: RunConfig, run_dir: Path, last_round: int) -> list[str]:
@@ -276,6 +327,7 @@ def _run(cfg: RunConfig, accelerator, log, resume_dir: Path | None, checkpoint: 
 
     # Bad input fails here, before any engine starts or any file is written.
     prompts = load_prompts(cfg.prompts)
+    check_models(cfg)
     check_inputs(cfg)
     check_distributed(cfg, accelerator)
     if cfg.eval.every:
@@ -300,6 +352,7 @@ def _run(cfg: RunConfig, accelerator, log, resume_dir: Path | None, checkpoint: 
         dropped = on_main(accelerator, lambda: rewind_run_dir(cfg, run_dir, done))
         log(f"resuming {run_dir} after round {done} from {checkpoint}"
             + (f"; dropped what came later: {', '.join(dropped)}" if dropped else ""))
+    stop = GracefulStop() if accelerator is None else None   # under a launcher, the launcher's signals
     loop = setup(cfg, run_dir, accelerator, checkpoint if resume_dir else None)
     try:
         log(f"run directory: {run_dir}" + (f" ({accelerator.num_processes} processes)" if accelerator else ""))
@@ -312,16 +365,23 @@ def _run(cfg: RunConfig, accelerator, log, resume_dir: Path | None, checkpoint: 
             metrics = loop.round(index, batches)
             if cfg.eval.every and ((index + 1) % cfg.eval.every == 0 or index == cfg.rounds - 1):
                 metrics |= loop.evaluate(index)
+            stopping = stop is not None and stop.signal is not None
             finish_round(cfg, run_dir, loop.trainer, loop.tokenizer, accelerator, index, loop.policy_version, metrics,
-                         last=index == cfg.rounds - 1)
+                         last=index == cfg.rounds - 1 or stopping)
             log(format_row(metrics))
             if "eval/win_rate_vs_ref" in metrics:
                 log(f"  eval after round {index}: {format_summary(metrics)}")
             if (warning := label_mass_warning(metrics)) and index == start:
                 log(f"  {warning}")
             lengths.append(metrics["generate/mean_length"])
+            if stopping and index < cfg.rounds - 1:
+                log(f"stopped by {stop.signal} after round {index}, checkpoint written; resume with: "
+                    f"oaif resume {run_dir}")
+                return run_dir
     finally:
         loop.close()
+        if stop is not None:
+            stop.restore()
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731 (None: every prompt of a round was too long)
     log(f"done: {cfg.rounds} rounds" + (f" (resumed after round {start - 1})" if start else "")
         + f", policy version {loop.policy_version}; mean response length "

@@ -97,10 +97,11 @@ def run_offline(cfg: RunConfig, pairs_path: str | Path, log=print) -> Path:
 
 def _run_offline(cfg: RunConfig, pairs_path: str | Path, accelerator, log) -> Path:
     from oaif.distributed import check_distributed, on_main
-    from oaif.generate import load_tokenizer
+    from oaif.generate import check_model, load_tokenizer
     from oaif.loop import build_trainer, finish_round, format_row, header, prepare_run_dir
 
     check_distributed(cfg, accelerator, judge=False)
+    check_model(cfg.policy.model, "policy.model")
     tokenizer = load_tokenizer(cfg.policy.model)
     pairs, skipped = load_pairs(pairs_path, tokenizer, cfg.policy.max_prompt_tokens)  # every rank: same file
     run_dir = on_main(accelerator, lambda: prepare_run_dir(cfg))

@@ -26,9 +26,12 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM
 
-from oaif.config import TrainConfig, beta_for
+from oaif.config import RunStopped, TrainConfig, beta_for
 from oaif.losses import dpo_loss, ipo_loss, kto_loss, rewards, slic_loss
 from oaif.records import PreferencePair
+
+MAX_SKIPPED_IN_A_ROW = 3
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -213,6 +216,7 @@ class DPOTrainer:
         self.reference = reference
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
         self.steps = 0
+        self.skipped_in_a_row = 0   # optimizer steps skipped for non-finite gradients, consecutively
         self.replica_hashes: list[tuple[int, list[str]]] = []   # (step, every rank's parameter_hash): check_replicas
 
     def _reference_logps(self, batch) -> torch.Tensor:
@@ -263,6 +267,7 @@ class DPOTrainer:
         """epochs_per_round passes over the pairs, in optimizer steps of batch_size pairs.
         Under accelerate every rank calls this with the same pairs and trains on its share."""
         cfg, stats, acc = self.cfg, StepStats({}), self.accelerator
+        norms, skipped = [], 0
         rank, world = (acc.process_index, acc.num_processes) if acc else (0, 1)
         for _ in range(cfg.epochs_per_round):
             for start in range(0, len(pairs), cfg.batch_size):
@@ -289,16 +294,36 @@ class DPOTrainer:
                               # Both responses were sampled from the policy, so the mean
                               # log-ratio is a Monte-Carlo estimate of KL(πθ || π0).
                               kl_to_ref=(pc + pr - rc - rr) / 2)
-                if cfg.max_grad_norm > 0:
-                    clip = torch.nn.utils.clip_grad_norm_ if acc is None else acc.clip_grad_norm_
-                    clip(self.model.parameters(), cfg.max_grad_norm)
+                # The norm before clipping (max_grad_norm 0: measured, not clipped). Gradients are
+                # averaged across ranks by now, so every rank sees the same norm and decides alike.
+                clip = torch.nn.utils.clip_grad_norm_ if acc is None else acc.clip_grad_norm_
+                norm = clip(self.model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+                if norm is not None:   # None: DeepSpeed clips inside its own step
+                    if not math.isfinite(float(norm)):
+                        self.skip_step()
+                        skipped += 1
+                        continue
+                    norms.append(float(norm))
+                self.skipped_in_a_row = 0
                 self.optimizer.step()
                 self.scheduler.step()
                 self.steps += 1
                 if cfg.check_replicas:
                     self.check_replicas()
         return {**{f"train/{k}": v for k, v in stats.means(acc).items()},
+                "train/grad_norm": sum(norms) / len(norms) if norms else None, "train/skipped_steps": skipped,
                 "train/steps": self.steps, "train/learning_rate": self.scheduler.get_last_lr()[0]}
+
+    def skip_step(self) -> None:
+        """A step whose gradients are not finite changes nothing (a NaN would reach every weight
+        and the engine); several in a row stop the run, with the weights from before them."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise RunStopped(
+                f"{self.skipped_in_a_row} optimizer steps in a row had non-finite gradients (NaN or inf) and were "
+                f"skipped; the policy holds the weights from before them. Lower train.learning_rate or check the "
+                f"model's dtype, then resume from the last checkpoint (oaif resume RUN_DIR)")
 
     def check_replicas(self) -> None:
         """Record every rank's parameter hash for this step; stop if they differ."""

@@ -11,4 +11,5 @@ bash scripts/setup.sh
 [ -f models/smollm2-135m-instruct/config.json ] || .venv/bin/oaif convert-gguf \
     "$(.venv/bin/python -c 'from oaif.gguf import packaged_gguf; print(packaged_gguf())')" \
     --out models/smollm2-135m-instruct
-.venv/bin/oaif run configs/tiny_cpu.yaml "$@"
+# overwrite=true: a second demo replaces the first demo run (only ever an oaif run directory).
+.venv/bin/oaif run configs/tiny_cpu.yaml overwrite=true "$@"

@@ -88,3 +88,43 @@ def test_saved_config_reloads_to_the_same(tmp_path):
     cfg = load_config(ROOT / "configs/smollm2_cpu.yaml")
     dump_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../..", "a/b", "/tmp/x", "-x", "a b"])
+def test_a_run_name_must_be_one_plain_folder(name, tmp_path):
+    (tmp_path / "keep.txt").write_text("the user's file")
+    r = run_oaif("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}", f"name={name}", "overwrite=true")
+    assert r.returncode == 2 and "is not a plain folder name" in r.stderr, r.stderr[-2000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_overwrite_replaces_only_an_oaif_run_directory(tmp_path):
+    from oaif.loop import RunDirExists, prepare_run_dir
+
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("not a run")
+    cfg = load_config(None, [f"output_dir={tmp_path}", "name=mine", "overwrite=true"])
+    with pytest.raises(RunDirExists, match="is not an oaif run directory"):
+        prepare_run_dir(cfg)
+    assert (user / "notes.txt").is_file()
+    run = prepare_run_dir(load_config(None, [f"output_dir={tmp_path}", "name=run"]))
+    (run / "rounds" / "000000").mkdir()
+    with pytest.raises(RunDirExists, match="pass name=<new name> or overwrite=true"):
+        prepare_run_dir(load_config(None, [f"output_dir={tmp_path}", "name=run"]))
+    again = prepare_run_dir(load_config(None, [f"output_dir={tmp_path}", "name=run", "overwrite=true"]))
+    assert again == run and not (run / "rounds" / "000000").exists()
+    assert "overwrite" not in (ROOT / "configs/tiny_cpu.yaml").read_text()   # shipped configs never set it
+
+
+def test_a_missing_model_is_named_before_anything_is_written(tmp_path):
+    for model in ("models/nope", str(tmp_path / "nope"), "./nope"):
+        r = run_oaif("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}/runs", f"policy.model={model}")
+        assert r.returncode == 2 and f"policy.model: model folder '{model}' not found" in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
+    r = run_oaif("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}/runs", f"policy.model={tmp_path}")
+    assert r.returncode == 2 and "is a folder without config.json" in r.stderr
+    r = run_oaif("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}/runs", "annotate.backend=vllm",
+                 "annotate.model=models/missing-judge")
+    assert r.returncode == 2 and "annotate.model: model folder 'models/missing-judge' not found" in r.stderr
+    assert not (tmp_path / "runs").exists()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from oaif.records import read_jsonl
+from oaif.records import PreferencePair, read_jsonl
 
 from conftest import run_oaif
 
@@ -95,3 +95,39 @@ def test_bfloat16_run_keeps_float32_master_weights(tiny_model, tmp_path):
         sum(v.numel() for v in base.values())
     # (Embedding rows of tokens that never occur get no gradient, hence not ~100%.)
     assert changed > 0.6 and bf16_changed < 0.2, (changed, bf16_changed)
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_and_repeated_ones_stop_the_run(tiny_model):
+    """Fault injection: a gradient hook turns one step's gradients into NaN (a real run gets
+    there from an overflow or a bad batch). The step changes no weight and is counted; three
+    in a row stop training with a clear error and the weights from before them."""
+    import copy
+
+    from oaif.config import RunStopped, TrainConfig
+    from oaif.train import DPOTrainer, load_causal_lm
+
+    policy = load_causal_lm(str(tiny_model), "float32", trainable=True)
+    reference = load_causal_lm(str(tiny_model), "float32", trainable=False)
+    trainer = DPOTrainer(policy, reference, TrainConfig(learning_rate=1e-3, batch_size=2, micro_batch_size=2), 0)
+    pairs = [PreferencePair(0, 0, str(i), [], "a", "b", 0.9, [1, 2, 3], [4 + i, 5], [6, 7 + i, 8]) for i in range(4)]
+    poison = {"left": 1}
+    weight = policy.get_input_embeddings().weight
+
+    def nan_once(grad):
+        if poison["left"]:
+            poison["left"] -= 1
+            return grad * float("nan")
+        return grad
+
+    weight.register_hook(nan_once)
+    before = copy.deepcopy(policy.state_dict())
+    m = trainer.train_round(pairs[:2])   # one step, poisoned
+    assert m["train/skipped_steps"] == 1 and trainer.steps == 0 and m["train/grad_norm"] is None
+    assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    m = trainer.train_round(pairs)       # two clean steps
+    assert m["train/skipped_steps"] == 0 and trainer.steps == 2 and m["train/grad_norm"] > 0
+    poison["left"] = 3
+    kept = copy.deepcopy(policy.state_dict())
+    with pytest.raises(RunStopped, match="3 optimizer steps in a row had non-finite gradients"):
+        trainer.train_round(pairs + pairs[:2])
+    assert all(torch.equal(kept[k], v) for k, v in policy.state_dict().items())
