@@ -149,3 +149,15 @@ def test_oaif_annotate_cli(tmp_path):
     r = run_oaif("annotate", str(pairs), "configs/tiny_cpu.yaml", "--out", str(bad_out))
     assert r.returncode == 2 and "pairs.jsonl:2: 'b' must be a string" in r.stderr
     assert not bad_out.exists()
+
+
+def test_cache_survives_a_torn_last_line_and_names_a_bad_middle_line(tmp_path):
+    from oaif.annotate.cache import read_cache
+
+    path = tmp_path / "cache.jsonl"
+    path.write_text('{"key": "k1", "p_first": 0.7, "raw": "r"}\n{"key": "k2", "p_fi')   # a crash mid-append
+    assert [r["key"] for r in read_cache(path)] == ["k1"]
+    assert path.read_text() == '{"key": "k1", "p_first": 0.7, "raw": "r"}\n'   # the next append starts clean
+    path.write_text('{"key": "k1"}\nnot json\n{"key": "k3"}\n')
+    with pytest.raises(ValueError, match=r"cache.jsonl:2: not a JSON record"):
+        read_cache(path)

@@ -39,3 +39,16 @@ def test_sigterm_finishes_the_round_checkpoints_and_the_run_resumes(tiny_model, 
     for k in range(last + 3):
         pairs = read_jsonl(run_dir / f"rounds/{k:06d}/pairs.jsonl")
         assert all(p["round"] == k for p in pairs)
+
+
+def test_resume_refuses_overrides_that_change_what_the_run_is(tmp_path):
+    from oaif.config import dump_config, load_config
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    dump_config(load_config(ROOT / "configs/tiny_cpu.yaml"), run_dir / "config.yaml")
+    for override in ("policy.model=models/other", "prompts=prompts/train.jsonl", "prompts_per_round=3", "seed=7"):
+        r = run_oaif("resume", str(run_dir), override)
+        key = override.split("=")[0]
+        assert r.returncode == 2 and f"{key}: a resumed run keeps its {key}" in r.stderr, r.stderr[-2000:]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]   # nothing touched

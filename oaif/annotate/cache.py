@@ -12,10 +12,26 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 from oaif.annotate.base import Annotator, Answer, JudgeRequest
 from oaif.records import append_jsonl, read_jsonl
+
+
+def read_cache(path: Path) -> list[dict]:
+    """The cache's rows. A last line without its newline is an append cut short (a crash in
+    the middle of a write): it is dropped and cut from the file, so the run goes on and the
+    next append starts a clean line. A bad line anywhere else is an error naming it."""
+    if not path.is_file():
+        return []
+    complete, _, torn = path.read_bytes().rpartition(b"\n")
+    if torn:
+        with open(path, "r+b") as f:
+            f.truncate(len(complete) + 1 if complete else 0)
+        print(f"oaif: judgment cache {path}: dropped a torn last line (a write cut short); "
+              f"that judgment is asked again", file=sys.stderr)
+    return read_jsonl(path)
 
 
 class CachedAnnotator:
@@ -25,7 +41,7 @@ class CachedAnnotator:
         self.settings = json.dumps({"identity": dataclasses.asdict(inner.identity), **settings}, sort_keys=True)
         # Lines written before label mass was recorded have none.
         self.entries = {row["key"]: Answer(row["p_first"], row["raw"], row.get("label_mass"))
-                        for row in (read_jsonl(self.path) if self.path.is_file() else [])}
+                        for row in read_cache(self.path)}
         self.hits = self.misses = 0
 
     @property

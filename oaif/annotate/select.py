@@ -57,8 +57,10 @@ def _single(cfg: RunConfig, backend: str, constitution_path: str, model: str) ->
         from oaif.annotate.cache import CachedAnnotator
 
         settings = {k: v for k, v in dataclasses.asdict(a).items()
-                    if k in ("labels", "principles", "chain_of_thought", "rationale_tokens", "chat_template")}
-        settings["openai"] = {k: getattr(a.openai, k) for k in ("endpoint", "mode", "top_logprobs", "temperature")}
+                    if k in ("labels", "principles", "chain_of_thought", "rationale_tokens", "chat_template",
+                              "dtype", "max_prompt_tokens")}
+        settings["openai"] = {k: getattr(a.openai, k)
+                              for k in ("base_url", "endpoint", "mode", "top_logprobs", "temperature")}
         annotator = CachedAnnotator(annotator, a.cache, settings)
     return annotator
 
