@@ -122,6 +122,17 @@ def sequence_logps(model: torch.nn.Module, input_ids, attention_mask, loss_mask,
     return total / mask.sum(-1).clamp(min=1) if length_normalize else total
 
 
+@contextlib.contextmanager
+def reference_model(policy: torch.nn.Module, reference: torch.nn.Module | None):
+    """The model to run as the reference: the frozen copy, or (None: a fresh LoRA adapter,
+    whose base is the reference) the policy itself with its adapter disabled."""
+    if reference is not None:
+        yield reference
+        return
+    with policy.disable_adapter():
+        yield policy
+
+
 @torch.no_grad()
 def response_kl(policy: torch.nn.Module, reference: torch.nn.Module | None, prompts: list[list[int]],
                 responses: list[list[int]], pad_id: int, micro_batch: int = 4) -> list[float]:
@@ -137,9 +148,8 @@ def response_kl(policy: torch.nn.Module, reference: torch.nn.Module | None, prom
         ids, mask, loss_mask = (t.to(device) for t in
                                 batch_sequences(prompts[s:s + micro_batch], responses[s:s + micro_batch], pad_id))
         logp = policy(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
-        with contextlib.nullcontext() if reference is not None else policy.disable_adapter():
-            ref_model = reference if reference is not None else policy
-            logr = ref_model(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
+        with reference_model(policy, reference) as ref:
+            logr = ref(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
         per_token = (logp.exp() * (logp - logr)).sum(-1)
         out += (per_token * loss_mask[:, 1:]).sum(-1).tolist()
     return out
@@ -220,13 +230,10 @@ class DPOTrainer:
         self.replica_hashes: list[tuple[int, list[str]]] = []   # (step, every rank's parameter_hash): check_replicas
 
     def _reference_logps(self, batch) -> torch.Tensor:
-        with torch.no_grad():
-            if self.reference is not None:
-                return sequence_logps(self.reference, *batch, self.cfg.length_normalize)
-            # Fresh LoRA adapter: the base is the reference. The plain model runs it, outside
-            # the engine's wrapper (no gradient, nothing to synchronise).
-            with self.policy.disable_adapter():
-                return sequence_logps(self.policy, *batch, self.cfg.length_normalize)
+        # The plain model runs the reference, outside the engine's wrapper (no gradient,
+        # nothing to synchronise).
+        with torch.no_grad(), reference_model(self.policy, self.reference) as ref:
+            return sequence_logps(ref, *batch, self.cfg.length_normalize)
 
     def _forward(self, pairs: list[PreferencePair]):
         """Chosen and rejected go through one forward pass each for policy and reference."""

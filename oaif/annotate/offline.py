@@ -4,8 +4,9 @@
 
 Input lines: {"prompt": "text" or [chat messages], "a": "...", "b": "..."}, optionally
 "references" (accepted answers, for the `matches_reference` rule) and "correct" ("a" or
-"b": a labelled check set, whose accuracy is then reported); other fields are kept. Output lines: the input plus `verdict` (a, b, tie or invalid; `reason` says whether a
-tie came from the judge, from the two orders disagreeing, or from identical responses),
+"b": a labelled check set, whose accuracy is then reported); other fields are kept. Output
+lines: the input plus `verdict` (a, b, tie or invalid; `reason` says whether a tie came from
+the judge, from the two orders disagreeing, or from identical responses),
 `p_a` (P(a better), averaged over both orders) and each order's probability and raw output.
 Use it to try a constitution on a few examples before training with it.
 """
