@@ -7,6 +7,7 @@ the server's --seed); a per-request seed would make every prompt's samples ident
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Protocol
@@ -64,10 +65,23 @@ def check_model(model: str, key: str) -> None:
         if not (path / "config.json").is_file():
             raise ConfigError(f"{key}: {model} is a folder without config.json, not a Hugging Face model folder")
         return
+    missing = (f"{key}: model folder {model!r} not found; give a model folder (oaif init-tiny models/tiny "
+               f"or oaif convert-gguf FILE --out DIR make one) or a hub id (org/name)")
     local = model.startswith((".", "/", "~")) or model.count("/") > 1 or (model.count("/") == 1 and path.parent.is_dir())
     if local or path.exists() or not model.strip():
-        raise ConfigError(f"{key}: model folder {model!r} not found; give a model folder (oaif init-tiny models/tiny "
-                          f"or oaif convert-gguf FILE --out DIR make one) or a hub id (org/name)")
+        raise ConfigError(missing)
+    # A hub id: fine if cached; otherwise ask the hub once, briefly, so that `models/tiny` before
+    # `init-tiny` (which reads as org/name until models/ exists) is named here, not in a traceback.
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model, "config.json"), str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ConfigError(f"{missing}; HF_HUB_OFFLINE is set and the hub cache does not hold it")
+    try:
+        HfApi().model_info(model, timeout=10)
+    except Exception as e:   # not found, gated, or no network: every one ends the run here
+        raise ConfigError(f"{missing}; the hub did not give it either ({type(e).__name__}: {str(e)[:200]})") from e
 
 
 def load_tokenizer(path: str):

@@ -118,7 +118,9 @@ def test_overwrite_replaces_only_an_oaif_run_directory(tmp_path):
 
 
 def test_a_missing_model_is_named_before_anything_is_written(tmp_path):
-    for model in ("models/nope", str(tmp_path / "nope"), "./nope"):
+    # `nobody-org/nope` reads as a hub id: the hub (unreachable here, or without it) must be asked
+    # briefly and the key named; `models/nope` is a hub id too until models/ exists (a fresh clone).
+    for model in ("models/nope", str(tmp_path / "nope"), "./nope", "nobody-org/nope"):
         r = run_oaif("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}/runs", f"policy.model={model}")
         assert r.returncode == 2 and f"policy.model: model folder '{model}' not found" in r.stderr, r.stderr[-2000:]
         assert "Traceback" not in r.stderr
