@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from oaif.faults import crash_point
+
 
 def save_checkpoint(run_dir: Path, round: int, policy_version: int, trainer, tokenizer,
                     state_dict: dict | None = None) -> Path:
@@ -25,6 +27,7 @@ def save_checkpoint(run_dir: Path, round: int, policy_version: int, trainer, tok
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.policy.save_pretrained(tmp / "policy", state_dict=state_dict)   # peft: the adapter only (small)
     tokenizer.save_pretrained(tmp / "policy")
+    crash_point("checkpoint")
     torch.save({"round": round, "policy_version": policy_version, "steps": trainer.steps,
                 "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "trainer.pt")
@@ -54,12 +57,11 @@ def export_merged(checkpoint: Path, out: Path, base_model: str, dtype: str) -> P
     return out
 
 
-def latest_checkpoint(run_dir: Path) -> Path:
-    """The newest complete checkpoint (a .tmp folder is an interrupted save, never used)."""
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (a .tmp folder is an interrupted save, never used);
+    None when the run stopped before its first."""
     done = sorted(p for p in (run_dir / "checkpoints").glob("round_*") if not p.name.endswith(".tmp"))
-    if not done:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (checkpoints/round_*)")
-    return done[-1]
+    return done[-1] if done else None
 
 
 def read_trainer_state(checkpoint: Path) -> dict:

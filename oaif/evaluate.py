@@ -66,11 +66,13 @@ def eval_annotator_config(cfg: RunConfig) -> RunConfig:
 def respond(engine, tokenizer, prompts: list[Prompt], cfg: RunConfig) -> list[Response]:
     """One response per prompt (greedy, or sampled at eval.temperature); prompts over
     policy.max_prompt_tokens are left out, the same ones for every model with this tokenizer."""
-    from oaif.generate import Generator
+    from oaif.generate import Generator, sample_seeds
 
     encode = Generator(engine, tokenizer, cfg.generate, cfg.policy.max_prompt_tokens).encode
     kept = [(p, ids) for p, ids in ((p, encode(p)) for p in prompts) if len(ids) <= cfg.policy.max_prompt_tokens]
-    outs = engine.sample([ids for _, ids in kept], 1, cfg.eval.temperature, 1.0, max_new_tokens(cfg))
+    # The same seeds for every model compared: a sampled answer differs by the model alone.
+    seeds = sample_seeds(cfg.seed, "eval", len(kept), 1)
+    outs = engine.sample([ids for _, ids in kept], seeds, cfg.eval.temperature, 1.0, max_new_tokens(cfg))
     return [Response(p.id, p.messages, list(p.references), ids, token_ids, text, finish)
             for (p, ids), [(token_ids, text, finish)] in zip(kept, outs)]
 
@@ -234,10 +236,10 @@ def resolve_policy(cfg: RunConfig, scratch: Path) -> tuple[str, Path | None]:
     policy = cfg.eval.policy
     if not policy:
         run_dir = Path(cfg.output_dir) / cfg.name
-        if not (run_dir / "checkpoints").is_dir():
+        checkpoint = latest_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else None
+        if checkpoint is None:
             raise ConfigError(f"eval.policy is empty and {run_dir} has no checkpoints: set eval.policy=PATH "
                               f"(a checkpoint, an exported model or an HF path)")
-        checkpoint = latest_checkpoint(run_dir)
     elif (Path(policy) / "trainer.pt").is_file():
         checkpoint = Path(policy)
     else:

@@ -1,12 +1,16 @@
 """Sampling from the current policy: an in-process vLLM engine, or a vLLM server (server.py).
 
 Both engines offer the same two calls on prompt token ids and return the exact sampled
-token ids, so the trainer never re-tokenizes. Engines are seeded once (engines.build_llm,
-the server's --seed); a per-request seed would make every prompt's samples identical.
+token ids, so the trainer never re-tokenizes. Every sample has its own seed, drawn from the
+run's seed, the round and its place in the round (`sample_seeds`): what a round samples does not
+depend on what the engine did before, so a resumed run samples what an uninterrupted one did.
+(vLLM's `n` with one request seed gives correlated, even repeated, samples: each sample is
+its own n=1 request.)
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -19,8 +23,9 @@ Completion = tuple[list[int], str, str]   # (token ids, text, finish_reason)
 
 
 class Engine(Protocol):
-    def sample(self, prompt_token_ids: list[list[int]], n: int, temperature: float, top_p: float,
+    def sample(self, prompt_token_ids: list[list[int]], seeds: list[list[int]], temperature: float, top_p: float,
                max_tokens: int) -> list[list[Completion]]:
+        """len(seeds[j]) samples of prompt j, sample k drawn with seed seeds[j][k]."""
         ...
 
     def greedy(self, prompt_token_ids: list[list[int]], max_tokens: int) -> list[list[int]]:
@@ -34,18 +39,20 @@ class InProcessEngine:
     def __init__(self, llm):
         self.llm, self.lora_request = llm, None
 
-    def _generate(self, prompt_token_ids: list[list[int]], params):
+    def _generate(self, prompt_token_ids: list[list[int]], params):   # one SamplingParams, or one per prompt
         from vllm import TokensPrompt
 
         return self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids], params,
                                  use_tqdm=False, lora_request=self.lora_request)
 
-    def sample(self, prompt_token_ids, n, temperature, top_p, max_tokens) -> list[list[Completion]]:
+    def sample(self, prompt_token_ids, seeds, temperature, top_p, max_tokens) -> list[list[Completion]]:
         from vllm import SamplingParams
 
-        outs = self._generate(prompt_token_ids, SamplingParams(n=n, temperature=temperature, top_p=top_p,
-                                                               max_tokens=max_tokens))
-        return [[(list(c.token_ids), c.text, c.finish_reason) for c in o.outputs] for o in outs]
+        flat = [(ids, s) for ids, row in zip(prompt_token_ids, seeds) for s in row]
+        outs = self._generate([ids for ids, _ in flat], [
+            SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=s) for _, s in flat])
+        done = iter([(list(o.outputs[0].token_ids), o.outputs[0].text, o.outputs[0].finish_reason) for o in outs])
+        return [[next(done) for _ in row] for row in seeds]
 
     def greedy(self, prompt_token_ids, max_tokens) -> list[list[int]]:
         from vllm import SamplingParams
@@ -93,10 +100,19 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
+def sample_seeds(seed: int, stage: str, prompts: int, n: int) -> list[list[int]]:
+    """n seeds per prompt for one stage of a run (a round, an evaluation): a hash of the run's
+    seed, the stage and the sample's place, so no two samples share one and a rerun repeats them."""
+    def one(j: int, k: int) -> int:
+        digest = hashlib.sha256(f"{seed}/{stage}/{j}/{k}".encode()).digest()
+        return int.from_bytes(digest[:4], "little") >> 1   # 31 bits: every server takes it
+    return [[one(j, k) for k in range(n)] for j in range(prompts)]
+
+
 class Generator:
-    def __init__(self, engine: Engine, tokenizer, cfg: GenerateConfig, max_prompt_tokens: int):
+    def __init__(self, engine: Engine, tokenizer, cfg: GenerateConfig, max_prompt_tokens: int, seed: int = 0):
         self.engine, self.tokenizer, self.cfg = engine, tokenizer, cfg
-        self.max_prompt_tokens = max_prompt_tokens
+        self.max_prompt_tokens, self.seed = max_prompt_tokens, seed
 
     def encode(self, prompt: Prompt) -> list[int]:
         text = self.tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
@@ -108,8 +124,8 @@ class Generator:
         encoded = [(p, self.encode(p)) for p in prompts]
         kept = [(p, ids) for p, ids in encoded if len(ids) <= self.max_prompt_tokens]
         t0 = time.perf_counter()
-        outputs = self.engine.sample([ids for _, ids in kept], cfg.samples_per_prompt, cfg.temperature, cfg.top_p,
-                                     cfg.max_new_tokens)
+        seeds = sample_seeds(self.seed, f"round {round}", len(kept), cfg.samples_per_prompt)
+        outputs = self.engine.sample([ids for _, ids in kept], seeds, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
         seconds = time.perf_counter() - t0
         groups = [[Sample(round=round, policy_version=policy_version, prompt_id=prompt.id, messages=prompt.messages,
                           index=k, text=text, prompt_token_ids=ids, token_ids=token_ids, finish_reason=finish,

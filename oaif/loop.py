@@ -28,6 +28,7 @@ from oaif.config import ConfigError, RunConfig, dump_config
 from oaif.generate import check_model, load_tokenizer
 from oaif.evaluate import TRAINING_JUDGE_WARNING, eval_annotator_config, eval_prompts, format_summary
 from oaif.evaluate import max_new_tokens as eval_max_new_tokens
+from oaif.faults import crash_point
 from oaif.records import Prompt, append_jsonl, load_prompts, read_jsonl, write_jsonl
 
 # (metric, column title, format) of the line printed per round.
@@ -58,6 +59,8 @@ def is_run_dir(path: Path) -> bool:
 
 
 def prepare_run_dir(cfg: RunConfig) -> Path:
+    """A new run directory, made whole: built under a hidden name, then renamed, so a crash
+    leaves either no run directory or one that `oaif resume` takes."""
     run_dir = Path(cfg.output_dir) / cfg.name
     if run_dir.exists():
         if not cfg.overwrite:
@@ -67,8 +70,12 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
             raise RunDirExists(f"{run_dir} exists and is not an oaif run directory (no config.yaml and rounds/): "
                                f"overwrite=true only replaces runs; pick another name or output_dir")
         shutil.rmtree(run_dir)
-    (run_dir / "rounds").mkdir(parents=True)
-    dump_config(cfg, run_dir / "config.yaml")
+    staging = run_dir.with_name(f".{cfg.name}.new")
+    if staging.is_dir() and not staging.is_symlink() and {p.name for p in staging.iterdir()} <= {"rounds", "config.yaml"}:
+        shutil.rmtree(staging)   # an earlier attempt cut short here (only what this function makes)
+    (staging / "rounds").mkdir(parents=True)
+    dump_config(cfg, staging / "config.yaml")
+    staging.rename(run_dir)
     return run_dir
 
 
@@ -114,6 +121,7 @@ class Loop:
         from oaif.sync import merged_copy, push_lora_adapter, push_weights
 
         g, policy, lora = self.cfg.generate, self.trainer.policy, self.cfg.train.lora
+        crash_point("sync")
         if self.server_url:
             from oaif.server import push_weights_to_server
 
@@ -132,11 +140,13 @@ class Loop:
         out = self.run_dir / "rounds" / f"{index:06d}"
         groups, metrics = self.generator.sample(prompts, index, self.policy_version)
         write_jsonl(out / "samples.jsonl", [s for g in groups for s in g])
+        crash_point("generate")
 
         pairs = [(g[k], g[k + 1]) for g in groups for k in range(0, len(g) - 1, 2)]
         judged = judge_pairs(self.annotator, pairs, index, self.policy_version,
                              self.cfg.annotate.missing_eos_penalty)
         write_jsonl(out / "judgments.jsonl", judged.judgments)
+        crash_point("annotate")
         write_jsonl(out / "pairs.jsonl", judged.pairs)
         metrics |= judgment_metrics(judged.judgments)
         totals, before = dict(self.annotator.stats), self.annotator_totals or {}
@@ -228,7 +238,7 @@ def setup(cfg: RunConfig, run_dir: Path, accelerator=None, resume_from: Path | N
                                  max_lora_rank=lora.r if lora.enabled and lora.sync == "vllm_lora" else 0,
                                  enforce_eager=g.enforce_eager)
             engine = InProcessEngine(loop.llm)
-        loop.generator = Generator(engine, tokenizer, g, cfg.policy.max_prompt_tokens)
+        loop.generator = Generator(engine, tokenizer, g, cfg.policy.max_prompt_tokens, cfg.seed)
         loop.annotator = build_annotator(cfg)
         return loop.server_url
 
@@ -313,10 +323,10 @@ def rewind_run_dir(cfg: RunConfig, run_dir: Path, last_round: int) -> list[str]:
             if len(kept) < len(rows):
                 write_jsonl(path, kept)
                 dropped.append(f"{len(rows) - len(kept)} lines of {name}")
-    for parent, prefix in (("rounds", ""), ("checkpoints", "round_")):
+    for parent, prefix, suffix in (("rounds", "", ""), ("checkpoints", "round_", ""), ("eval", "round_", ".jsonl")):
         for d in sorted((run_dir / parent).glob(prefix + "*")):
-            if int(d.name.removeprefix(prefix).removesuffix(".tmp")) > last_round:
-                shutil.rmtree(d)
+            if int(d.name.removeprefix(prefix).removesuffix(suffix).removesuffix(".tmp")) > last_round:
+                shutil.rmtree(d) if d.is_dir() else d.unlink()
                 dropped.append(f"{parent}/{d.name}")
     dump_config(cfg, run_dir / "config.yaml")
     return dropped
@@ -339,18 +349,20 @@ def _run(cfg: RunConfig, accelerator, log, resume_dir: Path | None, checkpoint: 
     if resume_dir is None:
         run_dir = on_main(accelerator, lambda: prepare_run_dir(cfg))
     else:
+        # No checkpoint yet (stopped in its first rounds): the run starts again from round 0.
         run_dir, checkpoint = resume_dir, checkpoint or latest_checkpoint(resume_dir)
-        done = read_trainer_state(checkpoint)["round"]
+        done = read_trainer_state(checkpoint)["round"] if checkpoint else -1
         start = done + 1
         if start >= cfg.rounds:
             raise ConfigError(f"{run_dir}: rounds 0-{done} are done ({checkpoint.name}); "
                               f"pass rounds=N with N > {start} to continue")
-        is_adapter = (checkpoint / "policy/adapter_config.json").is_file()
-        if is_adapter != cfg.train.lora.enabled:
+        is_adapter = checkpoint is not None and (checkpoint / "policy/adapter_config.json").is_file()
+        if checkpoint is not None and is_adapter != cfg.train.lora.enabled:
             raise ConfigError(f"{checkpoint}: holds {'a LoRA adapter' if is_adapter else 'full weights'} but "
                               f"train.lora.enabled is {cfg.train.lora.enabled}")
         dropped = on_main(accelerator, lambda: rewind_run_dir(cfg, run_dir, done))
-        log(f"resuming {run_dir} after round {done} from {checkpoint}"
+        log((f"resuming {run_dir} after round {done} from {checkpoint}" if checkpoint else
+             f"resuming {run_dir} from round 0 (it stopped before its first checkpoint)")
             + (f"; dropped what came later: {', '.join(dropped)}" if dropped else ""))
     stop = GracefulStop() if accelerator is None else None   # under a launcher, the launcher's signals
     loop = setup(cfg, run_dir, accelerator, checkpoint if resume_dir else None)
@@ -398,11 +410,14 @@ def finish_round(cfg: RunConfig, run_dir: Path, trainer, tokenizer, accelerator,
     state = gathered_state_dict(accelerator, trainer.model) if due else None   # every rank: may gather shards
 
     def write() -> None:
-        if due:
-            save_checkpoint(run_dir, index, policy_version, trainer, tokenizer, state)
+        # Records before the checkpoint: a crash between them leaves rows that the resume from
+        # the previous checkpoint drops, never a checkpoint whose round has no metrics.
         append_jsonl(run_dir / "metrics.jsonl", metrics)
         for step, hashes in trainer.replica_hashes:
             append_jsonl(run_dir / "replicas.jsonl", {"round": index, "step": step, "hashes": hashes})
+        crash_point("metrics")
+        if due:
+            save_checkpoint(run_dir, index, policy_version, trainer, tokenizer, state)
 
     on_main(accelerator, write)
     trainer.replica_hashes.clear()

@@ -52,6 +52,16 @@ def _tail(path: str, lines: int = 40) -> str:
         return "(no log)"
 
 
+def _end_with_parent() -> None:
+    """In the server's process, before vLLM starts: SIGTERM it when the process that started
+    it dies, even by SIGKILL, where no `finally` runs (Linux; elsewhere stop_server alone)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def start_server(model: str, port: int, dtype: str, seed: int, max_model_len: int, kv_cache_gib: float,
                  extra_args: list[str] = (), *, timeout_s: float = 300.0, env: dict | None = None) -> subprocess.Popen:
     """Start a vLLM OpenAI-compatible server on 127.0.0.1:port and wait until /health answers.
@@ -74,7 +84,8 @@ def start_server(model: str, port: int, dtype: str, seed: int, max_model_len: in
     fd, log_path = tempfile.mkstemp(prefix=f"oaif-vllm-{port}-", suffix=".log")
     with os.fdopen(fd, "w") as log:
         # Own session: stop_server can end the server and its engine subprocess as one group.
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
+                                preexec_fn=_end_with_parent)
     proc.log_path = log_path
     url, deadline = f"http://127.0.0.1:{port}/health", time.monotonic() + timeout_s
     while True:
@@ -142,13 +153,13 @@ class ServerEngine:
                 raise ServerError(f"sample ended with finish_reason {c['finish_reason']!r} (aborted by a pause?)")
         return sorted(choices, key=lambda c: c["index"])
 
-    def sample(self, prompt_token_ids: list[list[int]], n: int, temperature: float, top_p: float,
+    def sample(self, prompt_token_ids: list[list[int]], seeds: list[list[int]], temperature: float, top_p: float,
                max_tokens: int) -> list[list[tuple[list[int], str, str]]]:
-        """n samples per prompt as (token_ids, text, finish_reason). No per-request seed: the
-        server is seeded once, and a fixed request seed would make every prompt's samples alike."""
-        params = dict(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
-        results = self.pool.map(lambda ids: self._complete(ids, **params), prompt_token_ids)
-        return [[(c["token_ids"], c["text"], c["finish_reason"]) for c in choices] for choices in results]
+        """(token_ids, text, finish_reason) per seed: one n=1 request per sample (Engine.sample)."""
+        params = dict(n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+        flat = [(ids, s) for ids, row in zip(prompt_token_ids, seeds) for s in row]
+        done = iter(self.pool.map(lambda job: self._complete(job[0], seed=job[1], **params)[0], flat))
+        return [[(c["token_ids"], c["text"], c["finish_reason"]) for c in (next(done) for _ in row)] for row in seeds]
 
     def greedy(self, prompt_token_ids: list[list[int]], max_tokens: int) -> list[list[int]]:
         results = self.pool.map(lambda ids: self._complete(ids, n=1, temperature=0.0, max_tokens=max_tokens),

@@ -27,6 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from oaif.config import RunStopped, TrainConfig, beta_for
+from oaif.faults import crash_point
 from oaif.losses import dpo_loss, ipo_loss, kto_loss, rewards, slic_loss
 from oaif.records import PreferencePair
 
@@ -315,6 +316,7 @@ class DPOTrainer:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.steps += 1
+                crash_point("train")
                 if cfg.check_replicas:
                     self.check_replicas()
         return {**{f"train/{k}": v for k, v in stats.means(acc).items()},

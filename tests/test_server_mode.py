@@ -4,6 +4,7 @@ the server's endpoints (pause -> reload_weights -> reset_prefix_cache -> resume)
 import pytest
 from transformers import AutoTokenizer
 
+from oaif.generate import sample_seeds
 from oaif.records import load_prompts
 from oaif.server import ServerEngine, free_port, push_weights_to_server, start_server, stop_server
 
@@ -32,8 +33,9 @@ def test_server_samples_carry_exact_tokens_and_eos(tiny_model, server):
     _, engine = server
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     prompts = load_prompts(ROOT / "prompts/tiny_prompts.jsonl")[:6]
-    groups = engine.sample([encode(tokenizer, p.messages) for p in prompts], n=2, temperature=0.9, top_p=1.0,
-                           max_tokens=64)
+    ids = [encode(tokenizer, p.messages) for p in prompts]
+    seeds = sample_seeds(0, "round 0", len(prompts), 2)
+    groups = engine.sample(ids, seeds, temperature=0.9, top_p=1.0, max_tokens=64)
     assert len(groups) == 6 and all(len(g) == 2 for g in groups)
     for token_ids, text, finish_reason in (s for g in groups for s in g):
         assert tokenizer.decode(token_ids, skip_special_tokens=True) == text
@@ -41,8 +43,9 @@ def test_server_samples_carry_exact_tokens_and_eos(tiny_model, server):
         if finish_reason == "stop":
             assert token_ids[-1] == tokenizer.eos_token_id
     assert any(fr == "stop" for g in groups for _, _, fr in g), "the tiny policy should end some answers"
-    # The server is seeded once, not per request: the samples of one prompt differ.
+    # Each sample has its own seed: the samples of one prompt differ, and the same seeds repeat them.
     assert sum(g[0][1] != g[1][1] for g in groups) >= 4
+    assert engine.sample(ids[::-1], seeds[::-1], temperature=0.9, top_p=1.0, max_tokens=64) == groups[::-1]
 
 
 def test_after_dpo_steps_and_push_server_greedy_equals_transformers(tiny_model, server):

@@ -25,14 +25,19 @@ def test_samples_carry_exact_tokens_and_eos(tiny_model, engine):
     # Runs before the training test below, which changes the shared engine's weights.
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     gen = Generator(InProcessEngine(engine), tokenizer, GenerateConfig(max_new_tokens=64), max_prompt_tokens=128)
-    groups, metrics = gen.sample(load_prompts(ROOT / "prompts/tiny_prompts.jsonl")[:6], 0, 0)
+    prompts = load_prompts(ROOT / "prompts/tiny_prompts.jsonl")[:6]
+    groups, metrics = gen.sample(prompts, 0, 0)
     assert all(len(g) == 2 for g in groups)
     for s in (s for g in groups for s in g):
         assert tokenizer.decode(s.token_ids, skip_special_tokens=True) == s.text
         if s.finish_reason == "stop":
             assert s.token_ids[-1] == tokenizer.eos_token_id
-    # The engine is seeded once, not per request: the samples of one prompt differ.
+    # Each sample has its own seed: the samples of one prompt differ; a round repeats exactly
+    # whatever the engine sampled in between (resume relies on it), another round differs.
     assert sum(g[0].text != g[1].text for g in groups) >= 4
+    gen.sample(prompts[3:], 7, 0)
+    assert gen.sample(prompts, 0, 0)[0] == groups
+    assert [s.text for g in gen.sample(prompts, 1, 0)[0] for s in g] != [s.text for g in groups for s in g]
     assert metrics["generate/mean_length"] > 0
 
 

@@ -60,7 +60,7 @@ class CachedAnnotator:
         fresh = self.inner.judge([requests[i] for i in todo]) if todo else []
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for i, answer in zip(todo, fresh):
-            if answer.p_first is not None:
+            if answer.p_first is not None and keys[i] not in self.entries:   # a request twice in one batch: one line
                 self.entries[keys[i]] = answer
                 append_jsonl(self.path, {"key": keys[i], "p_first": answer.p_first, "raw": answer.raw,
                                           "label_mass": answer.label_mass})
