@@ -90,6 +90,7 @@ class AnnotateConfig:
     gpu_memory_utilization: float = _f(0.3, "GPU only: share of GPU memory for the judge engine.")
     chat_template: Literal["auto", "always", "never"] = _f(
         "auto", "Local judges (vllm, transformers): send the judge prompt as the user turn of the judge model's chat template and read the label at the start of its reply, as the openai chat endpoint does. 'auto': when the judge's tokenizer has a chat template; 'never': the raw prompt.")
+    max_invalid_rate: float = _f(0.5, "oaif run: stop (with a checkpoint of the last round, resumable) when more than this share of a round's pairs get an invalid judgment (endpoint down, prompts over max_prompt_tokens, labels never read), instead of training on what is left. 1: never stop.")
     missing_eos_penalty: float = _f(0.0, "Subtract this from the judge's logit for a response cut off by generate.max_new_tokens (no EOS), in both orders; e.g. 20 makes a truncated response lose to a finished one. 0: off.")
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
     mix: tuple[MixMember, ...] = _f((), "backend 'mix': the members, e.g. [{backend: vllm, constitution: constitutions/helpful.yaml, weight: 0.7}, {backend: rules, constitution: constitutions/code.yaml, weight: 0.3}]. P(first better) is the weighted mean of the members'; any invalid member makes the answer invalid.")
@@ -270,8 +271,17 @@ def _validate(cfg: RunConfig) -> list[str]:
                       f"no '/', not empty); the run directory is <output_dir>/<name>")
     if not cfg.output_dir.strip():
         errors.append("output_dir: must not be empty (e.g. runs)")
-    if cfg.generate.samples_per_prompt < 2:
-        errors.append(f"generate.samples_per_prompt: a pair needs 2 samples, got {cfg.generate.samples_per_prompt}")
+    n = cfg.generate.samples_per_prompt
+    if n < 2 or n % 2:
+        errors.append(f"generate.samples_per_prompt: must be even and >= 2 (samples are paired 0-1, 2-3, ...), got {n}")
+    if not 0 < cfg.generate.top_p <= 1:
+        errors.append(f"generate.top_p: must be in (0, 1], got {cfg.generate.top_p}")
+    # Settings of one loss given to another would silently do nothing.
+    t = cfg.train
+    if t.margin_scale and t.loss not in ("dpo", "cdpo", "soft"):
+        errors.append(f"train.margin_scale: applies to dpo, cdpo and soft only, not {t.loss}; remove it or set 0")
+    if (t.kto_desirable_weight, t.kto_undesirable_weight) != (1.0, 1.0) and t.loss != "kto":
+        errors.append(f"train.kto_desirable_weight / kto_undesirable_weight: apply to loss kto only, not {t.loss}")
     if cfg.generate.temperature <= 0:
         errors.append("generate.temperature: must be > 0 (vLLM allows only one greedy sample per prompt)")
     if cfg.train.learning_rate <= 0:
@@ -298,6 +308,8 @@ def _validate(cfg: RunConfig) -> list[str]:
 
 def _validate_annotate(a: AnnotateConfig, where: str) -> list[str]:
     errors = []
+    if not 0 <= a.max_invalid_rate <= 1:
+        errors.append(f"{where}.max_invalid_rate: must be in [0, 1], got {a.max_invalid_rate}")
     if a.missing_eos_penalty < 0:
         errors.append(f"{where}.missing_eos_penalty: must be >= 0, got {a.missing_eos_penalty}")
     if a.labels[0] == a.labels[1]:
@@ -337,9 +349,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if data is None:   # an empty file would silently run every default
+            raise ConfigError(f"{path}: the file is empty; start from configs/tiny_cpu.yaml")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys")
     for text in overrides:

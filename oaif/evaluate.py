@@ -269,7 +269,7 @@ def run_eval(cfg: RunConfig, out: str | Path | None = None, log=print) -> dict:
 
     prompts = eval_prompts(cfg)           # bad input fails before any model loads
     judge_cfg = eval_annotator_config(cfg)
-    check_inputs(judge_cfg)
+    check_inputs(judge_cfg, "eval.annotate" if cfg.eval.annotate else "annotate")
     if cfg.eval.annotate is None:
         log(TRAINING_JUDGE_WARNING)
     baseline_path = cfg.eval.baseline or cfg.policy.model

@@ -24,7 +24,7 @@ from oaif.annotate.base import Annotator
 from oaif.annotate.judge import judge_pairs, judgment_metrics, label_mass_warning
 from oaif.annotate.select import build_annotator, check_inputs
 from oaif.checkpoint import latest_checkpoint, read_trainer_state, restore_trainer, save_checkpoint
-from oaif.config import ConfigError, RunConfig, dump_config
+from oaif.config import ConfigError, RunConfig, RunStopped, dump_config
 from oaif.generate import check_model, load_tokenizer
 from oaif.evaluate import TRAINING_JUDGE_WARNING, eval_annotator_config, eval_prompts, format_summary
 from oaif.evaluate import max_new_tokens as eval_max_new_tokens
@@ -50,6 +50,10 @@ def header() -> str:
 
 
 class RunDirExists(FileExistsError):
+    pass
+
+
+class TooManyInvalid(RunStopped):
     pass
 
 
@@ -161,6 +165,12 @@ class Loop:
 
         t0 = time.perf_counter()
         pairs, metrics = on_main(self.accelerator, lambda: self.collect(index, next(batches)))
+        invalid, ceiling = metrics.get("annotate/invalid_rate"), self.cfg.annotate.max_invalid_rate
+        if invalid is not None and invalid > ceiling:   # every rank sees rank 0's metrics and stops alike
+            raise TooManyInvalid(
+                f"round {index}: {invalid:.0%} of the judged pairs got an invalid judgment (> annotate.max_invalid_rate "
+                f"{ceiling:g}), so the round was not trained on; the judge's raw answers are in "
+                f"{self.run_dir / 'rounds' / f'{index:06d}' / 'judgments.jsonl'}")
         if pairs:
             metrics |= self.trainer.train_round(pairs)
             self.policy_version += 1
@@ -297,16 +307,9 @@ class GracefulStop:
 
 
 def check_models(cfg: RunConfig) -> None:
-    """Every local model the run will load exists (before any file is written)."""
+    """The policy and baseline models exist (before any file is written; check_inputs checks
+    the judges')."""
     check_model(cfg.policy.model, "policy.model")
-    for where, a in (("annotate", cfg.annotate), ("eval.annotate", cfg.eval.annotate)):
-        if a is None:
-            continue
-        members = [(f"{where}.mix[{i}].model", m.backend, m.model) for i, m in enumerate(a.mix)] \
-            if a.backend == "mix" else [(f"{where}.model", a.backend, "")]
-        for key, backend, model in members:
-            if backend in ("vllm", "transformers") and (model or a.model):
-                check_model(model or a.model, key if model else f"{where}.model")
     if cfg.eval.every and cfg.eval.baseline:
         check_model(cfg.eval.baseline, "eval.baseline")
 
@@ -342,7 +345,7 @@ def _run(cfg: RunConfig, accelerator, log, resume_dir: Path | None, checkpoint: 
     check_distributed(cfg, accelerator)
     if cfg.eval.every:
         eval_prompts(cfg)
-        check_inputs(eval_annotator_config(cfg))
+        check_inputs(eval_annotator_config(cfg), "eval.annotate" if cfg.eval.annotate else "annotate")
         if cfg.eval.annotate is None:
             log(TRAINING_JUDGE_WARNING)
     start = 0
@@ -374,7 +377,15 @@ def _run(cfg: RunConfig, accelerator, log, resume_dir: Path | None, checkpoint: 
             next(batches)
         lengths = []
         for index in range(start, cfg.rounds):
-            metrics = loop.round(index, batches)
+            try:
+                metrics = loop.round(index, batches)
+            except TooManyInvalid as e:   # nothing of this round was trained: the last round's state is whole
+                if index == 0:
+                    raise RunStopped(f"{e}. Fix the judge, then `oaif resume {run_dir}` starts again") from None
+                if not (run_dir / "checkpoints" / f"round_{index - 1:06d}").is_dir():
+                    checkpoint_now(run_dir, loop.trainer, loop.tokenizer, accelerator, index - 1, loop.policy_version)
+                raise RunStopped(f"{e}. Checkpoint after round {index - 1} is written; fix the judge, then "
+                                 f"`oaif resume {run_dir}`") from None
             if cfg.eval.every and ((index + 1) % cfg.eval.every == 0 or index == cfg.rounds - 1):
                 metrics |= loop.evaluate(index)
             stopping = stop is not None and stop.signal is not None
@@ -403,21 +414,26 @@ def _run(cfg: RunConfig, accelerator, log, resume_dir: Path | None, checkpoint: 
 
 def finish_round(cfg: RunConfig, run_dir: Path, trainer, tokenizer, accelerator, index: int, policy_version: int,
                  metrics: dict, last: bool) -> None:
-    """Checkpoint (when due), metrics.jsonl and replicas.jsonl; rank 0 writes."""
-    from oaif.distributed import gathered_state_dict, on_main
-
-    due = last or (cfg.train.checkpoint_every and (index + 1) % cfg.train.checkpoint_every == 0)
-    state = gathered_state_dict(accelerator, trainer.model) if due else None   # every rank: may gather shards
+    """metrics.jsonl and replicas.jsonl, then the checkpoint when due; rank 0 writes."""
+    from oaif.distributed import on_main
 
     def write() -> None:
-        # Records before the checkpoint: a crash between them leaves rows that the resume from
-        # the previous checkpoint drops, never a checkpoint whose round has no metrics.
         append_jsonl(run_dir / "metrics.jsonl", metrics)
         for step, hashes in trainer.replica_hashes:
             append_jsonl(run_dir / "replicas.jsonl", {"round": index, "step": step, "hashes": hashes})
         crash_point("metrics")
-        if due:
-            save_checkpoint(run_dir, index, policy_version, trainer, tokenizer, state)
 
+    # Records before the checkpoint: a crash between them leaves rows that the resume from the
+    # previous checkpoint drops, never a checkpoint whose round has no metrics.
     on_main(accelerator, write)
     trainer.replica_hashes.clear()
+    if last or (cfg.train.checkpoint_every and (index + 1) % cfg.train.checkpoint_every == 0):
+        checkpoint_now(run_dir, trainer, tokenizer, accelerator, index, policy_version)
+
+
+def checkpoint_now(run_dir: Path, trainer, tokenizer, accelerator, index: int, policy_version: int) -> None:
+    """Every rank calls it (the weights may have to be gathered from shards); rank 0 writes."""
+    from oaif.distributed import gathered_state_dict, on_main
+
+    state = gathered_state_dict(accelerator, trainer.model)
+    on_main(accelerator, lambda: save_checkpoint(run_dir, index, policy_version, trainer, tokenizer, state))

@@ -16,9 +16,9 @@ def tiny_model(tmp_path_factory) -> Path:
     return out
 
 
-def run_oaif(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def run_oaif(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
     """`oaif ...` as a user runs it: a separate process, output captured."""
-    return subprocess.run([sys.executable, "-m", "oaif.cli", *args], cwd=cwd, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "oaif.cli", *args], cwd=cwd, capture_output=True, text=True, env=env)
 
 
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos: int) -> list[int]:

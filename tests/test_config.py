@@ -25,13 +25,53 @@ def test_unknown_keys_name_the_path_and_suggest(tmp_path):
     assert "annotate.backend: 'gpt' is not one of 'rules', 'vllm'" in msg
 
 
-def test_values_are_checked():
-    with pytest.raises(ConfigError, match="generate.temperature: must be > 0"):
-        load_config(None, ["generate.temperature=0"])
-    with pytest.raises(ConfigError, match="a pair needs 2 samples"):
-        load_config(None, ["generate.samples_per_prompt=1"])
-    with pytest.raises(ConfigError, match="expected key=value"):
-        load_config(None, ["rounds"])
+@pytest.mark.parametrize("override, message", [
+    ("generate.temperature=0", "generate.temperature: must be > 0"),
+    ("generate.samples_per_prompt=1", "generate.samples_per_prompt: must be even and >= 2"),
+    ("generate.samples_per_prompt=3", "samples are paired 0-1, 2-3"),
+    ("generate.top_p=0", "generate.top_p: must be in (0, 1], got 0"),
+    ("generate.top_p=1.5", "generate.top_p: must be in (0, 1], got 1.5"),
+    ("rounds=-1", "rounds: must be > 0, got -1"),
+    ("train.batch_size=two", "train.batch_size: expected an integer, got 'two'"),
+    ("annotate.max_invalid_rate=1.2", "annotate.max_invalid_rate: must be in [0, 1]"),
+    ("rounds", "expected key=value"),
+])
+def test_values_are_checked(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.loss=ipo", "train.margin_scale=1.0"], "train.margin_scale: applies to dpo, cdpo and soft only, not ipo"),
+    (["train.loss=dpo", "train.kto_desirable_weight=2"], "apply to loss kto only, not dpo"),
+])
+def test_a_setting_that_would_do_nothing_is_refused(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value)
+    load_config(None, [overrides[1], "train.loss=kto" if "kto" in overrides[1] else "train.loss=soft"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "the file is empty"),
+    ("# only a comment\n", "the file is empty"),
+    ("- rounds: 3\n", "the top level must be a mapping of keys"),
+    ("rounds: [3\n", "not valid YAML"),
+])
+def test_a_config_file_that_is_not_a_config(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_labels_the_judge_cannot_read_as_one_token_fail_before_the_run(tiny_model, tmp_path):
+    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
+                 "annotate.backend=transformers", "annotate.labels=[first answer, second answer]")
+    assert r.returncode == 2 and "annotate.labels: 'first answer' is not one token" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not any(tmp_path.iterdir())
 
 
 def test_cli_rejects_a_bad_override_before_doing_anything(tmp_path):

@@ -1,14 +1,21 @@
-"""A run stopped by a signal: it finishes the round in flight, writes a checkpoint, exits 0
-with a resume line, and `oaif resume` continues it without a gap or a duplicate."""
+"""Runs that meet trouble: a signal (finish the round, checkpoint, exit 0 with a resume
+line), a judge endpoint that goes down (stop with a checkpoint instead of training on what is
+left), a shortened kill drill, and an API key that must appear nowhere a run writes."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
 
 from oaif.records import read_jsonl
 
 from conftest import ROOT, run_oaif
+from test_openai_faults import TOP, completion
 
 
 def test_sigterm_finishes_the_round_checkpoints_and_the_run_resumes(tiny_model, tmp_path):
@@ -52,3 +59,70 @@ def test_resume_refuses_overrides_that_change_what_the_run_is(tmp_path):
         key = override.split("=")[0]
         assert r.returncode == 2 and f"{key}: a resumed run keeps its {key}" in r.stderr, r.stderr[-2000:]
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]   # nothing touched
+
+
+class FlakyJudge(BaseHTTPRequestHandler):
+    """An OpenAI-compatible completions endpoint that answers `budget` requests, then fails
+    with 503 (an endpoint going down mid-run), recording the Authorization headers it saw."""
+    budget, auth = 0, set()
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        FlakyJudge.auth.add(self.headers.get("Authorization", ""))
+        FlakyJudge.budget -= 1
+        ok = FlakyJudge.budget >= 0
+        body = json.dumps(completion("1", TOP, chat=False) if ok else {"error": {"message": "down"}}).encode()
+        self.send_response(200 if ok else 503)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_a_judge_that_goes_down_stops_the_run_with_a_checkpoint_and_the_key_leaks_nowhere(tiny_model, tmp_path):
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FlakyJudge)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    key = "sk-planted-3b9d-must-not-leak"
+    env = {**os.environ, "OAIF_PLANTED_KEY": key}
+    FlakyJudge.budget = 20   # round 0 (8 prompts: at most 16 requests) is answered; round 1 mostly not
+    try:
+        r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
+                     "name=flaky", "rounds=4", "prompts_per_round=8", "train.checkpoint_every=0",
+                     "annotate.backend=openai", f"annotate.openai.base_url=http://127.0.0.1:{httpd.server_port}/v1",
+                     "annotate.openai.endpoint=completions", "annotate.openai.api_key_env=OAIF_PLANTED_KEY",
+                     "annotate.openai.max_retries=0", "annotate.cache=", env=env)
+        run_dir = tmp_path / "flaky"
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert "round 1: " in r.stderr and "> annotate.max_invalid_rate 0.5" in r.stderr
+        assert f"Checkpoint after round 0 is written; fix the judge, then `oaif resume {run_dir}`" in r.stderr
+        assert "Traceback" not in r.stderr
+        assert [m["round"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [0]
+        assert (run_dir / "checkpoints/round_000000/trainer.pt").is_file()
+
+        FlakyJudge.budget = 10 ** 6   # the endpoint is back
+        again = run_oaif("resume", str(run_dir), env=env)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert [m["round"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [0, 1, 2, 3]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert FlakyJudge.auth == {f"Bearer {key}"}   # the key was sent, and only as the header
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) > 10 and not [p for p in written if key.encode() in p.read_bytes()]
+    assert key not in r.stdout + r.stderr + again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_kill_drill_shortened(tiny_model, tmp_path):
+    out = tmp_path / "drill.md"
+    r = subprocess.run([sys.executable, "scripts/fault_drill.py", "--kills", "6", "--rounds", "4", "--model",
+                        str(tiny_model), "--out", str(out), "--workdir", str(tmp_path / "work")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    table = out.read_text()
+    for row in ("| kills | 6 |", "| lost records | 0 |", "| duplicated records | 0 |", "| corrupt records | 0 |",
+                "| stray processes | 0 |", "| final weights equal the uninterrupted run's | yes |"):
+        assert row in table, table

@@ -69,3 +69,40 @@ def test_loop_in_server_mode_through_the_cli(tiny_model, server, tmp_path):
     assert all(m["sync/seconds"] > 0 for m in metrics)
     samples = read_jsonl(tmp_path / "server/rounds/000002/samples.jsonl")
     assert len(samples) == 16 and all(s["policy_version"] == 2 and s["token_ids"] for s in samples)
+
+
+def test_a_server_ends_with_the_process_that_started_it(tiny_model):
+    """SIGKILL of oaif runs no `finally`: the server (own session, so stop_server can end its
+    group) must still end, through its parent-death signal, with every process it started."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    mark = f"OAIF_SERVER_TEST={os.getpid()}"
+    code = (f"from oaif.server import free_port, start_server\n"
+            f"p = start_server({str(tiny_model)!r}, free_port(), 'float32', 0, 256, 0.25, timeout_s=400)\n"
+            f"print(p.pid, flush=True)\nimport time; time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, mark.split("=")[0]: mark.split("=")[1]})
+
+    def marked() -> list[int]:
+        pids = []
+        for d in Path("/proc").iterdir():
+            try:
+                if d.name.isdigit() and mark.encode() in (d / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+        return pids
+
+    server_pid = int(parent.stdout.readline())       # the server is up and answering
+    assert server_pid in marked()
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 60
+    while marked() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert marked() == []

@@ -42,6 +42,20 @@ def label_token_id(tokenize, prefix_ids: list[int], prompt: str, label: str) -> 
     return ids[-1]
 
 
+def check_labels(cfg: AnnotateConfig, model: str, constitution: Constitution, template: JudgeTemplate) -> None:
+    """Each label is one token right after a judge prompt for this model's tokenizer (a
+    ValueError naming annotate.labels if not): checked before the run, not at its first judgment."""
+    from oaif.generate import load_tokenizer
+
+    judge = LocalJudge(None, load_tokenizer(model), cfg, constitution, template, Identity("", model, "", "", ""))
+    request = JudgeRequest([{"role": "user", "content": "Name a colour."}], "Blue.", "Red.")
+    text = judge.as_text(render_judge_prompt(template, constitution, request, cfg.labels,
+                                             "Both name one." if cfg.chain_of_thought else None))
+    ids = judge.tokenize(text)
+    for label in cfg.labels:
+        label_token_id(judge.tokenize, ids, text, label)
+
+
 class LocalJudge:
     def __init__(self, scorer: LabelScorer, tokenizer, cfg: AnnotateConfig, constitution: Constitution,
                  template: JudgeTemplate, identity: Identity):

@@ -75,9 +75,20 @@ def build_annotator(cfg: RunConfig) -> Annotator:
                          for m in a.mix])
 
 
-def check_inputs(cfg: RunConfig) -> None:
-    """Fail on a bad constitution or template before any engine starts or file is written."""
+def check_inputs(cfg: RunConfig, where: str = "annotate") -> None:
+    """Fail on a bad constitution or template, a missing judge model, or labels the judge's
+    tokenizer cannot read as one token each, before any engine starts or file is written.
+    where: the config section `cfg.annotate` came from (named in the errors)."""
+    from oaif.generate import check_model
+
     a = cfg.annotate
-    paths = [m.constitution or a.constitution for m in a.mix] if a.backend == "mix" else [a.constitution]
-    for path in paths:
-        load_inputs(a, path)
+    members = [(f"{where}.mix[{i}]", m.backend, m.constitution or a.constitution, m.model)
+               for i, m in enumerate(a.mix)] if a.backend == "mix" else [(where, a.backend, a.constitution, "")]
+    for key, backend, path, model in members:
+        constitution, template = load_inputs(a, path)
+        if backend in ("vllm", "transformers"):
+            from oaif.annotate.local import check_labels
+
+            if model or a.model:   # else the policy's model, checked as policy.model
+                check_model(model or a.model, f"{key}.model" if model else f"{where}.model")
+            check_labels(a, model or a.model or cfg.policy.model, constitution, template)
