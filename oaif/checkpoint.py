@@ -30,6 +30,7 @@ def save_checkpoint(run_dir: Path, round: int, policy_version: int, trainer, tok
     crash_point("checkpoint")
     torch.save({"round": round, "policy_version": policy_version, "steps": trainer.steps,
                 "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+                "schedule": {"total_steps": trainer.total_steps, "anchor": trainer.anchor},
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "trainer.pt")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -71,10 +72,30 @@ def read_trainer_state(checkpoint: Path) -> dict:
     return torch.load(path, weights_only=False)   # our own file: optimizer state and RNG states
 
 
+def schedule_anchor(cfg, state: dict, total_steps: int) -> tuple[int, float] | None:
+    """The anchor (step, scale) of lr_lambda for a run resumed with `total_steps` (more
+    rounds: a longer horizon) from a checkpoint's trainer state."""
+    from oaif.train import lr_lambda
+
+    saved = state.get("schedule", {"total_steps": total_steps, "anchor": None})
+    anchor = saved["anchor"] and tuple(saved["anchor"])
+    if saved["total_steps"] == total_steps:
+        return anchor
+    at = max(state["steps"], cfg.warmup_steps)
+    return at, lr_lambda(cfg, saved["total_steps"], anchor)(at)
+
+
 def restore_trainer(trainer, state: dict) -> None:
-    """Optimizer, schedule position, step count and RNG states as they were saved."""
+    """Optimizer, schedule position, step count and RNG states as they were saved. A run
+    resumed with more rounds (a longer schedule) continues its learning rate from where it
+    was, decaying to 0 over the new length, instead of jumping up."""
+    from oaif.train import lr_lambda
+
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.steps = state["steps"]
+    trainer.anchor = schedule_anchor(trainer.cfg, state, trainer.total_steps)
+    # The anchored schedule gives the saved step the saved rate: the optimizer's lr stays as loaded.
+    trainer.scheduler.lr_lambdas[0] = lr_lambda(trainer.cfg, trainer.total_steps, trainer.anchor)
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])

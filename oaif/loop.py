@@ -23,7 +23,7 @@ import torch
 from oaif.annotate.base import Annotator
 from oaif.annotate.judge import judge_pairs, judgment_metrics, label_mass_warning
 from oaif.annotate.select import build_annotator, check_inputs
-from oaif.checkpoint import latest_checkpoint, read_trainer_state, restore_trainer, save_checkpoint
+from oaif.checkpoint import latest_checkpoint, read_trainer_state, restore_trainer, save_checkpoint, schedule_anchor
 from oaif.config import ConfigError, RunConfig, RunStopped, dump_config
 from oaif.generate import check_model, load_tokenizer
 from oaif.evaluate import TRAINING_JUDGE_WARNING, eval_annotator_config, eval_prompts, format_summary
@@ -217,16 +217,19 @@ def start_local_server(cfg: RunConfig):
     return f"http://127.0.0.1:{port}", proc
 
 
+def schedule_steps(cfg: RunConfig) -> int:
+    """The learning-rate schedule's horizon: the most optimizer steps the run can take (every pair kept)."""
+    pairs_per_round = cfg.prompts_per_round * (cfg.generate.samples_per_prompt // 2)
+    return cfg.rounds * cfg.train.epochs_per_round * math.ceil(pairs_per_round / cfg.train.batch_size)
+
+
 def setup(cfg: RunConfig, run_dir: Path, accelerator=None, resume_from: Path | None = None) -> Loop:
     from oaif.distributed import on_main
     from oaif.generate import Generator, InProcessEngine
 
     g, lora = cfg.generate, cfg.train.lora
-    # The schedule runs over the most optimizer steps the run can take (every pair kept).
-    pairs_per_round = cfg.prompts_per_round * (g.samples_per_prompt // 2)
-    total_steps = cfg.rounds * cfg.train.epochs_per_round * math.ceil(pairs_per_round / cfg.train.batch_size)
     tokenizer = load_tokenizer(cfg.policy.model)
-    trainer = build_trainer(cfg, tokenizer.pad_token_id, total_steps, accelerator, resume_from)
+    trainer = build_trainer(cfg, tokenizer.pad_token_id, schedule_steps(cfg), accelerator, resume_from)
     loop = Loop(cfg, run_dir, None, None, trainer, None, tokenizer, accelerator, g.server_url)
     if resume_from:
         loop.policy_version = read_trainer_state(resume_from)["policy_version"]
@@ -354,11 +357,17 @@ def _run(cfg: RunConfig, accelerator, log, resume_dir: Path | None, checkpoint: 
     else:
         # No checkpoint yet (stopped in its first rounds): the run starts again from round 0.
         run_dir, checkpoint = resume_dir, checkpoint or latest_checkpoint(resume_dir)
-        done = read_trainer_state(checkpoint)["round"] if checkpoint else -1
+        state = read_trainer_state(checkpoint) if checkpoint else None
+        done = state["round"] if state else -1
         start = done + 1
         if start >= cfg.rounds:
             raise ConfigError(f"{run_dir}: rounds 0-{done} are done ({checkpoint.name}); "
                               f"pass rounds=N with N > {start} to continue")
+        anchor = schedule_anchor(cfg.train, state, schedule_steps(cfg)) if state else None
+        if anchor and anchor[1] == 0.0 and cfg.train.lr_schedule != "constant":
+            raise ConfigError(f"train.lr_schedule: the {cfg.train.lr_schedule} schedule had reached 0 at "
+                              f"{checkpoint.name}, so more rounds would train nothing; resume with "
+                              f"train.lr_schedule=constant (at train.learning_rate) to go on")
         is_adapter = checkpoint is not None and (checkpoint / "policy/adapter_config.json").is_file()
         if checkpoint is not None and is_adapter != cfg.train.lora.enabled:
             raise ConfigError(f"{checkpoint}: holds {'a LoRA adapter' if is_adapter else 'full weights'} but "

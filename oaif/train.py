@@ -156,15 +156,19 @@ def response_kl(policy: torch.nn.Module, reference: torch.nn.Module | None, prom
     return out
 
 
-def lr_lambda(cfg: TrainConfig, total_steps: int):
-    """Linear warm-up, then constant, linear decay or cosine decay to 0 at total_steps."""
+def lr_lambda(cfg: TrainConfig, total_steps: int, anchor: tuple[int, float] | None = None):
+    """Linear warm-up, then constant, linear decay or cosine decay to 0 at total_steps.
+    anchor (step, scale): a run extended at `step` decays from the scale it had there to 0 at
+    the new total_steps, in the same shape, instead of jumping to the new horizon's value."""
+    start, top = anchor or (cfg.warmup_steps, 1.0)
+
     def scale(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         if cfg.lr_schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-        return 1.0 - progress if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        progress = min(1.0, max(0, step - start) / max(1, total_steps - start))
+        return top * (1.0 - progress if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
     return scale
 
 
@@ -225,6 +229,7 @@ class DPOTrainer:
             self.model, self.optimizer = accelerator.prepare(policy, optimizer)
             self.policy = accelerator.unwrap_model(self.model)
         self.reference = reference
+        self.total_steps, self.anchor = total_steps, None   # the schedule's horizon (checkpointed)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
         self.steps = 0
         self.skipped_in_a_row = 0   # optimizer steps skipped for non-finite gradients, consecutively

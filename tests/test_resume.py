@@ -43,6 +43,25 @@ def test_resumed_trainer_takes_the_same_next_steps(tiny_model, tmp_path):
                 assert torch.allclose(p, pa[name], atol=1e-6), name
 
 
+def test_a_longer_run_continues_its_schedule_without_a_jump(tiny_model, tmp_path):
+    """Resumed with more rounds (a longer horizon), the rate goes on down from where it was,
+    in the same shape; the longer horizon alone would have raised it."""
+    for schedule in ("linear", "cosine"):
+        cfg = RunConfig(policy=PolicyConfig(model=str(tiny_model), device="cpu"),
+                        train=TrainConfig(learning_rate=1e-3, batch_size=4, micro_batch_size=4, lr_schedule=schedule))
+        tokenizer = load_tokenizer(cfg.policy.model)
+        first = build_trainer(cfg, tokenizer.pad_token_id, total_steps=8)
+        before = first.train_round(synthetic_pairs(16, 0))["train/learning_rate"]   # 4 of 8 steps
+        checkpoint = save_checkpoint(tmp_path / schedule, 0, 1, first, tokenizer)
+        longer = build_trainer(cfg, tokenizer.pad_token_id, total_steps=16, resume_from=checkpoint)
+        assert longer.scheduler.get_last_lr()[0] == before
+        after = [longer.train_round(synthetic_pairs(4, k))["train/learning_rate"] for k in range(12)]
+        assert before > after[0] and all(a > b for a, b in zip(after, after[1:11])) and after[-1] == 0.0, after
+        again = build_trainer(cfg, tokenizer.pad_token_id, total_steps=16,   # a second resume keeps the anchor
+                              resume_from=save_checkpoint(tmp_path / f"{schedule}2", 1, 2, longer, tokenizer))
+        assert again.anchor == longer.anchor and again.scheduler.get_last_lr()[0] == after[-1]
+
+
 def test_resume_rewinds_to_a_checkpoint_then_extends_the_run(tiny_model, tmp_path):
     common = [f"policy.model={tiny_model}", "generate.enforce_eager=true"]
     r = run_oaif("run", "configs/tiny_cpu.yaml", *common, f"output_dir={tmp_path}", "name=res", "rounds=4",
@@ -66,17 +85,22 @@ def test_resume_rewinds_to_a_checkpoint_then_extends_the_run(tiny_model, tmp_pat
     assert all(s["policy_version"] == 2 for s in samples)
     assert metrics[2]["generate/mean_length"] < 0.75 * metrics[0]["generate/mean_length"]
 
-    # Extend the finished run by one round from its latest checkpoint.
-    r = run_oaif("resume", str(run_dir), "rounds=5")
+    # Its linear schedule ended at 0: more rounds would train nothing, which is said, not done.
+    r = run_oaif("resume", str(run_dir), "rounds=6")
+    assert r.returncode == 2 and "more rounds would train nothing" in r.stderr, r.stderr[-2000:]
+    # Extend it by two rounds at a constant rate.
+    r = run_oaif("resume", str(run_dir), "rounds=6", "train.lr_schedule=constant")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert [m["round"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [0, 1, 2, 3, 4]
-    assert (run_dir / "checkpoints/round_000004/trainer.pt").is_file()
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["round"] for m in metrics] == [0, 1, 2, 3, 4, 5]
+    assert [m["train/learning_rate"] for m in metrics[4:]] == [1e-3, 1e-3]
+    assert (run_dir / "checkpoints/round_000005/trainer.pt").is_file()
 
     # Nothing left to do, or a move attempted: a clear error and nothing touched.
     r = run_oaif("resume", str(run_dir))
-    assert r.returncode == 2 and "rounds 0-4 are done" in r.stderr and "rounds=N" in r.stderr
-    r = run_oaif("resume", str(run_dir), "rounds=6", "name=elsewhere")
+    assert r.returncode == 2 and "rounds 0-5 are done" in r.stderr and "rounds=N" in r.stderr
+    r = run_oaif("resume", str(run_dir), "rounds=7", "name=elsewhere")
     assert r.returncode == 2 and "stays in" in r.stderr
     r = run_oaif("resume", str(tmp_path / "missing"))
     assert r.returncode == 2 and "no config.yaml" in r.stderr
-    assert len(read_jsonl(run_dir / "metrics.jsonl")) == 5
+    assert len(read_jsonl(run_dir / "metrics.jsonl")) == 6
