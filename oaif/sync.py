@@ -5,8 +5,9 @@ The only module that reaches into vLLM's workers. Weights travel as tensors thro
 reset afterwards because its KV blocks were computed with the old weights.
 
 LoRA policies sync one of two ways (`train.lora.sync`):
-  merge      merge the adapter into the base weights, push them, unmerge (default: the
-             engine then generates at full speed, see README benchmarks);
+  merge      push W + BA, computed out of place in float32 and rounded once to the base's
+             dtype; the base weights are never touched, so nothing drifts in bf16 over
+             rounds (default: the engine then generates at full speed, see README benchmarks);
   vllm_lora  save the adapter and hand vLLM a new LoRARequest (the engine must be built
              with enable_lora).
 """
@@ -28,17 +29,25 @@ def is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
+@torch.no_grad()
 def hf_named_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The model's weights under the names of the plain Hugging Face checkpoint that vLLM
-    loaded. For a (merged) peft model: drop the wrapper prefix and the lora_* tensors."""
+    loaded. For a peft model: each adapted weight as W + ΔW (the active adapters' deltas),
+    summed in float32 into new tensors and rounded once; the wrapper prefix and the lora_*
+    tensors are dropped."""
     if not is_peft(model):
         return [(name, t.detach()) for name, t in model.state_dict().items()]
-    out = []
-    for name, t in model.get_base_model().state_dict().items():
-        if "lora_" in name:
-            continue
-        out.append((name.replace(".base_layer.", "."), t.detach()))
-    return out
+    base = model.get_base_model()
+    merged = {}
+    for name, module in base.named_modules():
+        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+            w = module.base_layer.weight
+            adapters = [a for a in module.active_adapters
+                        if a in module.lora_A or a in getattr(module, "lora_embedding_A", {})]
+            delta = sum(module.get_delta_weight(a).float() for a in adapters)
+            merged[f"{name}.base_layer.weight"] = (w.float() + delta).to(w.dtype)
+    return [(name.replace(".base_layer.", "."), merged.get(name, t).detach())
+            for name, t in base.state_dict().items() if "lora_" not in name]
 
 
 def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -52,16 +61,9 @@ def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def push_weights(llm, model: torch.nn.Module) -> float:
-    """Load `model`'s current weights (LoRA merged in) into `llm`; returns seconds."""
+    """Load `model`'s current weights (LoRA merged in, out of place) into `llm`; returns seconds."""
     t0 = time.perf_counter()
-    merged = is_peft(model)
-    if merged:
-        model.merge_adapter()
-    try:
-        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": hf_named_weights(model)})
-    finally:
-        if merged:
-            model.unmerge_adapter()
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": hf_named_weights(model)})
     llm.reset_prefix_cache()
     return time.perf_counter() - t0
 

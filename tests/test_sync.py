@@ -83,3 +83,27 @@ def test_lora_sync_matches_the_peft_policy(tiny_model, engine, tmp_path, sync):
     assert gen.greedy(check_ids, 48) == [hf_greedy(policy, ids, 48, tokenizer.eos_token_id) for ids in check_ids]
     if sync == "vllm_lora":
         assert served.lora_request.lora_int_id == 3   # versions 0, 1, 2: a new id each
+
+
+def test_lora_merge_leaves_a_bf16_base_untouched_and_rounds_once(tiny_model):
+    """The merge sync pushes W + BA computed out of place: after many syncs the bf16 base is
+    bit-for-bit what it was (merging and unmerging in place would round it every round), and
+    each pushed weight is the float32 sum rounded once."""
+    import torch
+
+    from oaif.sync import hf_named_weights
+    from oaif.train import build_policy
+
+    policy, _ = build_policy(str(tiny_model), "bfloat16", "cpu", TrainConfig(lora=LoraConfig(enabled=True, r=4)))
+    torch.manual_seed(0)
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)   # a trained adapter (B starts at 0)
+    base = {n: t.clone() for n, t in policy.get_base_model().state_dict().items() if "lora_" not in n}
+    for _ in range(20):
+        pushed = dict(hf_named_weights(policy))
+    assert all(torch.equal(t, base[n]) for n, t in policy.get_base_model().state_dict().items() if n in base)
+    layer = policy.get_base_model().model.layers[0].self_attn.q_proj
+    want = (layer.base_layer.weight.float() + layer.get_delta_weight("default").float()).to(torch.bfloat16)
+    got = pushed["model.layers.0.self_attn.q_proj.weight"]
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want) and not torch.equal(got, layer.base_layer.weight)
