@@ -20,8 +20,9 @@ from oaif.faults import crash_point
 
 
 def save_checkpoint(run_dir: Path, round: int, policy_version: int, trainer, tokenizer,
-                    state_dict: dict | None = None) -> Path:
-    """state_dict: the gathered weights of a multi-process run (FSDP, ZeRO-3 shard them)."""
+                    state_dict: dict | None = None, keep: int = 0) -> Path:
+    """state_dict: the gathered weights of a multi-process run (FSDP, ZeRO-3 shard them).
+    keep: once this one is whole, delete all but the newest `keep` checkpoints (0: none)."""
     final = run_dir / "checkpoints" / f"round_{round:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -34,6 +35,9 @@ def save_checkpoint(run_dir: Path, round: int, policy_version: int, trainer, tok
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "trainer.pt")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    if keep:
+        for old in sorted(p for p in final.parent.glob("round_??????") if p.name < final.name)[:-(keep - 1) or None]:
+            shutil.rmtree(old)
     return final
 
 

@@ -129,6 +129,7 @@ class TrainConfig:
     disable_dropout: bool = _f(True, "Set every dropout in the policy to 0, so the policy that is trained is the one that sampled.")
     check_replicas: bool = _f(False, "Multi-process (DDP): after every optimizer step, compare a hash of every rank's parameters, write them to replicas.jsonl and stop if they differ. Costs one pass over the weights per step.")
     checkpoint_every: int = _f(5, "Save a checkpoint every N rounds (0: only after the last round). A checkpoint is also written after the last round and when SIGINT/SIGTERM stops a run.")
+    keep_checkpoints: int = _f(3, "Keep the newest N checkpoints; older ones are deleted once a newer one is whole (0: keep all).")
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -284,6 +285,8 @@ def _validate(cfg: RunConfig) -> list[str]:
         errors.append(f"train.kto_desirable_weight / kto_undesirable_weight: apply to loss kto only, not {t.loss}")
     if cfg.generate.temperature <= 0:
         errors.append("generate.temperature: must be > 0 (vLLM allows only one greedy sample per prompt)")
+    if cfg.train.keep_checkpoints < 0 or cfg.train.checkpoint_every < 0:
+        errors.append("train.keep_checkpoints, train.checkpoint_every: must be >= 0")
     if cfg.train.learning_rate <= 0:
         errors.append(f"train.learning_rate: must be > 0, got {cfg.train.learning_rate}")
     if not 0 <= cfg.train.label_smoothing < 0.5:

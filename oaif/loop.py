@@ -445,4 +445,5 @@ def checkpoint_now(run_dir: Path, trainer, tokenizer, accelerator, index: int, p
     from oaif.distributed import gathered_state_dict, on_main
 
     state = gathered_state_dict(accelerator, trainer.model)
-    on_main(accelerator, lambda: save_checkpoint(run_dir, index, policy_version, trainer, tokenizer, state))
+    keep = trainer.cfg.keep_checkpoints
+    on_main(accelerator, lambda: save_checkpoint(run_dir, index, policy_version, trainer, tokenizer, state, keep))

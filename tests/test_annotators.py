@@ -161,3 +161,21 @@ def test_cache_survives_a_torn_last_line_and_names_a_bad_middle_line(tmp_path):
     path.write_text('{"key": "k1"}\nnot json\n{"key": "k3"}\n')
     with pytest.raises(ValueError, match=r"cache.jsonl:2: not a JSON record"):
         read_cache(path)
+
+
+def test_a_local_judge_is_named_in_the_cache_by_its_content(tiny_model, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from oaif.annotate.cache import model_fingerprint
+
+    copy = tmp_path / "judge"
+    shutil.copytree(tiny_model, copy)
+    assert model_fingerprint(str(copy)) == model_fingerprint(str(tiny_model))   # moved: same judge
+    weights = load_file(copy / "model.safetensors")
+    name = sorted(weights)[-1]
+    weights[name] = weights[name] + 1e-3                                         # retrained in place
+    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
+    assert model_fingerprint(str(copy)) != model_fingerprint(str(tiny_model))
+    assert model_fingerprint("org/judge") == "org/judge"

@@ -104,3 +104,16 @@ def test_resume_rewinds_to_a_checkpoint_then_extends_the_run(tiny_model, tmp_pat
     r = run_oaif("resume", str(tmp_path / "missing"))
     assert r.returncode == 2 and "no config.yaml" in r.stderr
     assert len(read_jsonl(run_dir / "metrics.jsonl")) == 6
+
+
+def test_only_the_newest_checkpoints_are_kept(tiny_model, tmp_path):
+    cfg = RunConfig(policy=PolicyConfig(model=str(tiny_model), device="cpu"))
+    tokenizer = load_tokenizer(cfg.policy.model)
+    trainer = build_trainer(cfg, tokenizer.pad_token_id, total_steps=4)
+    (tmp_path / "checkpoints/round_000007.tmp").mkdir(parents=True)   # an interrupted save: neither counted nor deleted
+    for k in range(5):
+        save_checkpoint(tmp_path, k, k, trainer, tokenizer, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == \
+        ["round_000003", "round_000004", "round_000007.tmp"]
+    save_checkpoint(tmp_path, 5, 5, trainer, tokenizer, keep=0)
+    assert len(list((tmp_path / "checkpoints").glob("round_??????"))) == 3

@@ -19,6 +19,25 @@ from oaif.annotate.base import Annotator, Answer, JudgeRequest
 from oaif.records import append_jsonl, read_jsonl
 
 
+def model_fingerprint(model: str) -> str:
+    """What a local judge model folder holds, cheaply: its config and, per weight file, the
+    name, size and first and last MiB (a retrained or replaced model at the same path gets
+    a new key). A hub id is its own fingerprint."""
+    path = Path(model)
+    if not path.is_dir():
+        return model
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.name == "config.json" or f.suffix in (".safetensors", ".bin", ".pt", ".gguf"):
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+                fh.seek(max(0, size - (1 << 20)))
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
 def read_cache(path: Path) -> list[dict]:
     """The cache's rows. A last line without its newline is an append cut short (a crash in
     the middle of a write): it is dropped and cut from the file, so the run goes on and the

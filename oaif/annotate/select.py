@@ -54,13 +54,15 @@ def _single(cfg: RunConfig, backend: str, constitution_path: str, model: str) ->
     constitution, template = load_inputs(a, constitution_path)
     annotator = BACKENDS[backend](cfg, a, model or a.model or cfg.policy.model, constitution, template)
     if a.cache and backend != "rules":  # rules cost nothing to re-run
-        from oaif.annotate.cache import CachedAnnotator
+        from oaif.annotate.cache import CachedAnnotator, model_fingerprint
 
         settings = {k: v for k, v in dataclasses.asdict(a).items()
                     if k in ("labels", "principles", "chain_of_thought", "rationale_tokens", "chat_template",
                               "dtype", "max_prompt_tokens")}
         settings["openai"] = {k: getattr(a.openai, k)
                               for k in ("base_url", "endpoint", "mode", "top_logprobs", "temperature")}
+        if backend in ("vllm", "transformers"):   # a local folder is named by its content, not its path
+            settings["model_content"] = model_fingerprint(annotator.identity.model)
         annotator = CachedAnnotator(annotator, a.cache, settings)
     return annotator
 
