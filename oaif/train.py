@@ -253,8 +253,10 @@ class DPOTrainer:
         n = len(pairs)
         return policy[:n], policy[n:], ref[:n], ref[n:]
 
-    def loss(self, pc, pr, rc, rr, p_chosen: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-pair losses (B,) for the configured loss (weights: only KTO's reference point uses them)."""
+    def loss(self, pc, pr, rc, rr, p_chosen: torch.Tensor, weights: torch.Tensor | None = None,
+             z0: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-pair losses (B,) for the configured loss. KTO: z0, the step's reference point
+        (kto_reference_point); None: these pairs' own weighted mean log-ratio."""
         cfg, beta = self.cfg, self.beta
         margin = cfg.margin_scale * (2 * p_chosen - 1)
         if cfg.loss == "dpo":
@@ -268,12 +270,12 @@ class DPOTrainer:
         if cfg.loss == "slic":
             return slic_loss(pc, pr, rc, rr, beta)
         # KTO: chosen responses are desirable, rejected undesirable; the reference point is
-        # the batch's mean log-ratio (both were sampled from the policy: a KL estimate).
+        # the mean log-ratio (both were sampled from the policy: a KL estimate).
         policy, ref = torch.cat([pc, pr]), torch.cat([rc, rr])
         w = torch.ones_like(policy) if weights is None else torch.cat([weights, weights])
         desirable = torch.arange(len(policy), device=policy.device) < len(pc)
-        per_response = kto_loss(policy, ref, desirable, beta, ((policy - ref) * w).sum() / w.sum().clamp(min=1),
-                                cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
+        z0 = ((policy - ref) * w).sum() / w.sum().clamp(min=1) if z0 is None else z0
+        per_response = kto_loss(policy, ref, desirable, beta, z0, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
         return (per_response[:len(pc)] + per_response[len(pc):]) / 2
 
     def train_round(self, pairs: list[PreferencePair]) -> dict[str, float]:
@@ -287,6 +289,7 @@ class DPOTrainer:
                 batch = pairs[start:start + cfg.batch_size]
                 share, weights = rank_share(batch, rank, world)
                 self.optimizer.zero_grad(set_to_none=True)
+                z0 = self.kto_reference_point(share, weights) if cfg.loss == "kto" else None
                 micros = range(0, len(share), cfg.micro_batch_size)
                 for m in micros:
                     micro = share[m:m + cfg.micro_batch_size]
@@ -296,7 +299,7 @@ class DPOTrainer:
                         pc, pr, rc, rr = self._forward(micro)
                         w = torch.tensor(weights[m:m + cfg.micro_batch_size], device=pc.device)
                         p_chosen = torch.tensor([p.p_chosen for p in micro], device=pc.device)
-                        losses = self.loss(pc, pr, rc, rr, p_chosen, w)
+                        losses = self.loss(pc, pr, rc, rr, p_chosen, w, z0)
                         # Scaled so the rank-averaged, accumulated gradient is the mean over the step's pairs.
                         loss = (losses * w).sum() * world / len(batch)
                         loss.backward() if acc is None else acc.backward(loss)
@@ -327,6 +330,21 @@ class DPOTrainer:
         return {**{f"train/{k}": v for k, v in stats.means(acc).items()},
                 "train/grad_norm": sum(norms) / len(norms) if norms else None, "train/skipped_steps": skipped,
                 "train/steps": self.steps, "train/learning_rate": self.scheduler.get_last_lr()[0]}
+
+    @torch.no_grad()
+    def kto_reference_point(self, share: list[PreferencePair], weights: list[float]) -> torch.Tensor:
+        """KTO's z0 for one optimizer step: the weighted mean log-ratio over every response of
+        the step on every rank, from a forward pass without gradients before the step's
+        passes, so it depends neither on micro_batch_size nor on the number of processes."""
+        acc, mbs = self.accelerator, self.cfg.micro_batch_size
+        total = torch.zeros(2, device=next(self.policy.parameters()).device)
+        for m in range(0, len(share), mbs):
+            pc, pr, rc, rr = self._forward(share[m:m + mbs])
+            w = torch.tensor(weights[m:m + mbs], device=pc.device)
+            total += torch.stack([(((pc - rc) + (pr - rr)) * w).sum().float(), 2 * w.sum()])
+        if acc is not None and acc.num_processes > 1:
+            total = acc.reduce(total, reduction="sum")
+        return total[0] / total[1].clamp(min=1)
 
     def skip_step(self) -> None:
         """A step whose gradients are not finite changes nothing (a NaN would reach every weight

@@ -66,15 +66,15 @@ def test_two_process_loop_through_the_cli(tiny_model, tmp_path):
     assert len(samples) == 16 and all(s["policy_version"] == 2 and s["token_ids"] for s in samples)
 
 
-@pytest.mark.parametrize("micro", [1, 2])
-def test_two_process_training_gives_the_one_process_weights(tiny_model, tmp_path, micro):
+@pytest.mark.parametrize("micro, loss", [(1, "dpo"), (2, "dpo"), (2, "kto")])   # kto: z0 over both ranks
+def test_two_process_training_gives_the_one_process_weights(tiny_model, tmp_path, micro, loss):
     # 7 pairs in steps of 4: the last step splits 2 + 1 (+ 1 weight-0 padding pair).
     rows = [{"prompt": f"Question {i}?", "chosen": "Yes.", "rejected": f"Well, about question {i}, it depends."}
             for i in range(7)]
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = [str(pairs), "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
-              "rounds=2", "train.batch_size=4", f"train.micro_batch_size={micro}", "train.learning_rate=1e-3"]
+              "rounds=2", "train.batch_size=4", f"train.micro_batch_size={micro}", "train.learning_rate=1e-3", f"train.loss={loss}"]
     r = run_oaif("offline", *common, "name=one")
     assert r.returncode == 0, r.stderr[-3000:]
     r = launch("offline", *common, "name=two", "train.check_replicas=true")

@@ -131,3 +131,24 @@ def test_a_step_with_non_finite_gradients_is_skipped_and_repeated_ones_stop_the_
     with pytest.raises(RunStopped, match="3 optimizer steps in a row had non-finite gradients"):
         trainer.train_round(pairs + pairs[:2])
     assert all(torch.equal(kept[k], v) for k, v in policy.state_dict().items())
+
+
+def test_kto_reference_point_does_not_depend_on_the_micro_batch_size(tiny_model):
+    """KTO's z0 is the whole step's mean log-ratio, not each micro-batch's: gradient
+    accumulation in passes of 1 pair gives the weights of one pass of 4."""
+    from oaif.config import TrainConfig
+    from oaif.train import DPOTrainer, load_causal_lm
+
+    pairs = [PreferencePair(0, 0, str(i), [], "a", "b", 0.9, [1, 2, 3], [4 + i, 5, 2], [6, 7 + 3 * i, 8, 9, 2])
+             for i in range(4)]
+    weights = []
+    for micro in (4, 1):
+        policy = load_causal_lm(str(tiny_model), "float32", trainable=True)
+        reference = load_causal_lm(str(tiny_model), "float32", trainable=False)
+        cfg = TrainConfig(loss="kto", learning_rate=1e-2, batch_size=4, micro_batch_size=micro)
+        trainer = DPOTrainer(policy, reference, cfg, 0)
+        for _ in range(3):   # after the first step the policy differs from the reference: z0 > 0
+            trainer.train_round(pairs)
+        weights.append({k: v.clone() for k, v in policy.state_dict().items()})
+    differ = max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0])
+    assert differ < 1e-5, differ
