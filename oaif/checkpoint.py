@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -29,8 +30,13 @@ def save_checkpoint(run_dir: Path, round: int, policy_version: int, trainer, tok
     trainer.policy.save_pretrained(tmp / "policy", state_dict=state_dict)   # peft: the adapter only (small)
     tokenizer.save_pretrained(tmp / "policy")
     crash_point("checkpoint")
+    from oaif.distributed import sharded
+
+    # Sharded (FSDP, ZeRO): rank 0's optimizer state is one shard of it, wrong on any other
+    # rank; it is not saved, and a resume starts AdamW's moments afresh (restore_trainer says so).
+    optimizer = None if sharded(trainer.accelerator) else trainer.optimizer.state_dict()
     torch.save({"round": round, "policy_version": policy_version, "steps": trainer.steps,
-                "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+                "optimizer": optimizer, "scheduler": trainer.scheduler.state_dict(),
                 "schedule": {"total_steps": trainer.total_steps, "anchor": trainer.anchor},
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "trainer.pt")
     shutil.rmtree(final, ignore_errors=True)
@@ -93,9 +99,14 @@ def restore_trainer(trainer, state: dict) -> None:
     """Optimizer, schedule position, step count and RNG states as they were saved. A run
     resumed with more rounds (a longer schedule) continues its learning rate from where it
     was, decaying to 0 over the new length, instead of jumping up."""
+    from oaif.distributed import sharded
     from oaif.train import lr_lambda
 
-    trainer.optimizer.load_state_dict(state["optimizer"])
+    if state["optimizer"] is None or sharded(trainer.accelerator):
+        print("oaif: the optimizer state of a sharded run (FSDP, ZeRO) is not checkpointed: AdamW's moments start "
+              "afresh (weights, schedule position and RNG are restored)", file=sys.stderr)
+    else:
+        trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.steps = state["steps"]
     trainer.anchor = schedule_anchor(trainer.cfg, state, trainer.total_steps)

@@ -103,6 +103,15 @@ def on_main(accelerator, fn: Callable[[], T]) -> T:
     return result
 
 
+def sharded(accelerator) -> bool:
+    """FSDP or DeepSpeed: each rank holds only a shard of the weights and optimizer state."""
+    if accelerator is None:
+        return False
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
 def gathered_state_dict(accelerator, model):
     """The full state dict for saving or syncing, or None on the plain path. Every rank must
     call it: FSDP and ZeRO-3 gather the shards collectively."""

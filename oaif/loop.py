@@ -304,9 +304,21 @@ class GracefulStop:
         print(f"\n{self.signal}: finishing this round, then a checkpoint; send it again to stop at once",
               file=sys.stderr, flush=True)
 
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
     def restore(self) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+def stop_agreed(stop: GracefulStop, accelerator) -> bool:
+    """Whether any rank was signalled: every rank must stop after the same round, checkpoint
+    included (a collective), or the others would wait for it forever."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return bool(stop)
+    flag = torch.tensor([1.0 if stop else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def check_models(cfg: RunConfig) -> None:
@@ -376,7 +388,7 @@ def _run(cfg: RunConfig, accelerator, log, resume_dir: Path | None, checkpoint: 
         log((f"resuming {run_dir} after round {done} from {checkpoint}" if checkpoint else
              f"resuming {run_dir} from round 0 (it stopped before its first checkpoint)")
             + (f"; dropped what came later: {', '.join(dropped)}" if dropped else ""))
-    stop = GracefulStop() if accelerator is None else None   # under a launcher, the launcher's signals
+    stop = GracefulStop()   # under a launcher every rank gets the signal (the launcher forwards it)
     loop = setup(cfg, run_dir, accelerator, checkpoint if resume_dir else None)
     try:
         log(f"run directory: {run_dir}" + (f" ({accelerator.num_processes} processes)" if accelerator else ""))
@@ -397,7 +409,7 @@ def _run(cfg: RunConfig, accelerator, log, resume_dir: Path | None, checkpoint: 
                                  f"`oaif resume {run_dir}`") from None
             if cfg.eval.every and ((index + 1) % cfg.eval.every == 0 or index == cfg.rounds - 1):
                 metrics |= loop.evaluate(index)
-            stopping = stop is not None and stop.signal is not None
+            stopping = stop_agreed(stop, accelerator)
             finish_round(cfg, run_dir, loop.trainer, loop.tokenizer, accelerator, index, loop.policy_version, metrics,
                          last=index == cfg.rounds - 1 or stopping)
             log(format_row(metrics))
@@ -407,13 +419,12 @@ def _run(cfg: RunConfig, accelerator, log, resume_dir: Path | None, checkpoint: 
                 log(f"  {warning}")
             lengths.append(metrics["generate/mean_length"])
             if stopping and index < cfg.rounds - 1:
-                log(f"stopped by {stop.signal} after round {index}, checkpoint written; resume with: "
-                    f"oaif resume {run_dir}")
+                who = stop.signal or "a signal to another rank"
+                log(f"stopped by {who} after round {index}, checkpoint written; resume with: oaif resume {run_dir}")
                 return run_dir
     finally:
         loop.close()
-        if stop is not None:
-            stop.restore()
+        stop.restore()
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731 (None: every prompt of a round was too long)
     log(f"done: {cfg.rounds} rounds" + (f" (resumed after round {start - 1})" if start else "")
         + f", policy version {loop.policy_version}; mean response length "

@@ -91,3 +91,30 @@ def test_two_process_training_gives_the_one_process_weights(tiny_model, tmp_path
     for a, b in zip(m_one, m_two):   # metrics are reduced over ranks: the same as one process's
         assert b["train/loss"] == pytest.approx(a["train/loss"], abs=1e-4)
         assert b["train/reward_accuracy"] == pytest.approx(a["train/reward_accuracy"], abs=1e-6)
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_after_the_same_round_with_a_checkpoint(tiny_model, tmp_path):
+    """The launcher forwards SIGTERM to the ranks; they agree (a reduce) to stop after the
+    round in flight and write its checkpoint together (the launcher itself exits non-zero:
+    torch's agent raises on the signal)."""
+    import os
+    import signal
+
+    from oaif.records import read_jsonl
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs/accelerate/cpu_ddp_2proc.yaml"), "-m", "oaif.cli", "run", "configs/tiny_cpu.yaml",
+           f"policy.model={tiny_model}", f"output_dir={tmp_path}", "name=r", "rounds=40", "train.checkpoint_every=0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.split()[:1] == ["1"]:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, _ = proc.communicate(timeout=600)
+    last = read_jsonl(tmp_path / "r/metrics.jsonl")[-1]["round"]
+    assert 1 <= last < 39
+    assert f"stopped by SIGTERM after round {last}, checkpoint written" in "".join(seen) + out
+    assert [p.name for p in (tmp_path / "r/checkpoints").iterdir()] == [f"round_{last:06d}"]
