@@ -100,7 +100,6 @@ def test_sigterm_to_the_launcher_stops_every_rank_after_the_same_round_with_a_ch
     import os
     import signal
 
-    from oaif.records import read_jsonl
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "configs/accelerate/cpu_ddp_2proc.yaml"), "-m", "oaif.cli", "run", "configs/tiny_cpu.yaml",
