@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import functools
 import os
 import sys
@@ -134,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RunStopped) as e:
         if os.environ.get("RANK", "0") == "0":   # under a launcher every rank fails alike: say it once
             print(f"oaif: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:   # the machine, not the input: a full disk, a folder oaif may not write
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"oaif: error: cannot write {e.filename or ''}: {e.strerror}; free space or pick a writable "
+                  f"output_dir, then run again (a run directory that exists: oaif resume it)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:   # a second SIGINT/SIGTERM (the first stops after the round, cleanly)
         print("oaif: stopped at once; the last checkpoint is where `oaif resume` continues", file=sys.stderr)

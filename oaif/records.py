@@ -9,6 +9,7 @@ crash never leaves half a record.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 from dataclasses import dataclass, field
@@ -90,21 +91,32 @@ def write_jsonl(path: Path, records: Iterable[Any]) -> None:
     """Write a whole file atomically: readers see the old file or the complete new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(to_json(r) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w") as f:
+            for r in records:
+                f.write(to_json(r) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:   # a full disk, or a stop at once: no half-written temp file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
 def append_jsonl(path: Path, record: Any) -> None:
-    """Append one record as a single write of one whole line (O_APPEND)."""
+    """Append one record as a single write of one whole line (O_APPEND). A write cut short
+    (disk full) is cut back off, so the file never ends in half a record."""
     data = (to_json(record) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
+        size = os.fstat(fd).st_size
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
     finally:
         os.close(fd)
 

@@ -126,3 +126,29 @@ def test_kill_drill_shortened(tiny_model, tmp_path):
     for row in ("| kills | 6 |", "| lost records | 0 |", "| duplicated records | 0 |", "| corrupt records | 0 |",
                 "| stray processes | 0 |", "| final weights equal the uninterrupted run's | yes |"):
         assert row in table, table
+
+
+def test_a_folder_oaif_may_not_write_is_a_one_line_error(tmp_path):
+    r = run_oaif("run", "configs/tiny_cpu.yaml", "output_dir=/sys/oaif-test")   # sysfs: no new folders, even for root
+    assert r.returncode == 2 and "cannot write /sys/oaif-test: Operation not permitted" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_an_append_cut_short_by_a_full_disk_leaves_no_half_record(tmp_path, monkeypatch):
+    """Fault injection: the disk fills up in the middle of a line (no real disk here can be
+    filled on demand). The file keeps its whole records and the error says what happened."""
+    import errno
+
+    from oaif import records
+
+    path = tmp_path / "metrics.jsonl"
+    records.append_jsonl(path, {"round": 0})
+    real_write = os.write
+    monkeypatch.setattr(records.os, "write", lambda fd, data: real_write(fd, data[: len(data) // 2]))
+    with pytest.raises(OSError) as e:
+        records.append_jsonl(path, {"round": 1, "loss": 0.5})
+    assert e.value.errno == errno.ENOSPC and str(path) in str(e.value)
+    monkeypatch.undo()
+    assert path.read_text() == '{"round": 0}\n'
+    records.append_jsonl(path, {"round": 1})
+    assert [r["round"] for r in read_jsonl(path)] == [0, 1]
