@@ -206,15 +206,14 @@ def build_trainer(cfg: RunConfig, pad_id: int, total_steps: int, accelerator=Non
 
 def start_local_server(cfg: RunConfig):
     """Rank 0 of a multi-process run: a vLLM server for the policy on a free local port."""
-    from oaif.server import free_port, start_server
+    from oaif.server import start_server
 
     g = cfg.generate
-    port = free_port()
     extra = ["--tensor-parallel-size", str(g.tensor_parallel_size), "--gpu-memory-utilization",
              str(g.gpu_memory_utilization), *(["--enforce-eager"] if g.enforce_eager else [])]
-    proc = start_server(cfg.policy.model, port, cfg.policy.dtype, cfg.seed,
+    proc = start_server(cfg.policy.model, None, cfg.policy.dtype, cfg.seed,
                         cfg.policy.max_prompt_tokens + g.max_new_tokens, g.kv_cache_gib, extra)
-    return f"http://127.0.0.1:{port}", proc
+    return f"http://127.0.0.1:{proc.port}", proc
 
 
 def schedule_steps(cfg: RunConfig) -> int:

