@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -92,17 +94,70 @@ def test_readme_config_reference_matches_the_code():
     assert r.stdout.strip() in (ROOT / "README.md").read_text(), "regenerate with: oaif config-help --markdown"
 
 
+# Repository files a config or its comments point at (commands to run, other configs).
+NAMED_FILE = re.compile(r"\b((?:configs|constitutions|prompts)/[\w./-]+\.(?:yaml|jsonl|txt))\b")
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_example_config_loads(path):
-    load_config(path)
+    """Every file an example config names exists and loads with oaif's own loaders, and its rules can judge its prompts."""
+    from oaif.annotate.base import load_template
+    from oaif.constitution import load_constitution
+    from oaif.records import load_prompts
+
+    cfg = load_config(path)
+    for named in NAMED_FILE.findall(path.read_text()):
+        assert (ROOT / named).is_file(), f"{path.name} names {named}, which does not exist"
+    # The training judge on the training prompts; the evaluation judge (default: the training one) on eval.prompts.
+    for a, prompts in ((cfg.annotate, cfg.prompts), (cfg.eval.annotate or cfg.annotate, cfg.eval.prompts)):
+        loaded = load_prompts(ROOT / prompts)
+        members = [(m.backend, m.constitution or a.constitution) for m in a.mix] if a.backend == "mix" else \
+            [(a.backend, a.constitution)]
+        assert members, f"{path.name}: backend mix without members"
+        for backend, constitution_path in members:
+            constitution = load_constitution(ROOT / constitution_path)
+            load_template(ROOT / a.template, constitution)
+            if backend == "rules":
+                assert constitution.rules, f"{path.name}: the rules backend needs rules in {constitution_path}"
+                if any(r.check == "matches_reference" for r in constitution.rules):   # else every pair is invalid
+                    assert all(p.references for p in loaded), f"{path.name}: {prompts} lacks references"
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs/accelerate").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_accelerate_config_is_valid_for_accelerate(path):
-    from accelerate.commands.config.config_args import load_config_from_file
+    """accelerate's own loader reads each file, and its engine, processes and precision are what its name and README say."""
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+    from accelerate.utils import DistributedType, constants
 
-    cfg = load_config_from_file(str(path))
-    assert cfg.num_processes >= 2 and cfg.num_machines == 1
+    cfg = load_config_from_file(str(path))   # raises on a top-level key accelerate does not know
+    assert isinstance(cfg, ClusterConfig) and cfg.num_machines == 1 and cfg.machine_rank == 0
+    place, engine = path.stem.split("_")[:2]  # cpu_ddp_2proc -> cpu, ddp; gpu_zero3 -> gpu, zero3
+    # DDP is MULTI_GPU on the CPU too: only that launcher starts several processes (see the file's comment).
+    assert cfg.distributed_type == {"ddp": DistributedType.MULTI_GPU, "fsdp": DistributedType.FSDP,
+                                    "zero2": DistributedType.DEEPSPEED, "zero3": DistributedType.DEEPSPEED}[engine]
+    if place == "cpu":
+        assert cfg.use_cpu and cfg.mixed_precision == "no"
+        assert cfg.num_processes == int(re.search(r"(\d+)proc", path.stem).group(1))
+    else:
+        assert place == "gpu" and not cfg.use_cpu and cfg.mixed_precision == "bf16" and cfg.num_processes == 8
+    # accelerate launch copies the nested keys onto its own arguments and ignores the rest: each must be one.
+    known = {action.dest for action in launch_command_parser()._actions}
+    assert set(cfg.fsdp_config) | set(cfg.deepspeed_config) <= known
+    assert bool(cfg.fsdp_config) == (engine == "fsdp") and bool(cfg.deepspeed_config) == engine.startswith("zero")
+    if engine == "fsdp":
+        fsdp = cfg.fsdp_config
+        assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD" in constants.FSDP_SHARDING_STRATEGY
+        assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" in constants.FSDP_AUTO_WRAP_POLICY
+        assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT" in constants.FSDP_STATE_DICT_TYPE
+        assert fsdp["fsdp_backward_prefetch"] in constants.FSDP_BACKWARD_PREFETCH
+    if engine.startswith("zero"):
+        ds = cfg.deepspeed_config
+        assert ds["zero_stage"] == int(engine[-1])
+        assert ds["deepspeed_multinode_launcher"] in constants.DEEPSPEED_MULTINODE_LAUNCHERS
+        assert ds.get("zero3_save_16bit_model", False) == (engine == "zero3")   # else get_state_dict raises
+    for named in NAMED_FILE.findall(path.read_text()):
+        assert (ROOT / named).is_file(), f"{path.name} names {named}, which does not exist"
 
 
 def test_eval_annotator_inherits_what_it_leaves_out():
@@ -157,7 +212,7 @@ def test_overwrite_replaces_only_an_oaif_run_directory(tmp_path):
     assert "overwrite" not in (ROOT / "configs/tiny_cpu.yaml").read_text()   # shipped configs never set it
 
 
-def test_a_missing_model_is_named_before_anything_is_written(tmp_path):
+def test_a_missing_model_is_named_before_anything_is_written(tiny_model, tmp_path):
     # `nobody-org/nope` reads as a hub id: the hub (unreachable here, or without it) must be asked
     # briefly and the key named; `models/nope` is a hub id too until models/ exists (a fresh clone).
     for model in ("models/nope", str(tmp_path / "nope"), "./nope", "nobody-org/nope"):
@@ -166,7 +221,7 @@ def test_a_missing_model_is_named_before_anything_is_written(tmp_path):
         assert "Traceback" not in r.stderr
     r = run_oaif("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}/runs", f"policy.model={tmp_path}")
     assert r.returncode == 2 and "is a folder without config.json" in r.stderr
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}/runs", "annotate.backend=vllm",
-                 "annotate.model=models/missing-judge")
+    r = run_oaif("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}/runs", f"policy.model={tiny_model}",
+                 "annotate.backend=vllm", "annotate.model=models/missing-judge")
     assert r.returncode == 2 and "annotate.model: model folder 'models/missing-judge' not found" in r.stderr
     assert not (tmp_path / "runs").exists()

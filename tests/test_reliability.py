@@ -128,8 +128,9 @@ def test_kill_drill_shortened(tiny_model, tmp_path):
         assert row in table, table
 
 
-def test_a_folder_oaif_may_not_write_is_a_one_line_error(tmp_path):
-    r = run_oaif("run", "configs/tiny_cpu.yaml", "output_dir=/sys/oaif-test")   # sysfs: no new folders, even for root
+def test_a_folder_oaif_may_not_write_is_a_one_line_error(tiny_model):
+    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}",
+                 "output_dir=/sys/oaif-test")   # sysfs: no new folders, even for root
     assert r.returncode == 2 and "cannot write /sys/oaif-test: Operation not permitted" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
 
