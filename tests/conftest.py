@@ -52,6 +52,7 @@ def train_push_and_compare_greedy(tiny_model: Path, engine, push) -> None:
     judge = RulesAnnotator(load_constitution(ROOT / "constitutions/concise.yaml"))
     prompts = load_prompts(ROOT / "prompts/tiny_prompts.jsonl")
     check_ids = [gen.encode(p) for p in prompts[:8]]
+    push(policy)   # a shared engine may hold another test's weights: start from the starting policy
     before = gen.greedy(check_ids, 48)
     for version in range(3):
         groups, _ = gen.sample(prompts[8 + 16 * version: 24 + 16 * version], version, version)
@@ -61,7 +62,7 @@ def train_push_and_compare_greedy(tiny_model: Path, engine, push) -> None:
         assert pairs or version > 0, "the tiny policy should give pairs of different lengths"
         if pairs:
             trainer.train_round(pairs)
-        assert push(policy) >= 0
+        push(policy)
     assert trainer.steps >= 2
 
     policy.eval()

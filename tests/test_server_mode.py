@@ -28,8 +28,10 @@ def server(tiny_model):
 
 
 def test_server_samples_carry_exact_tokens_and_eos(tiny_model, server):
-    # Runs before the training test below, which changes the shared server's weights.
-    _, engine = server
+    from oaif.train import load_causal_lm
+
+    base_url, engine = server
+    push_weights_to_server(base_url, load_causal_lm(str(tiny_model), "float32", trainable=False))   # whatever ran before
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     prompts = load_prompts(ROOT / "prompts/tiny_prompts.jsonl")[:6]
     ids = [encode(tokenizer, p.messages) for p in prompts]
@@ -52,14 +54,44 @@ def test_after_dpo_steps_and_push_server_greedy_equals_transformers(tiny_model, 
     train_push_and_compare_greedy(tiny_model, engine, lambda policy: push_weights_to_server(base_url, policy))
 
 
+def mean_token_logprob(model, samples: list[dict]) -> float:
+    """Mean log-probability per response token of `samples` under `model`."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in samples:
+            ids = torch.tensor([s["prompt_token_ids"] + s["token_ids"]])
+            logps = model(ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
+            total += logps[len(s["prompt_token_ids"]) - 1:].sum().item()
+            count += len(s["token_ids"])
+    return total / count
+
+
 def test_loop_in_server_mode_through_the_cli(tiny_model, server, tmp_path):
-    """`oaif run` with generate.server_url: samples come from the server process and each
-    round's weights reach it through its reload endpoints."""
+    """`oaif run` with generate.server_url: the run first pushes its starting policy into the
+    server (which holds some other weights: here, noise), samples come from the server
+    process, and each round's weights reach it through its reload endpoints."""
+    import torch
+
     from oaif.records import read_jsonl
+    from oaif.train import load_causal_lm
 
     from conftest import run_oaif
 
-    url, _ = server
+    url, engine = server
+    base = load_causal_lm(str(tiny_model), "float32", trainable=False)
+    noise = load_causal_lm(str(tiny_model), "float32", trainable=False)
+    torch.manual_seed(0)
+    for p in noise.parameters():
+        p.data.add_(torch.randn_like(p), alpha=0.5)
+    push_weights_to_server(url, noise)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    prompts = load_prompts(ROOT / "prompts/tiny_prompts.jsonl")[:8]
+    ids = [encode(tokenizer, p.messages) for p in prompts]
+    from_noise = [{"prompt_token_ids": i, "token_ids": t} for i, g in
+                  zip(ids, engine.sample(ids, sample_seeds(0, "noise", 8, 2), 0.9, 1.0, 32)) for t, _, _ in g]
+
     r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
                  "name=server", "rounds=3", "prompts_per_round=8", f"generate.server_url={url}")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -68,6 +100,10 @@ def test_loop_in_server_mode_through_the_cli(tiny_model, server, tmp_path):
     assert all(m["sync/seconds"] > 0 for m in metrics)
     samples = read_jsonl(tmp_path / "server/rounds/000002/samples.jsonl")
     assert len(samples) == 16 and all(s["policy_version"] == 2 and s["token_ids"] for s in samples)
+    # Round 0 sampled the starting policy, not the noise the server held: its samples are far
+    # likelier under the starting policy than samples of the noise are.
+    round0 = read_jsonl(tmp_path / "server/rounds/000000/samples.jsonl")
+    assert mean_token_logprob(base, round0) > mean_token_logprob(base, from_noise) + 1.0
 
 
 def test_a_server_ends_with_the_process_that_started_it(tiny_model):

@@ -22,7 +22,9 @@ def engine(tiny_model):
 
 
 def test_samples_carry_exact_tokens_and_eos(tiny_model, engine):
-    # Runs before the training test below, which changes the shared engine's weights.
+    from oaif.train import load_causal_lm
+
+    push_weights(engine, load_causal_lm(str(tiny_model), "float32", trainable=False))   # whatever ran before
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     gen = Generator(InProcessEngine(engine), tokenizer, GenerateConfig(max_new_tokens=64), max_prompt_tokens=128)
     prompts = load_prompts(ROOT / "prompts/tiny_prompts.jsonl")[:6]
@@ -47,9 +49,10 @@ def test_after_dpo_steps_and_sync_vllm_greedy_equals_transformers(tiny_model, en
 
 @pytest.mark.parametrize("sync", ["merge", "vllm_lora"])
 def test_lora_sync_matches_the_peft_policy(tiny_model, engine, tmp_path, sync):
-    """Both LoRA syncs: merge -> push -> unmerge into the shared engine, or vLLM's own LoRA
-    loading (a new adapter id per version) in a LoRA-enabled engine. Either way vLLM then
-    generates what the peft model generates, and the adapter stays unmerged for training."""
+    """Both LoRA syncs: W + BA pushed into the shared engine, or vLLM's own LoRA loading (a
+    new adapter id per version) in a LoRA-enabled engine. Either way vLLM then generates what
+    the peft model generates (and something else than before training), and the adapter
+    stays unmerged for training."""
     from oaif.sync import push_lora_adapter
     from oaif.train import build_policy
 
@@ -73,14 +76,17 @@ def test_lora_sync_matches_the_peft_policy(tiny_model, engine, tmp_path, sync):
             served.lora_request = push_lora_adapter(policy, tmp_path / "adapters", version)
 
     push(0)  # the shared engine may hold another test's weights
+    check_ids = [gen.encode(p) for p in prompts[40:46]]
+    before = gen.greedy(check_ids, 48)
     for version in range(2):
         groups, _ = gen.sample(prompts[16 * version: 16 * version + 16], version, version)
         trainer.train_round(judge_pairs(judge, [(g[0], g[1]) for g in groups], version, version).pairs)
         push(version + 1)
     assert not any(getattr(m, "merged", False) for m in policy.modules())
     policy.eval()
-    check_ids = [gen.encode(p) for p in prompts[40:46]]
-    assert gen.greedy(check_ids, 48) == [hf_greedy(policy, ids, 48, tokenizer.eos_token_id) for ids in check_ids]
+    after = gen.greedy(check_ids, 48)
+    assert after == [hf_greedy(policy, ids, 48, tokenizer.eos_token_id) for ids in check_ids]
+    assert after != before, "training should change some greedy output (else an engine ignoring the adapter passes)"
     if sync == "vllm_lora":
         assert served.lora_request.lora_int_id == 3   # versions 0, 1, 2: a new id each
 
