@@ -179,3 +179,67 @@ def test_a_local_judge_is_named_in_the_cache_by_its_content(tiny_model, tmp_path
     save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
     assert model_fingerprint(str(copy)) != model_fingerprint(str(tiny_model))
     assert model_fingerprint("org/judge") == "org/judge"
+
+
+def test_an_invalid_member_makes_the_mix_answer_invalid():
+    """No silent renormalisation over the members that answered: one invalid member, an invalid mixed answer."""
+    correct = RulesAnnotator(load_constitution(ROOT / "constitutions/correct.yaml"))   # invalid without references
+    shorter = RulesAnnotator(load_constitution(ROOT / "constitutions/concise.yaml"))
+    mix = MixAnnotator([(shorter, 1.0), (correct, 1.0)])
+    with_refs = JudgeRequest([{"role": "user", "content": "Capital of France?"}], "Paris.", "It is Lyon.",
+                             references=("Paris",))
+    no_refs, both_valid = mix.judge([request("Paris.", "It is Lyon."), with_refs])
+    assert no_refs.p_first is None and "no references" in no_refs.raw
+    assert both_valid.p_first == 1.0
+
+
+def openai_judge(tmp_path, constitution, template, *overrides):
+    """The openai annotator as `oaif run` builds it (cache included), its requests answered by a stub, not a server."""
+    from oaif.annotate.base import Answer
+    from oaif.annotate.select import build_annotator
+    from oaif.config import load_config
+
+    annotator = build_annotator(load_config(None, [
+        "annotate.backend=openai", "annotate.model=judge-a", f"annotate.constitution={constitution}",
+        f"annotate.template={template}", f"annotate.cache={tmp_path / 'cache.jsonl'}", *overrides]))
+    inner = annotator.inner if isinstance(annotator, CachedAnnotator) else annotator
+    inner.judge = lambda requests: [Answer(0.8 if r.first < r.second else 0.2, "stub") for r in requests]
+    return annotator
+
+
+def test_the_cache_asks_again_when_the_model_constitution_or_template_changes(tmp_path):
+    """The judgment cache key holds the judge model and the content hashes of the constitution and template."""
+    constitution, template = tmp_path / "c.yaml", tmp_path / "t.txt"
+    constitution.write_bytes(HELPFUL.read_bytes())
+    template.write_bytes(TEMPLATE.read_bytes())
+
+    def misses(*overrides) -> int:
+        judge = openai_judge(tmp_path, constitution, template, *overrides)
+        judge.judge([request("x", "y")])
+        return judge.stats["cache_misses"]
+
+    assert (misses(), misses()) == (1, 0)                 # a repeat is answered from the cache
+    assert (misses("annotate.model=judge-b"), misses()) == (1, 0)
+    constitution.write_bytes(HELPFUL.read_bytes() + b"# edited\n")
+    assert (misses(), misses()) == (1, 0)
+    template.write_text(TEMPLATE.read_text().replace("Principles:", "Principles to apply:"))
+    assert (misses(), misses()) == (1, 0)
+
+
+def test_judgments_record_the_hashes_of_the_files_used(tmp_path):
+    """Judgment.constitution_hash / template_hash are the first 16 hex digits of the files' sha256."""
+    import hashlib
+
+    from oaif.annotate.judge import judge_pairs
+    from oaif.records import Sample
+
+    constitution, template = tmp_path / "c.yaml", tmp_path / "t.txt"
+    constitution.write_bytes(HELPFUL.read_bytes() + b"# a local edit\n")
+    template.write_text(TEMPLATE.read_text().rstrip("\n"))   # (trailing newlines are not part of a template's hash)
+    samples = [Sample(round=0, policy_version=0, prompt_id="p", messages=[{"role": "user", "content": "q"}], index=k,
+                      text=text, prompt_token_ids=[1], token_ids=[2], finish_reason="stop")
+               for k, text in enumerate("xy")]
+    judge = openai_judge(tmp_path, constitution, template)
+    [j] = judge_pairs(judge, [tuple(samples)], 0, 0).judgments
+    sha = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()[:16]   # noqa: E731
+    assert j.verdict == "a" and (j.constitution_hash, j.template_hash) == (sha(constitution), sha(template))

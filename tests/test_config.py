@@ -100,7 +100,7 @@ NAMED_FILE = re.compile(r"\b((?:configs|constitutions|prompts)/[\w./-]+\.(?:yaml
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_example_config_loads(path):
-    """Every file an example config names exists and loads with oaif's own loaders, and its rules can judge its prompts."""
+    """Every file an example config names exists and loads with oaif's loaders; its rules can judge its prompts."""
     from oaif.annotate.base import load_template
     from oaif.constitution import load_constitution
     from oaif.records import load_prompts
@@ -125,7 +125,7 @@ def test_every_example_config_loads(path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs/accelerate").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_accelerate_config_is_valid_for_accelerate(path):
-    """accelerate's own loader reads each file, and its engine, processes and precision are what its name and README say."""
+    """accelerate's own loader reads each file; its engine, processes and precision are what its name and README say."""
     from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
     from accelerate.commands.launch import launch_command_parser
     from accelerate.utils import DistributedType, constants

@@ -1,21 +1,78 @@
+import hashlib
+import re
+
 import pytest
 
-from oaif.annotate.base import load_template
+from oaif.annotate.base import JudgeRequest, load_template
+from oaif.annotate.rules import RulesAnnotator
 from oaif.constitution import ConstitutionError, load_constitution
 from oaif.records import load_prompts, read_jsonl
 
 from conftest import ROOT
 
+BUNDLED = sorted((ROOT / "constitutions").glob("*.yaml"))
+# What each bundled constitution is for: its rule checks, in order, and pairs (better, worse,
+# references) that its rules must decide for `better` in both orders. No rules: LLM judges only.
+PURPOSE = {
+    "code": (["contains", "regex", "max_chars"], [("Use:\n```python\nprint(1)\n```", "Use print(1).", ())]),
+    "concise": (["shorter"], [("Paris.", "It is Paris.", ())]),
+    "concise_correct": (["matches_reference", "shorter"], [("The answer is Paris.", "Lyon.", ("Paris",)),  # correct,
+                                                           ("Paris.", "It is Paris.", ("Paris",))]),      # then short
+    "correct": (["matches_reference"], [("Paris, I think.", "Lyon.", ("Paris",))]),
+    "harmless": ([], []),
+    "helpful": ([], []),
+}
 
-@pytest.mark.parametrize("name", ["concise", "helpful"])
-def test_bundled_constitutions_load(name):
-    c = load_constitution(ROOT / f"constitutions/{name}.yaml")
-    assert c.name == name and c.principles and len(c.hash) == 16
+
+def p_first(judge: RulesAnnotator, x: str, y: str, refs: tuple[str, ...] = ()) -> list[float | None]:
+    """P(first better) with x shown first, then with y shown first."""
+    msgs = [{"role": "user", "content": "q"}]
+    return [a.p_first for a in judge.judge([JudgeRequest(msgs, x, y, references=refs),
+                                            JudgeRequest(msgs, y, x, references=refs)])]
 
 
-def test_rules_score_each_check():
-    c = load_constitution(ROOT / "constitutions/concise.yaml")
-    assert c.rules[0].score("ab", "abc") == 1.0 and c.rules[0].score("abc", "ab") == 0.0
+@pytest.mark.parametrize("path", BUNDLED, ids=lambda p: p.stem)
+def test_every_bundled_constitution_loads_and_prefers_what_it_is_for(path):
+    """Each bundled file loads under its own name, fits the bundled judge template, and its rules do their job."""
+    c = load_constitution(path)
+    assert c.name == path.stem and c.preamble and c.principles
+    assert c.hash == hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    load_template(ROOT / "prompts/judge.txt", c)   # usable by LLM judges (examples need {examples})
+    checks, pairs = PURPOSE[path.stem]
+    assert [r.check for r in c.rules] == checks
+    for better, worse, refs in pairs:
+        assert p_first(RulesAnnotator(c), better, worse, refs) == [1.0, 0.0], (better, worse)
+
+
+def test_constitutions_named_in_readme_configs_and_code_are_bundled():
+    """Every constitutions/X.yaml a user is pointed at exists, and PURPOSE covers every bundled file."""
+    files = [ROOT / "README.md", *(ROOT / "configs").rglob("*.yaml"), *(ROOT / "oaif").rglob("*.py")]
+    named = {m for f in files for m in re.findall(r"constitutions/([\w-]+)\.yaml", f.read_text())}
+    assert {"concise", "helpful", "correct", "concise_correct", "code", "harmless"} <= named
+    assert named <= {p.stem for p in BUNDLED} and set(PURPOSE) == {p.stem for p in BUNDLED}
+
+
+@pytest.mark.parametrize("rule, first, second, refs, expected", [
+    ("{check: shorter}", "ab", "abc", (), 1.0),
+    ("{check: shorter}", "abc", "abd", (), 0.5),                        # equal lengths: a tie
+    ("{check: longer}", "abc", "ab", (), 1.0),
+    ("{check: longer}", "abc", "abd", (), 0.5),
+    ("{check: contains, text: Paris}", "It is Paris.", "It is Lyon.", (), 1.0),
+    ("{check: contains, text: Paris}", "It is paris.", "It is Lyon.", (), 0.5),     # case-sensitive
+    ("{check: not_contains, text: As an AI}", "Paris.", "As an AI, I say Paris.", (), 1.0),
+    (r"{check: regex, pattern: '\d+ km'}", "About 40 km away.", "Far away.", (), 1.0),  # anywhere (re.search)
+    ("{check: max_chars, limit: 5}", "12345", "123456", (), 1.0),      # at most: the limit itself passes
+    ("{check: max_chars, limit: 5}", "1", "12345", (), 0.5),           # both within: a tie, not "shorter"
+    ("{check: matches_reference}", "It is 12.", "It is 120.", ("12",), 1.0),         # whole words
+    ("{check: matches_reference}", "PARIS!", "London.", ("paris",), 1.0),            # case, punctuation
+    ("{check: matches_reference}", "Paris.", "London.", (), None),                   # no references: invalid
+])
+def test_each_rule_check_decides_hand_made_pairs_in_both_orders(tmp_path, rule, first, second, refs, expected):
+    """One rule per constitution: the expected P(first better) with `first` shown first, its complement swapped."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"name: t\npreamble: p\nprinciples: [p]\nrules: [{rule}]\n")
+    want = [None, None] if expected is None else [expected, 1.0 - expected]
+    assert p_first(RulesAnnotator(load_constitution(path)), first, second, refs) == want
 
 
 @pytest.mark.parametrize("body, message", [

@@ -1,10 +1,12 @@
+import dataclasses
+
 import pytest
 
 from oaif.annotate.base import Answer, Identity, JudgeRequest
 from oaif.annotate.judge import aggregate, judge_pairs, judgment_metrics
 from oaif.annotate.rules import RulesAnnotator
 from oaif.constitution import load_constitution
-from oaif.records import Sample
+from oaif.records import Judgment, OrderResult, Sample
 
 from conftest import ROOT
 
@@ -94,3 +96,59 @@ def test_missing_eos_penalty_turns_the_verdict_against_a_truncated_response():
                        missing_eos_penalty=2.0).judgments[0].p_a == pytest.approx(0.25)
     out = judge_pairs(ScriptedJudge([0.0, 1.0]), [(finished, truncated)], 0, 0, missing_eos_penalty=20.0)
     assert out.judgments[0].verdict == "a"
+
+
+def judged(p_a_first, p_b_first, masses=(None, None)) -> Judgment:
+    """A hand-made judgment from the two orders' answers (verdict and p_a as the judge computes them)."""
+    verdict, p_a = aggregate(p_a_first, p_b_first)
+    orders = [OrderResult(first, p, f"p={p}", mass) for first, p, mass in zip("ab", (p_a_first, p_b_first), masses)]
+    return Judgment(round=0, policy_version=0, prompt_id="p", a=0, b=1, backend="x", model="m", constitution="c",
+                    constitution_hash="h", template_hash="t", orders=orders, p_a=p_a, verdict=verdict)
+
+
+def test_judgment_metrics_on_hand_made_judgments():
+    """first_position_rate (position bias) counts valid answers preferring position 1; each rate has its own base."""
+    identical = dataclasses.replace(judged(0.5, 0.5), orders=[], p_a=None, verdict="identical")
+    m = judgment_metrics([
+        judged(0.9, 0.8, masses=(0.9, 0.7)),    # disagree: position 1 wins in both orders
+        judged(0.7, 0.2),                       # a, p_a 0.75
+        judged(0.5, 0.5),                       # tie: no position preferred
+        judged(None, 0.9, masses=(0.4, None)),  # invalid: its one answer counts for nothing but label mass
+        judged(0.6, 0.7),                       # disagree
+        identical,                              # never judged
+    ])
+    assert m == pytest.approx({
+        "annotate/first_position_rate": 5 / 8,     # 0.9 0.8 0.7 0.6 0.7 of 8 valid answers (not 0.2 0.5 0.5)
+        "annotate/order_agreement": 2 / 4,         # a and tie, of 4 valid
+        "annotate/invalid_rate": 1 / 5,            # of 5 judged
+        "annotate/mean_confidence": 0.75,          # kept pairs only
+        "annotate/label_mass": (0.9 + 0.7 + 0.4) / 3,
+        "annotate/identical": 1, "annotate/disagree": 2, "annotate/ties": 1, "annotate/invalid": 1,
+    })
+
+
+def test_generate_metrics_count_truncated_responses_and_skipped_prompts():
+    """generate/truncated_rate is the share of responses cut by max_new_tokens (finish_reason 'length')."""
+    from oaif.config import GenerateConfig
+    from oaif.generate import Generator
+    from oaif.records import Prompt
+
+    class Tokenizer:   # one token per character of the last message
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            return messages[-1]["content"]
+
+        def __call__(self, text, add_special_tokens):
+            return {"input_ids": [1] * len(text)}
+
+    class Engine:      # per prompt: one response cut at max_tokens and one finished, then two finished
+        def sample(self, prompt_token_ids, seeds, temperature, top_p, max_tokens):
+            finishes = [("length", "stop"), ("stop", "stop")]
+            return [[([7] * (max_tokens if f == "length" else 2), "x", f) for f in finishes[j]]
+                    for j in range(len(prompt_token_ids))]
+
+    prompts = [Prompt(str(i), [{"role": "user", "content": text}]) for i, text in enumerate(["hi", "hey", "too long"])]
+    generator = Generator(Engine(), Tokenizer(), GenerateConfig(max_new_tokens=6), max_prompt_tokens=5)
+    groups, m = generator.sample(prompts, 0, 0)
+    assert [[s.finish_reason for s in g] for g in groups] == [["length", "stop"], ["stop", "stop"]]
+    assert m["generate/truncated_rate"] == 1 / 4 and m["generate/prompts_skipped"] == 1
+    assert m["generate/mean_length"] == (6 + 2 + 2 + 2) / 4

@@ -2,9 +2,11 @@
 Retry-After, timeouts, malformed bodies, the API key's handling, and text-mode parsing.
 
 Each request carries a marker (`case-NAME`) in its first response; the server looks up the
-script for that marker and plays its n-th step on the n-th request carrying it.
+script for that marker and plays its n-th step on the n-th request carrying it. The backend's
+backoff waits are recorded, not waited (see `slept`), so no check depends on the clock.
 """
 
+import asyncio
 import json
 import math
 import re
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from oaif.annotate import openai_api
 from oaif.annotate.base import Answer, JudgeRequest, load_template
 from oaif.annotate.openai_api import OpenAIAnnotator
 from oaif.config import AnnotateConfig, OpenAIConfig
@@ -23,7 +26,10 @@ from oaif.constitution import load_constitution
 ROOT = Path(__file__).resolve().parent.parent
 KEY_ENV = "OAIF_TEST_FAKE_KEY"
 KEY = "sk-test-9f3c1e7a-DO-NOT-LEAK"
-TIMEOUT = 0.3
+TIMEOUT = 30.0   # the deadline of requests that get an answer: never reached, however busy the machine
+DEADLINE = 0.5   # the deadline of requests that get none ("hang"), tested alone: no answer has to beat it
+HANG_CAP = 10.0  # a hung request is answered after this, so a client without a deadline fails its test
+GATE_CAP = 5.0   # the longest a "gate" request waits for a second one in flight (a client that never sends two fails)
 TOP = {"1": -0.1, "2": -2.3, "The": -3.0}
 P_TOP = 1 / (1 + math.exp(TOP["2"] - TOP["1"]))
 
@@ -44,15 +50,16 @@ def completion(text: str, top: dict | None, chat: bool) -> dict:
 
 
 class Fake:
-    """The server's script (marker -> steps) and what it saw (per marker: times, auth headers)."""
+    """The server's script (marker -> steps) and what it saw (per marker: auth headers; all requests' auth)."""
 
     def __init__(self):
         self.script: dict[str, list] = {}
-        self.seen: dict[str, list[tuple[float, str]]] = {}
-        self.current: set[str] = set()  # the running test's markers (an earlier test's may still sleep)
-        self.sleeping: dict[str, int] = {}
-        self.max_in_flight = 0
+        self.seen: dict[str, list[str | None]] = {}
+        self.auth: list[str | None] = []          # every request's Authorization header (None: absent)
+        self.in_flight = self.max_in_flight = 0   # "gate" requests being answered at once
         self.lock = threading.Lock()
+        self.gate = threading.Condition(self.lock)
+        self.release = threading.Event()          # ends the "hang" steps at teardown
 
 
 def make_handler(fake: Fake):
@@ -71,14 +78,16 @@ def make_handler(fake: Fake):
 
         def do_POST(self):
             request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            auth = self.headers.get("Authorization")
+            with fake.lock:
+                fake.auth.append(auth)
             if not self.path.endswith("/completions"):  # also /chat/completions; /tokenize: none here
                 return self.send(404, b'{"error": {"message": "not found"}}')
             prompt = request.get("prompt") or request["messages"][0]["content"]
             marker = re.search(r"case-[a-z0-9]+", prompt).group(0)
-            auth = self.headers.get("Authorization", "")
             with fake.lock:
                 seen = fake.seen.setdefault(marker, [])
-                seen.append((time.monotonic(), auth))
+                seen.append(auth)
                 steps = fake.script[marker]
                 step = steps[min(len(seen) - 1, len(steps) - 1)]
             try:
@@ -86,16 +95,31 @@ def make_handler(fake: Fake):
             except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
                 pass
 
-        def play(self, step, auth: str, chat: bool, marker: str):
+        def play(self, step, auth: str | None, chat: bool, marker: str):
             kind, arg = step if isinstance(step, tuple) else (step, None)
-            if kind == "sleep":  # the running test's requests sleeping at once = its requests in flight
-                with fake.lock:
-                    fake.sleeping[marker] = fake.sleeping.get(marker, 0) + 1
-                    in_flight = sum(n for m, n in fake.sleeping.items() if m in fake.current)
-                    fake.max_in_flight = max(fake.max_in_flight, in_flight)
-                time.sleep(arg)
-                with fake.lock:
-                    fake.sleeping[marker] -= 1
+            if kind == "hang":  # no answer before the client's deadline (answered after HANG_CAP if it has none)
+                fake.release.wait(HANG_CAP)
+                kind, arg = "top", TOP
+            if kind == "trickle":  # an answer a few bytes at a time: each read is quick, the whole takes ~4 s
+                body = json.dumps(completion(next(iter(TOP)), TOP, chat)).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                for k in range(0, len(body), len(body) // 20 + 1):
+                    self.wfile.write(body[k:k + len(body) // 20 + 1])
+                    self.wfile.flush()
+                    time.sleep(0.2)
+                return
+            if kind == "gate":  # held until two are in flight at once (a bounded client can show 2 whatever
+                with fake.gate:  # the scheduling), then a little longer (an unbounded one shows more)
+                    fake.in_flight += 1
+                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                    fake.gate.notify_all()
+                    fake.gate.wait_for(lambda: fake.max_in_flight >= 2, GATE_CAP)
+                time.sleep(0.2)
+                with fake.gate:  # before answering: the client counts a request in flight until its answer
+                    fake.in_flight -= 1
                 kind, arg = "top", TOP
             if kind == "top":  # logprob answer: arg = the top candidates
                 top = arg or TOP
@@ -106,8 +130,9 @@ def make_handler(fake: Fake):
                 self.send(500, json.dumps({"error": {"message": f"upstream failed ({auth})"}}).encode())
             elif kind == "400":
                 self.send(400, b'{"error": {"message": "bad request"}}')
-            elif kind == "429":
-                self.send(429, b'{"error": {"message": "slow down"}}', headers={"Retry-After": "1"})
+            elif kind == "429":  # arg: the Retry-After header ("": none); default 1 s
+                self.send(429, b'{"error": {"message": "slow down"}}', headers={"Retry-After": arg} if arg else
+                          {} if arg == "" else {"Retry-After": "1"})
             elif kind == "notjson":
                 self.send(200, b"<html>gateway hiccup</html>", ctype=arg or "application/json")
             elif kind == "nochoices":
@@ -124,6 +149,7 @@ def server():
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield fake, f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    fake.release.set()
     httpd.shutdown()
     httpd.server_close()
 
@@ -134,8 +160,28 @@ def judge_inputs():
     return constitution, load_template(ROOT / "prompts" / "judge.txt", constitution)
 
 
+class RecordedSleep:
+    """Stands in for the asyncio module inside openai_api: its backoff waits are recorded, not waited."""
+
+    def __init__(self):
+        self.delays: list[float] = []
+
+    def __getattr__(self, name):
+        return getattr(asyncio, name)
+
+    async def sleep(self, seconds: float) -> None:
+        self.delays.append(seconds)
+
+
 @pytest.fixture
-def make(server, judge_inputs, monkeypatch):
+def slept(monkeypatch) -> RecordedSleep:
+    recorded = RecordedSleep()
+    monkeypatch.setattr(openai_api, "asyncio", recorded)
+    return recorded
+
+
+@pytest.fixture
+def make(server, judge_inputs, monkeypatch, slept):
     fake, url = server
     monkeypatch.setenv(KEY_ENV, KEY)
 
@@ -144,7 +190,7 @@ def make(server, judge_inputs, monkeypatch):
             fake.script.update(script)
             for marker in script:
                 fake.seen.pop(marker, None)
-            fake.current, fake.max_in_flight = set(script), 0
+            fake.auth, fake.in_flight, fake.max_in_flight = [], 0, 0
         settings = dict(base_url=url, api_key_env=KEY_ENV, endpoint="completions", mode="logprob", top_logprobs=5,
                         timeout_s=TIMEOUT, max_retries=3, backoff_s=0.05, max_concurrency=8)
         cfg = AnnotateConfig(openai=OpenAIConfig(**(settings | openai_cfg)))
@@ -156,22 +202,22 @@ def make(server, judge_inputs, monkeypatch):
     return make
 
 
-def test_faults_are_retried_and_one_dead_request_does_not_sink_the_batch(server, make):
+def test_faults_are_retried_and_one_dead_request_does_not_sink_the_batch(server, make, slept):
     fake, _ = server
     script = {
         "case-ok": ["top"],
         "case-flaky": ["500", "top"],
         "case-ratelimited": ["429", "top"],
-        "case-slow": [("sleep", 1.0), "top"],
         "case-notjson": [("notjson", "application/json"), ("notjson", "text/html"), "top"],
         "case-nochoices": ["nochoices", "top"],
         "case-dead": ["500"],
+        "case-rejected": ["400"],
     }
     annotator, requests = make(script)
     answers = annotator.judge(requests)
     by = dict(zip(script, answers))
 
-    for marker in script.keys() - {"case-dead"}:
+    for marker in script.keys() - {"case-dead", "case-rejected"}:
         assert by[marker].p_first == pytest.approx(P_TOP), (marker, by[marker].raw)
         assert "logp[1]=-0.1000 logp[2]=-2.3000" in by[marker].raw
     dead = by["case-dead"]
@@ -179,40 +225,72 @@ def test_faults_are_retried_and_one_dead_request_does_not_sink_the_batch(server,
     assert "HTTP 500" in dead.raw and "4 attempt(s)" in dead.raw
     assert "upstream failed" in dead.raw  # the server's message is kept...
     assert KEY not in dead.raw            # ...but the key it echoed is not
+    # A 4xx other than 408/429 would fail again: not retried.
+    rejected = by["case-rejected"]
+    assert rejected.p_first is None and "HTTP 400" in rejected.raw and "1 attempt(s)" in rejected.raw
 
     counts = {m: len(fake.seen[m]) for m in script}
-    assert counts == {"case-ok": 1, "case-flaky": 2, "case-ratelimited": 2, "case-slow": 2, "case-notjson": 3,
-                      "case-nochoices": 2, "case-dead": 4}
-    (t429, _), (t_retry, _) = fake.seen["case-ratelimited"]
-    assert t_retry - t429 >= 0.95  # Retry-After: 1 overrides the 0.05 s backoff
-    dead_times = [t for t, _ in fake.seen["case-dead"]]
-    gaps = [b - a for a, b in zip(dead_times, dead_times[1:])]
-    assert gaps[0] >= 0.05 and gaps[1] >= 0.1 and gaps[2] >= 0.2  # exponential backoff
+    assert counts == {"case-ok": 1, "case-flaky": 2, "case-ratelimited": 2, "case-notjson": 3,
+                      "case-nochoices": 2, "case-dead": 4, "case-rejected": 1}
+    # The waits before each retry: 0.05 s doubling per attempt of a request; Retry-After: 1 replaces its one.
+    assert sorted(slept.delays) == pytest.approx(sorted(
+        [0.05] + [1.0] + [0.05, 0.1] + [0.05] + [0.05, 0.1, 0.2]))  # flaky, ratelimited, notjson, nochoices, dead
 
-    # The key is sent (as a bearer token) on every request, and recorded nowhere.
-    assert {auth for seen in fake.seen.values() for _, auth in seen} == {f"Bearer {KEY}"}
+    # The key is sent (as a bearer token) on every request, /tokenize included, and recorded nowhere.
+    assert len(fake.auth) > sum(counts.values()) and set(fake.auth) == {f"Bearer {KEY}"}
     assert all(KEY not in a.raw for a in answers)
-    total, answered = sum(counts.values()), len(script) - 1
-    assert annotator.stats == {"requests_sent": total, "retries": total - len(script), "failures": 1,
+    total, answered = sum(counts.values()), len(script) - 2
+    assert annotator.stats == {"requests_sent": total, "retries": total - len(script), "failures": 2,
                                "prompt_tokens": 10 * answered, "completion_tokens": answered}
 
 
-def test_timeout_and_client_errors_end_as_invalid_answers(make):
-    annotator, requests = make({"case-hangs": [("sleep", 1.0)], "case-rejected": ["400"]}, max_retries=1)
-    t0 = time.monotonic()
-    hangs, rejected = annotator.judge(requests)
-    assert time.monotonic() - t0 < 1.5  # two 0.3 s deadlines and a 0.05 s backoff, not two 1 s sleeps
-    assert hangs.p_first is None and f"timeout after {TIMEOUT:g}s" in hangs.raw and "2 attempt(s)" in hangs.raw
-    # A 4xx other than 408/429 would fail again: not retried.
-    assert rejected.p_first is None and "HTTP 400" in rejected.raw and "1 attempt(s)" in rejected.raw
-    assert annotator.stats["failures"] == 2 and annotator.stats["requests_sent"] == 3
+@pytest.mark.parametrize("steps, delays", [
+    (["500"] * 4, [0.05, 0.1, 0.2]),               # doubling from backoff_s; no wait after the last attempt
+    ([("429", "2.5"), "top"], [2.5]),              # Retry-After replaces the backoff...
+    ([("429", "2.5"), "500", "top"], [2.5, 0.1]),  # ...for that wait only
+    ([("429", ""), "top"], [0.05]),                # a 429 without Retry-After: the backoff
+])
+def test_backoff_doubles_and_retry_after_overrides_it(make, slept, steps, delays):
+    """The exact waits the backend asks for between the attempts of one request."""
+    annotator, requests = make({"case-backoff": steps})
+    annotator.judge(requests)
+    assert slept.delays == pytest.approx(delays)
+
+
+@pytest.mark.parametrize("step", ["hang", "trickle"])  # no answer; an answer too slow as a whole (each read is quick)
+def test_a_request_without_an_answer_in_time_ends_at_its_deadline(make, slept, step):
+    """The deadline, not the server (which answers later), ends each attempt; the request ends invalid."""
+    annotator, requests = make({"case-hangs": [step]}, max_retries=1, timeout_s=DEADLINE)
+    [hangs] = annotator.judge(requests)
+    assert hangs.p_first is None and f"timeout after {DEADLINE:g}s" in hangs.raw and "2 attempt(s)" in hangs.raw
+    assert slept.delays == [0.05] and annotator.stats["failures"] == 1 and annotator.stats["requests_sent"] == 2
 
 
 def test_concurrency_is_bounded(server, make):
+    """Never more than max_concurrency requests in flight, and more than one when allowed (the gate waits for 2)."""
     fake, _ = server
-    annotator, requests = make({f"case-c{i}": [("sleep", 0.1)] for i in range(6)}, max_concurrency=2)
+    annotator, requests = make({f"case-c{i}": ["gate"] for i in range(6)}, max_concurrency=2)
     assert all(a.p_first == pytest.approx(P_TOP) for a in annotator.judge(requests))
-    assert fake.max_in_flight == 2
+    assert 1 < fake.max_in_flight <= 2
+
+
+def auth_without_key(server, make, monkeypatch) -> list[str | None]:
+    """The Authorization headers sent (/tokenize, then the completion) when api_key_env names an unset variable
+    and the client library's own default variable, OPENAI_API_KEY, holds a key."""
+    fake, _ = server
+    annotator, requests = make({"case-nokey": ["top"]})
+    monkeypatch.delenv(KEY_ENV)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-ambient-NOT-NAMED")
+    assert annotator.judge(requests)[0].p_first == pytest.approx(P_TOP)
+    assert len(fake.auth) == 2
+    return fake.auth
+
+
+def test_no_key_is_sent_when_the_variable_is_unset(server, make, monkeypatch):
+    """api_key_env names an unset variable: no Authorization header at all (not the client's
+    placeholder, not a key from another variable such as OPENAI_API_KEY), to /tokenize and
+    to the completions endpoint."""
+    assert auth_without_key(server, make, monkeypatch) == [None, None]
 
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])

@@ -26,7 +26,7 @@ from oaif.annotate.base import (Answer, Identity, JudgeRequest, JudgeTemplate, p
 from oaif.config import AnnotateConfig
 from oaif.constitution import Constitution
 
-NO_KEY = "EMPTY"  # local servers need no key, but the client insists on one
+NO_KEY = "EMPTY"  # local servers need no key, but the client insists on one (never sent: see _judge)
 # Statuses worth retrying: request timeout, rate limit, and every 5xx. Other 4xx would fail again.
 RETRY_STATUS = {408, 429}
 # What reading a response that arrived but is unusable raises: JSON without the fields read
@@ -70,6 +70,8 @@ class OpenAIAnnotator:
 
     async def _judge(self, requests: list[JudgeRequest]) -> list[Answer]:
         key = os.environ.get(self.api.api_key_env) or NO_KEY
+        # No key: no Authorization header at all (the client insists on a key; the request omits it).
+        self.auth = {} if key != NO_KEY else {"extra_headers": {"Authorization": openai.Omit()}}
         # The client's own retries are off: ours (below) are the only ones, and are counted.
         async with openai.AsyncOpenAI(base_url=self.api.base_url, api_key=key, max_retries=0,
                                       timeout=self.api.timeout_s) as client:
@@ -92,7 +94,7 @@ class OpenAIAnnotator:
         prefix = self.template.answer_prefix if self.api.endpoint == "completions" else ""
         try:
             async with httpx.AsyncClient(timeout=self.api.timeout_s,
-                                         headers={"Authorization": f"Bearer {key}"}) as http:
+                                         headers={"Authorization": f"Bearer {key}"} if key != NO_KEY else {}) as http:
                 async def tokens(text: str) -> list[int]:
                     r = await http.post(f"{root}/tokenize",
                                         json={"model": self.model, "prompt": text, "add_special_tokens": False})
@@ -151,12 +153,13 @@ class OpenAIAnnotator:
                 async with sem:
                     self.stats["requests_sent"] += 1
                     # A total deadline: the client's timeout bounds each read, not the whole request.
-                    resp = await asyncio.wait_for(create(model=self.model, **body, **params), api.timeout_s)
+                    resp = await asyncio.wait_for(create(model=self.model, **body, **params, **self.auth), api.timeout_s)
             except openai.APIStatusError as e:
                 why = f"HTTP {e.status_code}: {short(e.message)}"
                 if e.status_code not in RETRY_STATUS and e.status_code < 500:
                     break
-                pause = retry_after(e.response) or pause
+                told = retry_after(e.response)
+                pause = pause if told is None else told   # Retry-After: 0 means now
                 continue
             except (TimeoutError, openai.APITimeoutError):
                 why = f"timeout after {api.timeout_s:g}s"
