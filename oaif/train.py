@@ -50,12 +50,21 @@ def load_causal_lm(path: str, dtype: str, trainable: bool, device: str = "cpu") 
     return model
 
 
+DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
+    """Every dropout to 0: nn.Dropout modules, and the float rates that attention modules
+    copy from the config when built (Llama's `self.attention_dropout`), which a change to the
+    config alone would not reach."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if hasattr(model.config, key):  # attention dropout is often a config float, not a module
+        for key in DROPOUT_KEYS:
+            if isinstance(getattr(module, key, None), float):
+                setattr(module, key, 0.0)
+    for key in DROPOUT_KEYS:
+        if hasattr(model.config, key):
             setattr(model.config, key, 0.0)
 
 

@@ -117,3 +117,28 @@ def test_sigterm_to_the_launcher_stops_every_rank_after_the_same_round_with_a_ch
     assert 1 <= last < 39
     assert f"stopped by SIGTERM after round {last}, checkpoint written" in "".join(seen) + out
     assert [p.name for p in (tmp_path / "r/checkpoints").iterdir()] == [f"round_{last:06d}"]
+
+
+@pytest.mark.parametrize("launch_type, overrides, message", [
+    ("MULTI_CPU", ["annotate.backend=vllm"], "the 'vllm' judge is an in-process engine"),
+    ("MULTI_CPU", ["eval.every=2"], "in-loop evaluation runs in one process"),
+    ("MULTI_CPU", ["train.lora.enabled=true", "train.lora.sync=vllm_lora"], "'vllm_lora' needs the in-process engine"),
+    ("FSDP", ["train.lora.enabled=true"], "LoRA runs under DDP only (this launch is FSDP)"),
+    ("DEEPSPEED", ["train.check_replicas=true"], "only DDP keeps whole replicas"),
+    ("DEEPSPEED", ["train.batch_size=16", "train.micro_batch_size=4"], "set it to at least batch_size / processes = 8"),
+])
+def test_settings_a_launch_cannot_run_are_refused_before_it_starts(launch_type, overrides, message):
+    """The refusals of check_distributed. FSDP and DeepSpeed cannot launch on this CPU machine,
+    so the launch is described by the two fields the check reads."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from oaif.config import ConfigError, load_config
+    from oaif.distributed import check_distributed
+
+    launch = SimpleNamespace(distributed_type=DistributedType[launch_type], num_processes=2)
+    with pytest.raises(ConfigError) as e:
+        check_distributed(load_config(ROOT / "configs/tiny_cpu.yaml", overrides), launch)
+    assert message in str(e.value)
+    check_distributed(load_config(ROOT / "configs/tiny_cpu.yaml"), launch)   # the plain config is fine

@@ -71,11 +71,13 @@ def test_lora_checkpoint_is_merged_for_eval(tiny_model, tmp_path):
 
 
 def test_eval_errors_name_what_to_set(tiny_model, tmp_path):
-    r = run_oaif("eval", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}", "name=none", *EVAL)
+    r = run_oaif("eval", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}", "name=none",
+                 *EVAL)
     assert r.returncode == 2 and "has no checkpoints: set eval.policy=PATH" in r.stderr
-    r = run_oaif("eval", "configs/tiny_cpu.yaml", f"eval.policy={tiny_model}", *EVAL)
+    r = run_oaif("eval", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"eval.policy={tiny_model}", *EVAL)
     assert r.returncode == 2 and "is not a checkpoint of a run: pass --out FILE" in r.stderr
-    r = run_oaif("eval", "configs/tiny_cpu.yaml", f"eval.policy={tiny_model}", "eval.prompts=nope.jsonl",
+    r = run_oaif("eval", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"eval.policy={tiny_model}",
+                 "eval.prompts=nope.jsonl",
                  "--out", str(tmp_path / "x.jsonl"))
     assert r.returncode == 2 and "prompt file nope.jsonl not found" in r.stderr
     assert not (tmp_path / "x.jsonl").exists()

@@ -7,7 +7,8 @@ from oaif.records import read_jsonl
 from conftest import run_oaif
 
 METRICS = ["round", "pairs_kept", "generate/mean_length", "annotate/order_agreement", "annotate/invalid_rate",
-           "train/loss", "train/reward_accuracy", "sync/seconds", "round/seconds", "round/pairs_per_s"]
+           "round/seconds", "round/pairs_per_s"]
+TRAINED = ["train/loss", "train/reward_accuracy", "sync/seconds"]   # only in a round that kept pairs
 
 
 def test_rules_concise_run_makes_responses_shorter(tiny_model, tmp_path):
@@ -20,6 +21,8 @@ def test_rules_concise_run_makes_responses_shorter(tiny_model, tmp_path):
     assert [m["round"] for m in metrics] == list(range(8))
     for m in metrics:
         assert all(k in m for k in METRICS), sorted(m)
+        assert all((k in m) == (m["pairs_kept"] > 0) for k in TRAINED), sorted(m)
+    assert metrics[0]["pairs_kept"] > 0 and sum(m["pairs_kept"] for m in metrics) >= 40   # not vacuous below
     first, last = metrics[0]["generate/mean_length"], metrics[-1]["generate/mean_length"]
     assert last < 0.75 * first, f"mean length {first:.1f} -> {last:.1f}: the policy did not learn 'shorter'"
     # Records carry round and policy version; pairs of round k were sampled from version k.
@@ -41,7 +44,7 @@ def test_vllm_judge_run_records_both_orders(tiny_model, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     for k in range(2):
         judgments = read_jsonl(tmp_path / f"judge/rounds/{k:06d}/judgments.jsonl")
-        assert len(judgments) == 8
+        assert len(judgments) == 8 and any(j["verdict"] != "identical" for j in judgments)
         for j in judgments:
             assert j["backend"] == "vllm" and j["model"] == str(tiny_model) and j["constitution"] == "helpful"
             if j["verdict"] == "identical":
@@ -83,7 +86,31 @@ train: {{learning_rate: 1.0e-4}}
         for o in j["orders"]:
             assert "transformers/harmless w=1: rationale=" in o["raw"] and "rules/concise w=3: score_1=" in o["raw"]
     # The rules member outweighs the judge: the shorter response always wins, whatever the judge says.
-    for p in read_jsonl(tmp_path / "mix/rounds/000000/pairs.jsonl"):
-        assert len(p["chosen"]) < len(p["rejected"])
+    pairs = read_jsonl(tmp_path / "mix/rounds/000000/pairs.jsonl")
+    assert pairs and all(len(p["chosen"]) < len(p["rejected"]) for p in pairs)
     m = read_jsonl(tmp_path / "mix/metrics.jsonl")[0]
     assert m["annotate/cache_misses"] == 2 * len(judged) and m["annotate/completion_tokens"] > 0
+
+
+def test_principles_sample_reaches_every_member_with_a_constitution(tiny_model):
+    """`annotate.principles: sample` is handed to each member's constitution (one principle
+    per comparison, drawn alike in both orders: tests/test_annotators.py)."""
+    from oaif.annotate.select import build_annotator
+    from oaif.config import load_config
+
+    for principles in ("sample", "all"):
+        cfg = load_config(None, [f"policy.model={tiny_model}", "annotate.backend=transformers",
+                                 f"annotate.principles={principles}", "annotate.cache="])
+        assert build_annotator(cfg).constitution.sample_principles == (principles == "sample")
+
+
+def test_a_round_whose_prompts_are_all_too_long_is_recorded_not_fatal(tiny_model, tmp_path):
+    """Regression: every prompt over policy.max_prompt_tokens leaves a round with no samples;
+    it is counted and skipped (no training, no sync), and the run goes on."""
+    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
+                 "name=long", "rounds=2", "prompts_per_round=4", "policy.max_prompt_tokens=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = read_jsonl(tmp_path / "long/metrics.jsonl")
+    assert [m["generate/prompts_skipped"] for m in metrics] == [4, 4]
+    assert all(m["pairs_kept"] == 0 and m["generate/mean_length"] is None and "train/loss" not in m for m in metrics)
+    assert "mean response length - -> - tokens" in r.stdout

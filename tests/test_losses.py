@@ -58,9 +58,12 @@ def test_cdpo_and_soft_label_match_hand_computed():
     # ε = 0.1: −0.9·log σ(0.2) − 0.1·log σ(−0.2)
     expected = -0.9 * math.log(1 / (1 + math.exp(-0.2))) - 0.1 * math.log(1 / (1 + math.exp(0.2)))
     assert math.isclose(dpo_loss(PC, PR, RC, RR, 0.1, smoothing=0.1).item(), expected, rel_tol=1e-6)
-    # The soft-label loss is cDPO with ε = 1 − p: p = 0.9 gives the same number.
-    assert math.isclose(dpo_loss(PC, PR, RC, RR, 0.1, smoothing=1 - torch.tensor([0.9])).item(), expected,
-                        rel_tol=1e-5)
+    # The soft-label loss −p·log σ(βh) − (1−p)·log σ(−βh) is cDPO with ε = 1 − p (a tensor, one per
+    # pair); p = 0.75, written out with plain floats.
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    p = 0.75
+    soft = -p * math.log(sigmoid(0.1 * 2)) - (1 - p) * math.log(sigmoid(-0.1 * 2))
+    assert math.isclose(dpo_loss(PC, PR, RC, RR, 0.1, smoothing=1 - torch.tensor([p])).item(), soft, rel_tol=1e-6)
 
 
 def test_margin_is_subtracted_inside_the_sigmoid():

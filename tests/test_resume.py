@@ -6,7 +6,7 @@ import random
 import torch
 
 from oaif.checkpoint import save_checkpoint
-from oaif.config import LoraConfig, PolicyConfig, RunConfig, TrainConfig
+from oaif.config import LoraConfig, PolicyConfig, RunConfig, TrainConfig, dump_config
 from oaif.generate import load_tokenizer
 from oaif.loop import build_trainer
 from oaif.records import PreferencePair, read_jsonl
@@ -69,6 +69,8 @@ def test_resume_rewinds_to_a_checkpoint_then_extends_the_run(tiny_model, tmp_pat
     assert r.returncode == 0, r.stderr[-3000:]
     run_dir = tmp_path / "res"
     original = read_jsonl(run_dir / "metrics.jsonl")
+    records = ("samples", "judgments", "pairs")
+    first_time = {(k, name): (run_dir / f"rounds/{k:06d}/{name}.jsonl").read_bytes() for k in (2, 3) for name in records}
 
     # As if the run had died after round 1's checkpoint: rounds 2-3 are dropped and redone.
     r = run_oaif("resume", str(run_dir), "--checkpoint", str(run_dir / "checkpoints/round_000001"))
@@ -76,14 +78,14 @@ def test_resume_rewinds_to_a_checkpoint_then_extends_the_run(tiny_model, tmp_pat
     assert "dropped what came later: 2 lines of metrics.jsonl, rounds/000002, rounds/000003" in r.stdout
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert [m["round"] for m in metrics] == [0, 1, 2, 3] and [m["policy_version"] for m in metrics] == [1, 2, 3, 4]
-    assert metrics[:2] == original[:2]
-    # The optimizer steps and the learning-rate schedule continue where the checkpoint left them.
-    for key in ("train/steps", "train/learning_rate"):
-        assert [m[key] for m in metrics[2:]] == [m[key] for m in original[2:]], key
-    # Round 2 samples from the checkpoint's policy (already short), not from the base model.
-    samples = read_jsonl(run_dir / "rounds/000002/samples.jsonl")
-    assert all(s["policy_version"] == 2 for s in samples)
-    assert metrics[2]["generate/mean_length"] < 0.75 * metrics[0]["generate/mean_length"]
+    # The redone rounds are the first run's exactly: the same prompts (the stream goes on where
+    # it was), sampled from the checkpoint's policy with the same seeds, judged and trained on
+    # alike (steps, learning rate, loss: the optimizer and schedule continue where they were).
+    for (k, name), data in first_time.items():
+        assert (run_dir / f"rounds/{k:06d}/{name}.jsonl").read_bytes() == data, (k, name)
+    timing = ("round/seconds", "round/pairs_per_s", "sync/seconds", "generate/tokens_per_s")
+    assert [{k: v for k, v in m.items() if k not in timing} for m in metrics[2:]] == \
+        [{k: v for k, v in m.items() if k not in timing} for m in original[2:]]
 
     # Its linear schedule ended at 0: more rounds would train nothing, which is said, not done.
     r = run_oaif("resume", str(run_dir), "rounds=6")
@@ -117,3 +119,44 @@ def test_only_the_newest_checkpoints_are_kept(tiny_model, tmp_path):
         ["round_000003", "round_000004", "round_000007.tmp"]
     save_checkpoint(tmp_path, 5, 5, trainer, tokenizer, keep=0)
     assert len(list((tmp_path / "checkpoints").glob("round_??????"))) == 3
+
+
+def test_a_resumed_round_takes_its_paid_judgments_from_the_cache(tiny_model, tmp_path):
+    """Round 1 redone after a resume from round 0's checkpoint asks the judge nothing: every
+    judgment comes from the cache, and the records are the first run's."""
+    cache = tmp_path / "cache.jsonl"
+    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}", "name=c",
+                 "rounds=2", "prompts_per_round=6", "train.checkpoint_every=1", "annotate.backend=transformers",
+                 f"annotate.cache={cache}", "generate.enforce_eager=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = tmp_path / "c"
+    before = read_jsonl(run_dir / "metrics.jsonl")[1]
+    judgments = (run_dir / "rounds/000001/judgments.jsonl").read_bytes()
+    assert before["annotate/cache_misses"] > 0
+    r = run_oaif("resume", str(run_dir), "--checkpoint", str(run_dir / "checkpoints/round_000000"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = read_jsonl(run_dir / "metrics.jsonl")[1]
+    assert after["annotate/cache_misses"] == 0 and after["annotate/cache_hits"] == before["annotate/cache_misses"]
+    assert (run_dir / "rounds/000001/judgments.jsonl").read_bytes() == judgments
+
+
+def test_a_full_weight_checkpoint_exports_to_a_plain_model(tiny_model, tmp_path):
+    """`oaif export` of a full-weight checkpoint: a folder from_pretrained loads, holding the
+    trained weights (not the base's) and the tokenizer."""
+    from oaif.train import load_causal_lm
+
+    cfg = RunConfig(policy=PolicyConfig(model=str(tiny_model), device="cpu"),
+                    train=TrainConfig(learning_rate=1e-2, batch_size=4, micro_batch_size=4))
+    tokenizer = load_tokenizer(cfg.policy.model)
+    trainer = build_trainer(cfg, tokenizer.pad_token_id, total_steps=2)
+    trainer.train_round(synthetic_pairs(4, 0))
+    checkpoint = save_checkpoint(tmp_path / "run", 0, 1, trainer, tokenizer)
+    dump_config(cfg, tmp_path / "run/config.yaml")   # export reads the run's config (its base model, dtype)
+    r = run_oaif("export", str(checkpoint), "--out", str(tmp_path / "exported"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    exported = load_causal_lm(str(tmp_path / "exported"), "float32", trainable=False).state_dict()
+    base = load_causal_lm(str(tiny_model), "float32", trainable=False).state_dict()
+    trained = trainer.policy.state_dict()
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)
+    assert any(not torch.equal(exported[k], base[k]) for k in base)
+    assert load_tokenizer(str(tmp_path / "exported")).encode("hello") == tokenizer.encode("hello")

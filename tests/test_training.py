@@ -1,5 +1,7 @@
 """Training depth through the CLI: every loss, LoRA, starting from a trained adapter, export."""
 
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -13,6 +15,8 @@ FAST = ["rounds=2", "prompts_per_round=8", "generate.enforce_eager=true"]  # FAS
 
 @pytest.mark.parametrize("loss", ["dpo", "cdpo", "soft", "ipo", "slic", "kto"])
 def test_each_loss_runs_through_the_cli(tiny_model, tmp_path, loss):
+    """End to end: sample, judge, train with `loss`, checkpoint. Which formula and β each name
+    selects is checked in test_trainer_wiring.py."""
     extra = ["train.margin_scale=0.5"] if loss == "soft" else ["train.length_normalize=true"] if loss == "ipo" else []
     r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
                  f"name={loss}", f"train.loss={loss}", "train.warmup_steps=2", "train.lr_schedule=cosine", *FAST,
@@ -21,7 +25,7 @@ def test_each_loss_runs_through_the_cli(tiny_model, tmp_path, loss):
     metrics = read_jsonl(tmp_path / loss / "metrics.jsonl")
     assert len(metrics) == 2 and all(m["train/steps"] > 0 for m in metrics)
     losses = [m["train/loss"] for m in metrics]
-    assert all(isinstance(v, float) and v == v for v in losses)  # finite, not NaN
+    assert all(isinstance(v, float) and math.isfinite(v) for v in losses), losses
     assert (tmp_path / loss / "checkpoints/round_000001/trainer.pt").is_file()
 
 
@@ -77,15 +81,16 @@ def test_lora_learns_shorter_then_resumes_from_its_adapter_and_exports(tiny_mode
 
 
 def test_bfloat16_run_keeps_float32_master_weights(tiny_model, tmp_path):
-    """policy.dtype=bfloat16: engine, reference and forward passes in bf16, trained weights in
-    fp32, so updates far below bf16's resolution (lr 1e-6 on weights of ~0.05) still land."""
+    """policy.dtype=bfloat16: engine, reference and forward passes in bf16 (checked in the next
+    test), trained weights in fp32, so updates far below bf16's resolution (lr 1e-6 on weights
+    of ~0.05) still land."""
     from safetensors.torch import load_file
 
     r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
                  "name=bf16", "policy.dtype=bfloat16", "train.learning_rate=1e-6", *FAST)
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = read_jsonl(tmp_path / "bf16/metrics.jsonl")
-    assert all(m["train/loss"] == m["train/loss"] for m in metrics)   # not NaN
+    assert all(math.isfinite(m["train/loss"]) for m in metrics)
     trained = load_file(tmp_path / "bf16/checkpoints/round_000001/policy/model.safetensors")
     base = load_file(tiny_model / "model.safetensors")
     assert all(t.dtype == torch.float32 for t in trained.values())
@@ -95,6 +100,39 @@ def test_bfloat16_run_keeps_float32_master_weights(tiny_model, tmp_path):
         sum(v.numel() for v in base.values())
     # (Embedding rows of tokens that never occur get no gradient, hence not ~100%.)
     assert changed > 0.6 and bf16_changed < 0.2, (changed, bf16_changed)
+
+
+def test_bfloat16_policy_dtype_reaches_the_engine_the_reference_and_the_forward_passes(tiny_model, tmp_path,
+                                                                                       monkeypatch):
+    """What `oaif run` builds from policy.dtype=bfloat16: the vLLM engine gets bfloat16, the frozen
+    reference's weights are bfloat16, the trained weights float32, and the training forward
+    passes of both models compute in bfloat16 (autocast), seen at their output layers."""
+    from oaif.config import PolicyConfig, RunConfig, TrainConfig
+    from oaif.loop import build_trainer, setup
+
+    cfg = RunConfig(policy=PolicyConfig(model=str(tiny_model), dtype="bfloat16"), output_dir=str(tmp_path),
+                    train=TrainConfig(learning_rate=1e-3, batch_size=2, micro_batch_size=2))
+    trainer = build_trainer(cfg, pad_id=0, total_steps=1)
+    assert {p.dtype for p in trainer.policy.parameters()} == {torch.float32}
+    assert {p.dtype for p in trainer.reference.parameters()} == {torch.bfloat16}
+    seen = {"policy": set(), "reference": set()}
+    for name, model in (("policy", trainer.policy), ("reference", trainer.reference)):
+        model.lm_head.register_forward_hook(lambda module, args, out, name=name: seen[name].add(out.dtype))
+    pairs = [PreferencePair(0, 0, str(i), [], "a", "b", 0.9, [3, 4 + i], [5, 6 + i, 1], [7 + i, 8, 9, 1])
+             for i in range(2)]
+    assert trainer.train_round(pairs)["train/steps"] == 1
+    assert seen == {"policy": {torch.bfloat16}, "reference": {torch.bfloat16}}
+
+    class EngineBuilt(Exception):
+        pass
+
+    def build_llm(model, dtype, *args, **kwargs):   # stands in for vLLM: record the dtype, stop setup
+        raise EngineBuilt(dtype)
+
+    monkeypatch.setattr("oaif.engines.build_llm", build_llm)
+    with pytest.raises(EngineBuilt) as built:
+        setup(cfg, tmp_path / "run")
+    assert built.value.args == ("bfloat16",)
 
 
 def test_a_step_with_non_finite_gradients_is_skipped_and_repeated_ones_stop_the_run(tiny_model):
