@@ -79,7 +79,9 @@ def read_trainer_state(checkpoint: Path) -> dict:
     path = checkpoint / "trainer.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{checkpoint}: no trainer.pt; is this a checkpoint directory?")
-    return torch.load(path, weights_only=False)   # our own file: optimizer state and RNG states
+    # Our own file: optimizer state and RNG states. Memory-mapped: a resume reads it three
+    # times (round and schedule, policy version, the trainer's state), a 7B run's is large.
+    return torch.load(path, weights_only=False, mmap=True)
 
 
 def schedule_anchor(cfg, state: dict, total_steps: int) -> tuple[int, float] | None:

@@ -290,7 +290,8 @@ def run(cfg: RunConfig, log=print, resume_dir: Path | None = None, checkpoint: P
 class GracefulStop:
     """SIGINT / SIGTERM: finish the round in flight, checkpoint it, stop cleanly (exit 0) with
     a resume line; a second signal stops at once (the engines and servers are still closed).
-    Installed for the rounds of a one-process run and restored after them."""
+    Installed on every rank for the rounds of a run (stop_agreed makes the ranks stop together)
+    and restored after them."""
 
     def __init__(self):
         self.signal: str | None = None
@@ -342,7 +343,8 @@ def rewind_run_dir(cfg: RunConfig, run_dir: Path, last_round: int) -> list[str]:
                 dropped.append(f"{len(rows) - len(kept)} lines of {name}")
     for parent, prefix, suffix in (("rounds", "", ""), ("checkpoints", "round_", ""), ("eval", "round_", ".jsonl")):
         for d in sorted((run_dir / parent).glob(prefix + "*")):
-            if int(d.name.removeprefix(prefix).removesuffix(suffix).removesuffix(".tmp")) > last_round:
+            # ".tmp" first: a whole-file write cut short leaves "round_000003.jsonl.tmp".
+            if int(d.name.removeprefix(prefix).removesuffix(".tmp").removesuffix(suffix)) > last_round:
                 shutil.rmtree(d) if d.is_dir() else d.unlink()
                 dropped.append(f"{parent}/{d.name}")
     dump_config(cfg, run_dir / "config.yaml")

@@ -160,3 +160,19 @@ def test_a_full_weight_checkpoint_exports_to_a_plain_model(tiny_model, tmp_path)
     assert all(torch.equal(exported[k], trained[k]) for k in trained)
     assert any(not torch.equal(exported[k], base[k]) for k in base)
     assert load_tokenizer(str(tmp_path / "exported")).encode("hello") == tokenizer.encode("hello")
+
+
+def test_rewind_drops_later_rounds_including_writes_cut_short(tmp_path):
+    """Round folders, checkpoints and evaluation files after the checkpoint's round go,
+    temp leftovers of interrupted writes included; earlier ones stay."""
+    from oaif.loop import rewind_run_dir
+
+    for rel in ("rounds/000001", "rounds/000002", "checkpoints/round_000001", "checkpoints/round_000002.tmp"):
+        (tmp_path / rel).mkdir(parents=True)
+    (tmp_path / "eval").mkdir()
+    for name in ("round_000001.jsonl", "round_000003.jsonl", "round_000003.jsonl.tmp", "baseline.jsonl"):
+        (tmp_path / "eval" / name).write_text("{}\n")
+    dropped = rewind_run_dir(RunConfig(), tmp_path, 1)
+    assert sorted(dropped) == ["checkpoints/round_000002.tmp", "eval/round_000003.jsonl",
+                               "eval/round_000003.jsonl.tmp", "rounds/000002"]
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["baseline.jsonl", "round_000001.jsonl"]
