@@ -377,4 +377,7 @@ class DPOTrainer:
             dist.all_gather_object(hashes, mine)
         self.replica_hashes.append((self.steps, hashes))
         if len(set(hashes)) > 1:
-            raise RuntimeError(f"train.check_replicas: ranks' parameters differ after step {self.steps}: {hashes}")
+            # Every rank holds the gathered hashes, so every rank stops here together (no hang).
+            raise RunStopped(f"train.check_replicas: the ranks' parameters differ after optimizer step {self.steps} "
+                             f"(hashes {hashes}); this round's weights are not trusted and no checkpoint is written "
+                             f"for it. Resume from the last checkpoint (oaif resume RUN_DIR)")

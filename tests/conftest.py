@@ -21,6 +21,22 @@ def run_oaif(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subproces
     return subprocess.run([sys.executable, "-m", "oaif.cli", *args], cwd=cwd, capture_output=True, text=True, env=env)
 
 
+def versions_follow_training(metrics: list[dict], trained_at_least: int) -> list[int]:
+    """The policy version each round ended at. A round that keeps no pairs (which depends on
+    the seed and the CPU's arithmetic) trains nothing, syncs nothing and keeps its version;
+    checked here instead of assuming every round trains. At least `trained_at_least` rounds
+    must have trained, or the caller's checks would be vacuous."""
+    versions, version = [], 0
+    for m in metrics:
+        trained = "train/loss" in m
+        version += trained
+        assert m["policy_version"] == version, (m["round"], m["policy_version"], version)
+        assert ("sync/seconds" in m) == trained and (not trained or m["sync/seconds"] > 0), m
+        versions.append(version)
+    assert version >= trained_at_least, f"only {version} rounds kept pairs"
+    return versions
+
+
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos: int) -> list[int]:
     """transformers' greedy continuation: what vLLM must match after a weight sync."""
     out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),

@@ -11,7 +11,7 @@ from oaif.generate import load_tokenizer
 from oaif.loop import build_trainer
 from oaif.records import PreferencePair, read_jsonl
 
-from conftest import run_oaif
+from conftest import run_oaif, versions_follow_training
 
 
 def synthetic_pairs(n: int, seed: int) -> list[PreferencePair]:
@@ -77,7 +77,8 @@ def test_resume_rewinds_to_a_checkpoint_then_extends_the_run(tiny_model, tmp_pat
     assert r.returncode == 0, r.stderr[-3000:]
     assert "dropped what came later: 2 lines of metrics.jsonl, rounds/000002, rounds/000003" in r.stdout
     metrics = read_jsonl(run_dir / "metrics.jsonl")
-    assert [m["round"] for m in metrics] == [0, 1, 2, 3] and [m["policy_version"] for m in metrics] == [1, 2, 3, 4]
+    assert [m["round"] for m in metrics] == [0, 1, 2, 3]
+    assert versions_follow_training(metrics, 3) == [m["policy_version"] for m in original]
     # The redone rounds are the first run's exactly: the same prompts (the stream goes on where
     # it was), sampled from the checkpoint's policy with the same seeds, judged and trained on
     # alike (steps, learning rate, loss: the optimizer and schedule continue where they were).

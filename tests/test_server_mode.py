@@ -77,7 +77,7 @@ def test_loop_in_server_mode_through_the_cli(tiny_model, server, tmp_path):
     from oaif.records import read_jsonl
     from oaif.train import load_causal_lm
 
-    from conftest import run_oaif
+    from conftest import run_oaif, versions_follow_training
 
     url, engine = server
     base = load_causal_lm(str(tiny_model), "float32", trainable=False)
@@ -96,10 +96,9 @@ def test_loop_in_server_mode_through_the_cli(tiny_model, server, tmp_path):
                  "name=server", "rounds=3", "prompts_per_round=8", f"generate.server_url={url}")
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = read_jsonl(tmp_path / "server/metrics.jsonl")
-    assert [m["policy_version"] for m in metrics] == [1, 2, 3]
-    assert all(m["sync/seconds"] > 0 for m in metrics)
+    versions = versions_follow_training(metrics, trained_at_least=2)   # each trained round pushed (sync > 0)
     samples = read_jsonl(tmp_path / "server/rounds/000002/samples.jsonl")
-    assert len(samples) == 16 and all(s["policy_version"] == 2 and s["token_ids"] for s in samples)
+    assert len(samples) == 16 and all(s["policy_version"] == versions[1] and s["token_ids"] for s in samples)
     # Round 0 sampled the starting policy, not the noise the server held: its samples are far
     # likelier under the starting policy than samples of the noise are.
     round0 = read_jsonl(tmp_path / "server/rounds/000000/samples.jsonl")
