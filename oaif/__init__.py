@@ -1,0 +1,29 @@
+"""oaif: align a language model with online AI feedback.
+
+    import oaif
+
+    cfg = oaif.load_config("configs/tiny_cpu.yaml", ["rounds=4"])
+    run_dir = oaif.run(cfg)                          # what `oaif run` does
+
+    def judge(prompt_messages, response_1, response_2):   # your own annotator
+        return 1.0 if len(response_1) < len(response_2) else 0.0
+    oaif.run(cfg, annotator=judge)
+
+    with oaif.Loop(cfg) as loop:                     # round by round
+        for metrics in loop.rounds():
+            ...
+
+The `oaif` command is a thin layer over these functions (oaif/cli.py).
+"""
+
+from oaif.annotate.base import Annotator, Answer, Identity, JudgeRequest
+from oaif.annotate.offline import annotate_pairs
+from oaif.annotate.python_fn import batched
+from oaif.config import ConfigError, RunConfig, RunStopped, load_config
+from oaif.evaluation import run_eval as evaluate
+from oaif.loop import STOP, Callback, Loop, resume, run
+
+__all__ = [
+    "load_config", "run", "resume", "Loop", "Callback", "STOP", "annotate_pairs", "evaluate", "batched",
+    "Annotator", "Answer", "Identity", "JudgeRequest", "RunConfig", "ConfigError", "RunStopped",
+]

@@ -17,9 +17,7 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
-import functools
 import os
 import sys
 from pathlib import Path
@@ -94,30 +92,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"exported {export_merged(checkpoint, Path(args.out), cfg.policy.model, cfg.policy.dtype)}")
             return 0
         if args.command == "resume":
-            from oaif.loop import run
+            from oaif.loop import resume
 
-            run_dir = Path(args.run_dir)
-            fixed = [o for o in args.overrides if o.split("=", 1)[0].strip() in ("name", "output_dir")]
-            if fixed:
-                raise ConfigError(f"{fixed[0]}: a resumed run stays in {run_dir}; copy the folder to move it")
-            if not (run_dir / "config.yaml").is_file():
-                raise ConfigError(f"{run_dir}: no config.yaml; is this a run directory (runs/NAME)?")
-            saved = load_config(run_dir / "config.yaml")
-            cfg = load_config(run_dir / "config.yaml", args.overrides)
-            # What the run *is*: another start model changes the reference; another prompt set,
-            # batch or seed makes the resumed prompt stream skip the wrong prompts.
-            for key in ("policy.model", "prompts", "prompts_per_round", "seed", "generate.samples_per_prompt"):
-                old, new = (functools.reduce(getattr, key.split("."), c) for c in (saved, cfg))
-                if old != new:
-                    raise ConfigError(f"{key}: a resumed run keeps its {key} ({old!r}, not {new!r}); start a new "
-                                      f"run to change it: oaif run {run_dir}/config.yaml name=NEW {key}={new}")
-            # The folder may have been moved since: it is the run directory, whatever the saved paths say.
-            cfg = dataclasses.replace(cfg, name=run_dir.name, output_dir=str(run_dir.parent))
-            run(cfg, resume_dir=run_dir, checkpoint=Path(args.checkpoint) if args.checkpoint else None)
+            resume(args.run_dir, args.overrides, checkpoint=args.checkpoint)
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "eval":
-            from oaif.evaluate import run_eval
+            from oaif.evaluation import run_eval
 
             run_eval(cfg, args.out)
         elif args.command == "annotate":

@@ -7,6 +7,7 @@ that names each dotted path and suggests the nearest known key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -64,16 +65,20 @@ class OpenAIConfig:
 
 @dataclass(frozen=True)
 class MixMember:
-    backend: Literal["rules", "vllm", "openai", "transformers"] = _f("rules", "This member's backend.")
+    backend: Literal["rules", "vllm", "openai", "transformers", "python"] = _f("rules", "This member's backend.")
     constitution: str = _f("", "This member's constitution file (empty: annotate.constitution).")
+    python: str = _f("", "backend 'python': this member's judge function, as annotate.python.")
     model: str = _f("", "This member's judge model (LLM backends; empty: annotate.model).")
     weight: float = _f(1.0, "Weight of this member's probability in the mix.")
 
 
 @dataclass(frozen=True)
 class AnnotateConfig:
-    backend: Literal["rules", "vllm", "openai", "transformers", "mix"] = _f(
-        "rules", "Annotator: 'rules' (checks in the constitution), 'vllm' (local judge in vLLM), 'openai' (any OpenAI-compatible API), 'transformers' (local judge in transformers), 'mix' (weighted mix of annotate.mix).")
+    backend: Literal["rules", "vllm", "openai", "transformers", "python", "mix"] = _f(
+        "rules", "Annotator: 'rules' (checks in the constitution), 'vllm' (local judge in vLLM), 'openai' (any OpenAI-compatible API), 'transformers' (local judge in transformers), 'python' (your function, annotate.python), 'mix' (weighted mix of annotate.mix).")
+    python: str = _f("", "backend 'python': your judge, 'module:function' (importable, or from the working directory) or 'path/to/file.py:function'. judge(prompt_messages, response_1, response_2) -> P(response 1 better) in [0, 1], or None for 'cannot judge'; decorate with @oaif.batched for judge(prompts, responses_1, responses_2) -> list. An object with the annotator Protocol (judge(requests) -> answers) also works.")
+    python_cache: bool = _f(False, "backend 'python': keep your judge's answers in annotate.cache too. Off by default: a function can change without its source changing (e.g. it calls a service).")
+    reload_constitution: bool = _f(False, "oaif run: re-read the constitution file(s) at the start of every round and judge with an edited one from that round on (recorded by hash in every judgment). A broken edit is refused with a warning and the previous version stays in use.")
     constitution: str = _f("constitutions/concise.yaml", "Constitution file: the principles (and rule checks) that define 'better'.")
     template: str = _f("prompts/judge.txt", "Judge prompt template for LLM backends. Placeholders: {preamble} {principles} {examples} {prompt} {response_1} {response_2}; its last line is the answer prefix.")
     model: str = _f("", "Judge model: a local path or hub id (vllm, transformers) or the API's model name (openai). Empty: the policy's starting model.")
@@ -317,6 +322,11 @@ def _validate_annotate(a: AnnotateConfig, where: str) -> list[str]:
         errors.append(f"{where}.missing_eos_penalty: must be >= 0, got {a.missing_eos_penalty}")
     if a.labels[0] == a.labels[1]:
         errors.append(f"{where}.labels: the two labels must differ")
+    if a.backend == "python" and not a.python:
+        errors.append(f"{where}.python: backend 'python' needs your judge as 'module:function' or 'file.py:function' "
+                      f"(or pass annotator= to oaif.run)")
+    errors += [f"{where}.mix[{i}].python: backend 'python' needs 'module:function'"
+               for i, m in enumerate(a.mix) if m.backend == "python" and not m.python]
     if a.backend == "mix" and not a.mix:
         errors.append(f"{where}.mix: backend 'mix' needs at least one member")
     errors += [f"{where}.mix[{i}].weight: must be > 0" for i, m in enumerate(a.mix) if m.weight <= 0]
@@ -345,9 +355,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+def load_config(path: str | Path | dict | None = None, overrides: list[str] = ()) -> RunConfig:
+    """The typed config from a YAML file (or a dict of the same shape, or None: every
+    default), with key=value overrides on top; every problem named at once (ConfigError)."""
     data: dict = {}
-    if path is not None:
+    if isinstance(path, dict):
+        data, path = copy.deepcopy(path), None
+    elif path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")

@@ -9,27 +9,28 @@ last sync), so the preference data is always on-policy (OAIF, Guo et al. 2024, A
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Protocol
 
 import torch
 
-from oaif.annotate.base import Annotator
-from oaif.annotate.judge import judge_pairs, judgment_metrics, label_mass_warning
-from oaif.annotate.select import build_annotator, check_inputs
+from oaif.annotate.judge import Judged, judge_pairs, judgment_metrics, label_mass_warning
+from oaif.annotate.select import build_annotator, check_inputs, reload_constitutions, with_python_annotator
 from oaif.checkpoint import latest_checkpoint, read_trainer_state, restore_trainer, save_checkpoint, schedule_anchor
-from oaif.config import ConfigError, RunConfig, RunStopped, dump_config
+from oaif.config import ConfigError, RunConfig, RunStopped, dump_config, load_config
 from oaif.generate import check_model, load_tokenizer
-from oaif.evaluate import TRAINING_JUDGE_WARNING, eval_annotator_config, eval_prompts, format_summary
-from oaif.evaluate import max_new_tokens as eval_max_new_tokens
+from oaif.evaluation import TRAINING_JUDGE_WARNING, eval_annotator_config, eval_prompts, format_summary
+from oaif.evaluation import max_new_tokens as eval_max_new_tokens
 from oaif.faults import crash_point
-from oaif.records import Prompt, append_jsonl, load_prompts, read_jsonl, write_jsonl
+from oaif.records import (PreferencePair, Prompt, Sample, append_jsonl, load_prompts, prompts_from_rows, read_jsonl,
+                          write_jsonl)
 
 # (metric, column title, format) of the line printed per round.
 COLUMNS = [("round", "round", "d"), ("pairs_kept", "kept", "d"), ("pairs_dropped", "dropped", "d"),
@@ -62,9 +63,10 @@ def is_run_dir(path: Path) -> bool:
     return (path / "config.yaml").is_file() and (path / "rounds").is_dir()
 
 
-def prepare_run_dir(cfg: RunConfig) -> Path:
+def prepare_run_dir(cfg: RunConfig, prompts: list[Prompt] | None = None) -> Path:
     """A new run directory, made whole: built under a hidden name, then renamed, so a crash
-    leaves either no run directory or one that `oaif resume` takes."""
+    leaves either no run directory or one that `oaif resume` takes. prompts: a prompt set
+    given in code, saved as prompts.jsonl (cfg.prompts names it)."""
     run_dir = Path(cfg.output_dir) / cfg.name
     if run_dir.exists():
         if not cfg.overwrite:
@@ -75,9 +77,12 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
                                f"overwrite=true only replaces runs; pick another name or output_dir")
         shutil.rmtree(run_dir)
     staging = run_dir.with_name(f".{cfg.name}.new")
-    if staging.is_dir() and not staging.is_symlink() and {p.name for p in staging.iterdir()} <= {"rounds", "config.yaml"}:
+    made = {"rounds", "config.yaml", "prompts.jsonl", "prompts.jsonl.tmp"}
+    if staging.is_dir() and not staging.is_symlink() and {p.name for p in staging.iterdir()} <= made:
         shutil.rmtree(staging)   # an earlier attempt cut short here (only what this function makes)
     (staging / "rounds").mkdir(parents=True)
+    if prompts is not None:
+        write_jsonl(staging / "prompts.jsonl", prompts)
     dump_config(cfg, staging / "config.yaml")
     staging.rename(run_dir)
     return run_dir
@@ -96,94 +101,445 @@ def round_prompts(prompts: list[Prompt], per_round: int, seed: int):
         yield batch
 
 
-@dataclass
-class Loop:
-    """Everything a round needs, built once by `setup`. Under `accelerate launch` only rank 0
-    has a generator and annotator (None elsewhere); every rank has the trainer."""
-    cfg: RunConfig
-    run_dir: Path
-    generator: "Generator | None"
-    annotator: Annotator | None
-    trainer: "DPOTrainer"
-    llm: "vllm.LLM | None"   # the in-process engine; None in server mode
-    tokenizer: object
-    accelerator: object = None
-    server_url: str = ""       # generate.server_url, or the server rank 0 started
-    server: object = None      # the server process rank 0 started (stopped by close)
-    policy_version: int = 0
-    annotator_totals: dict | None = None   # annotator.stats at the end of the last round
-    evaluator: "Evaluator | None" = None   # eval.every > 0: the policy against its start, held out
+STOP = "stop"   # a callback's on_round_end returns it to end the run after this round (checkpointed)
+HOOKS = ("on_round_start", "on_round_end", "on_run_end")
 
-    def evaluate(self, index: int) -> dict:
-        """eval/* metrics of the policy the engine holds now (rank 0 of one process)."""
-        return self.evaluator(self.generator.engine, self.tokenizer, self.trainer, index, self.policy_version)
+
+class Callback(Protocol):
+    """Hooks into `Loop.rounds()` (and so `oaif.run`); each method is optional, and a plain
+    function is taken as on_round_end. Under a launcher every rank calls its own."""
+
+    def on_round_start(self, index: int, loop: "Loop") -> None: ...
+
+    def on_round_end(self, metrics: dict, loop: "Loop") -> str | None:
+        """metrics: the round's line of metrics.jsonl. Return oaif.STOP to end the run after
+        this round, with its checkpoint; None to go on."""
+        ...
+
+    def on_run_end(self, loop: "Loop") -> None: ...
+
+
+class Loop:
+    """The OAIF loop as an object, for scripts that decide between rounds or run the stages
+    themselves:
+
+        with oaif.Loop(cfg) as loop:
+            for metrics in loop.rounds():   # records, metrics and checkpoints written as by `oaif run`
+                if metrics["generate/mean_length"] < 20:
+                    break                   # a clean stop: the round just seen is checkpointed
+
+    Entering checks every input (before any file is written or engine started), makes the
+    run directory (with resume_dir: rewinds it to `checkpoint`, default the latest) and starts
+    the engines; leaving stops them. The stages one at a time (one process):
+    generate(prompts) -> one group of samples per prompt; annotate(groups) -> the judgments and
+    kept pairs; train(pairs) -> train metrics; sync() -> seconds. They write no records
+    (rounds() does) and add to `metrics`, the metrics of the round in progress (`index`).
+    Under `accelerate launch` every rank runs the script; rank 0 alone samples, judges, writes
+    and prints.
+
+    annotator: your judge (a function or an annotator object, see annotate/python_fn.py) in
+    place of the config's; prompts: the prompt set (strings, chat message lists, {"prompt"}
+    or {"messages"} rows) in place of cfg.prompts, saved in the run directory so that
+    `oaif resume` finds it; callbacks: see Callback."""
+
+    def __init__(self, cfg: RunConfig, *, annotator=None, prompts=None, callbacks=(), resume_dir: Path | None = None,
+                 checkpoint: Path | None = None, log=print):
+        if annotator is not None:
+            cfg = with_python_annotator(cfg, annotator)
+        self.cfg, self.python, self.given_prompts, self.callbacks = cfg, annotator, prompts, list(callbacks)
+        self.resume_dir, self.checkpoint = resume_dir, checkpoint
+        self._log = log
+        self.log = log
+        self.accelerator = self.run_dir = self.generator = self.annotator = self.trainer = None
+        self.llm = None              # the in-process engine; None in server mode
+        self.tokenizer = None
+        self.server_url = cfg.generate.server_url   # or the server rank 0 started
+        self.server = None           # the server process rank 0 started (stopped by close)
+        self.evaluator = None        # eval.every > 0: the policy against its start, held out
+        self.prompts: list[Prompt] = []
+        self.policy_version = 0
+        self.index = 0               # the round in progress, or the next one
+        self.metrics: dict = {}      # the round in progress's metrics so far
+        self.annotator_totals: dict = {}   # annotator.stats at the end of the last round
+        self.refused: dict = {}      # constitution versions refused by reload_constitution
+        self._rounds = None
+
+    def __enter__(self) -> "Loop":
+        from transformers.utils import logging as hf_logging
+
+        from oaif.distributed import make_accelerator
+
+        hf_logging.disable_progress_bar()   # per-save "Writing model shards" bars would break up the round table
+        self.accelerator = make_accelerator()
+        if self.accelerator is not None and not self.accelerator.is_main_process:
+            self.log = lambda *_: None
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        from oaif.distributed import end
+
+        try:
+            if self._rounds is not None:
+                self._rounds.close()   # a script that left rounds() early: its last round is checkpointed
+        finally:
+            if self.server is not None:
+                from oaif.server import stop_server
+
+                stop_server(self.server)
+                self.server = None
+            self.llm = self.generator = None   # a script may go on to build another engine: free this one
+            end(self.accelerator)
+            self.accelerator = None
+
+    def _open(self) -> None:
+        from oaif.distributed import check_distributed, on_main
+
+        cfg, accelerator = self.cfg, self.accelerator
+        # Bad input fails here, before any engine starts or any file is written.
+        if self.given_prompts is not None:
+            self.prompts = as_prompts(self.given_prompts)
+            if self.resume_dir is None:   # saved with the run: the config names the saved copy
+                self.cfg = cfg = dataclasses.replace(cfg, prompts=str(Path(cfg.output_dir) / cfg.name / "prompts.jsonl"))
+        else:
+            self.prompts = load_prompts(cfg.prompts)
+        check_models(cfg)
+        check_inputs(cfg, python=self.python)
+        check_distributed(cfg, accelerator)
+        if cfg.eval.every:
+            eval_prompts(cfg)
+            check_inputs(eval_annotator_config(cfg), "eval.annotate" if cfg.eval.annotate else "annotate")
+            if cfg.eval.annotate is None:
+                self.log(TRAINING_JUDGE_WARNING)
+        if self.resume_dir is None:
+            saved = self.prompts if self.given_prompts is not None else None
+            self.run_dir = on_main(accelerator, lambda: prepare_run_dir(cfg, saved))
+        else:
+            self.run_dir = self.resume_dir
+            self.index = self._rewind()
+        self._start_engines()
+
+    def _rewind(self) -> int:
+        """Resume: check the checkpoint against the config, drop what came after it; returns
+        the first round to run. No checkpoint yet (stopped in its first rounds): round 0."""
+        from oaif.distributed import on_main
+
+        cfg, run_dir = self.cfg, self.run_dir
+        self.checkpoint = checkpoint = self.checkpoint or latest_checkpoint(run_dir)
+        state = read_trainer_state(checkpoint) if checkpoint else None
+        done = state["round"] if state else -1
+        if done + 1 >= cfg.rounds:
+            raise ConfigError(f"{run_dir}: rounds 0-{done} are done ({checkpoint.name}); "
+                              f"pass rounds=N with N > {done + 1} to continue")
+        anchor = schedule_anchor(cfg.train, state, schedule_steps(cfg)) if state else None
+        if anchor and anchor[1] == 0.0 and cfg.train.lr_schedule != "constant":
+            raise ConfigError(f"train.lr_schedule: the {cfg.train.lr_schedule} schedule had reached 0 at "
+                              f"{checkpoint.name}, so more rounds would train nothing; resume with "
+                              f"train.lr_schedule=constant (at train.learning_rate) to go on")
+        is_adapter = checkpoint is not None and (checkpoint / "policy/adapter_config.json").is_file()
+        if checkpoint is not None and is_adapter != cfg.train.lora.enabled:
+            raise ConfigError(f"{checkpoint}: holds {'a LoRA adapter' if is_adapter else 'full weights'} but "
+                              f"train.lora.enabled is {cfg.train.lora.enabled}")
+        dropped = on_main(self.accelerator, lambda: rewind_run_dir(cfg, run_dir, done))
+        self.log((f"resuming {run_dir} after round {done} from {checkpoint}" if checkpoint else
+                  f"resuming {run_dir} from round 0 (it stopped before its first checkpoint)")
+                 + (f"; dropped what came later: {', '.join(dropped)}" if dropped else ""))
+        if state:
+            self.policy_version = state["policy_version"]
+        return done + 1
+
+    def _start_engines(self) -> None:
+        from oaif.distributed import on_main
+        from oaif.generate import Generator, InProcessEngine
+
+        cfg, accelerator, g, lora = self.cfg, self.accelerator, self.cfg.generate, self.cfg.train.lora
+        resume_from = self.checkpoint if self.resume_dir else None
+        self.tokenizer = load_tokenizer(cfg.policy.model)
+        self.trainer = build_trainer(cfg, self.tokenizer.pad_token_id, schedule_steps(cfg), accelerator, resume_from)
+
+        def engines() -> str:  # rank 0 only
+            if accelerator is not None and not g.server_url:
+                self.server_url, self.server = start_local_server(cfg)
+            if self.server_url:
+                from oaif.server import ServerEngine
+
+                engine = ServerEngine(self.server_url)
+            else:
+                from oaif.engines import build_llm
+
+                self.llm = build_llm(cfg.policy.model, cfg.policy.dtype, cfg.seed, g.kv_cache_gib,
+                                     cfg.policy.max_prompt_tokens + max(g.max_new_tokens, eval_max_new_tokens(cfg)),
+                                     g.tensor_parallel_size, g.gpu_memory_utilization,
+                                     max_lora_rank=lora.r if lora.enabled and lora.sync == "vllm_lora" else 0,
+                                     enforce_eager=g.enforce_eager)
+                engine = InProcessEngine(self.llm)
+            self.generator = Generator(engine, self.tokenizer, g, cfg.policy.max_prompt_tokens, cfg.seed)
+            self.annotator = build_annotator(cfg, self.python)
+            return self.server_url
+
+        self.server_url = on_main(accelerator, engines)   # every rank learns whether weights go to a server
+        # The first round must sample from the policy as it starts: an in-process engine holds
+        # the base weights (wrong when starting from an adapter or resuming); a server may hold
+        # anything (an earlier run's).
+        if lora.adapter or self.server_url or resume_from:
+            self.sync()
+        if cfg.eval.every:   # single process (check_distributed refuses it under a launcher)
+            from oaif.evaluation import Evaluator, baseline_responses
+
+            baseline = baseline_responses(cfg, self.run_dir, self.generator.engine, self.tokenizer,
+                                          fresh=resume_from is None)
+            judge = self.annotator if cfg.eval.annotate is None else build_annotator(eval_annotator_config(cfg))
+            self.evaluator = Evaluator(cfg, self.run_dir, judge, baseline)
+
+    # The stages. One process (rank 0 under a launcher for generate and annotate).
+
+    def generate(self, prompts) -> list[list[Sample]]:
+        """generate.samples_per_prompt samples per prompt from the policy the engine holds,
+        seeded by (seed, round, place): one group per prompt (prompts over
+        policy.max_prompt_tokens are skipped and counted)."""
+        groups, metrics = self.generator.sample(as_prompts(prompts), self.index, self.policy_version)
+        self.metrics |= metrics
+        return groups
+
+    def annotate(self, groups: list[list[Sample]]) -> "Judged":
+        """Judge each group's consecutive pairs in both orders; Judged.pairs are the kept ones.
+        With annotate.reload_constitution an edited constitution is taken up first."""
+        if self.cfg.annotate.reload_constitution:
+            for line in reload_constitutions(self.annotator, self.cfg.annotate, self.refused):
+                self.log(f"  round {self.index}: {line}")
+        pairs = [(g[k], g[k + 1]) for g in groups for k in range(0, len(g) - 1, 2)]
+        judged = judge_pairs(self.annotator, pairs, self.index, self.policy_version,
+                             self.cfg.annotate.missing_eos_penalty)
+        totals = dict(self.annotator.stats)
+        self.metrics |= {"pairs_kept": len(judged.pairs), "pairs_dropped": len(pairs) - len(judged.pairs),
+                         **judgment_metrics(judged.judgments),
+                         **{f"annotate/{k}": v - self.annotator_totals.get(k, 0) for k, v in totals.items()}}
+        self.annotator_totals = totals   # the next call counts from here: the metrics are this call's share
+        return judged
+
+    def train(self, pairs: list[PreferencePair]) -> dict:
+        """train.epochs_per_round passes of the configured loss over `pairs`; the policy
+        version goes up (sync() then makes the engine sample from it)."""
+        metrics = self.trainer.train_round(pairs)
+        self.policy_version += 1
+        self.metrics |= metrics
+        return metrics
 
     def sync(self) -> float:
-        """Make the engine sample from the trainer's current policy; returns seconds.
-        Every rank calls it (weights may have to be gathered); rank 0 pushes."""
+        """Make the engine sample from the trainer's current policy; returns seconds. Every
+        rank calls it (weights may have to be gathered); rank 0 pushes."""
         from oaif.distributed import gathered_state_dict, on_main
         from oaif.sync import merged_copy, push_lora_adapter, push_weights
 
         g, policy, lora = self.cfg.generate, self.trainer.policy, self.cfg.train.lora
         crash_point("sync")
+        t0 = time.perf_counter()
         if self.server_url:
             from oaif.server import push_weights_to_server
 
             state = None if lora.enabled else gathered_state_dict(self.accelerator, self.trainer.model)
-            return on_main(self.accelerator, lambda: push_weights_to_server(
+            seconds = on_main(self.accelerator, lambda: push_weights_to_server(
                 self.server_url, merged_copy(policy), g.server_weights_dir, state_dict=state))
-        if lora.enabled and lora.sync == "vllm_lora":
-            t0 = time.perf_counter()
+        elif lora.enabled and lora.sync == "vllm_lora":
             self.generator.engine.lora_request = push_lora_adapter(policy, self.run_dir / "adapters",
                                                                    self.policy_version)
-            return time.perf_counter() - t0
-        return push_weights(self.llm, policy)
+            seconds = time.perf_counter() - t0
+        else:
+            seconds = push_weights(self.llm, policy)
+        self.metrics["sync/seconds"] = seconds
+        return seconds
 
-    def collect(self, index: int, prompts: list[Prompt]) -> tuple[list, dict]:
-        """Sample, judge both orders, write the round's records; (kept pairs, metrics)."""
-        out = self.run_dir / "rounds" / f"{index:06d}"
-        groups, metrics = self.generator.sample(prompts, index, self.policy_version)
-        write_jsonl(out / "samples.jsonl", [s for g in groups for s in g])
-        crash_point("generate")
+    def evaluate(self, index: int) -> dict:
+        """eval/* metrics of the policy the engine holds now (one process)."""
+        return self.evaluator(self.generator.engine, self.tokenizer, self.trainer, index, self.policy_version)
 
-        pairs = [(g[k], g[k + 1]) for g in groups for k in range(0, len(g) - 1, 2)]
-        judged = judge_pairs(self.annotator, pairs, index, self.policy_version,
-                             self.cfg.annotate.missing_eos_penalty)
-        write_jsonl(out / "judgments.jsonl", judged.judgments)
-        crash_point("annotate")
-        write_jsonl(out / "pairs.jsonl", judged.pairs)
-        metrics |= judgment_metrics(judged.judgments)
-        totals, before = dict(self.annotator.stats), self.annotator_totals or {}
-        metrics |= {f"annotate/{k}": v - before.get(k, 0) for k, v in totals.items()}  # this round's share
-        self.annotator_totals = totals
-        return judged.pairs, {"pairs_kept": len(judged.pairs), "pairs_dropped": len(pairs) - len(judged.pairs),
-                              **metrics}
+    # Whole rounds.
 
-    def round(self, index: int, batches) -> dict:
+    def rounds(self) -> Iterator[dict]:
+        """Runs the rounds left (to cfg.rounds), yielding each round's metrics once its
+        records, metrics line and (when due) checkpoint are written. SIGINT/SIGTERM or a
+        callback's STOP end it after the round in flight, checkpointed; so does leaving the
+        for loop early. Call it again after a break to go on."""
+        self._rounds = self._run_rounds()
+        return self._rounds
+
+    def _run_rounds(self) -> Iterator[dict]:
+        cfg, run_dir, accelerator = self.cfg, self.run_dir, self.accelerator
+        batches = round_prompts(self.prompts, cfg.prompts_per_round, cfg.seed)
+        for _ in range(self.index):   # the prompts the done rounds used
+            next(batches)
+        first, lengths, checkpointed = self.index, [], True
+        stop = GracefulStop()   # under a launcher every rank gets the signal (the launcher forwards it)
+        try:
+            self.log(f"run directory: {run_dir}" + (f" ({accelerator.num_processes} processes)" if accelerator else ""))
+            self.log(header())
+            for index in range(first, cfg.rounds):
+                for hook in self._hooks("on_round_start"):
+                    hook(index, self)
+                metrics = self._round(index, next(batches))
+                if cfg.eval.every and ((index + 1) % cfg.eval.every == 0 or index == cfg.rounds - 1):
+                    metrics |= self.evaluate(index)
+                wanted = self._stop_wanted(metrics)
+                stopping = stop_agreed(bool(stop) or wanted, accelerator)
+                checkpointed = finish_round(cfg, run_dir, self.trainer, self.tokenizer, accelerator, index,
+                                            self.policy_version, metrics, last=index == cfg.rounds - 1 or stopping)
+                self.log(format_row(metrics))
+                if "eval/win_rate_vs_ref" in metrics:
+                    self.log(f"  eval after round {index}: {format_summary(metrics)}")
+                if (warning := label_mass_warning(metrics)) and index == first:
+                    self.log(f"  {warning}")
+                lengths.append(metrics["generate/mean_length"])
+                self.index = index + 1
+                yield metrics
+                if stopping and index < cfg.rounds - 1:
+                    who = stop.signal or ("a callback (oaif.STOP)" if wanted else "a signal to another rank")
+                    self.log(f"stopped by {who} after round {index}, checkpoint written; resume with: "
+                             f"oaif resume {run_dir}")
+                    break
+        except GeneratorExit:   # the script left its for loop: the round it saw last is kept
+            if not checkpointed:
+                checkpoint_now(run_dir, self.trainer, self.tokenizer, accelerator, self.index - 1,
+                               self.policy_version)
+                self.log(f"stopped by the script after round {self.index - 1}, checkpoint written; resume with: "
+                         f"oaif resume {run_dir}")
+            raise
+        finally:
+            stop.restore()
+        for hook in self._hooks("on_run_end"):
+            hook(self)
+        if self.index == cfg.rounds and lengths:
+            fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731 (None: every prompt of a round was too long)
+            self.log(f"done: {cfg.rounds} rounds" + (f" (resumed after round {first - 1})" if first else "")
+                     + f", policy version {self.policy_version}; mean response length "
+                     f"{fmt(lengths[0])} -> {fmt(lengths[-1])} tokens; records and metrics.jsonl in {run_dir}")
+
+    def _round(self, index: int, prompts: list[Prompt]) -> dict:
         """One round on every rank: rank 0 collects, all train on the pairs, rank 0 syncs."""
         from oaif.distributed import on_main
 
         t0 = time.perf_counter()
-        pairs, metrics = on_main(self.accelerator, lambda: self.collect(index, next(batches)))
-        invalid, ceiling = metrics.get("annotate/invalid_rate"), self.cfg.annotate.max_invalid_rate
-        if invalid is not None and invalid > ceiling:   # every rank sees rank 0's metrics and stops alike
-            raise TooManyInvalid(
-                f"round {index}: {invalid:.0%} of the judged pairs got an invalid judgment (> annotate.max_invalid_rate "
-                f"{ceiling:g}), so the round was not trained on; the judge's raw answers are in "
-                f"{self.run_dir / 'rounds' / f'{index:06d}' / 'judgments.jsonl'}")
+        self.index, self.metrics = index, {}
+        try:
+            pairs, self.metrics = on_main(self.accelerator, lambda: self._collect(index, prompts))
+            invalid, ceiling = self.metrics.get("annotate/invalid_rate"), self.cfg.annotate.max_invalid_rate
+            if invalid is not None and invalid > ceiling:   # every rank sees rank 0's metrics and stops alike
+                raise TooManyInvalid(
+                    f"round {index}: {invalid:.0%} of the judged pairs got an invalid judgment (> "
+                    f"annotate.max_invalid_rate {ceiling:g}), so the round was not trained on; the judge's raw "
+                    f"answers are in {self.run_dir / 'rounds' / f'{index:06d}' / 'judgments.jsonl'}")
+        except TooManyInvalid as e:   # nothing of this round was trained: the last round's state is whole
+            if index == 0:
+                raise RunStopped(f"{e}. Fix the judge, then `oaif resume {self.run_dir}` starts again") from None
+            if not (self.run_dir / "checkpoints" / f"round_{index - 1:06d}").is_dir():
+                checkpoint_now(self.run_dir, self.trainer, self.tokenizer, self.accelerator, index - 1,
+                               self.policy_version)
+            raise RunStopped(f"{e}. Checkpoint after round {index - 1} is written; fix the judge, then "
+                             f"`oaif resume {self.run_dir}`") from None
         if pairs:
-            metrics |= self.trainer.train_round(pairs)
-            self.policy_version += 1
-            metrics["sync/seconds"] = self.sync()
+            self.train(pairs)
+            self.sync()
         seconds = time.perf_counter() - t0
-        return {"round": index, "policy_version": self.policy_version, **metrics,
+        return {"round": index, "policy_version": self.policy_version, **self.metrics,
                 "round/seconds": seconds, "round/pairs_per_s": len(pairs) / seconds}
 
-    def close(self) -> None:
-        if self.server is not None:
-            from oaif.server import stop_server
+    def _collect(self, index: int, prompts: list[Prompt]) -> tuple[list[PreferencePair], dict]:
+        """Rank 0: sample, judge both orders, write the round's records; (kept pairs, metrics)."""
+        out = self.run_dir / "rounds" / f"{index:06d}"
+        groups = self.generate(prompts)
+        write_jsonl(out / "samples.jsonl", [s for g in groups for s in g])
+        crash_point("generate")
+        judged = self.annotate(groups)
+        write_jsonl(out / "judgments.jsonl", judged.judgments)
+        crash_point("annotate")
+        write_jsonl(out / "pairs.jsonl", judged.pairs)
+        return judged.pairs, self.metrics
 
-            stop_server(self.server)
+    def _hooks(self, name: str):
+        for cb in self.callbacks:
+            if hasattr(cb, name):
+                yield getattr(cb, name)
+            elif name == "on_round_end" and callable(cb) and not any(hasattr(cb, h) for h in HOOKS):
+                yield cb   # a plain function
+
+    def _stop_wanted(self, metrics: dict) -> bool:
+        wanted = False
+        for hook in self._hooks("on_round_end"):
+            said = hook(metrics, self)
+            if said not in (None, STOP):
+                raise TypeError(f"callback {getattr(hook, '__qualname__', hook)!r} returned {said!r}: return "
+                                f"oaif.STOP to end the run after this round, or None to go on")
+            wanted |= said == STOP
+        return wanted
+
+
+def as_prompts(items) -> list[Prompt]:
+    """A prompt set given in code: Prompt objects, strings, chat message lists, or rows as in
+    a prompt file ({"prompt"} or {"messages"}, optional "id" and "references")."""
+    if isinstance(items, (str, Path)):
+        raise ConfigError("prompts: give a list of prompts (a file goes in the config's `prompts`)")
+
+    def row(p) -> object:
+        if isinstance(p, Prompt):
+            return {"id": p.id, "messages": p.messages, "references": list(p.references)}
+        return {"prompt": p} if isinstance(p, str) else {"messages": p} if isinstance(p, list) else p
+
+    prompts = prompts_from_rows([row(p) for p in items], lambda n: f"prompts[{n - 1}]")
+    if not prompts:
+        raise ConfigError("prompts: the list is empty")
+    return prompts
+
+
+def run(cfg: RunConfig, *, annotator=None, prompts=None, callbacks=(), log=print) -> Path:
+    """Every round of a new run (`oaif run`); returns its run directory."""
+    with Loop(cfg, annotator=annotator, prompts=prompts, callbacks=callbacks, log=log) as loop:
+        for _ in loop.rounds():
+            pass
+    return loop.run_dir
+
+
+def resume(run_dir: str | Path, overrides: list[str] = (), *, checkpoint: str | Path | None = None, annotator=None,
+           callbacks=(), log=print) -> Path:
+    """`oaif resume`: continue a run from `checkpoint` (default: its latest); anything
+    recorded after it is dropped and redone. overrides: key=value on its saved config."""
+    run_dir = Path(run_dir)
+    cfg = resume_config(run_dir, overrides)
+    with Loop(cfg, annotator=annotator, callbacks=callbacks, resume_dir=run_dir,
+              checkpoint=Path(checkpoint) if checkpoint else None, log=log) as loop:
+        for _ in loop.rounds():
+            pass
+    return run_dir
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
+    """The run's saved config with `overrides`, refusing changes to what the run *is*."""
+    import functools
+
+    fixed = [o for o in overrides if o.split("=", 1)[0].strip() in ("name", "output_dir")]
+    if fixed:
+        raise ConfigError(f"{fixed[0]}: a resumed run stays in {run_dir}; copy the folder to move it")
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: no config.yaml; is this a run directory (runs/NAME)?")
+    saved = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    # Another start model changes the reference; another prompt set, batch or seed makes the
+    # resumed prompt stream skip the wrong prompts.
+    for key in ("policy.model", "prompts", "prompts_per_round", "seed", "generate.samples_per_prompt"):
+        old, new = (functools.reduce(getattr, key.split("."), c) for c in (saved, cfg))
+        if old != new:
+            raise ConfigError(f"{key}: a resumed run keeps its {key} ({old!r}, not {new!r}); start a new "
+                              f"run to change it: oaif run {run_dir}/config.yaml name=NEW {key}={new}")
+    # The folder may have been moved since: it is the run directory, whatever the saved paths
+    # say (a prompt set given in code was saved in it).
+    moved = {"prompts": str(run_dir / "prompts.jsonl")} \
+        if Path(cfg.prompts) == Path(saved.output_dir) / saved.name / "prompts.jsonl" else {}
+    return dataclasses.replace(cfg, name=run_dir.name, output_dir=str(run_dir.parent), **moved)
 
 
 def build_trainer(cfg: RunConfig, pad_id: int, total_steps: int, accelerator=None,
@@ -222,71 +578,6 @@ def schedule_steps(cfg: RunConfig) -> int:
     return cfg.rounds * cfg.train.epochs_per_round * math.ceil(pairs_per_round / cfg.train.batch_size)
 
 
-def setup(cfg: RunConfig, run_dir: Path, accelerator=None, resume_from: Path | None = None) -> Loop:
-    from oaif.distributed import on_main
-    from oaif.generate import Generator, InProcessEngine
-
-    g, lora = cfg.generate, cfg.train.lora
-    tokenizer = load_tokenizer(cfg.policy.model)
-    trainer = build_trainer(cfg, tokenizer.pad_token_id, schedule_steps(cfg), accelerator, resume_from)
-    loop = Loop(cfg, run_dir, None, None, trainer, None, tokenizer, accelerator, g.server_url)
-    if resume_from:
-        loop.policy_version = read_trainer_state(resume_from)["policy_version"]
-
-    def engines() -> str:  # rank 0 only
-        if accelerator is not None and not g.server_url:
-            loop.server_url, loop.server = start_local_server(cfg)
-        if loop.server_url:
-            from oaif.server import ServerEngine
-
-            engine = ServerEngine(loop.server_url)
-        else:
-            from oaif.engines import build_llm
-
-            loop.llm = build_llm(cfg.policy.model, cfg.policy.dtype, cfg.seed, g.kv_cache_gib,
-                                 cfg.policy.max_prompt_tokens + max(g.max_new_tokens, eval_max_new_tokens(cfg)),
-                                 g.tensor_parallel_size,
-                                 g.gpu_memory_utilization,
-                                 max_lora_rank=lora.r if lora.enabled and lora.sync == "vllm_lora" else 0,
-                                 enforce_eager=g.enforce_eager)
-            engine = InProcessEngine(loop.llm)
-        loop.generator = Generator(engine, tokenizer, g, cfg.policy.max_prompt_tokens, cfg.seed)
-        loop.annotator = build_annotator(cfg)
-        return loop.server_url
-
-    try:   # a server started here must not outlive a failure of what follows
-        loop.server_url = on_main(accelerator, engines)   # every rank learns whether weights go to a server
-        # The first round must sample from the policy as it starts: an in-process engine holds
-        # the base weights (wrong when starting from an adapter or resuming); a server may hold
-        # anything (an earlier run's).
-        if lora.adapter or loop.server_url or resume_from:
-            loop.sync()
-        if cfg.eval.every:   # single process (check_distributed refuses it under a launcher)
-            from oaif.evaluate import Evaluator, baseline_responses
-
-            baseline = baseline_responses(cfg, run_dir, loop.generator.engine, tokenizer, fresh=resume_from is None)
-            judge = loop.annotator if cfg.eval.annotate is None else build_annotator(eval_annotator_config(cfg))
-            loop.evaluator = Evaluator(cfg, run_dir, judge, baseline)
-    except BaseException:
-        loop.close()
-        raise
-    return loop
-
-
-def run(cfg: RunConfig, log=print, resume_dir: Path | None = None, checkpoint: Path | None = None) -> Path:
-    """Run every round; returns the run directory. Under `accelerate launch` every rank runs
-    this; rank 0 alone writes files and prints. With resume_dir: continue that run from
-    `checkpoint` (default: its latest) instead of starting a new one."""
-    from oaif.distributed import end, make_accelerator
-
-    accelerator = make_accelerator()
-    try:
-        return _run(cfg, accelerator, log if accelerator is None or accelerator.is_main_process else (lambda *_: None),
-                    resume_dir, checkpoint)
-    finally:
-        end(accelerator)
-
-
 class GracefulStop:
     """SIGINT / SIGTERM: finish the round in flight, checkpoint it, stop cleanly (exit 0) with
     a resume line; a second signal stops at once (the engines and servers are still closed).
@@ -312,11 +603,11 @@ class GracefulStop:
             signal.signal(s, handler)
 
 
-def stop_agreed(stop: GracefulStop, accelerator) -> bool:
-    """Whether any rank was signalled: every rank must stop after the same round, checkpoint
-    included (a collective), or the others would wait for it forever."""
+def stop_agreed(stop: bool, accelerator) -> bool:
+    """Whether any rank wants to stop (a signal, a callback): every rank must stop after the
+    same round, checkpoint included (a collective), or the others would wait for it forever."""
     if accelerator is None or accelerator.num_processes == 1:
-        return bool(stop)
+        return stop
     flag = torch.tensor([1.0 if stop else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
@@ -351,91 +642,10 @@ def rewind_run_dir(cfg: RunConfig, run_dir: Path, last_round: int) -> list[str]:
     return dropped
 
 
-def _run(cfg: RunConfig, accelerator, log, resume_dir: Path | None, checkpoint: Path | None) -> Path:
-    from oaif.distributed import check_distributed, on_main
-
-    # Bad input fails here, before any engine starts or any file is written.
-    prompts = load_prompts(cfg.prompts)
-    check_models(cfg)
-    check_inputs(cfg)
-    check_distributed(cfg, accelerator)
-    if cfg.eval.every:
-        eval_prompts(cfg)
-        check_inputs(eval_annotator_config(cfg), "eval.annotate" if cfg.eval.annotate else "annotate")
-        if cfg.eval.annotate is None:
-            log(TRAINING_JUDGE_WARNING)
-    start = 0
-    if resume_dir is None:
-        run_dir = on_main(accelerator, lambda: prepare_run_dir(cfg))
-    else:
-        # No checkpoint yet (stopped in its first rounds): the run starts again from round 0.
-        run_dir, checkpoint = resume_dir, checkpoint or latest_checkpoint(resume_dir)
-        state = read_trainer_state(checkpoint) if checkpoint else None
-        done = state["round"] if state else -1
-        start = done + 1
-        if start >= cfg.rounds:
-            raise ConfigError(f"{run_dir}: rounds 0-{done} are done ({checkpoint.name}); "
-                              f"pass rounds=N with N > {start} to continue")
-        anchor = schedule_anchor(cfg.train, state, schedule_steps(cfg)) if state else None
-        if anchor and anchor[1] == 0.0 and cfg.train.lr_schedule != "constant":
-            raise ConfigError(f"train.lr_schedule: the {cfg.train.lr_schedule} schedule had reached 0 at "
-                              f"{checkpoint.name}, so more rounds would train nothing; resume with "
-                              f"train.lr_schedule=constant (at train.learning_rate) to go on")
-        is_adapter = checkpoint is not None and (checkpoint / "policy/adapter_config.json").is_file()
-        if checkpoint is not None and is_adapter != cfg.train.lora.enabled:
-            raise ConfigError(f"{checkpoint}: holds {'a LoRA adapter' if is_adapter else 'full weights'} but "
-                              f"train.lora.enabled is {cfg.train.lora.enabled}")
-        dropped = on_main(accelerator, lambda: rewind_run_dir(cfg, run_dir, done))
-        log((f"resuming {run_dir} after round {done} from {checkpoint}" if checkpoint else
-             f"resuming {run_dir} from round 0 (it stopped before its first checkpoint)")
-            + (f"; dropped what came later: {', '.join(dropped)}" if dropped else ""))
-    stop = GracefulStop()   # under a launcher every rank gets the signal (the launcher forwards it)
-    loop = setup(cfg, run_dir, accelerator, checkpoint if resume_dir else None)
-    try:
-        log(f"run directory: {run_dir}" + (f" ({accelerator.num_processes} processes)" if accelerator else ""))
-        log(header())
-        batches = round_prompts(prompts, cfg.prompts_per_round, cfg.seed)
-        for _ in range(start):   # the prompts the done rounds used
-            next(batches)
-        lengths = []
-        for index in range(start, cfg.rounds):
-            try:
-                metrics = loop.round(index, batches)
-            except TooManyInvalid as e:   # nothing of this round was trained: the last round's state is whole
-                if index == 0:
-                    raise RunStopped(f"{e}. Fix the judge, then `oaif resume {run_dir}` starts again") from None
-                if not (run_dir / "checkpoints" / f"round_{index - 1:06d}").is_dir():
-                    checkpoint_now(run_dir, loop.trainer, loop.tokenizer, accelerator, index - 1, loop.policy_version)
-                raise RunStopped(f"{e}. Checkpoint after round {index - 1} is written; fix the judge, then "
-                                 f"`oaif resume {run_dir}`") from None
-            if cfg.eval.every and ((index + 1) % cfg.eval.every == 0 or index == cfg.rounds - 1):
-                metrics |= loop.evaluate(index)
-            stopping = stop_agreed(stop, accelerator)
-            finish_round(cfg, run_dir, loop.trainer, loop.tokenizer, accelerator, index, loop.policy_version, metrics,
-                         last=index == cfg.rounds - 1 or stopping)
-            log(format_row(metrics))
-            if "eval/win_rate_vs_ref" in metrics:
-                log(f"  eval after round {index}: {format_summary(metrics)}")
-            if (warning := label_mass_warning(metrics)) and index == start:
-                log(f"  {warning}")
-            lengths.append(metrics["generate/mean_length"])
-            if stopping and index < cfg.rounds - 1:
-                who = stop.signal or "a signal to another rank"
-                log(f"stopped by {who} after round {index}, checkpoint written; resume with: oaif resume {run_dir}")
-                return run_dir
-    finally:
-        loop.close()
-        stop.restore()
-    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731 (None: every prompt of a round was too long)
-    log(f"done: {cfg.rounds} rounds" + (f" (resumed after round {start - 1})" if start else "")
-        + f", policy version {loop.policy_version}; mean response length "
-        f"{fmt(lengths[0])} -> {fmt(lengths[-1])} tokens; records and metrics.jsonl in {run_dir}")
-    return run_dir
-
-
 def finish_round(cfg: RunConfig, run_dir: Path, trainer, tokenizer, accelerator, index: int, policy_version: int,
-                 metrics: dict, last: bool) -> None:
-    """metrics.jsonl and replicas.jsonl, then the checkpoint when due; rank 0 writes."""
+                 metrics: dict, last: bool) -> bool:
+    """metrics.jsonl and replicas.jsonl, then the checkpoint when due (returns whether it
+    was); rank 0 writes."""
     from oaif.distributed import on_main
 
     def write() -> None:
@@ -448,8 +658,10 @@ def finish_round(cfg: RunConfig, run_dir: Path, trainer, tokenizer, accelerator,
     # previous checkpoint drops, never a checkpoint whose round has no metrics.
     on_main(accelerator, write)
     trainer.replica_hashes.clear()
-    if last or (cfg.train.checkpoint_every and (index + 1) % cfg.train.checkpoint_every == 0):
+    due = last or bool(cfg.train.checkpoint_every and (index + 1) % cfg.train.checkpoint_every == 0)
+    if due:
         checkpoint_now(run_dir, trainer, tokenizer, accelerator, index, policy_version)
+    return due
 
 
 def checkpoint_now(run_dir: Path, trainer, tokenizer, accelerator, index: int, policy_version: int) -> None:

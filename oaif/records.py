@@ -140,25 +140,31 @@ def load_prompts(path: str | Path, key: str = "run.prompts") -> list[Prompt]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} not found ({key})")
+    prompts = prompts_from_rows(read_jsonl(path), lambda n: f"{path}:{n}")
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def prompts_from_rows(rows: list, where) -> list[Prompt]:
+    """Prompt-file rows as Prompts; where(n) names row n (1-based) in errors."""
     prompts = []
-    for n, row in enumerate(read_jsonl(path), 1):
+    for n, row in enumerate(rows, 1):
         if not isinstance(row, dict):
-            raise ValueError(f"{path}:{n}: expected an object with 'messages' or 'prompt'")
+            raise ValueError(f"{where(n)}: expected an object with 'messages' or 'prompt'")
         if "messages" in row:
             messages = row["messages"]
             ok = isinstance(messages, list) and messages and all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in messages)
             if not ok:
-                raise ValueError(f"{path}:{n}: 'messages' must be a non-empty list of {{role, content}} strings")
+                raise ValueError(f"{where(n)}: 'messages' must be a non-empty list of {{role, content}} strings")
         elif isinstance(row.get("prompt"), str):
             messages = [{"role": "user", "content": row["prompt"]}]
         else:
-            raise ValueError(f"{path}:{n}: expected 'messages' (chat list) or 'prompt' (string)")
+            raise ValueError(f"{where(n)}: expected 'messages' (chat list) or 'prompt' (string)")
         references = row.get("references", [])
         if not (isinstance(references, list) and all(isinstance(r, str) and r.strip() for r in references)):
-            raise ValueError(f"{path}:{n}: 'references' must be a list of non-empty strings (accepted answers)")
+            raise ValueError(f"{where(n)}: 'references' must be a list of non-empty strings (accepted answers)")
         prompts.append(Prompt(id=str(row.get("id", n - 1)), messages=messages, references=tuple(references)))
-    if not prompts:
-        raise ValueError(f"{path}: no prompts")
     return prompts

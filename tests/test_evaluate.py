@@ -8,7 +8,7 @@ import pytest
 from oaif.annotate.base import Answer, Identity
 from oaif.annotate.rules import RulesAnnotator
 from oaif.constitution import load_constitution, matches_reference
-from oaif.evaluate import Response, bootstrap_interval, compare, lc_win_rate, summarize
+from oaif.evaluation import Response, bootstrap_interval, compare, lc_win_rate, summarize
 
 from conftest import ROOT
 

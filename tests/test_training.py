@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from oaif.records import PreferencePair, read_jsonl
 
-from conftest import run_oaif, versions_follow_training
+from conftest import ROOT, run_oaif, versions_follow_training
 
 FAST = ["rounds=2", "prompts_per_round=8", "generate.enforce_eager=true"]  # FAST[2:]: eager only
 
@@ -109,7 +109,7 @@ def test_bfloat16_policy_dtype_reaches_the_engine_the_reference_and_the_forward_
     reference's weights are bfloat16, the trained weights float32, and the training forward
     passes of both models compute in bfloat16 (autocast), seen at their output layers."""
     from oaif.config import PolicyConfig, RunConfig, TrainConfig
-    from oaif.loop import build_trainer, setup
+    from oaif.loop import Loop, build_trainer
 
     cfg = RunConfig(policy=PolicyConfig(model=str(tiny_model), dtype="bfloat16"), output_dir=str(tmp_path),
                     train=TrainConfig(learning_rate=1e-3, batch_size=2, micro_batch_size=2))
@@ -131,8 +131,10 @@ def test_bfloat16_policy_dtype_reaches_the_engine_the_reference_and_the_forward_
         raise EngineBuilt(dtype)
 
     monkeypatch.setattr("oaif.engines.build_llm", build_llm)
+    monkeypatch.chdir(ROOT)   # the default prompt set and constitution are relative paths
     with pytest.raises(EngineBuilt) as built:
-        setup(cfg, tmp_path / "run")
+        with Loop(cfg):
+            pass
     assert built.value.args == ("bfloat16",)
 
 

@@ -65,6 +65,10 @@ class Annotator(Protocol):
         """One Answer per request, in order."""
         ...
 
+    # Optional: def use_constitution(self, constitution, template) -> None, to judge with an
+    # edited constitution from the next request on (annotate.reload_constitution); `identity`
+    # must then follow it. Backends without it keep the constitution they were built with.
+
 
 REQUIRED = ("{preamble}", "{principles}", "{prompt}", "{response_1}", "{response_2}")
 TAG = re.compile(r"</?[A-Za-z_][\w-]*>")

@@ -55,9 +55,7 @@ def read_cache(path: Path) -> list[dict]:
 
 class CachedAnnotator:
     def __init__(self, inner: Annotator, path: str | Path, settings: dict):
-        self.inner, self.path = inner, Path(path)
-        self.identity = inner.identity
-        self.settings = json.dumps({"identity": dataclasses.asdict(inner.identity), **settings}, sort_keys=True)
+        self.inner, self.path, self.settings = inner, Path(path), settings
         # Lines written before label mass was recorded have none.
         self.entries = {row["key"]: Answer(row["p_first"], row["raw"], row.get("label_mass"))
                         for row in read_cache(self.path)}
@@ -67,12 +65,17 @@ class CachedAnnotator:
     def stats(self) -> dict[str, float]:
         return {**self.inner.stats, "cache_hits": self.hits, "cache_misses": self.misses}
 
-    def key(self, r: JudgeRequest) -> str:
-        text = json.dumps([self.settings, r.messages, r.first, r.second, r.principles])
+    @property
+    def identity(self):   # the inner judge's, which follows a reloaded constitution
+        return self.inner.identity
+
+    def key(self, r: JudgeRequest, settings: str) -> str:
+        text = json.dumps([settings, r.messages, r.first, r.second, r.principles])
         return hashlib.sha256(text.encode()).hexdigest()
 
     def judge(self, requests: list[JudgeRequest]) -> list[Answer]:
-        keys = [self.key(r) for r in requests]
+        settings = json.dumps({"identity": dataclasses.asdict(self.identity), **self.settings}, sort_keys=True)
+        keys = [self.key(r, settings) for r in requests]
         todo = [i for i, k in enumerate(keys) if k not in self.entries]
         self.hits += len(requests) - len(todo)
         self.misses += len(todo)

@@ -47,7 +47,7 @@ def check_labels(cfg: AnnotateConfig, model: str, constitution: Constitution, te
     ValueError naming annotate.labels if not): checked before the run, not at its first judgment."""
     from oaif.generate import load_tokenizer
 
-    judge = LocalJudge(None, load_tokenizer(model), cfg, constitution, template, Identity("", model, "", "", ""))
+    judge = LocalJudge(None, load_tokenizer(model), cfg, constitution, template, "check", model)
     request = JudgeRequest([{"role": "user", "content": "Name a colour."}], "Blue.", "Red.")
     text = judge.as_text(render_judge_prompt(template, constitution, request, cfg.labels,
                                              "Both name one." if cfg.chain_of_thought else None))
@@ -58,15 +58,23 @@ def check_labels(cfg: AnnotateConfig, model: str, constitution: Constitution, te
 
 class LocalJudge:
     def __init__(self, scorer: LabelScorer, tokenizer, cfg: AnnotateConfig, constitution: Constitution,
-                 template: JudgeTemplate, identity: Identity):
-        self.scorer, self.tokenizer, self.cfg = scorer, tokenizer, cfg
-        self.constitution, self.template, self.identity = constitution, template, identity
+                 template: JudgeTemplate, backend: str, model: str):
+        self.scorer, self.tokenizer, self.cfg, self.backend, self.model = scorer, tokenizer, cfg, backend, model
+        self.constitution, self.template = constitution, template
         self.stats: dict[str, float] = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if cfg.chat_template == "always" and not has_template:
-            raise ValueError(f"annotate.chat_template: 'always', but the judge {identity.model} has no chat "
+            raise ValueError(f"annotate.chat_template: 'always', but the judge {model} has no chat "
                              f"template; use 'auto' or 'never'")
         self.chat = cfg.chat_template == "always" or (cfg.chat_template == "auto" and has_template)
+
+    @property
+    def identity(self) -> Identity:
+        c = self.constitution
+        return Identity(self.backend, self.model, c.name, c.hash, self.template.hash)
+
+    def use_constitution(self, constitution: Constitution, template: JudgeTemplate) -> None:
+        self.constitution, self.template = constitution, template
 
     def as_text(self, prompt: str) -> str:
         """What the judge model reads: the raw prompt, or the prompt as the user turn of its

@@ -15,11 +15,14 @@ from oaif.annotate.base import Annotator, Answer, Identity, JudgeRequest
 class MixAnnotator:
     def __init__(self, members: list[tuple[Annotator, float]]):
         self.members = members
-        ids = [a.identity for a, _ in members]
+
+    @property
+    def identity(self) -> Identity:   # from the members' current ones (a constitution may be reloaded)
+        ids = [a.identity for a, _ in self.members]
         signature = "|".join(f"{i.backend}:{i.model}:{i.constitution_hash}:{i.template_hash}:{w}"
-                             for i, (_, w) in zip(ids, members))
-        self.identity = Identity(
-            backend="mix(" + ",".join(f"{i.backend}*{w:g}" for i, (_, w) in zip(ids, members)) + ")",
+                             for i, (_, w) in zip(ids, self.members))
+        return Identity(
+            backend="mix(" + ",".join(f"{i.backend}*{w:g}" for i, (_, w) in zip(ids, self.members)) + ")",
             model="+".join(i.model for i in ids), constitution="+".join(i.constitution for i in ids),
             constitution_hash=hashlib.sha256(signature.encode()).hexdigest()[:16],
             template_hash="+".join(i.template_hash for i in ids))

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from oaif.annotate.judge import judge_pairs, judgment_metrics, label_mass_warning
-from oaif.annotate.select import build_annotator, check_inputs
+from oaif.annotate.select import build_annotator, check_inputs, with_python_annotator
 from oaif.config import RunConfig
 from oaif.records import Sample, read_jsonl, write_jsonl
 
@@ -27,28 +27,47 @@ def read_pairs(path: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} not found")
     rows = read_jsonl(path)
+    check_pair_rows(rows, lambda n: f"{path}:{n}")
+    if not rows:
+        raise ValueError(f"{path}: no pairs")
+    return rows
+
+
+def check_pair_rows(rows: list[dict], where) -> None:
+    """where(n) names row n (1-based) in the errors."""
     for n, row in enumerate(rows, 1):
         prompt = row.get("prompt") if isinstance(row, dict) else None
         ok_prompt = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in prompt))
         if not ok_prompt:
-            raise ValueError(f"{path}:{n}: 'prompt' must be a string or a list of {{role, content}} messages")
+            raise ValueError(f"{where(n)}: 'prompt' must be a string or a list of {{role, content}} messages")
         for key in ("a", "b"):
             if not isinstance(row.get(key), str):
-                raise ValueError(f"{path}:{n}: '{key}' must be a string (the response to judge)")
+                raise ValueError(f"{where(n)}: '{key}' must be a string (the response to judge)")
         refs = row.get("references", [])
         if not (isinstance(refs, list) and all(isinstance(r, str) and r.strip() for r in refs)):
-            raise ValueError(f"{path}:{n}: 'references' must be a list of non-empty strings (accepted answers)")
-    if not rows:
-        raise ValueError(f"{path}: no pairs")
-    return rows
+            raise ValueError(f"{where(n)}: 'references' must be a list of non-empty strings (accepted answers)")
 
 
 def annotate_file(cfg: RunConfig, in_path: str | Path, out_path: str | Path, log=print) -> dict:
+    """`oaif annotate`: judge the file's pairs, write them with their verdicts; the metrics."""
     rows = read_pairs(Path(in_path))  # bad input fails before any model loads
-    check_inputs(cfg)
-    annotator = build_annotator(cfg)
+    out, metrics = annotate_pairs(cfg, rows, log=log)
+    write_jsonl(Path(out_path), out)
+    log(f"verdicts in {out_path}")
+    return metrics
+
+
+def annotate_pairs(cfg: RunConfig, rows: list[dict], *, annotator=None, log=print) -> tuple[list[dict], dict]:
+    """Judge pairs ({"prompt", "a", "b"} rows, as `oaif annotate` reads them) in both orders
+    with the config's annotator, or `annotator` (your function); returns the rows with their
+    verdicts, and the judge's metrics."""
+    check_pair_rows(rows, lambda n: f"pairs[{n - 1}]")
+    if annotator is not None:
+        cfg = with_python_annotator(cfg, annotator)
+    check_inputs(cfg, python=annotator)
+    annotator = build_annotator(cfg, annotator)
     pairs = []
     for n, row in enumerate(rows):
         messages = [{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str) else row["prompt"]
@@ -69,10 +88,9 @@ def annotate_file(cfg: RunConfig, in_path: str | Path, out_path: str | Path, log
                     "label_mass_b_first": orders["b"].label_mass if orders else None,
                     "backend": j.backend, "model": j.model, "constitution": j.constitution,
                     "constitution_hash": j.constitution_hash, "template_hash": j.template_hash})
-    write_jsonl(Path(out_path), out)
     metrics = judgment_metrics(judged.judgments) | {f"annotate/{k}": v for k, v in annotator.stats.items()}
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    log(f"judged {len(rows)} pairs -> {out_path}: order agreement {fmt(metrics['annotate/order_agreement'])}, "
+    log(f"judged {len(rows)} pairs: order agreement {fmt(metrics['annotate/order_agreement'])}, "
         f"invalid rate {fmt(metrics['annotate/invalid_rate'])}, first-position rate "
         f"{fmt(metrics['annotate/first_position_rate'])}, label mass {fmt(metrics['annotate/label_mass'])}; verdicts "
         + ", ".join(f"{v}={sum(o['verdict'] == v for o in out)}" for v in ("a", "b", "tie", "invalid")))
@@ -83,4 +101,4 @@ def annotate_file(cfg: RunConfig, in_path: str | Path, out_path: str | Path, log
             f"ties and disagreements count as misses)")
     if warning := label_mass_warning(metrics):
         log(warning)
-    return metrics
+    return out, metrics

@@ -59,11 +59,17 @@ class OpenAIAnnotator:
         self.cfg, self.api = cfg, cfg.openai
         self.model, self.constitution, self.template = model, constitution, template
         self.labels: tuple[str, str] = tuple(cfg.labels)
-        self.identity = Identity(backend="openai", model=model, constitution=constitution.name,
-                                 constitution_hash=constitution.hash, template_hash=template.hash)
         self.stats = {"requests_sent": 0, "retries": 0, "failures": 0, "prompt_tokens": 0, "completion_tokens": 0}
         # label -> token id; None until looked up, {} when the server cannot tell (match by text).
         self.label_ids: dict[str, int] | None = None
+
+    @property
+    def identity(self) -> Identity:
+        c = self.constitution
+        return Identity("openai", self.model, c.name, c.hash, self.template.hash)
+
+    def use_constitution(self, constitution: Constitution, template: JudgeTemplate) -> None:
+        self.constitution, self.template = constitution, template
 
     def judge(self, requests: list[JudgeRequest]) -> list[Answer]:
         return asyncio.run(self._judge(requests)) if requests else []

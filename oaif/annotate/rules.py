@@ -12,12 +12,18 @@ from oaif.constitution import Constitution
 
 class RulesAnnotator:
     def __init__(self, constitution: Constitution):
+        self.use_constitution(constitution, None)
+        self.stats: dict[str, float] = {"requests": 0}
+
+    def use_constitution(self, constitution: Constitution, template) -> None:
         if not constitution.rules:
             raise ValueError(f"{constitution.path}: the rules backend needs a 'rules:' list in the constitution")
-        self.rules = constitution.rules
+        self.constitution, self.rules = constitution, constitution.rules
         self.needs_references = any(rule.check == "matches_reference" for rule in self.rules)
-        self.identity = Identity("rules", "rules", constitution.name, constitution.hash, "")
-        self.stats: dict[str, float] = {"requests": 0}
+
+    @property
+    def identity(self) -> Identity:
+        return Identity("rules", "rules", self.constitution.name, self.constitution.hash, "")
 
     def score(self, response: str, other: str, references: tuple[str, ...]) -> float:
         return sum(rule.score(response, other, references) for rule in self.rules)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from pathlib import Path
 from typing import Callable
 
 from oaif.annotate.base import Annotator, JudgeTemplate, load_template
@@ -38,8 +40,16 @@ def _openai(cfg: RunConfig, a: AnnotateConfig, model: str, constitution: Constit
     return OpenAIAnnotator(a, model, constitution, template)
 
 
+def _python(cfg: RunConfig, a: AnnotateConfig, model: str, constitution: Constitution,
+            template: JudgeTemplate, target=None) -> Annotator:
+    from oaif.annotate.python_fn import FunctionAnnotator
+
+    # An object with the annotator Protocol is used as it is; a function is wrapped.
+    return target if callable(getattr(target, "judge", None)) else FunctionAnnotator(target, constitution)
+
+
 BACKENDS: dict[str, Callable[..., Annotator]] = {
-    "rules": _rules, "vllm": _vllm, "transformers": _transformers, "openai": _openai,
+    "rules": _rules, "vllm": _vllm, "transformers": _transformers, "openai": _openai, "python": _python,
 }
 
 
@@ -49,11 +59,14 @@ def load_inputs(a: AnnotateConfig, constitution_path: str) -> tuple[Constitution
     return constitution, load_template(a.template, constitution)
 
 
-def _single(cfg: RunConfig, backend: str, constitution_path: str, model: str) -> Annotator:
+def _single(cfg: RunConfig, backend: str, constitution_path: str, model: str, target=None) -> Annotator:
+    """target: backend 'python', the function or annotator object."""
     a = cfg.annotate
     constitution, template = load_inputs(a, constitution_path)
-    annotator = BACKENDS[backend](cfg, a, model or a.model or cfg.policy.model, constitution, template)
-    if a.cache and backend != "rules":  # rules cost nothing to re-run
+    extra = {"target": target} if backend == "python" else {}
+    annotator = BACKENDS[backend](cfg, a, model or a.model or cfg.policy.model, constitution, template, **extra)
+    # rules cost nothing to re-run; a user function is cached only when asked (python_cache).
+    if a.cache and backend != "rules" and (backend != "python" or a.python_cache):
         from oaif.annotate.cache import CachedAnnotator, model_fingerprint
 
         settings = {k: v for k, v in dataclasses.asdict(a).items()
@@ -67,27 +80,92 @@ def _single(cfg: RunConfig, backend: str, constitution_path: str, model: str) ->
     return annotator
 
 
-def build_annotator(cfg: RunConfig) -> Annotator:
+def build_annotator(cfg: RunConfig, python=None) -> Annotator:
+    """python: the judge function or annotator object of backend 'python' when the caller has
+    it in hand (oaif.run(annotator=...)); else annotate.python (and each python mix member's)
+    is imported."""
+    from oaif.annotate.python_fn import load_target
+
     a = cfg.annotate
     if a.backend != "mix":
-        return _single(cfg, a.backend, a.constitution, "")
+        target = (python or load_target(a.python, "annotate.python")) if a.backend == "python" else None
+        return _single(cfg, a.backend, a.constitution, "", target)
     from oaif.annotate.mix import MixAnnotator
 
-    return MixAnnotator([(_single(cfg, m.backend, m.constitution or a.constitution, m.model), m.weight)
-                         for m in a.mix])
+    return MixAnnotator([(_single(cfg, m.backend, m.constitution or a.constitution, m.model,
+                                  load_target(m.python, f"annotate.mix[{i}].python") if m.backend == "python" else None),
+                          m.weight) for i, m in enumerate(a.mix)])
 
 
-def check_inputs(cfg: RunConfig, where: str = "annotate") -> None:
-    """Fail on a bad constitution or template, a missing judge model, or labels the judge's
-    tokenizer cannot read as one token each, before any engine starts or file is written.
-    where: the config section `cfg.annotate` came from (named in the errors)."""
+def reload_constitutions(annotator: Annotator, a: AnnotateConfig, refused: dict[Path, set[str]]) -> list[str]:
+    """annotate.reload_constitution: every judge whose constitution file changed since it was
+    loaded judges with the new version from now on. A version that does not load (or that
+    its backend refuses, e.g. rules without rules) is refused and the judge keeps the one it
+    has; `refused` (path -> hashes, kept by the caller) makes each refusal said once.
+    Returns what changed, for the log."""
+    said = []
+    for judge in _judges(annotator):
+        old = getattr(judge, "constitution", None)
+        if old is None or not hasattr(judge, "use_constitution"):
+            continue   # a user annotator object without use_constitution keeps its own
+        path = Path(old.path)
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        except OSError as e:
+            digest = f"unreadable: {e}"
+        if digest == old.hash or digest in refused.get(path, set()):
+            continue
+        try:
+            constitution, template = load_inputs(a, str(path))
+            judge.use_constitution(constitution, template)
+            said.append(f"constitution {path} changed ({old.hash} -> {constitution.hash}): judging with it from now on")
+        except (ValueError, OSError) as e:   # ConstitutionError and the template's errors are ValueErrors
+            refused.setdefault(path, set()).add(digest)
+            said.append(f"warning: the edited constitution {path} is not used ({e}); still judging with {old.hash}")
+    return said
+
+
+def _judges(annotator: Annotator):
+    """The annotators that judge: a mix's members and a cache's inner judge, unwrapped."""
+    if hasattr(annotator, "members"):
+        for member, _ in annotator.members:
+            yield from _judges(member)
+    elif hasattr(annotator, "inner"):
+        yield from _judges(annotator.inner)
+    else:
+        yield annotator
+
+
+def with_python_annotator(cfg: RunConfig, annotator) -> RunConfig:
+    """cfg judged by `annotator` (backend python), named in the saved config by its
+    'module:qualname' so that a resume can import it (or be given it again)."""
+    from oaif.annotate.python_fn import name_of
+    from oaif.config import ConfigError
+
+    if cfg.annotate.backend == "mix":
+        raise ConfigError("annotator=: the config's annotate.backend is 'mix'; name your function in the mix instead "
+                          "(annotate.mix[i] = {backend: python, python: 'module:function', weight: ...})")
+    if not callable(annotator) and not callable(getattr(annotator, "judge", None)):
+        raise ConfigError(f"annotator=: {annotator!r} is neither a function nor an annotator (judge(requests))")
+    return dataclasses.replace(cfg, annotate=dataclasses.replace(cfg.annotate, backend="python",
+                                                                 python=name_of(annotator)))
+
+
+def check_inputs(cfg: RunConfig, where: str = "annotate", python=None) -> None:
+    """Fail on a bad constitution or template, a missing judge model or function, or labels
+    the judge's tokenizer cannot read as one token each, before any engine starts or file is
+    written. where: the config section `cfg.annotate` came from (named in the errors);
+    python: as for build_annotator (then annotate.python is not imported)."""
+    from oaif.annotate.python_fn import load_target
     from oaif.generate import check_model
 
     a = cfg.annotate
-    members = [(f"{where}.mix[{i}]", m.backend, m.constitution or a.constitution, m.model)
-               for i, m in enumerate(a.mix)] if a.backend == "mix" else [(where, a.backend, a.constitution, "")]
-    for key, backend, path, model in members:
+    members = [(f"{where}.mix[{i}]", m.backend, m.constitution or a.constitution, m.model, m.python)
+               for i, m in enumerate(a.mix)] if a.backend == "mix" else [(where, a.backend, a.constitution, "", a.python)]
+    for key, backend, path, model, spec in members:
         constitution, template = load_inputs(a, path)
+        if backend == "python" and not (python and key == where):
+            load_target(spec, f"{key}.python")
         if backend in ("vllm", "transformers"):
             from oaif.annotate.local import check_labels
 

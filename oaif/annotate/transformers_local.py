@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from oaif.annotate.base import Identity, JudgeTemplate
+from oaif.annotate.base import JudgeTemplate
 from oaif.annotate.local import LocalJudge
 from oaif.config import AnnotateConfig
 from oaif.constitution import Constitution
@@ -64,5 +64,4 @@ def TransformersAnnotator(cfg: AnnotateConfig, model: str, constitution: Constit
     tokenizer = AutoTokenizer.from_pretrained(model)
     scorer = TransformersScorer(load_causal_lm(model, cfg.dtype, trainable=False, device=device), tokenizer,
                                 cfg.batch_size)
-    identity = Identity("transformers", model, constitution.name, constitution.hash, template.hash)
-    return LocalJudge(scorer, tokenizer, cfg, constitution, template, identity)
+    return LocalJudge(scorer, tokenizer, cfg, constitution, template, "transformers", model)

@@ -6,7 +6,7 @@ cut-off applies; both orders of all pairs go to the engine in one batched call.
 
 from __future__ import annotations
 
-from oaif.annotate.base import Identity, JudgeTemplate
+from oaif.annotate.base import JudgeTemplate
 from oaif.annotate.local import LocalJudge
 from oaif.config import AnnotateConfig
 from oaif.constitution import Constitution
@@ -45,5 +45,4 @@ def VLLMAnnotator(cfg: AnnotateConfig, model: str, constitution: Constitution, t
     llm = build_llm(model, cfg.dtype, seed=seed, kv_cache_gib=cfg.kv_cache_gib,
                     max_model_len=cfg.max_prompt_tokens + 1, gpu_memory_utilization=cfg.gpu_memory_utilization,
                     enforce_eager=cfg.enforce_eager)
-    identity = Identity("vllm", model, constitution.name, constitution.hash, template.hash)
-    return LocalJudge(VLLMScorer(llm), AutoTokenizer.from_pretrained(model), cfg, constitution, template, identity)
+    return LocalJudge(VLLMScorer(llm), AutoTokenizer.from_pretrained(model), cfg, constitution, template, "vllm", model)

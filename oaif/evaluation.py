@@ -256,11 +256,12 @@ def same_shape(a, b, tokenizer_a, tokenizer_b) -> bool:
             and tokenizer_a.get_vocab() == tokenizer_b.get_vocab())
 
 
-def run_eval(cfg: RunConfig, out: str | Path | None = None, log=print) -> dict:
+def run_eval(cfg: RunConfig, out: str | Path | None = None, *, annotator=None, log=print) -> dict:
     """`oaif eval`: the policy against the baseline on the held-out prompts; writes every
     comparison to `out` (default: <run>/eval/round_XXXXXX.jsonl for a run's checkpoint) and
-    a one-line summary beside it (.summary.jsonl); returns the metrics."""
-    from oaif.annotate.select import build_annotator, check_inputs
+    a one-line summary beside it (.summary.jsonl); returns the metrics. annotator: your
+    judge (a function or annotator object) in place of the config's eval judge."""
+    from oaif.annotate.select import build_annotator, check_inputs, with_python_annotator
     from oaif.checkpoint import read_trainer_state
     from oaif.engines import build_llm
     from oaif.generate import InProcessEngine, check_model, load_tokenizer
@@ -269,8 +270,10 @@ def run_eval(cfg: RunConfig, out: str | Path | None = None, log=print) -> dict:
 
     prompts = eval_prompts(cfg)           # bad input fails before any model loads
     judge_cfg = eval_annotator_config(cfg)
-    check_inputs(judge_cfg, "eval.annotate" if cfg.eval.annotate else "annotate")
-    if cfg.eval.annotate is None:
+    if annotator is not None:
+        judge_cfg = with_python_annotator(judge_cfg, annotator)
+    check_inputs(judge_cfg, "eval.annotate" if cfg.eval.annotate else "annotate", python=annotator)
+    if cfg.eval.annotate is None and annotator is None:
         log(TRAINING_JUDGE_WARNING)
     baseline_path = cfg.eval.baseline or cfg.policy.model
     check_model(baseline_path, "eval.baseline" if cfg.eval.baseline else "policy.model")
@@ -302,7 +305,7 @@ def run_eval(cfg: RunConfig, out: str | Path | None = None, log=print) -> dict:
         answered = {b.prompt_id for b in baseline}
         policy = [r for r in policy if r.prompt_id in answered]
         kl = response_kl_of(policy_model, reference, policy, policy_tokenizer.pad_token_id) if same else None
-        records, metrics = compare(build_annotator(judge_cfg), policy, baseline, kl, round, -1,
+        records, metrics = compare(build_annotator(judge_cfg, annotator), policy, baseline, kl, round, -1,
                                    judge_cfg.annotate.missing_eos_penalty)
     metrics = summarize(records, cfg.eval.bootstrap, cfg.seed) | metrics
     write_jsonl(out, records)
