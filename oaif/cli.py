@@ -2,6 +2,8 @@
 
     oaif init-tiny DIR                      build the embedded tiny policy
     oaif export CHECKPOINT --out DIR        a checkpoint as a plain HF model (LoRA merged)
+    oaif export-pairs RUN_DIR --out DIR [--overwrite]
+                                            a run's kept pairs as TRL preference and KTO datasets
     oaif run CONFIG [key=value ...]         run the loop
     oaif resume RUN_DIR [key=value ...]     continue a run from its latest checkpoint
     oaif offline PAIRS CONFIG [key=value ...]
@@ -11,6 +13,8 @@
     oaif eval CONFIG [key=value ...] [--out FILE]
                                             the policy against its start on held-out prompts
     oaif convert-gguf FILE --out DIR        a GGUF model (llama.cpp, Ollama) as an HF folder
+    oaif report RUN_DIR [--out DIR] [--pairs N]
+                                            plots and one HTML page of a run (default RUN_DIR/report)
     oaif config-help                        every config key, its default and meaning
 """
 
@@ -37,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", help="runs/NAME/checkpoints/round_XXXXXX (default: the latest); "
                                         "anything recorded after it is dropped and redone")
     p = sub.add_parser("offline", help="train on a fixed file of preference pairs (no generation)")
-    p.add_argument("pairs", help="JSONL: oaif pair records, `oaif annotate` output, or prompt/chosen/rejected rows")
+    p.add_argument("pairs", help="JSONL: oaif pair records, `oaif annotate` output, or prompt/chosen/rejected rows; "
+                                 "or such rows as a .parquet file or save_to_disk folder (oaif export-pairs)")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value, as for `oaif run`")
     p = sub.add_parser("annotate", help="judge pairs from a JSONL file with a config's annotator")
@@ -56,10 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("export", help="write a checkpoint as a plain Hugging Face model (a LoRA adapter merged in)")
     p.add_argument("checkpoint", help="runs/NAME/checkpoints/round_XXXXXX")
     p.add_argument("--out", required=True)
+    p = sub.add_parser("export-pairs", help="a run's kept pairs as datasets in TRL's preference and KTO formats")
+    p.add_argument("run_dir", help="runs/NAME")
+    p.add_argument("--out", required=True, help="the folder to create: preference/, kto/ (save_to_disk) and .parquet")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     p = sub.add_parser("init-tiny", help="build the tiny local policy (no hub needed)")
     p.add_argument("out")
     p.add_argument("--steps", type=int, default=300, help="warm-up steps on prompts/tiny_sft.jsonl")
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("report", help="plots and a self-contained HTML page from a run directory")
+    p.add_argument("run_dir", help="runs/NAME (finished or still running)")
+    p.add_argument("--out", help="folder to write (default: RUN_DIR/report); replaced whole")
+    p.add_argument("--pairs", type=int, default=4, help="sample pairs shown per round")
     p = sub.add_parser("config-help", help="list every config key")
     p.add_argument("--markdown", action="store_true", help="as the README's reference table")
     args = parser.parse_args(argv)
@@ -73,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()   # per-save "Writing model shards" bars would break up the round table
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     if args.command == "init-tiny":
         from oaif.tiny import init_tiny
 
@@ -90,6 +104,17 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint = Path(args.checkpoint)
             cfg = load_config(checkpoint.parent.parent / "config.yaml")  # the run's resolved config
             print(f"exported {export_merged(checkpoint, Path(args.out), cfg.policy.model, cfg.policy.dtype)}")
+            return 0
+        if args.command == "report":
+            from oaif.report import write_report
+
+            print(f"report: {write_report(args.run_dir, args.out, args.pairs)}")
+            return 0
+        if args.command == "export-pairs":
+            from oaif.datasets_io import export_pairs
+
+            out = export_pairs(args.run_dir, args.out, overwrite=args.overwrite)
+            print(f"exported the pairs of {args.run_dir} -> {out}/preference (+ .parquet), {out}/kto (+ .parquet)")
             return 0
         if args.command == "resume":
             from oaif.loop import resume

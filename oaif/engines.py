@@ -27,6 +27,15 @@ def build_llm(model: str, dtype: str, seed: int, kv_cache_gib: float, max_model_
         model=model, tokenizer=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
         kv_cache_memory_bytes=int(kv_cache_gib * GIB), tensor_parallel_size=tensor_parallel_size,
         gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True, enforce_eager=enforce_eager,
+        use_tqdm_on_load=False,   # a loading bar on stderr would break up the round table
         # LoRA served by vLLM itself (train.lora.sync: vllm_lora); 0 keeps LoRA support off.
         **({"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": 1} if max_lora_rank else {}),
     )
+
+
+def shutdown_llm(llm) -> None:
+    """End an in-process engine now. vLLM ends one when it is garbage-collected, and ending
+    one tears down vLLM's process-wide parallel state: left to the collector, that can happen
+    while a later engine in the same process runs (a script's second oaif.run), which then
+    fails with "pipeline model parallel group is not initialized"."""
+    llm.llm_engine.engine_core.shutdown()

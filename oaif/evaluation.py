@@ -50,7 +50,7 @@ class Response:
 
 
 def eval_prompts(cfg: RunConfig) -> list[Prompt]:
-    prompts = load_prompts(cfg.eval.prompts, "eval.prompts")
+    prompts = load_prompts(cfg.eval.prompts, "eval.prompts", cfg.eval.prompts_column, cfg.eval.prompts_split)
     return prompts[:cfg.eval.max_prompts] if cfg.eval.max_prompts else prompts
 
 

@@ -28,7 +28,10 @@ from oaif.config import ConfigError, RunConfig, RunStopped, dump_config, load_co
 from oaif.generate import check_model, load_tokenizer
 from oaif.evaluation import TRAINING_JUDGE_WARNING, eval_annotator_config, eval_prompts, format_summary
 from oaif.evaluation import max_new_tokens as eval_max_new_tokens
+from oaif.console import LibraryLogs, Progress
+from oaif.datasets_io import export_pairs
 from oaif.faults import crash_point
+from oaif.tracking import Trackers, check_trackers, markdown_table, sample_table
 from oaif.records import (PreferencePair, Prompt, Sample, append_jsonl, load_prompts, prompts_from_rows, read_jsonl,
                           write_jsonl)
 
@@ -148,8 +151,11 @@ class Loop:
             cfg = with_python_annotator(cfg, annotator)
         self.cfg, self.python, self.given_prompts, self.callbacks = cfg, annotator, prompts, list(callbacks)
         self.resume_dir, self.checkpoint = resume_dir, checkpoint
-        self._log = log
-        self.log = log
+        self._print = log            # oaif's own lines go here (and to run.log)
+        self.logs: LibraryLogs | None = None
+        self.progress = Progress(0, 0, enabled=False)   # bars while rounds() runs, on a terminal
+        self.trackers: Trackers | None = None
+        self.table: list[list[str]] = []   # the round in progress's sample table
         self.accelerator = self.run_dir = self.generator = self.annotator = self.trainer = None
         self.llm = None              # the in-process engine; None in server mode
         self.tokenizer = None
@@ -165,37 +171,60 @@ class Loop:
         self._rounds = None
 
     def __enter__(self) -> "Loop":
-        from transformers.utils import logging as hf_logging
-
         from oaif.distributed import make_accelerator
 
-        hf_logging.disable_progress_bar()   # per-save "Writing model shards" bars would break up the round table
-        self.accelerator = make_accelerator()
-        if self.accelerator is not None and not self.accelerator.is_main_process:
-            self.log = lambda *_: None
+        self.logs = LibraryLogs(self.cfg.verbose)
         try:
+            self.accelerator = make_accelerator()
             self._open()
-        except BaseException:
-            self.close()
+        except BaseException as e:
+            self.close(e)
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, error, traceback) -> None:
+        self.close(error)
 
-    def close(self) -> None:
+    @property
+    def main(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
+
+    def log(self, line: str) -> None:
+        """One of oaif's own lines: to the terminal (above the bars) and to run.log; rank 0."""
+        if not self.main:
+            return
+        if self.progress.enabled:
+            self.progress.write(line)
+        else:
+            self._print(line)
+        if self.logs is not None:
+            self.logs.handler.write(line)
+
+    def close(self, error: BaseException | None = None) -> None:
         from oaif.distributed import end
 
         try:
             if self._rounds is not None:
                 self._rounds.close()   # a script that left rounds() early: its last round is checkpointed
         finally:
+            if self.trackers is not None:
+                self.trackers.close()
+                self.trackers = None
+            if self.logs is not None:
+                if error is not None and self.main:   # the terminal gets it from the caller; the log keeps it
+                    self.logs.handler.write(f"oaif: error: {type(error).__name__}: {error}")
+                self.logs.close()
+                self.logs = None
             if self.server is not None:
                 from oaif.server import stop_server
 
                 stop_server(self.server)
                 self.server = None
-            self.llm = self.generator = None   # a script may go on to build another engine: free this one
+            if self.llm is not None:   # a script may go on to build another engine: end this one now
+                from oaif.engines import shutdown_llm
+
+                shutdown_llm(self.llm)
+            self.llm = self.generator = None
             end(self.accelerator)
             self.accelerator = None
 
@@ -207,12 +236,14 @@ class Loop:
         if self.given_prompts is not None:
             self.prompts = as_prompts(self.given_prompts)
             if self.resume_dir is None:   # saved with the run: the config names the saved copy
-                self.cfg = cfg = dataclasses.replace(cfg, prompts=str(Path(cfg.output_dir) / cfg.name / "prompts.jsonl"))
+                self.cfg = cfg = dataclasses.replace(cfg, prompts=str(Path(cfg.output_dir) / cfg.name / "prompts.jsonl"),
+                                                     prompts_column="", prompts_split="train")
         else:
-            self.prompts = load_prompts(cfg.prompts)
+            self.prompts = load_prompts(cfg.prompts, "run.prompts", cfg.prompts_column, cfg.prompts_split)
         check_models(cfg)
         check_inputs(cfg, python=self.python)
         check_distributed(cfg, accelerator)
+        check_trackers(cfg)
         if cfg.eval.every:
             eval_prompts(cfg)
             check_inputs(eval_annotator_config(cfg), "eval.annotate" if cfg.eval.annotate else "annotate")
@@ -223,7 +254,11 @@ class Loop:
             self.run_dir = on_main(accelerator, lambda: prepare_run_dir(cfg, saved))
         else:
             self.run_dir = self.resume_dir
+        self.logs.handler.open(self.run_dir / "run.log" if self.main else None)
+        if self.resume_dir is not None:
             self.index = self._rewind()
+        if self.main and cfg.report_to:
+            self.trackers = Trackers(cfg, self.run_dir)
         self._start_engines()
 
     def _rewind(self) -> int:
@@ -304,7 +339,10 @@ class Loop:
         """generate.samples_per_prompt samples per prompt from the policy the engine holds,
         seeded by (seed, round, place): one group per prompt (prompts over
         policy.max_prompt_tokens are skipped and counted)."""
-        groups, metrics = self.generator.sample(as_prompts(prompts), self.index, self.policy_version)
+        prompts = as_prompts(prompts)
+        self.progress.start("generate", len(prompts) * self.cfg.generate.samples_per_prompt, "sample")
+        groups, metrics = self.generator.sample(prompts, self.index, self.policy_version)
+        self.progress.advance(sum(len(g) for g in groups))
         self.metrics |= metrics
         return groups
 
@@ -315,8 +353,10 @@ class Loop:
             for line in reload_constitutions(self.annotator, self.cfg.annotate, self.refused):
                 self.log(f"  round {self.index}: {line}")
         pairs = [(g[k], g[k + 1]) for g in groups for k in range(0, len(g) - 1, 2)]
+        self.progress.start("annotate", 2 * len(pairs), "judgment")
         judged = judge_pairs(self.annotator, pairs, self.index, self.policy_version,
                              self.cfg.annotate.missing_eos_penalty)
+        self.progress.advance(2 * len(pairs))
         totals = dict(self.annotator.stats)
         self.metrics |= {"pairs_kept": len(judged.pairs), "pairs_dropped": len(pairs) - len(judged.pairs),
                          **judgment_metrics(judged.judgments),
@@ -327,7 +367,9 @@ class Loop:
     def train(self, pairs: list[PreferencePair]) -> dict:
         """train.epochs_per_round passes of the configured loss over `pairs`; the policy
         version goes up (sync() then makes the engine sample from it)."""
-        metrics = self.trainer.train_round(pairs)
+        t = self.cfg.train
+        self.progress.start("train", t.epochs_per_round * math.ceil(len(pairs) / t.batch_size), "step")
+        metrics = self.trainer.train_round(pairs, on_step=self.progress.advance)
         self.policy_version += 1
         self.metrics |= metrics
         return metrics
@@ -340,6 +382,7 @@ class Loop:
 
         g, policy, lora = self.cfg.generate, self.trainer.policy, self.cfg.train.lora
         crash_point("sync")
+        self.progress.start("sync", 1, "push")
         t0 = time.perf_counter()
         if self.server_url:
             from oaif.server import push_weights_to_server
@@ -353,11 +396,13 @@ class Loop:
             seconds = time.perf_counter() - t0
         else:
             seconds = push_weights(self.llm, policy)
+        self.progress.advance()
         self.metrics["sync/seconds"] = seconds
         return seconds
 
     def evaluate(self, index: int) -> dict:
         """eval/* metrics of the policy the engine holds now (one process)."""
+        self.progress.start("eval", 1, "evaluation")
         return self.evaluator(self.generator.engine, self.tokenizer, self.trainer, index, self.policy_version)
 
     # Whole rounds.
@@ -371,12 +416,16 @@ class Loop:
         return self._rounds
 
     def _run_rounds(self) -> Iterator[dict]:
+        from oaif.distributed import on_main
+
         cfg, run_dir, accelerator = self.cfg, self.run_dir, self.accelerator
         batches = round_prompts(self.prompts, cfg.prompts_per_round, cfg.seed)
         for _ in range(self.index):   # the prompts the done rounds used
             next(batches)
         first, lengths, checkpointed = self.index, [], True
         stop = GracefulStop()   # under a launcher every rank gets the signal (the launcher forwards it)
+        # Bars decorate the default terminal output; a script's own log function gets plain lines.
+        self.progress = Progress(first, cfg.rounds, enabled=self.main and self._print is print and sys.stderr.isatty())
         try:
             self.log(f"run directory: {run_dir}" + (f" ({accelerator.num_processes} processes)" if accelerator else ""))
             self.log(header())
@@ -390,6 +439,9 @@ class Loop:
                 stopping = stop_agreed(bool(stop) or wanted, accelerator)
                 checkpointed = finish_round(cfg, run_dir, self.trainer, self.tokenizer, accelerator, index,
                                             self.policy_version, metrics, last=index == cfg.rounds - 1 or stopping)
+                if self.trackers is not None:
+                    self.trackers.log(metrics, self.table)
+                self.progress.round_done()
                 self.log(format_row(metrics))
                 if "eval/win_rate_vs_ref" in metrics:
                     self.log(f"  eval after round {index}: {format_summary(metrics)}")
@@ -412,6 +464,10 @@ class Loop:
             raise
         finally:
             stop.restore()
+            self.progress.close()
+            self.progress = Progress(0, 0, enabled=False)
+        # Every kept pair so far, as datasets in TRL's formats (replaced as the run goes on).
+        on_main(accelerator, lambda: export_pairs(run_dir, run_dir / "dataset", overwrite=True))
         for hook in self._hooks("on_run_end"):
             hook(self)
         if self.index == cfg.rounds and lengths:
@@ -459,6 +515,8 @@ class Loop:
         write_jsonl(out / "judgments.jsonl", judged.judgments)
         crash_point("annotate")
         write_jsonl(out / "pairs.jsonl", judged.pairs)
+        self.table = sample_table([s for g in groups for s in g], judged.judgments)
+        (out / "samples.md").write_text(markdown_table(self.table))
         return judged.pairs, self.metrics
 
     def _hooks(self, name: str):
@@ -530,7 +588,8 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     cfg = load_config(run_dir / "config.yaml", overrides)
     # Another start model changes the reference; another prompt set, batch or seed makes the
     # resumed prompt stream skip the wrong prompts.
-    for key in ("policy.model", "prompts", "prompts_per_round", "seed", "generate.samples_per_prompt"):
+    for key in ("policy.model", "prompts", "prompts_column", "prompts_split", "prompts_per_round", "seed",
+                "generate.samples_per_prompt"):
         old, new = (functools.reduce(getattr, key.split("."), c) for c in (saved, cfg))
         if old != new:
             raise ConfigError(f"{key}: a resumed run keeps its {key} ({old!r}, not {new!r}); start a new "

@@ -1,6 +1,6 @@
 """`oaif offline`: the same trainer on a fixed file of preference pairs, with no generation.
 
-    oaif offline PAIRS.jsonl CONFIG [key=value ...]
+    oaif offline PAIRS CONFIG [key=value ...]
 
 The baseline the OAIF paper sets against online feedback: pairs sampled and judged once,
 then trained on, while the policy drifts away from the policy that produced them. PAIRS may
@@ -9,7 +9,9 @@ be any of
     from the starting policy), whose exact token ids are used as they are;
   - `oaif annotate` output: rows with verdict 'a' or 'b' become pairs, others are skipped;
   - {"prompt": text or chat messages, "chosen": ..., "rejected": ...} rows (TRL's format),
-    optional "p_chosen"; responses are tokenized and end with EOS.
+    optional "p_chosen"; responses are tokenized and end with EOS. Such rows may also come
+    as a dataset: a .parquet file or a save_to_disk folder (`oaif export-pairs` writes both),
+    chosen and rejected as strings or as one assistant message each (TRL's conversational form).
 A round is one shuffled pass over the file (rounds=N: N epochs; train.epochs_per_round
 repeats each). It writes the same run directory as `oaif run`, without per-round samples.
 """
@@ -37,14 +39,29 @@ def _messages(row: dict, where: str) -> list[dict]:
     raise ValueError(f"{where}: 'prompt' must be a string or a list of {{role, content}} messages")
 
 
+def _response(value):
+    """A response: a string, or TRL's conversational form, one assistant message."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) \
+            and value[0].get("role") == "assistant":
+        return value[0].get("content")
+    return value
+
+
 def load_pairs(path: str | Path, tokenizer, max_prompt_tokens: int) -> tuple[list[PreferencePair], dict]:
     """(pairs, counts of skipped rows by reason); a malformed row is an error naming its line."""
+    from oaif.datasets_io import DATA_FILES, dataset_rows
+
     path = Path(path)
-    if not path.is_file():
+    if path.is_file() and path.suffix not in DATA_FILES:
+        rows, where_row = read_jsonl(path), lambda n: f"{path}:{n}"
+    elif path.exists():
+        rows, _ = dataset_rows(path, "oaif offline", "train", "give that split's own folder or file")
+        where_row = lambda n: f"{path} row {n}"  # noqa: E731
+    else:
         raise FileNotFoundError(f"pair file {path} not found")
     pairs, skipped = [], {"no_preference": 0, "prompt_too_long": 0}
-    for n, row in enumerate(read_jsonl(path), 1):
-        where = f"{path}:{n}"
+    for n, row in enumerate(rows, 1):
+        where = where_row(n)
         if not isinstance(row, dict):
             raise ValueError(f"{where}: expected an object")
         if "chosen_token_ids" in row:   # oaif's own record: exact token ids
@@ -61,10 +78,11 @@ def load_pairs(path: str | Path, tokenizer, max_prompt_tokens: int) -> tuple[lis
             chosen, rejected = (row.get("a"), row.get("b")) if first else (row.get("b"), row.get("a"))
             p_chosen = row.get("p_a") if first else 1 - row.get("p_a", 0.0)
         else:
-            chosen, rejected, p_chosen = row.get("chosen"), row.get("rejected"), row.get("p_chosen", 1.0)
+            chosen, rejected = _response(row.get("chosen")), _response(row.get("rejected"))
+            p_chosen = row.get("p_chosen", 1.0)
         if not (isinstance(chosen, str) and isinstance(rejected, str)):
-            raise ValueError(f"{where}: expected 'chosen' and 'rejected' strings, an oaif pair record, "
-                             f"or `oaif annotate` output (a, b, verdict)")
+            raise ValueError(f"{where}: expected 'chosen' and 'rejected' strings (or one assistant message each), "
+                             f"an oaif pair record, or `oaif annotate` output (a, b, verdict)")
         if not isinstance(p_chosen, (int, float)) or not 0 <= p_chosen <= 1:
             raise ValueError(f"{where}: 'p_chosen' must be a probability in [0, 1], got {p_chosen!r}")
         messages = _messages(row, where)
@@ -75,9 +93,9 @@ def load_pairs(path: str | Path, tokenizer, max_prompt_tokens: int) -> tuple[lis
             continue
         ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in (chosen, rejected)]
         pairs.append(PreferencePair(
-            round=0, policy_version=0, prompt_id=str(row.get("id", n - 1)), messages=messages, chosen=chosen,
-            rejected=rejected, p_chosen=float(p_chosen), prompt_token_ids=prompt_ids, chosen_token_ids=ids[0],
-            rejected_token_ids=ids[1]))
+            round=0, policy_version=0, prompt_id=str(row.get("id", row.get("prompt_id", n - 1))), messages=messages,
+            chosen=chosen, rejected=rejected, p_chosen=float(p_chosen), prompt_token_ids=prompt_ids,
+            chosen_token_ids=ids[0], rejected_token_ids=ids[1]))
     if not pairs:
         raise ValueError(f"{path}: no usable pairs (skipped: {skipped})")
     return pairs, skipped

@@ -82,7 +82,8 @@ def spawn_server(model: str, port: int, dtype: str, seed: int, max_model_len: in
     # The weight endpoints (/pause, /collective_rpc, ...) exist only in development mode. The
     # engine core's process mode is set, not inherited: oaif.engines sets it for in-process
     # engines in this process, and a server must not depend on whether that was imported first.
-    full_env = {**os.environ, **(env or {}), "VLLM_SERVER_DEV_MODE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    full_env = {**os.environ, **(env or {}), "VLLM_SERVER_DEV_MODE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+                "VLLM_CONFIGURE_LOGGING": "1"}   # its log file must say why it failed, whatever this process quiets
     # Started from a rank of `accelerate launch`, the server must not see the trainers'
     # process group: it is a world of its own.
     for key in LAUNCHER_VARS:

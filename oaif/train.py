@@ -287,9 +287,10 @@ class DPOTrainer:
         per_response = kto_loss(policy, ref, desirable, beta, z0, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
         return (per_response[:len(pc)] + per_response[len(pc):]) / 2
 
-    def train_round(self, pairs: list[PreferencePair]) -> dict[str, float]:
+    def train_round(self, pairs: list[PreferencePair], on_step=None) -> dict[str, float]:
         """epochs_per_round passes over the pairs, in optimizer steps of batch_size pairs.
-        Under accelerate every rank calls this with the same pairs and trains on its share."""
+        Under accelerate every rank calls this with the same pairs and trains on its share.
+        on_step: called after each step (taken or skipped), for progress."""
         cfg, stats, acc = self.cfg, StepStats({}), self.accelerator
         norms, skipped = [], 0
         rank, world = (acc.process_index, acc.num_processes) if acc else (0, 1)
@@ -323,6 +324,8 @@ class DPOTrainer:
                 # averaged across ranks by now, so every rank sees the same norm and decides alike.
                 clip = torch.nn.utils.clip_grad_norm_ if acc is None else acc.clip_grad_norm_
                 norm = clip(self.model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+                if on_step is not None:
+                    on_step()
                 if norm is not None:   # None: DeepSpeed clips inside its own step
                     if not math.isfinite(float(norm)):
                         self.skip_step()

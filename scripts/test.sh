@@ -5,4 +5,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# tests/test_report.py opens the report page in headless Chromium (Debian's `chromium`). As
+# root with apt (CI) it is installed once here and those tests must run; otherwise they skip,
+# saying so.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  if ! command -v chromium >/dev/null; then
+    echo "oaif test: installing chromium with apt (once, about a minute)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  fi
+  export OAIF_REQUIRE_CHROMIUM=1
+elif ! command -v chromium >/dev/null; then
+  echo "oaif test: chromium not installed (as root: apt-get install chromium): the report page tests will skip"
+fi
 .venv/bin/python -m pytest "$@"

@@ -152,3 +152,19 @@ def test_generate_metrics_count_truncated_responses_and_skipped_prompts():
     assert [[s.finish_reason for s in g] for g in groups] == [["length", "stop"], ["stop", "stop"]]
     assert m["generate/truncated_rate"] == 1 / 4 and m["generate/prompts_skipped"] == 1
     assert m["generate/mean_length"] == (6 + 2 + 2 + 2) / 4
+
+
+def test_a_judgment_records_the_principle_its_judge_was_shown():
+    from oaif.annotate.base import JudgeRequest, principles_for
+    from oaif.annotate.rules import RulesAnnotator
+    from oaif.constitution import load_constitution
+
+    sampled = load_constitution(ROOT / "constitutions/concise.yaml", sample_principles=True)
+    pairs = [tuple(Sample(0, 0, f"p{n}", [{"role": "user", "content": f"question {n}"}], k, text, [1], [2], "stop")
+                   for k, text in enumerate((f"short {n}", f"a longer answer {n}"))) for n in range(8)]
+    judged = judge_pairs(RulesAnnotator(sampled), pairs, 0, 0)
+    for j, (a, b) in zip(judged.judgments, pairs):   # what the b-first prompt showed, too
+        assert j.principles == list(principles_for(sampled, JudgeRequest(a.messages, b.text, a.text)))
+    assert len({tuple(j.principles) for j in judged.judgments}) == 2   # both principles drawn: not vacuous
+    every = load_constitution(ROOT / "constitutions/concise.yaml")
+    assert all(j.principles == [] for j in judge_pairs(RulesAnnotator(every), pairs, 0, 0).judgments)

@@ -21,6 +21,16 @@ def engine(tiny_model):
     return build_llm(str(tiny_model), "float32", seed=0, kv_cache_gib=0.25, max_model_len=256)
 
 
+@pytest.fixture(scope="module")
+def lora_engine(tiny_model):
+    """A LoRA-enabled engine, kept for the module: an engine that is freed while another
+    lives tears down vLLM's process-wide parallel state under the living one (seen when the
+    suite ran shuffled: the shared engine then failed with "pipeline model parallel group is
+    not initialized")."""
+    return build_llm(str(tiny_model), "float32", seed=0, kv_cache_gib=0.25, max_model_len=256, max_lora_rank=8,
+                     enforce_eager=True)
+
+
 def test_samples_carry_exact_tokens_and_eos(tiny_model, engine):
     from oaif.train import load_causal_lm
 
@@ -48,7 +58,7 @@ def test_after_dpo_steps_and_sync_vllm_greedy_equals_transformers(tiny_model, en
 
 
 @pytest.mark.parametrize("sync", ["merge", "vllm_lora"])
-def test_lora_sync_matches_the_peft_policy(tiny_model, engine, tmp_path, sync):
+def test_lora_sync_matches_the_peft_policy(tiny_model, engine, lora_engine, tmp_path, sync):
     """Both LoRA syncs: W + BA pushed into the shared engine, or vLLM's own LoRA loading (a
     new adapter id per version) in a LoRA-enabled engine. Either way vLLM then generates what
     the peft model generates (and something else than before training), and the adapter
@@ -56,8 +66,7 @@ def test_lora_sync_matches_the_peft_policy(tiny_model, engine, tmp_path, sync):
     from oaif.sync import push_lora_adapter
     from oaif.train import build_policy
 
-    llm = engine if sync == "merge" else build_llm(str(tiny_model), "float32", seed=0, kv_cache_gib=0.25,
-                                                   max_model_len=256, max_lora_rank=8, enforce_eager=True)
+    llm = engine if sync == "merge" else lora_engine
     served = InProcessEngine(llm)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     gen = Generator(served, tokenizer, GenerateConfig(max_new_tokens=48), max_prompt_tokens=128)

@@ -128,6 +128,17 @@ def render_examples(template: JudgeTemplate, constitution: Constitution, labels:
     return "\n\n".join(blocks)
 
 
+def judges(annotator: Annotator):
+    """The annotators that judge: a mix's members and a cache's inner judge, unwrapped."""
+    if hasattr(annotator, "members"):
+        for member, _ in annotator.members:
+            yield from judges(member)
+    elif hasattr(annotator, "inner"):
+        yield from judges(annotator.inner)
+    else:
+        yield annotator
+
+
 def principles_for(constitution: Constitution, request: JudgeRequest) -> tuple[str, ...]:
     """All principles, or one sampled per comparison (Constitutional AI). The draw is a hash of
     the conversation and the *unordered* pair, so both orders of a pair see the same

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from oaif.annotate.base import Annotator, JudgeRequest
+from oaif.annotate.base import Annotator, JudgeRequest, judges, principles_for
 from oaif.records import Judgment, OrderResult, PreferencePair, Sample, Verdict
 
 
@@ -70,8 +70,11 @@ def judge_pairs(annotator: Annotator, pairs: list[tuple[Sample, Sample]], round:
     if len(answers) != len(requests):
         raise RuntimeError(f"annotator {annotator.identity.backend} returned {len(answers)} answers for {len(requests)} requests")
     by_pair = {i: (answers[2 * k], answers[2 * k + 1]) for k, i in enumerate(todo)}
+    asked = {i: requests[2 * k] for k, i in enumerate(todo)}   # the a-first request of each judged pair
 
     who = annotator.identity
+    sampling = [j.constitution for j in judges(annotator)
+                if getattr(getattr(j, "constitution", None), "sample_principles", False)]
     judgments, kept = [], []
     for i, (a, b) in enumerate(pairs):
         if i in by_pair:
@@ -85,7 +88,8 @@ def judge_pairs(annotator: Annotator, pairs: list[tuple[Sample, Sample]], round:
             round=round, policy_version=policy_version, prompt_id=a.prompt_id, a=a.index, b=b.index,
             backend=who.backend, model=who.model, constitution=who.constitution,
             constitution_hash=who.constitution_hash, template_hash=who.template_hash,
-            orders=orders, p_a=p_a, verdict=verdict))
+            orders=orders, p_a=p_a, verdict=verdict,
+            principles=[principles_for(c, asked[i])[0] for c in sampling] if i in asked else []))
         if verdict in ("a", "b"):
             chosen, rejected = (a, b) if verdict == "a" else (b, a)
             kept.append(PreferencePair(

@@ -7,7 +7,7 @@ import hashlib
 from pathlib import Path
 from typing import Callable
 
-from oaif.annotate.base import Annotator, JudgeTemplate, load_template
+from oaif.annotate.base import Annotator, JudgeTemplate, judges, load_template
 from oaif.config import AnnotateConfig, RunConfig
 from oaif.constitution import Constitution, load_constitution
 
@@ -104,7 +104,7 @@ def reload_constitutions(annotator: Annotator, a: AnnotateConfig, refused: dict[
     has; `refused` (path -> hashes, kept by the caller) makes each refusal said once.
     Returns what changed, for the log."""
     said = []
-    for judge in _judges(annotator):
+    for judge in judges(annotator):
         old = getattr(judge, "constitution", None)
         if old is None or not hasattr(judge, "use_constitution"):
             continue   # a user annotator object without use_constitution keeps its own
@@ -123,17 +123,6 @@ def reload_constitutions(annotator: Annotator, a: AnnotateConfig, refused: dict[
             refused.setdefault(path, set()).add(digest)
             said.append(f"warning: the edited constitution {path} is not used ({e}); still judging with {old.hash}")
     return said
-
-
-def _judges(annotator: Annotator):
-    """The annotators that judge: a mix's members and a cache's inner judge, unwrapped."""
-    if hasattr(annotator, "members"):
-        for member, _ in annotator.members:
-            yield from _judges(member)
-    elif hasattr(annotator, "inner"):
-        yield from _judges(annotator.inner)
-    else:
-        yield annotator
 
 
 def with_python_annotator(cfg: RunConfig, annotator) -> RunConfig:

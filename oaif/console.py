@@ -1,0 +1,136 @@
+"""What a run shows, and where: the terminal gets oaif's own lines (the round table, its
+warnings) and, on a terminal, progress bars; RUN_DIR/run.log gets everything, oaif's lines
+and the libraries' log records and Python warnings (vLLM, transformers, torch, ...), which
+reach the terminal only with `verbose: true`.
+
+Library records that arrive before the run directory exists wait in memory and are written
+to run.log when it is there, so nothing is lost to a quiet terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+# The loggers that libraries print to the terminal through their own handlers; their
+# records are sent up to the root logger instead, where RunLog takes them.
+LIBRARY_LOGGERS = ("vllm", "transformers", "accelerate", "peft", "datasets", "torch", "httpx", "huggingface_hub")
+
+
+class RunLog(logging.Handler):
+    """The run's log file: oaif's lines (write) and every library record (emit)."""
+
+    def __init__(self, verbose: bool):
+        super().__init__(logging.INFO)
+        self.verbose, self.pending, self.file = verbose, [], None
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = self.format(record)
+        self.write(line)
+        if self.verbose:
+            print(line, file=sys.stderr, flush=True)
+
+    def write(self, line: str) -> None:
+        if self.file is None:
+            if self.pending is not None:
+                self.pending.append(line)
+            return
+        self.file.write(line + "\n")
+        self.file.flush()
+
+    def open(self, path: Path | None) -> None:
+        """Start writing to `path` (None: another rank's process, which keeps no log)."""
+        if path is not None:
+            self.file = open(path, "a")
+            for line in self.pending:
+                self.write(line)
+        self.pending = None
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        super().close()
+
+
+class LibraryLogs:
+    """Routes the libraries' records and Python warnings to a RunLog for the life of a run,
+    and puts things back as they were after it."""
+
+    def __init__(self, verbose: bool):
+        from transformers.utils import logging as hf_logging
+
+        self.handler = RunLog(verbose)
+        root = logging.getLogger()
+        self.saved = (root.level, {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).propagate)
+                                   for name in LIBRARY_LOGGERS})
+        # vLLM configures its own terminal handler when first imported unless told not to;
+        # when it was imported already, its handler is taken off below like the others'.
+        os.environ["VLLM_CONFIGURE_LOGGING"] = "0"
+        hf_logging.disable_progress_bar()   # per-save "Writing model shards" bars would break up the table
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"   # and the export's "Saving the dataset" ones
+        for name in LIBRARY_LOGGERS:
+            logger = logging.getLogger(name)
+            for h in logger.handlers[:]:
+                logger.removeHandler(h)
+            logger.propagate = True
+        root.setLevel(logging.INFO)
+        root.addHandler(self.handler)
+        logging.captureWarnings(True)
+
+    def close(self) -> None:
+        root = logging.getLogger()
+        root.removeHandler(self.handler)
+        level, loggers = self.saved
+        root.setLevel(level)
+        for name, (handlers, propagate) in loggers.items():
+            logger = logging.getLogger(name)
+            for h in handlers:
+                logger.addHandler(h)
+            logger.propagate = propagate
+        logging.captureWarnings(False)
+        self.handler.close()
+
+
+class Progress:
+    """A bar for the run's rounds and one for the stage in flight, with counts and rates;
+    nothing when stderr is not a terminal (CI, a file), where the round table says enough."""
+
+    def __init__(self, first: int, rounds: int, enabled: bool | None = None):
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.run = self.stage = None
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.run = tqdm(total=rounds, initial=first, desc="rounds", unit="round", position=0, dynamic_ncols=True)
+            self.stage = tqdm(total=0, desc="", position=1, leave=False, dynamic_ncols=True)
+
+    def start(self, name: str, total: int, unit: str) -> None:
+        if self.stage is not None:
+            self.stage.reset(total=total)
+            self.stage.unit = unit
+            self.stage.set_description(name)
+
+    def advance(self, n: int = 1) -> None:
+        if self.stage is not None:
+            self.stage.update(n)
+
+    def round_done(self) -> None:
+        if self.run is not None:
+            self.run.update(1)
+
+    def write(self, line: str) -> None:
+        """A line above the bars (print would tear them)."""
+        if self.run is None:
+            print(line, flush=True)
+        else:
+            self.run.write(line)
+
+    def close(self) -> None:
+        for bar in (self.stage, self.run):
+            if bar is not None:
+                bar.close()
+        self.run = self.stage = None

@@ -1,0 +1,178 @@
+"""Hugging Face `datasets` in and out: prompt sets and pair files read from datasets, and a
+run's kept pairs exported for TRL.
+
+    oaif export-pairs runs/NAME --out exports/NAME [--overwrite]
+
+In: a `.parquet` or `.csv` file, a folder written by `save_to_disk` (a Dataset or a
+DatasetDict), or anything `datasets.load_dataset` takes (a folder of data files, a hub name);
+rows come back as plain dicts, as if read from a JSONL file.
+
+Out: every kept pair of the run (rounds/*/pairs.jsonl), with the provenance of the judgment
+that kept it (rounds/*/judgments.jsonl), as
+  OUT/preference, OUT/preference.parquet   TRL's conversational preference format: prompt
+                                           (chat messages), chosen and rejected (one
+                                           assistant message each), p_chosen, round,
+                                           policy_version, prompt_id, backend, model,
+                                           constitution, constitution_hash, template_hash
+  OUT/kto, OUT/kto.parquet                 the unpaired (KTO) form: prompt, completion,
+                                           label (True: chosen), two rows per pair
+The folders load with `datasets.load_from_disk`; `oaif offline OUT/preference` trains on them.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from oaif.records import read_jsonl
+
+# Single data files read through `datasets`; any other file is read as JSONL, as always.
+DATA_FILES = {".parquet": "parquet", ".csv": "csv"}
+EXPORT_NAMES = {"preference", "preference.parquet", "kto", "kto.parquet"}
+PROVENANCE = ("backend", "model", "constitution", "constitution_hash", "template_hash")
+
+
+def _without_nulls(value):
+    """Arrow gives every row every column and every message every key, None where the row
+    had none; without them a row reads as the JSON object it was made from."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def dataset_rows(source: str | Path, what: str, split: str = "train",
+                 split_fix: str = "") -> tuple[list[dict], list[str]]:
+    """(rows, column names) of a dataset: a .parquet/.csv file, a save_to_disk folder, or
+    whatever datasets.load_dataset takes. `what` names the setting in errors; `split_fix`
+    says how to pick another split."""
+    import datasets
+
+    path = Path(source)
+    try:
+        if path.is_file():
+            data = datasets.load_dataset(DATA_FILES[path.suffix], data_files=str(path))
+        elif (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            data = datasets.load_from_disk(str(path))   # written by save_to_disk
+        else:
+            data = datasets.load_dataset(str(source))    # a folder of data files, or a hub name
+    except (OSError, ValueError) as e:   # not found, hub unreachable, files datasets cannot read
+        raise ValueError(f"{what}: cannot load {source} as a dataset ({type(e).__name__}: {e}); give a JSONL, "
+                         f"parquet or CSV file, a save_to_disk folder or a folder of data files") from None
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise ValueError(f"{what}: split '{split}' not in {source} (splits: {', '.join(data)}); {split_fix}")
+        data = data[split]
+    return [_without_nulls(row) for row in data.to_list()], list(data.column_names)
+
+
+def _assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def _chat(messages: list[dict]) -> list[dict]:
+    # TRL's conversational columns are role/content lists; one schema for every row.
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def run_pairs(run_dir: Path) -> list[tuple[dict, dict]]:
+    """(pair record, its judgment record) for every kept pair of the run, in round order."""
+    out = []
+    for round_dir in sorted(p for p in (run_dir / "rounds").iterdir() if (p / "pairs.jsonl").is_file()):
+        pairs = read_jsonl(round_dir / "pairs.jsonl")
+        # judge_pairs keeps the pairs whose verdict is 'a' or 'b', in the order of their judgments;
+        # the texts at each judgment's sample indices check that the two files still line up.
+        kept = [j for j in read_jsonl(round_dir / "judgments.jsonl") if j["verdict"] in ("a", "b")]
+        texts: dict[tuple[str, int], set[str]] = {}   # a prompt may be drawn twice in a round
+        for s in read_jsonl(round_dir / "samples.jsonl"):
+            texts.setdefault((s["prompt_id"], s["index"]), set()).add(s["text"])
+        if len(kept) != len(pairs):
+            raise ValueError(f"{round_dir}: {len(pairs)} pairs in pairs.jsonl but {len(kept)} judgments with verdict "
+                             f"a or b in judgments.jsonl; the round's records were changed after the run")
+        for n, (pair, j) in enumerate(zip(pairs, kept), 1):
+            chosen, rejected = (j["a"], j["b"]) if j["verdict"] == "a" else (j["b"], j["a"])
+            if (pair["prompt_id"] != j["prompt_id"] or pair["round"] != j["round"]
+                    or pair["chosen"] not in texts.get((j["prompt_id"], chosen), ())
+                    or pair["rejected"] not in texts.get((j["prompt_id"], rejected), ())):
+                raise ValueError(f"{round_dir / 'pairs.jsonl'}:{n}: does not match its judgment (prompt "
+                                 f"{j['prompt_id']}, samples {j['a']} and {j['b']}) in judgments.jsonl and "
+                                 f"samples.jsonl; the round's records were changed after the run")
+            out.append((pair, j))
+    return out
+
+
+def export_pairs(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write the run's kept pairs as TRL preference and KTO datasets (module docstring) into
+    `out`, whole: built beside it, then renamed. Returns `out`."""
+    import datasets
+    from datasets import Features, List, Value
+
+    run_dir, out = Path(run_dir), Path(out)
+    # The test of oaif.loop.is_run_dir, here without importing the loop (torch, vLLM glue).
+    if not ((run_dir / "config.yaml").is_file() and (run_dir / "rounds").is_dir()):
+        raise ValueError(f"{run_dir} is not an oaif run directory (no config.yaml and rounds/); give runs/NAME")
+    _check_out(out, overwrite)
+
+    chat = List({"role": Value("string"), "content": Value("string")})
+    common = {"round": Value("int64"), "policy_version": Value("int64"), "prompt_id": Value("string"),
+              **{k: Value("string") for k in PROVENANCE}}
+    preference, kto = [], []
+    for pair, judgment in run_pairs(run_dir):
+        shared = {"round": pair["round"], "policy_version": pair["policy_version"], "prompt_id": pair["prompt_id"],
+                  **{k: judgment[k] for k in PROVENANCE}}
+        prompt = _chat(pair["messages"])
+        preference.append({"prompt": prompt, "chosen": _assistant(pair["chosen"]),
+                           "rejected": _assistant(pair["rejected"]), "p_chosen": pair["p_chosen"], **shared})
+        kto += [{"prompt": prompt, "completion": _assistant(pair["chosen"]), "label": True, **shared},
+                {"prompt": prompt, "completion": _assistant(pair["rejected"]), "label": False, **shared}]
+    # Explicit features, filled column by column: the same columns and types for every run,
+    # one that kept no pair included.
+    tables = {}
+    for name, rows, features in [
+            ("preference", preference, Features({"prompt": chat, "chosen": chat, "rejected": chat,
+                                                 "p_chosen": Value("float64"), **common})),
+            ("kto", kto, Features({"prompt": chat, "completion": chat, "label": Value("bool"), **common}))]:
+        tables[name] = datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
+
+    staging = out.with_name(f".{out.name}.new")
+    if staging.exists():   # an earlier export cut short here
+        _check_ours(staging, f"{staging} exists")
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        for name, table in tables.items():
+            table.save_to_disk(str(staging / name), num_shards=1)   # an empty table gets no shard by default
+            table.to_parquet(str(staging / f"{name}.parquet"))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():   # empty, or an earlier export with overwrite: swapped out, then deleted
+        old = out.with_name(f".{out.name}.old")
+        if old.exists():   # left by an export cut short between these renames
+            _check_ours(old, f"{old} exists")
+            shutil.rmtree(old)
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old)
+    else:
+        staging.rename(out)
+    return out
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise FileExistsError(f"--out {out} exists and is not a folder; pick another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"--out {out} exists and is not empty: pass --overwrite to replace an earlier "
+                                  f"export, or pick another --out")
+        _check_ours(out, f"--out {out}")
+
+
+def _check_ours(folder: Path, what: str) -> None:
+    # Only an export is ever deleted, never a folder someone pointed --out at by mistake.
+    other = sorted(p.name for p in folder.iterdir() if p.name not in EXPORT_NAMES)
+    if other:
+        raise FileExistsError(f"{what} holds {', '.join(other[:5])}, so it is not an oaif pair export and is left "
+                              f"alone; pick another --out")
