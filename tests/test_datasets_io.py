@@ -183,33 +183,22 @@ def test_a_run_that_kept_no_pair_exports_empty_datasets_with_every_column(tmp_pa
     assert kto.column_names == ["prompt", "completion", "label", "round", "policy_version", "prompt_id", *PROVENANCE]
 
 
-def test_trl_dpo_trainer_trains_a_step_on_the_export(exported, tiny_model, tmp_path):
-    from trl import DPOConfig, DPOTrainer
+@pytest.mark.parametrize("form", ["preference", "kto"])
+def test_trl_trains_a_step_on_the_export(exported, tiny_model, tmp_path, form):
+    """TRL's DPOTrainer on the preference form, KTOTrainer on the KTO form (still in TRL's
+    top level in 1.16, also in trl.experimental.kto)."""
+    import trl
 
+    config, trainer_class = (trl.DPOConfig, trl.DPOTrainer) if form == "preference" else (trl.KTOConfig, trl.KTOTrainer)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    args = DPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, learning_rate=1e-3,
-                     report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, max_length=256)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.load_from_disk(str(exported[1] / "preference")),
-                         processing_class=AutoTokenizer.from_pretrained(tiny_model))
+    args = config(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, learning_rate=1e-3,
+                  report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, max_length=256)
+    trainer = trainer_class(model=model, args=args, train_dataset=datasets.load_from_disk(str(exported[1] / form)),
+                            processing_class=AutoTokenizer.from_pretrained(tiny_model))
     assert trainer.train().global_step == 1
     [log] = [entry for entry in trainer.state.log_history if "loss" in entry]
     # TRL found the responses in the export's columns: log-probs of real tokens on both sides.
-    assert torch.isfinite(torch.tensor(log["loss"])) and log["logps/chosen"] < 0 and log["logps/rejected"] < 0
-    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
-def test_trl_kto_trainer_trains_a_step_on_the_kto_form(exported, tiny_model, tmp_path):
-    from trl import KTOConfig, KTOTrainer   # still in TRL's top level (1.16), also in trl.experimental.kto
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    args = KTOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, learning_rate=1e-3,
-                     report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, max_length=256)
-    trainer = KTOTrainer(model=model, args=args, train_dataset=datasets.load_from_disk(str(exported[1] / "kto")),
-                         processing_class=AutoTokenizer.from_pretrained(tiny_model))
-    assert trainer.train().global_step == 1
-    [log] = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert torch.isfinite(torch.tensor(log["loss"])) and log["logps/chosen"] < 0 and log["logps/rejected"] < 0
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
