@@ -78,3 +78,19 @@ def test_a_missing_tracker_is_named_before_anything_starts(tiny_model, tmp_path)
                  "report_to=[tensorboard]", env=env)
     assert r.returncode == 2 and not (tmp_path / "none").exists(), r.stderr[-2000:]
     assert "report_to: tensorboard is not installed: pip install 'oaif[tensorboard]'" in r.stderr
+
+
+def test_progress_bars_show_the_rounds_and_the_stage_in_flight(capsys):
+    from oaif.console import Progress
+
+    bars = Progress(1, 4, enabled=True)   # as on a terminal, resumed after round 0
+    bars.start("train", 8, "step")
+    for _ in range(8):
+        bars.advance()
+    bars.write("     1      14        2      19.6")
+    bars.round_done()
+    bars.close()
+    out = capsys.readouterr()
+    assert out.out == "     1      14        2      19.6\n"   # the row on stdout, as print puts it, above the bars
+    assert re.search(r"rounds: +50%.*2/4", out.err) and re.search(r"train: +100%.*8/8", out.err), out.err
+    assert not Progress(0, 4).enabled   # pytest's stderr is not a terminal: no bars
