@@ -19,6 +19,8 @@ PURPOSE = {
     "concise_correct": (["matches_reference", "shorter"], [("The answer is Paris.", "Lyon.", ("Paris",)),  # correct,
                                                            ("Paris.", "It is Paris.", ("Paris",))]),      # then short
     "correct": (["matches_reference"], [("Paris, I think.", "Lyon.", ("Paris",))]),
+    "detailed": (["longer", "max_chars"], [("Paris, on the Seine.", "Paris.", ()),
+                                           ("Paris, on the Seine." * 14, "Paris, on the Seine." * 5, ())]),   # 280 chars
     "harmless": ([], []),
     "helpful": ([], []),
 }
