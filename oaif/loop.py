@@ -542,6 +542,9 @@ def as_prompts(items) -> list[Prompt]:
     a prompt file ({"prompt"} or {"messages"}, optional "id" and "references")."""
     if isinstance(items, (str, Path)):
         raise ConfigError("prompts: give a list of prompts (a file goes in the config's `prompts`)")
+    items = list(items)
+    if items and all(isinstance(p, Prompt) for p in items):
+        return items   # already checked (every round's batch comes this way)
 
     def row(p) -> object:
         if isinstance(p, Prompt):

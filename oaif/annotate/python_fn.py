@@ -52,9 +52,15 @@ def load_target(spec: str, key: str) -> Any:
             path = Path(module)
             if not path.is_file():
                 raise ConfigError(f"{key}: file {module} not found")
-            loader = importlib.util.spec_from_file_location(f"oaif_judge_{path.stem}", path)
-            mod = importlib.util.module_from_spec(loader)
-            loader.loader.exec_module(mod)
+            # Imported once per file, as `import` does a module: check_inputs and build_annotator
+            # both load the target, and the user's module (which may load a model) runs once.
+            name = f"oaif_judge_{path.stem}"
+            mod = sys.modules.get(name)
+            if mod is None or Path(mod.__file__).resolve() != path.resolve():
+                loader = importlib.util.spec_from_file_location(name, path)
+                mod = importlib.util.module_from_spec(loader)
+                loader.loader.exec_module(mod)
+                sys.modules[name] = mod
         else:
             # `python -m` puts the working directory on the path, the `oaif` script does not:
             # make `annotate.python: myjudge:judge` mean ./myjudge.py either way.
