@@ -106,6 +106,7 @@ def round_prompts(prompts: list[Prompt], per_round: int, seed: int):
 
 STOP = "stop"   # a callback's on_round_end returns it to end the run after this round (checkpointed)
 HOOKS = ("on_round_start", "on_round_end", "on_run_end")
+STAGES = ("generate", "annotate", "train", "sync")   # each adds {stage}/seconds to the round's metrics
 
 
 class Callback(Protocol):
@@ -168,15 +169,18 @@ class Loop:
         self.metrics: dict = {}      # the round in progress's metrics so far
         self.annotator_totals: dict = {}   # annotator.stats at the end of the last round
         self.refused: dict = {}      # constitution versions refused by reload_constitution
+        self.startup: dict = {}      # startup/* seconds, added to the first round's metrics of this process
         self._rounds = None
 
     def __enter__(self) -> "Loop":
         from oaif.distributed import make_accelerator
 
+        t0 = time.perf_counter()
         self.logs = LibraryLogs(self.cfg.verbose)
         try:
             self.accelerator = make_accelerator()
             self._open()
+            self.startup["startup/seconds"] = time.perf_counter() - t0
         except BaseException as e:
             self.close(e)
             raise
@@ -296,8 +300,10 @@ class Loop:
 
         cfg, accelerator, g, lora = self.cfg, self.accelerator, self.cfg.generate, self.cfg.train.lora
         resume_from = self.checkpoint if self.resume_dir else None
+        t0 = time.perf_counter()
         self.tokenizer = load_tokenizer(cfg.policy.model)
         self.trainer = build_trainer(cfg, self.tokenizer.pad_token_id, schedule_steps(cfg), accelerator, resume_from)
+        self.startup["startup/trainer_seconds"] = time.perf_counter() - t0
 
         def engines() -> str:  # rank 0 only
             if accelerator is not None and not g.server_url:
@@ -319,7 +325,9 @@ class Loop:
             self.annotator = build_annotator(cfg, self.python)
             return self.server_url
 
+        t0 = time.perf_counter()
         self.server_url = on_main(accelerator, engines)   # every rank learns whether weights go to a server
+        self.startup["startup/engine_seconds"] = time.perf_counter() - t0
         # The first round must sample from the policy as it starts: an in-process engine holds
         # the base weights (wrong when starting from an adapter or resuming); a server may hold
         # anything (an earlier run's).
@@ -328,10 +336,13 @@ class Loop:
         if cfg.eval.every:   # single process (check_distributed refuses it under a launcher)
             from oaif.evaluation import Evaluator, baseline_responses
 
+            t0 = time.perf_counter()
+
             baseline = baseline_responses(cfg, self.run_dir, self.generator.engine, self.tokenizer,
                                           fresh=resume_from is None)
             judge = self.annotator if cfg.eval.annotate is None else build_annotator(eval_annotator_config(cfg))
             self.evaluator = Evaluator(cfg, self.run_dir, judge, baseline)
+            self.startup["startup/eval_seconds"] = time.perf_counter() - t0
 
     # The stages. One process (rank 0 under a launcher for generate and annotate).
 
@@ -339,16 +350,19 @@ class Loop:
         """generate.samples_per_prompt samples per prompt from the policy the engine holds,
         seeded by (seed, round, place): one group per prompt (prompts over
         policy.max_prompt_tokens are skipped and counted)."""
+        t0 = time.perf_counter()
         prompts = as_prompts(prompts)
         self.progress.start("generate", len(prompts) * self.cfg.generate.samples_per_prompt, "sample")
         groups, metrics = self.generator.sample(prompts, self.index, self.policy_version)
         self.progress.advance(sum(len(g) for g in groups))
         self.metrics |= metrics
+        self._timed("generate", t0)
         return groups
 
     def annotate(self, groups: list[list[Sample]]) -> "Judged":
         """Judge each group's consecutive pairs in both orders; Judged.pairs are the kept ones.
         With annotate.reload_constitution an edited constitution is taken up first."""
+        t0 = time.perf_counter()
         if self.cfg.annotate.reload_constitution:
             for line in reload_constitutions(self.annotator, self.cfg.annotate, self.refused):
                 self.log(f"  round {self.index}: {line}")
@@ -362,16 +376,18 @@ class Loop:
                          **judgment_metrics(judged.judgments),
                          **{f"annotate/{k}": v - self.annotator_totals.get(k, 0) for k, v in totals.items()}}
         self.annotator_totals = totals   # the next call counts from here: the metrics are this call's share
+        self._timed("annotate", t0)
         return judged
 
     def train(self, pairs: list[PreferencePair]) -> dict:
         """train.epochs_per_round passes of the configured loss over `pairs`; the policy
         version goes up (sync() then makes the engine sample from it)."""
-        t = self.cfg.train
+        t, t0 = self.cfg.train, time.perf_counter()
         self.progress.start("train", t.epochs_per_round * math.ceil(len(pairs) / t.batch_size), "step")
         metrics = self.trainer.train_round(pairs, on_step=self.progress.advance)
         self.policy_version += 1
         self.metrics |= metrics
+        self._timed("train", t0)
         return metrics
 
     def sync(self) -> float:
@@ -388,22 +404,29 @@ class Loop:
             from oaif.server import push_weights_to_server
 
             state = None if lora.enabled else gathered_state_dict(self.accelerator, self.trainer.model)
-            seconds = on_main(self.accelerator, lambda: push_weights_to_server(
+            on_main(self.accelerator, lambda: push_weights_to_server(
                 self.server_url, merged_copy(policy), g.server_weights_dir, state_dict=state))
         elif lora.enabled and lora.sync == "vllm_lora":
             self.generator.engine.lora_request = push_lora_adapter(policy, self.run_dir / "adapters",
                                                                    self.policy_version)
-            seconds = time.perf_counter() - t0
         else:
-            seconds = push_weights(self.llm, policy)
+            push_weights(self.llm, policy)
         self.progress.advance()
-        self.metrics["sync/seconds"] = seconds
-        return seconds
+        return self._timed("sync", t0)
 
     def evaluate(self, index: int) -> dict:
         """eval/* metrics of the policy the engine holds now (one process)."""
         self.progress.start("eval", 1, "evaluation")
-        return self.evaluator(self.generator.engine, self.tokenizer, self.trainer, index, self.policy_version)
+        t0 = time.perf_counter()
+        metrics = self.evaluator(self.generator.engine, self.tokenizer, self.trainer, index, self.policy_version)
+        return metrics | {"eval/seconds": time.perf_counter() - t0}
+
+    def _timed(self, stage: str, t0: float) -> float:
+        """Adds the seconds since t0 to {stage}/seconds of the round in progress (a script
+        may call a stage twice); returns them."""
+        seconds = time.perf_counter() - t0
+        self.metrics[f"{stage}/seconds"] = self.metrics.get(f"{stage}/seconds", 0.0) + seconds
+        return seconds
 
     # Whole rounds.
 
@@ -502,8 +525,11 @@ class Loop:
             self.train(pairs)
             self.sync()
         seconds = time.perf_counter() - t0
-        return {"round": index, "policy_version": self.policy_version, **self.metrics,
-                "round/seconds": seconds, "round/pairs_per_s": len(pairs) / seconds}
+        # Time in no stage: writing the round's records, moving pairs between ranks.
+        overhead = seconds - sum(self.metrics.get(f"{s}/seconds", 0.0) for s in STAGES)
+        startup, self.startup = self.startup, {}
+        return {"round": index, "policy_version": self.policy_version, **self.metrics, **startup,
+                "round/seconds": seconds, "round/overhead_seconds": overhead, "round/pairs_per_s": len(pairs) / seconds}
 
     def _collect(self, index: int, prompts: list[Prompt]) -> tuple[list[PreferencePair], dict]:
         """Rank 0: sample, judge both orders, write the round's records; (kept pairs, metrics)."""

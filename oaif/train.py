@@ -122,12 +122,19 @@ def sequence_logps(model: torch.nn.Module, input_ids, attention_mask, loss_mask,
                    length_normalize: bool = False) -> torch.Tensor:
     """Summed (or mean) log-probs of the masked (response) tokens, shape (B,).
 
-    Logits at position t predict token t+1, so the mask is shifted by one.
+    Logits at position t predict token t+1, so the mask is shifted by one. Two savings that
+    change no number: the model computes logits only from the batch's first response
+    token's predictor on (`logits_to_keep`: the LM head never runs over the prompts), and a
+    token's log-prob is its logit minus the log-sum-exp of its row, so no (B, T, V)
+    log-softmax tensor is made and kept for the backward pass (same values up to float
+    rounding).
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    mask = loss_mask[:, 1:]
-    token_logps = torch.gather(logits.log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)
+    first = max(1, int(loss_mask.argmax(-1).min()))   # the earliest response token in the batch
+    kept = input_ids.shape[1] - first + 1
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=kept).logits[:, :-1].float()
+    targets = input_ids[:, first:]
+    mask = loss_mask[:, first:]
+    token_logps = logits.gather(2, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
     total = (token_logps * mask).sum(-1)
     return total / mask.sum(-1).clamp(min=1) if length_normalize else total
 
@@ -243,22 +250,33 @@ class DPOTrainer:
         self.steps = 0
         self.skipped_in_a_row = 0   # optimizer steps skipped for non-finite gradients, consecutively
         self.replica_hashes: list[tuple[int, list[str]]] = []   # (step, every rank's parameter_hash): check_replicas
+        self._reference_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _reference_logps(self, batch) -> torch.Tensor:
+    def _reference_logps(self, pairs: list[PreferencePair], batch) -> torch.Tensor:
+        """The frozen reference's log-probs of (chosen..., rejected...): computed once per pair
+        and round (later epochs and KTO's z0 pass reuse them)."""
+        if all(id(p) in self._reference_cache for p in pairs):
+            cached = [self._reference_cache[id(p)] for p in pairs]
+            return torch.stack([c for c, _ in cached] + [r for _, r in cached])
         # The plain model runs the reference, outside the engine's wrapper (no gradient,
         # nothing to synchronise).
         with torch.no_grad(), reference_model(self.policy, self.reference) as ref:
-            return sequence_logps(ref, *batch, self.cfg.length_normalize)
+            logps = sequence_logps(ref, *batch, self.cfg.length_normalize)
+        n = len(pairs)
+        for k, p in enumerate(pairs):
+            self._reference_cache[id(p)] = (logps[k], logps[n + k])
+        return logps
 
     def _forward(self, pairs: list[PreferencePair]):
-        """Chosen and rejected go through one forward pass each for policy and reference."""
+        """Chosen and rejected go through one forward pass together, for the policy and (once
+        per round) the reference."""
         prompts = [p.prompt_token_ids for p in pairs] * 2
         responses = [p.chosen_token_ids for p in pairs] + [p.rejected_token_ids for p in pairs]
         device = next(self.policy.parameters()).device
         batch = [t.to(device) for t in batch_sequences(prompts, responses, self.pad_id)]
         with torch.autocast(device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
             policy = sequence_logps(self.model, *batch, self.cfg.length_normalize)
-            ref = self._reference_logps(batch)
+            ref = self._reference_logps(pairs, batch)
         n = len(pairs)
         return policy[:n], policy[n:], ref[:n], ref[n:]
 
@@ -293,6 +311,7 @@ class DPOTrainer:
         on_step: called after each step (taken or skipped), for progress."""
         cfg, stats, acc = self.cfg, StepStats({}), self.accelerator
         norms, skipped = [], 0
+        self._reference_cache = {}   # id(pair) -> reference log-probs of (chosen, rejected), this round
         rank, world = (acc.process_index, acc.num_processes) if acc else (0, 1)
         for _ in range(cfg.epochs_per_round):
             for start in range(0, len(pairs), cfg.batch_size):
@@ -339,6 +358,7 @@ class DPOTrainer:
                 crash_point("train")
                 if cfg.check_replicas:
                     self.check_replicas()
+        self._reference_cache = {}
         return {**{f"train/{k}": v for k, v in stats.means(acc).items()},
                 "train/grad_norm": sum(norms) / len(norms) if norms else None, "train/skipped_steps": skipped,
                 "train/steps": self.steps, "train/learning_rate": self.scheduler.get_last_lr()[0]}

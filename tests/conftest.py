@@ -21,6 +21,11 @@ def run_oaif(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subproces
     return subprocess.run([sys.executable, "-m", "oaif.cli", *args], cwd=cwd, capture_output=True, text=True, env=env)
 
 
+def untimed(metrics: dict) -> dict:
+    """A metrics line without its timings (seconds and rates differ from run to run)."""
+    return {k: v for k, v in metrics.items() if not k.endswith(("seconds", "_per_s"))}
+
+
 def versions_follow_training(metrics: list[dict], trained_at_least: int) -> list[int]:
     """The policy version each round ended at. A round that keeps no pairs (which depends on
     the seed and the CPU's arithmetic) trains nothing, syncs nothing and keeps its version;
@@ -32,7 +37,14 @@ def versions_follow_training(metrics: list[dict], trained_at_least: int) -> list
         version += trained
         assert m["policy_version"] == version, (m["round"], m["policy_version"], version)
         assert ("sync/seconds" in m) == trained and (not trained or m["sync/seconds"] > 0), m
+        # Where a round's time went: each stage it ran, and the rest (records) as overhead.
+        ran = ["generate", "annotate"] + (["train", "sync"] if trained else [])
+        assert all(m[f"{s}/seconds"] > 0 for s in ran) and ("train/seconds" in m) == trained, m
+        assert m["round/overhead_seconds"] == pytest.approx(m["round/seconds"] - sum(m[f"{s}/seconds"] for s in ran))
+        assert 0 <= m["round/overhead_seconds"] < m["round/seconds"], m
         versions.append(version)
+    # A process's start-up (engines, models) goes with the first round it ran.
+    assert metrics[0]["startup/seconds"] >= metrics[0]["startup/engine_seconds"] > 0, metrics[0]
     assert version >= trained_at_least, f"only {version} rounds kept pairs"
     return versions
 
