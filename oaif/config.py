@@ -42,7 +42,7 @@ class GenerateConfig:
     max_new_tokens: int = _f(64, "Token limit per response; a response that hits it has finish_reason 'length'.")
     kv_cache_gib: float = _f(1.0, "KV cache reserved by the policy's vLLM engine (GiB). vLLM's CPU default takes most of RAM.")
     tensor_parallel_size: int = _f(1, "vLLM tensor parallelism for the policy engine (GPUs only).")
-    enforce_eager: bool = _f(False, "Skip vLLM's graph compilation/capture: faster engine start, possibly slower generation.")
+    enforce_eager: bool | None = _f(None, "Skip vLLM's graph compilation/capture: faster engine start, slower generation. Unset: skipped on a CPU, where compiling costs ~12 s for the tiny model and minutes for SmolLM2 and gains ~20% generation speed (README benchmarks), done on a GPU.")
     server_url: str = _f("", "Server mode: sample from a running vLLM OpenAI-compatible server at this URL (started with VLLM_SERVER_DEV_MODE=1) instead of an in-process engine; weights reach it through its reload endpoints.")
     server_weights_dir: str = _f("/dev/shm", "Server mode: where each round's weights are saved for the server to reload (must be readable by the server).")
     gpu_memory_utilization: float = _f(0.4, "GPU only: share of GPU memory for the policy engine (the trainer needs the rest).")
@@ -91,7 +91,7 @@ class AnnotateConfig:
     batch_size: int = _f(16, "transformers backend: judge prompts per forward pass.")
     cache: str = _f("runs/judge_cache.jsonl", "Judgment cache file (LLM backends), keyed by (backend, model, constitution hash, template hash, settings, prompt, both responses); shared by runs so a repeated or resumed run does not pay twice. Empty: no cache.")
     kv_cache_gib: float = _f(1.0, "KV cache reserved by the judge's vLLM engine (GiB).")
-    enforce_eager: bool = _f(False, "Judge engine: skip vLLM's graph compilation (faster start).")
+    enforce_eager: bool | None = _f(None, "Judge engine: skip vLLM's graph compilation (faster start). Unset: skipped on a CPU, done on a GPU.")
     gpu_memory_utilization: float = _f(0.3, "GPU only: share of GPU memory for the judge engine.")
     chat_template: Literal["auto", "always", "never"] = _f(
         "auto", "Local judges (vllm, transformers): send the judge prompt as the user turn of the judge model's chat template and read the label at the start of its reply, as the openai chat endpoint does. 'auto': when the judge's tokenizer has a chat template; 'never': the raw prompt.")
@@ -166,6 +166,9 @@ class RunConfig:
     prompts_per_round: int = _f(16, "Prompts per round (the OAIF batch; the paper uses 128).")
     seed: int = _f(0, "Seeds prompt order, the vLLM engine and torch.")
     threads: int = _f(0, "torch threads for training (0: leave torch's default).")
+    async_rounds: int = _f(0, "1: sample round k+1 while the trainer trains on round k (asynchronous RLHF, Noukhovitch et al. 2024): the policy's engine runs in its own process and each round trains on samples one update old (their records say which policy_version drew them). 0: every round samples the policy as it is now (OAIF). One process, in-process engine only (not with server_url or train.lora.sync vllm_lora).")
+    async_threads: int = _f(1, "async_rounds: torch threads of the engine's process. On 2 cores, 1 here and threads: 1 for the trainer measured fastest (README benchmarks).")
+    async_cpus: str = _f("", "async_rounds: pin the engine's process to these CPUs ('0-7', '0,2'), e.g. half the cores of a large machine, the trainer on the rest. Empty: not pinned (on 2 cores pinning measured slower).")
     verbose: bool = _f(False, "Show the libraries' logs and warnings (vLLM, transformers, torch) on the terminal too; they always go to <run dir>/run.log.")
     report_to: tuple[Literal["tensorboard", "wandb", "trackio"], ...] = _f((), "Experiment trackers for each round's metrics and a sample table, e.g. [tensorboard] (written to <run dir>/tensorboard) or [tensorboard, wandb]. Each needs its package: pip install 'oaif[tensorboard]' (or wandb, trackio).")
     tracking_project: str = _f("oaif", "wandb / trackio: the project the run is logged under (the run is named after `name`).")
@@ -299,6 +302,12 @@ def _validate(cfg: RunConfig) -> list[str]:
         errors.append("generate.temperature: must be > 0 (vLLM allows only one greedy sample per prompt)")
     if cfg.train.keep_checkpoints < 0 or cfg.train.checkpoint_every < 0:
         errors.append("train.keep_checkpoints, train.checkpoint_every: must be >= 0")
+    if cfg.async_rounds not in (0, 1):
+        errors.append(f"async_rounds: 0 (sample, then train) or 1 (sample the next round while training), "
+                      f"got {cfg.async_rounds}")
+    elif cfg.async_rounds and (cfg.generate.server_url or (cfg.train.lora.enabled and cfg.train.lora.sync == "vllm_lora")):
+        errors.append("async_rounds: needs oaif's own engine process; unset generate.server_url and use "
+                      "train.lora.sync=merge")
     if cfg.train.learning_rate <= 0:
         errors.append(f"train.learning_rate: must be > 0, got {cfg.train.learning_rate}")
     if not 0 <= cfg.train.label_smoothing < 0.5:

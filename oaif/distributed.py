@@ -56,6 +56,8 @@ def check_distributed(cfg: RunConfig, accelerator, judge: bool = True) -> None:
     if judge and "vllm" in backends:
         errors.append("annotate.backend: the 'vllm' judge is an in-process engine, which cannot run beside "
                       "torch.distributed; serve the judge model with vLLM's OpenAI server and use backend 'openai'")
+    if cfg.async_rounds:
+        errors.append("async_rounds: runs in one process; launch without accelerate, or set async_rounds=0")
     if cfg.eval.every:
         errors.append("eval.every: in-loop evaluation runs in one process; evaluate a multi-process run's "
                       "checkpoints with `oaif eval` instead")

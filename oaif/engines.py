@@ -18,19 +18,31 @@ GIB = 1 << 30
 
 def build_llm(model: str, dtype: str, seed: int, kv_cache_gib: float, max_model_len: int,
               tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.4, max_lora_rank: int = 0,
-              enforce_eager: bool = False):
+              enforce_eager: bool | None = None):
     """One engine. The KV cache is sized from config because vLLM's CPU default reserves
-    most of the machine's memory, which the trainer (and a second engine) also need."""
+    most of the machine's memory, which the trainer (and a second engine) also need.
+    enforce_eager None: see resolve_eager."""
     from vllm import LLM  # imported here so that config errors surface before vLLM loads
 
     return LLM(
         model=model, tokenizer=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
         kv_cache_memory_bytes=int(kv_cache_gib * GIB), tensor_parallel_size=tensor_parallel_size,
-        gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True, enforce_eager=enforce_eager,
+        gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True,
+        enforce_eager=resolve_eager(enforce_eager),
         use_tqdm_on_load=False,   # a loading bar on stderr would break up the round table
         # LoRA served by vLLM itself (train.lora.sync: vllm_lora); 0 keeps LoRA support off.
         **({"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": 1} if max_lora_rank else {}),
     )
+
+
+def resolve_eager(enforce_eager: bool | None) -> bool:
+    """The config's enforce_eager; unset: eager on a CPU (there compilation costs more
+    start-up than the faster generation saves in a run of tens of rounds), compiled on a GPU."""
+    if enforce_eager is not None:
+        return enforce_eager
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
 
 
 def shutdown_llm(llm) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -109,6 +110,18 @@ def sample_seeds(seed: int, stage: str, prompts: int, n: int) -> list[list[int]]
     return [[one(j, k) for k in range(n)] for j in range(prompts)]
 
 
+@dataclass
+class Pending:
+    """A round's sample request: what is needed to turn the engine's completions into Samples.
+    outputs: the completions, or None while an engine in its own process draws them."""
+    round: int
+    policy_version: int
+    kept: list[tuple[Prompt, list[int]]]
+    skipped: int
+    t0: float
+    outputs: list | None
+
+
 class Generator:
     def __init__(self, engine: Engine, tokenizer, cfg: GenerateConfig, max_prompt_tokens: int, seed: int = 0):
         self.engine, self.tokenizer, self.cfg = engine, tokenizer, cfg
@@ -120,25 +133,39 @@ class Generator:
 
     def sample(self, prompts: list[Prompt], round: int, policy_version: int) -> tuple[list[list[Sample]], dict]:
         """samples_per_prompt samples per prompt; prompts over max_prompt_tokens are skipped."""
+        return self.collect(self.submit(prompts, round, policy_version, self.engine.sample))
+
+    def submit(self, prompts: list[Prompt], round: int, policy_version: int, start=None) -> "Pending":
+        """Asks the engine for a round's samples. start: the engine call that begins the
+        request (default: `submit_sample` of an engine in its own process, which returns at
+        once: the samples are drawn while the caller goes on, e.g. trains)."""
         cfg = self.cfg
         encoded = [(p, self.encode(p)) for p in prompts]
         kept = [(p, ids) for p, ids in encoded if len(ids) <= self.max_prompt_tokens]
-        t0 = time.perf_counter()
         seeds = sample_seeds(self.seed, f"round {round}", len(kept), cfg.samples_per_prompt)
-        outputs = self.engine.sample([ids for _, ids in kept], seeds, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
-        seconds = time.perf_counter() - t0
-        groups = [[Sample(round=round, policy_version=policy_version, prompt_id=prompt.id, messages=prompt.messages,
-                          index=k, text=text, prompt_token_ids=ids, token_ids=token_ids, finish_reason=finish,
-                          references=list(prompt.references))
+        t0 = time.perf_counter()
+        outputs = (start or self.engine.submit_sample)([ids for _, ids in kept], seeds, cfg.temperature, cfg.top_p,
+                                                       cfg.max_new_tokens)
+        return Pending(round, policy_version, kept, len(encoded) - len(kept), t0, outputs)
+
+    def collect(self, pending: "Pending") -> tuple[list[list[Sample]], dict]:
+        """The samples of a submitted round (waiting for them if they are still being drawn)."""
+        outputs = pending.outputs if pending.outputs is not None else self.engine.result()
+        seconds = time.perf_counter() - pending.t0
+        groups = [[Sample(round=pending.round, policy_version=pending.policy_version, prompt_id=prompt.id,
+                          messages=prompt.messages, index=k, text=text, prompt_token_ids=ids, token_ids=token_ids,
+                          finish_reason=finish, references=list(prompt.references))
                    for k, (token_ids, text, finish) in enumerate(completions)]
-                  for (prompt, ids), completions in zip(kept, outputs)]
+                  for (prompt, ids), completions in zip(pending.kept, outputs)]
         lengths = [len(s.token_ids) for g in groups for s in g]
         metrics = {
             "generate/mean_length": sum(lengths) / len(lengths) if lengths else None,
+            # From the request to its results: with asynchronous rounds this spans the
+            # training the sampling overlapped.
             "generate/tokens_per_s": sum(lengths) / seconds if seconds > 0 else None,
             "generate/truncated_rate": (sum(s.finish_reason == "length" for g in groups for s in g) / len(lengths)
                                         if lengths else None),
-            "generate/prompts_skipped": len(encoded) - len(kept),
+            "generate/prompts_skipped": pending.skipped,
         }
         return groups, metrics
 

@@ -159,6 +159,7 @@ class Loop:
         self.table: list[list[str]] = []   # the round in progress's sample table
         self.accelerator = self.run_dir = self.generator = self.annotator = self.trainer = None
         self.llm = None              # the in-process engine; None in server mode
+        self.actor = None            # async_rounds: the engine in its own process (actor.ProcessEngine)
         self.tokenizer = None
         self.server_url = cfg.generate.server_url   # or the server rank 0 started
         self.server = None           # the server process rank 0 started (stopped by close)
@@ -170,6 +171,7 @@ class Loop:
         self.annotator_totals: dict = {}   # annotator.stats at the end of the last round
         self.refused: dict = {}      # constitution versions refused by reload_constitution
         self.startup: dict = {}      # startup/* seconds, added to the first round's metrics of this process
+        self.pending = None          # async_rounds: the next round's samples, being drawn while this one trains
         self._rounds = None
 
     def __enter__(self) -> "Loop":
@@ -228,7 +230,9 @@ class Loop:
                 from oaif.engines import shutdown_llm
 
                 shutdown_llm(self.llm)
-            self.llm = self.generator = None
+            if self.actor is not None:
+                self.actor.close()
+            self.llm = self.actor = self.generator = self.pending = None
             end(self.accelerator)
             self.accelerator = None
 
@@ -308,18 +312,26 @@ class Loop:
         def engines() -> str:  # rank 0 only
             if accelerator is not None and not g.server_url:
                 self.server_url, self.server = start_local_server(cfg)
+            engine_args = dict(model=cfg.policy.model, dtype=cfg.policy.dtype, seed=cfg.seed,
+                               kv_cache_gib=g.kv_cache_gib,
+                               max_model_len=cfg.policy.max_prompt_tokens + max(g.max_new_tokens, eval_max_new_tokens(cfg)),
+                               tensor_parallel_size=g.tensor_parallel_size,
+                               gpu_memory_utilization=g.gpu_memory_utilization,
+                               max_lora_rank=lora.r if lora.enabled and lora.sync == "vllm_lora" else 0,
+                               enforce_eager=g.enforce_eager)
             if self.server_url:
                 from oaif.server import ServerEngine
 
                 engine = ServerEngine(self.server_url)
+            elif cfg.async_rounds:   # its own process, so that sampling and training overlap
+                from oaif.actor import ProcessEngine
+
+                engine = self.actor = ProcessEngine(engine_args, threads=cfg.async_threads,
+                                                    cpu_bind=cfg.async_cpus or None)
             else:
                 from oaif.engines import build_llm
 
-                self.llm = build_llm(cfg.policy.model, cfg.policy.dtype, cfg.seed, g.kv_cache_gib,
-                                     cfg.policy.max_prompt_tokens + max(g.max_new_tokens, eval_max_new_tokens(cfg)),
-                                     g.tensor_parallel_size, g.gpu_memory_utilization,
-                                     max_lora_rank=lora.r if lora.enabled and lora.sync == "vllm_lora" else 0,
-                                     enforce_eager=g.enforce_eager)
+                self.llm = build_llm(**engine_args)
                 engine = InProcessEngine(self.llm)
             self.generator = Generator(engine, self.tokenizer, g, cfg.policy.max_prompt_tokens, cfg.seed)
             self.annotator = build_annotator(cfg, self.python)
@@ -349,11 +361,16 @@ class Loop:
     def generate(self, prompts) -> list[list[Sample]]:
         """generate.samples_per_prompt samples per prompt from the policy the engine holds,
         seeded by (seed, round, place): one group per prompt (prompts over
-        policy.max_prompt_tokens are skipped and counted)."""
+        policy.max_prompt_tokens are skipped and counted). With async_rounds, the samples
+        requested for this round during the last one."""
         t0 = time.perf_counter()
         prompts = as_prompts(prompts)
         self.progress.start("generate", len(prompts) * self.cfg.generate.samples_per_prompt, "sample")
-        groups, metrics = self.generator.sample(prompts, self.index, self.policy_version)
+        if self.pending is not None and self.pending.round == self.index:   # requested during the last round
+            groups, metrics = self.generator.collect(self.pending)
+        else:
+            groups, metrics = self.generator.sample(prompts, self.index, self.policy_version)
+        self.pending = None
         self.progress.advance(sum(len(g) for g in groups))
         self.metrics |= metrics
         self._timed("generate", t0)
@@ -394,7 +411,7 @@ class Loop:
         """Make the engine sample from the trainer's current policy; returns seconds. Every
         rank calls it (weights may have to be gathered); rank 0 pushes."""
         from oaif.distributed import gathered_state_dict, on_main
-        from oaif.sync import merged_copy, push_lora_adapter, push_weights
+        from oaif.sync import hf_named_weights, merged_copy, push_lora_adapter, push_weights
 
         g, policy, lora = self.cfg.generate, self.trainer.policy, self.cfg.train.lora
         crash_point("sync")
@@ -406,6 +423,8 @@ class Loop:
             state = None if lora.enabled else gathered_state_dict(self.accelerator, self.trainer.model)
             on_main(self.accelerator, lambda: push_weights_to_server(
                 self.server_url, merged_copy(policy), g.server_weights_dir, state_dict=state))
+        elif self.actor is not None:   # into shared memory; the engine process loads it after its current request
+            self.actor.push(hf_named_weights(policy))
         elif lora.enabled and lora.sync == "vllm_lora":
             self.generator.engine.lora_request = push_lora_adapter(policy, self.run_dir / "adapters",
                                                                    self.policy_version)
@@ -452,10 +471,12 @@ class Loop:
         try:
             self.log(f"run directory: {run_dir}" + (f" ({accelerator.num_processes} processes)" if accelerator else ""))
             self.log(header())
+            upcoming = next(batches)
             for index in range(first, cfg.rounds):
                 for hook in self._hooks("on_round_start"):
                     hook(index, self)
-                metrics = self._round(index, next(batches))
+                prompts, upcoming = upcoming, next(batches)
+                metrics = self._round(index, prompts, upcoming if index + 1 < cfg.rounds else None)
                 if cfg.eval.every and ((index + 1) % cfg.eval.every == 0 or index == cfg.rounds - 1):
                     metrics |= self.evaluate(index)
                 wanted = self._stop_wanted(metrics)
@@ -499,14 +520,15 @@ class Loop:
                      + f", policy version {self.policy_version}; mean response length "
                      f"{fmt(lengths[0])} -> {fmt(lengths[-1])} tokens; records and metrics.jsonl in {run_dir}")
 
-    def _round(self, index: int, prompts: list[Prompt]) -> dict:
-        """One round on every rank: rank 0 collects, all train on the pairs, rank 0 syncs."""
+    def _round(self, index: int, prompts: list[Prompt], upcoming: list[Prompt] | None) -> dict:
+        """One round on every rank: rank 0 collects, all train on the pairs, rank 0 syncs.
+        upcoming: the next round's prompts (async_rounds samples them while this round trains)."""
         from oaif.distributed import on_main
 
         t0 = time.perf_counter()
         self.index, self.metrics = index, {}
         try:
-            pairs, self.metrics = on_main(self.accelerator, lambda: self._collect(index, prompts))
+            pairs, self.metrics = on_main(self.accelerator, lambda: self._collect(index, prompts, upcoming))
             invalid, ceiling = self.metrics.get("annotate/invalid_rate"), self.cfg.annotate.max_invalid_rate
             if invalid is not None and invalid > ceiling:   # every rank sees rank 0's metrics and stops alike
                 raise TooManyInvalid(
@@ -531,10 +553,15 @@ class Loop:
         return {"round": index, "policy_version": self.policy_version, **self.metrics, **startup,
                 "round/seconds": seconds, "round/overhead_seconds": overhead, "round/pairs_per_s": len(pairs) / seconds}
 
-    def _collect(self, index: int, prompts: list[Prompt]) -> tuple[list[PreferencePair], dict]:
-        """Rank 0: sample, judge both orders, write the round's records; (kept pairs, metrics)."""
+    def _collect(self, index: int, prompts: list[Prompt], upcoming: list[Prompt] | None
+                 ) -> tuple[list[PreferencePair], dict]:
+        """Rank 0: sample, judge both orders, write the round's records; (kept pairs, metrics).
+        async_rounds: the next round's samples are requested as soon as this round's are in,
+        from the weights the engine holds (this round's training is pushed after them)."""
         out = self.run_dir / "rounds" / f"{index:06d}"
         groups = self.generate(prompts)
+        if self.cfg.async_rounds and upcoming is not None:
+            self.pending = self.generator.submit(as_prompts(upcoming), index + 1, self.policy_version)
         write_jsonl(out / "samples.jsonl", [s for g in groups for s in g])
         crash_point("generate")
         judged = self.annotate(groups)
@@ -650,11 +677,12 @@ def build_trainer(cfg: RunConfig, pad_id: int, total_steps: int, accelerator=Non
 
 def start_local_server(cfg: RunConfig):
     """Rank 0 of a multi-process run: a vLLM server for the policy on a free local port."""
+    from oaif.engines import resolve_eager
     from oaif.server import start_server
 
     g = cfg.generate
     extra = ["--tensor-parallel-size", str(g.tensor_parallel_size), "--gpu-memory-utilization",
-             str(g.gpu_memory_utilization), *(["--enforce-eager"] if g.enforce_eager else [])]
+             str(g.gpu_memory_utilization), *(["--enforce-eager"] if resolve_eager(g.enforce_eager) else [])]
     proc = start_server(cfg.policy.model, None, cfg.policy.dtype, cfg.seed,
                         cfg.policy.max_prompt_tokens + g.max_new_tokens, g.kv_cache_gib, extra)
     return f"http://127.0.0.1:{proc.port}", proc

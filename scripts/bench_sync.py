@@ -1,4 +1,4 @@
-"""Benchmark: what a weight sync costs, four ways, side by side in one run.
+"""Benchmark: what a weight sync costs, five ways, side by side in one run.
 
     .venv/bin/python scripts/bench_sync.py            # writes bench/results/sync.json
 
@@ -10,6 +10,10 @@ For each model size it times, on the same running engine:
             update pay per round)
   server    oaif's server mode: push_weights_to_server into a vLLM server process
             (save to /dev/shm + pause, reload_weights, reset prefix cache, resume over HTTP)
+  process   async_rounds' engine process (oaif/actor.py): copy into shared memory, then the
+            process reloads; timed until loaded, and until `push` returns (what the trainer
+            waits for: the load itself overlaps the next round's sampling)
+  copy      the floor: one plain in-memory copy of the same weights
 and reports medians and ratios to `inplace`. Models are built like `oaif init-tiny` (no
 warm-up: only the shapes matter here). Thread settings are recorded with the results.
 """
@@ -49,7 +53,8 @@ def main() -> None:
 
     from oaif.engines import build_llm
     from oaif.server import push_weights_to_server, start_server, stop_server
-    from oaif.sync import push_weights
+    from oaif.actor import ProcessEngine
+    from oaif.sync import hf_named_weights, push_weights
     from oaif.tiny import init_tiny
     from oaif.train import load_causal_lm
 
@@ -69,6 +74,8 @@ def main() -> None:
                     p.add_(0.01)
 
             inplace = timed(lambda: push_weights(llm, model), args.reps)
+            # The floor: one plain in-memory copy of the same weights.
+            copy = timed(lambda: [t.clone() for _, t in hf_named_weights(model)], args.reps)
 
             def via_disk():
                 out = work / f"{name}-sync"
@@ -88,11 +95,24 @@ def main() -> None:
                                args.reps)
             finally:
                 stop_server(proc)
-            row = {"params": n_params, "inplace_s": inplace, "via_disk_s": disk, "restart_s": restart,
-                   "server_s": server, "via_disk_over_inplace": disk / inplace,
+            actor = ProcessEngine({"model": str(model_dir), "dtype": "float32", "seed": 0, "kv_cache_gib": 0.25,
+                                   "max_model_len": 256, "enforce_eager": True})
+            try:
+                actor.push(hf_named_weights(model))   # the first push allocates the shared buffers
+                actor.wait_loaded()
+                process_push = timed(lambda: actor.push(hf_named_weights(model)) or actor.wait_loaded(), args.reps)
+                process_return = timed(lambda: (actor.wait_loaded(), actor.push(hf_named_weights(model))), args.reps)
+                actor.wait_loaded()
+            finally:
+                actor.close()
+            row = {"params": n_params, "copy_s": copy, "inplace_s": inplace, "via_disk_s": disk, "restart_s": restart,
+                   "server_s": server, "process_s": process_push, "process_critical_s": process_return,
+                   "inplace_over_copy": inplace / copy, "process_critical_over_copy": process_return / copy,
+                   "via_disk_over_inplace": disk / inplace,
                    "restart_over_inplace": restart / inplace, "server_over_inplace": server / inplace}
             results["sizes"][name] = row
-            print(f"{name}: {n_params / 1e6:.1f}M params  inplace {inplace * 1e3:.1f} ms  "
+            print(f"{name}: {n_params / 1e6:.1f}M params  copy {copy * 1e3:.1f} ms  inplace {inplace * 1e3:.1f} ms  "
+                  f"process {process_push * 1e3:.1f} ms (until pushed {process_return * 1e3:.1f} ms)  "
                   f"via disk {disk * 1e3:.1f} ms ({disk / inplace:.1f}x)  restart {restart:.1f} s "
                   f"({restart / inplace:.0f}x)  server {server * 1e3:.1f} ms ({server / inplace:.1f}x)")
     finally:

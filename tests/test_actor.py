@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import torch
@@ -50,7 +49,7 @@ def perturbed(policy):
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+            p.add_(torch.randn(p.shape, generator=generator) * 0.02)
     return model
 
 
@@ -118,6 +117,9 @@ def test_greedy_equals_transformers_and_seeds_repeat(engine, policy, prompt_ids,
 
 
 def test_pushed_weights_are_what_the_engine_samples_from(engine, policy, perturbed, prompt_ids):
+    # One prompt longer than a KV block (128 tokens on the CPU): its first block is cached
+    # under the old weights, and must not be reused under the new ones.
+    prompt_ids = [*prompt_ids, (sum(prompt_ids, []) * 2)[:130]]
     load(engine, policy)
     before = engine.greedy(prompt_ids, 24)
     # Pushes in a row, none waited for: each waits for the previous load; the last one wins.
@@ -132,7 +134,8 @@ def test_pushed_weights_are_what_the_engine_samples_from(engine, policy, perturb
         engine.push(hf_named_weights(policy)[1:])
 
 
-def test_submit_and_push_return_at_once_and_a_queued_sample_keeps_the_old_weights(engine, policy, perturbed, prompt_ids):
+def test_submit_and_push_return_at_once_and_a_queued_sample_keeps_the_old_weights(engine, policy, perturbed,
+                                                                                   prompt_ids):
     load(engine, policy)
     seeds = sample_seeds(0, "round 0", len(prompt_ids), 2)
     expected = engine.sample(prompt_ids, seeds, 0.9, 1.0, 32)   # from `policy`
@@ -164,8 +167,9 @@ def test_child_pinned_to_the_given_cpus(engine):
 
 def test_request_error_comes_back_with_the_childs_traceback(engine, policy, prompt_ids):
     load(engine, policy)
-    with pytest.raises(EngineProcessError, match=r"(?s)greedy decoding failed.*Traceback.*maximum context length is 256"):
-        engine.greedy([[5] * 300], 8)   # longer than max_model_len
+    too_long = [[5] * 300]   # longer than max_model_len
+    with pytest.raises(EngineProcessError, match=r"(?s)greedy decoding failed.*Traceback.*maximum context length"):
+        engine.greedy(too_long, 8)
     assert engine.greedy(prompt_ids[:2], 8) == transformers_greedy(policy, prompt_ids[:2], 8), "still serves"
 
 
@@ -178,11 +182,22 @@ def test_bad_model_path_names_it_and_leaves_no_process(tmp_path):
     assert [p for p in multiprocessing.active_children() if p.pid not in before] == []
 
 
-def test_killed_child_fails_the_waiting_call_and_later_ones(tiny_model, prompt_ids):
+def test_a_failed_load_or_a_dead_child_fails_every_call_after_it(tiny_model, prompt_ids):
+    """One engine for both (a start costs seconds), so the load fails first: a load that
+    fails leaves the engine's weights undefined, so it refuses to sample from them; a child
+    killed while a call waits on it fails that call, and every later one, at once."""
     engine = ProcessEngine(build_kwargs(tiny_model))
     try:
-        engine.greedy(prompt_ids[:1], 4)
-        engine.submit_sample(prompt_ids * 8, sample_seeds(0, "round 0", len(prompt_ids) * 8, 2), 0.9, 1.0, 128)
+        weights = hf_named_weights(AutoModelForCausalLM.from_pretrained(tiny_model))
+        misnamed = [("model.no_such_layer.weight", weights[0][1]), *weights[1:]]
+        engine.push(misnamed)
+        with pytest.raises(EngineProcessError, match=r"(?s)loading pushed weights failed.*Traceback"):
+            engine.wait_loaded()
+        with pytest.raises(EngineProcessError, match="earlier weight load failed"):
+            engine.greedy(prompt_ids[:1], 4)
+
+        os.kill(engine.process.pid, signal.SIGSTOP)   # so that the sample cannot be answered
+        engine.submit_sample(prompt_ids, sample_seeds(0, "round 0", len(prompt_ids), 2), 0.9, 1.0, 32)
         os.kill(engine.process.pid, signal.SIGKILL)
         waiting = Call(engine.result)
         assert waiting.returned_within(60), "result() must notice the dead child, not wait forever"
@@ -190,26 +205,39 @@ def test_killed_child_fails_the_waiting_call_and_later_ones(tiny_model, prompt_i
         with pytest.raises(EngineProcessError, match="is gone"):
             engine.greedy(prompt_ids[:1], 4)
         with pytest.raises(EngineProcessError, match="is gone"):
-            engine.push([("w", torch.zeros(2))])
+            engine.push(misnamed)
     finally:
         engine.close()
     assert not process_exists(engine.process.pid)
 
 
+PARENT = """
+import ast, sys, time
+from oaif.actor import ProcessEngine
+engine = ProcessEngine(ast.literal_eval(sys.argv[1]))
+print("engine pid", engine.process.pid, flush=True)
+time.sleep(600)
+"""
+
+# Runs PARENT, kills it, and reports how its orphaned engine process ended: as a subreaper,
+# this process inherits the orphan, so it can wait for it and read its end.
+WATCHER = """
+import ctypes, os, subprocess, sys
+PR_SET_CHILD_SUBREAPER = 36
+ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
+parent = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], stdout=subprocess.PIPE, text=True)
+child = int(next(line for line in parent.stdout if line.startswith("engine pid ")).split()[-1])
+parent.kill()
+parent.wait()
+_, status = os.waitpid(child, 0)
+print(f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit {os.WEXITSTATUS(status)}")
+"""
+
+
 def test_child_dies_with_its_parent(tiny_model):
-    """A parent killed by SIGKILL runs no cleanup: the parent-death signal must end the child."""
-    script = (f"from oaif.actor import ProcessEngine\n"
-              f"engine = ProcessEngine({build_kwargs(tiny_model)!r})\n"
-              f"print(engine.process.pid, flush=True)\n"
-              f"import time; time.sleep(600)\n")
-    parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        child = int(parent.stdout.readline())
-        assert process_exists(child)
-    finally:
-        parent.kill()
-        parent.wait()
-    deadline = time.monotonic() + 60
-    while process_exists(child) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not process_exists(child), "the engine's process outlived its parent"
+    """A parent killed by SIGKILL runs no cleanup. An idle child would stop on its own (its
+    pipe reads end-of-file), a busy one would run on: what ends it must be the parent-death
+    signal, SIGTERM, whatever the child is doing."""
+    watcher = subprocess.run([sys.executable, "-c", WATCHER, PARENT, repr(build_kwargs(tiny_model))], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert watcher.stdout.splitlines()[-1:] == [f"signal {signal.SIGTERM.value}"], watcher.stderr[-2000:]

@@ -4,7 +4,7 @@ import json
 
 from oaif.records import read_jsonl
 
-from conftest import run_oaif
+from conftest import run_oaif, versions_follow_training
 
 METRICS = ["round", "pairs_kept", "generate/mean_length", "annotate/order_agreement", "annotate/invalid_rate",
            "round/seconds", "round/pairs_per_s"]
@@ -114,3 +114,27 @@ def test_a_round_whose_prompts_are_all_too_long_is_recorded_not_fatal(tiny_model
     assert [m["generate/prompts_skipped"] for m in metrics] == [4, 4]
     assert all(m["pairs_kept"] == 0 and m["generate/mean_length"] is None and "train/loss" not in m for m in metrics)
     assert "mean response length - -> - tokens" in r.stdout
+
+
+def test_async_rounds_sample_the_next_round_while_the_trainer_trains(tiny_model, tmp_path):
+    """async_rounds=1: the engine, in its own process, draws round k's samples from the policy
+    as it was before round k-1's update (one update old, recorded in each sample), and the run
+    still learns 'shorter'."""
+    common = [f"policy.model={tiny_model}", f"output_dir={tmp_path}"]
+    r = run_oaif("run", "configs/tiny_cpu.yaml", *common, "name=async", "rounds=8", "async_rounds=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = read_jsonl(tmp_path / "async/metrics.jsonl")
+    versions = versions_follow_training(metrics, trained_at_least=6)
+    for k in range(8):
+        drawn_by = versions[k - 2] if k >= 2 else 0   # requested during round k-1, before it trained
+        for name in ("samples", "pairs"):
+            rows = read_jsonl(tmp_path / f"async/rounds/{k:06d}/{name}.jsonl")
+            assert {s["policy_version"] for s in rows} <= {drawn_by} and (rows or name == "pairs"), (k, name)
+    first, last = metrics[0]["generate/mean_length"], metrics[-1]["generate/mean_length"]
+    assert last < 0.75 * first, f"mean length {first:.1f} -> {last:.1f}: the policy did not learn 'shorter'"
+    # Round 0 is the starting policy with round 0's seeds in either mode: the engine process
+    # samples exactly what the in-process engine does.
+    r = run_oaif("run", "configs/tiny_cpu.yaml", *common, "name=sync", "rounds=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "async/rounds/000000/samples.jsonl").read_bytes() == \
+        (tmp_path / "sync/rounds/000000/samples.jsonl").read_bytes()
