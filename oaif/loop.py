@@ -385,8 +385,9 @@ class Loop:
                 self.log(f"  round {self.index}: {line}")
         pairs = [(g[k], g[k + 1]) for g in groups for k in range(0, len(g) - 1, 2)]
         self.progress.start("annotate", 2 * len(pairs), "judgment")
-        judged = judge_pairs(self.annotator, pairs, self.index, self.policy_version,
-                             self.cfg.annotate.missing_eos_penalty)
+        # Records name the policy that drew the samples (with async_rounds, one update before now).
+        drawn_by = pairs[0][0].policy_version if pairs else self.policy_version
+        judged = judge_pairs(self.annotator, pairs, self.index, drawn_by, self.cfg.annotate.missing_eos_penalty)
         self.progress.advance(2 * len(pairs))
         totals = dict(self.annotator.stats)
         self.metrics |= {"pairs_kept": len(judged.pairs), "pairs_dropped": len(pairs) - len(judged.pairs),
