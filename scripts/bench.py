@@ -56,12 +56,13 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "bench" / "models"
 # name -> how the policy is made and how long its responses may be. The 0.5M model is the
-# project's models/tiny; the others are built like it, with init_tiny's warm-up so that they
-# answer in the chat format and end their answers.
+# project's models/tiny (warmed up: short answers that end); the others are built like it.
 SIZES = {
     "0.5M": dict(hidden=128, layers=2, warmup_steps=300, max_new_tokens=64, path=ROOT / "models/tiny"),
-    "2.7M": dict(hidden=256, layers=4, warmup_steps=300, max_new_tokens=256),
-    "20M": dict(hidden=512, layers=8, warmup_steps=300, max_new_tokens=128),
+    # Untrained: they answer with max_new_tokens of noise, the generation-heavy case (speed
+    # does not depend on what the tokens say).
+    "2.7M": dict(hidden=256, layers=4, warmup_steps=0, max_new_tokens=256),
+    "20M": dict(hidden=512, layers=8, warmup_steps=0, max_new_tokens=128),
     "smollm2-lora": dict(max_new_tokens=64, path=ROOT / "models/smollm2-135m-instruct", lora=True),
 }
 # oaif's default train.lora.target_modules (oaif/config.py), given to both tools.
