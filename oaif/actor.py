@@ -37,7 +37,7 @@ import torch
 import torch.multiprocessing
 
 from oaif.generate import Completion
-from oaif.server import LAUNCHER_VARS, _end_with_parent
+from oaif.server import LAUNCHER_VARS, end_with_parent
 
 POLL_S = 0.5   # how often a waiting caller checks that the child still lives
 STOP_S = 10.0  # how long close() lets a running request finish before it terminates the child
@@ -191,7 +191,7 @@ def _cpu_ids(spec: str) -> set[int]:
 
 def _serve(conn, build_kwargs: dict, threads: int | None, cpu_bind: str | None, parent_pid: int) -> None:
     """The child: build the engine, then answer requests in order until "stop"."""
-    _end_with_parent()   # SIGTERM when the parent dies, even by SIGKILL
+    end_with_parent()   # SIGTERM when the parent dies, even by SIGKILL
     if os.getppid() != parent_pid:
         return   # the parent died before the signal was armed
     try:

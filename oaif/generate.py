@@ -112,14 +112,14 @@ def sample_seeds(seed: int, stage: str, prompts: int, n: int) -> list[list[int]]
 
 @dataclass
 class Pending:
-    """A round's sample request: what is needed to turn the engine's completions into Samples.
-    outputs: the completions, or None while an engine in its own process draws them."""
+    """A round's sample request: what the engine is asked, and what turns its completions
+    into Samples."""
     round: int
     policy_version: int
-    kept: list[tuple[Prompt, list[int]]]
-    skipped: int
-    t0: float
-    outputs: list | None
+    kept: list[tuple[Prompt, list[int]]]   # (prompt, its token ids) within max_prompt_tokens
+    seeds: list[list[int]]
+    skipped: int                           # prompts over max_prompt_tokens
+    t0: float                              # when the engine was asked
 
 
 class Generator:
@@ -133,24 +133,33 @@ class Generator:
 
     def sample(self, prompts: list[Prompt], round: int, policy_version: int) -> tuple[list[list[Sample]], dict]:
         """samples_per_prompt samples per prompt; prompts over max_prompt_tokens are skipped."""
-        return self.collect(self.submit(prompts, round, policy_version, self.engine.sample))
+        pending = self._pending(prompts, round, policy_version)
+        return self._samples(pending, self.engine.sample(*self._request(pending)))
 
-    def submit(self, prompts: list[Prompt], round: int, policy_version: int, start=None) -> "Pending":
-        """Asks the engine for a round's samples. start: the engine call that begins the
-        request (default: `submit_sample` of an engine in its own process, which returns at
-        once: the samples are drawn while the caller goes on, e.g. trains)."""
-        cfg = self.cfg
+    def submit(self, prompts: list[Prompt], round: int, policy_version: int) -> Pending:
+        """Asks an engine in its own process for a round's samples and returns at once: they
+        are drawn while the caller goes on (trains); collect() waits for them."""
+        pending = self._pending(prompts, round, policy_version)
+        self.engine.submit_sample(*self._request(pending))
+        return pending
+
+    def collect(self, pending: Pending) -> tuple[list[list[Sample]], dict]:
+        """The samples of a submitted round (waiting for them if they are still being drawn)."""
+        return self._samples(pending, self.engine.result())
+
+    def _pending(self, prompts: list[Prompt], round: int, policy_version: int) -> Pending:
+        """The request for a round, made just before the engine is asked (its clock starts)."""
         encoded = [(p, self.encode(p)) for p in prompts]
         kept = [(p, ids) for p, ids in encoded if len(ids) <= self.max_prompt_tokens]
-        seeds = sample_seeds(self.seed, f"round {round}", len(kept), cfg.samples_per_prompt)
-        t0 = time.perf_counter()
-        outputs = (start or self.engine.submit_sample)([ids for _, ids in kept], seeds, cfg.temperature, cfg.top_p,
-                                                       cfg.max_new_tokens)
-        return Pending(round, policy_version, kept, len(encoded) - len(kept), t0, outputs)
+        seeds = sample_seeds(self.seed, f"round {round}", len(kept), self.cfg.samples_per_prompt)
+        return Pending(round, policy_version, kept, seeds, len(encoded) - len(kept), time.perf_counter())
 
-    def collect(self, pending: "Pending") -> tuple[list[list[Sample]], dict]:
-        """The samples of a submitted round (waiting for them if they are still being drawn)."""
-        outputs = pending.outputs if pending.outputs is not None else self.engine.result()
+    def _request(self, pending: Pending) -> tuple:
+        """The engine's sample arguments."""
+        cfg = self.cfg
+        return [ids for _, ids in pending.kept], pending.seeds, cfg.temperature, cfg.top_p, cfg.max_new_tokens
+
+    def _samples(self, pending: Pending, outputs: list[list[Completion]]) -> tuple[list[list[Sample]], dict]:
         seconds = time.perf_counter() - pending.t0
         groups = [[Sample(round=pending.round, policy_version=pending.policy_version, prompt_id=prompt.id,
                           messages=prompt.messages, index=k, text=text, prompt_token_ids=ids, token_ids=token_ids,

@@ -366,11 +366,13 @@ class Loop:
         t0 = time.perf_counter()
         prompts = as_prompts(prompts)
         self.progress.start("generate", len(prompts) * self.cfg.generate.samples_per_prompt, "sample")
-        if self.pending is not None and self.pending.round == self.index:   # requested during the last round
-            groups, metrics = self.generator.collect(self.pending)
+        pending, self.pending = self.pending, None
+        if pending is not None and pending.round == self.index:   # requested during the last round
+            groups, metrics = self.generator.collect(pending)
         else:
+            if pending is not None:   # a script's own call: the engine must finish the request first
+                self.generator.collect(pending)
             groups, metrics = self.generator.sample(prompts, self.index, self.policy_version)
-        self.pending = None
         self.progress.advance(sum(len(g) for g in groups))
         self.metrics |= metrics
         self._timed("generate", t0)
@@ -562,7 +564,7 @@ class Loop:
         out = self.run_dir / "rounds" / f"{index:06d}"
         groups = self.generate(prompts)
         if self.cfg.async_rounds and upcoming is not None:
-            self.pending = self.generator.submit(as_prompts(upcoming), index + 1, self.policy_version)
+            self.pending = self.generator.submit(upcoming, index + 1, self.policy_version)
         write_jsonl(out / "samples.jsonl", [s for g in groups for s in g])
         crash_point("generate")
         judged = self.annotate(groups)

@@ -52,9 +52,10 @@ def _tail(path: str, lines: int = 40) -> str:
         return "(no log)"
 
 
-def _end_with_parent() -> None:
-    """In the server's process, before vLLM starts: SIGTERM it when the process that started
-    it dies, even by SIGKILL, where no `finally` runs (Linux; elsewhere stop_server alone)."""
+def end_with_parent() -> None:
+    """In a child that runs vLLM (a server, async_rounds' engine process), before vLLM starts:
+    SIGTERM it when the process that started it dies, even by SIGKILL, where no `finally`
+    runs (Linux; elsewhere only the parent's own stop)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -92,7 +93,7 @@ def spawn_server(model: str, port: int, dtype: str, seed: int, max_model_len: in
     with os.fdopen(fd, "w") as log:
         # Own session: stop_server can end the server and its engine subprocess as one group.
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
-                                preexec_fn=_end_with_parent)
+                                preexec_fn=end_with_parent)
     proc.port, proc.log_path = port, log_path
     return proc
 

@@ -122,12 +122,11 @@ def sequence_logps(model: torch.nn.Module, input_ids, attention_mask, loss_mask,
                    length_normalize: bool = False) -> torch.Tensor:
     """Summed (or mean) log-probs of the masked (response) tokens, shape (B,).
 
-    Logits at position t predict token t+1, so the mask is shifted by one. Two savings that
-    change no number: the model computes logits only from the batch's first response
-    token's predictor on (`logits_to_keep`: the LM head never runs over the prompts), and a
-    token's log-prob is its logit minus the log-sum-exp of its row, so no (B, T, V)
-    log-softmax tensor is made and kept for the backward pass (same values up to float
-    rounding).
+    Logits at position t predict token t+1, so the mask is shifted by one. Two savings, the
+    same values up to float rounding: the model computes logits only from the batch's first
+    response token's predictor on (`logits_to_keep`: the LM head never runs over the
+    prompts), and a token's log-prob is its logit minus the log-sum-exp of its row, so no
+    (B, T, V) log-softmax tensor is made and kept for the backward pass.
     """
     first = max(1, int(loss_mask.argmax(-1).min()))   # the earliest response token in the batch
     kept = input_ids.shape[1] - first + 1
