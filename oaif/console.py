@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -134,3 +135,46 @@ class Progress:
             if bar is not None:
                 bar.close()
         self.run = self.stage = None
+
+
+# (metric, column title, format) of the line printed per round.
+COLUMNS = [("round", "round", "d"), ("pairs_kept", "kept", "d"), ("pairs_dropped", "dropped", "d"),
+           ("generate/mean_length", "mean_len", ".1f"), ("train/loss", "loss", ".4f"),
+           ("train/reward_accuracy", "reward_acc", ".2f"), ("round/seconds", "seconds", ".1f")]
+
+
+def format_row(metrics: dict) -> str:
+    cells = []
+    for key, title, fmt in COLUMNS:
+        v = metrics.get(key)
+        cells.append(f"{format(v, fmt) if v is not None else '-':>{max(len(title), 6)}}")
+    return "  ".join(cells)
+
+
+def header() -> str:
+    return "  ".join(f"{title:>{max(len(title), 6)}}" for _, title, _ in COLUMNS)
+
+
+class GracefulStop:
+    """SIGINT / SIGTERM: finish the round in flight, checkpoint it, stop cleanly (exit 0) with
+    a resume line; a second signal stops at once (the engines and servers are still closed).
+    Installed on every rank for the rounds of a run (stop_agreed makes the ranks stop together)
+    and restored after them."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        self.signal = signal.Signals(signum).name
+        print(f"\n{self.signal}: finishing this round, then a checkpoint; send it again to stop at once",
+              file=sys.stderr, flush=True)
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)

@@ -25,6 +25,7 @@ import shutil
 from pathlib import Path
 
 from oaif.records import read_jsonl
+from oaif.rundir import is_run_dir
 
 # Single data files read through `datasets`; any other file is read as JSONL, as always.
 DATA_FILES = {".parquet": "parquet", ".csv": "csv"}
@@ -109,8 +110,7 @@ def export_pairs(run_dir: str | Path, out: str | Path, overwrite: bool = False) 
     from datasets import Features, List, Value
 
     run_dir, out = Path(run_dir), Path(out)
-    # The test of oaif.loop.is_run_dir, here without importing the loop (torch, vLLM glue).
-    if not ((run_dir / "config.yaml").is_file() and (run_dir / "rounds").is_dir()):
+    if not is_run_dir(run_dir):
         raise ValueError(f"{run_dir} is not an oaif run directory (no config.yaml and rounds/); give runs/NAME")
     _check_out(out, overwrite)
 

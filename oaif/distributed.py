@@ -118,3 +118,14 @@ def gathered_state_dict(accelerator, model):
     """The full state dict for saving or syncing, or None on the plain path. Every rank must
     call it: FSDP and ZeRO-3 gather the shards collectively."""
     return None if accelerator is None else accelerator.get_state_dict(model)
+
+
+def stop_agreed(stop: bool, accelerator) -> bool:
+    """Whether any rank wants to stop (a signal, a callback): every rank must stop after the
+    same round, checkpoint included (a collective), or the others would wait for it forever."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return stop
+    import torch
+
+    flag = torch.tensor([1.0 if stop else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)

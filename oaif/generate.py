@@ -92,6 +92,22 @@ def check_model(model: str, key: str) -> None:
         raise ConfigError(f"{missing}; the hub did not give it either ({type(e).__name__}: {str(e)[:200]})") from e
 
 
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation plus the assistant turn opener (the policy's input): how
+    the loop renders a prompt, and so how `oaif sft` renders the prompts it trains on."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_prompts(tokenizer, prompts: list[Prompt], max_prompt_tokens: int
+                   ) -> tuple[list[tuple[Prompt, list[int]]], int]:
+    """(prompt, token ids) of each prompt within max_prompt_tokens, and how many were left
+    out: the same ones for every model with this tokenizer."""
+    encoded = [(p, encode_prompt(tokenizer, p.messages)) for p in prompts]
+    kept = [(p, ids) for p, ids in encoded if len(ids) <= max_prompt_tokens]
+    return kept, len(encoded) - len(kept)
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
@@ -128,8 +144,7 @@ class Generator:
         self.max_prompt_tokens, self.seed = max_prompt_tokens, seed
 
     def encode(self, prompt: Prompt) -> list[int]:
-        text = self.tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_prompt(self.tokenizer, prompt.messages)
 
     def sample(self, prompts: list[Prompt], round: int, policy_version: int) -> tuple[list[list[Sample]], dict]:
         """samples_per_prompt samples per prompt; prompts over max_prompt_tokens are skipped."""
@@ -149,10 +164,9 @@ class Generator:
 
     def _pending(self, prompts: list[Prompt], round: int, policy_version: int) -> Pending:
         """The request for a round, made just before the engine is asked (its clock starts)."""
-        encoded = [(p, self.encode(p)) for p in prompts]
-        kept = [(p, ids) for p, ids in encoded if len(ids) <= self.max_prompt_tokens]
+        kept, skipped = encode_prompts(self.tokenizer, prompts, self.max_prompt_tokens)
         seeds = sample_seeds(self.seed, f"round {round}", len(kept), self.cfg.samples_per_prompt)
-        return Pending(round, policy_version, kept, seeds, len(encoded) - len(kept), time.perf_counter())
+        return Pending(round, policy_version, kept, seeds, skipped, time.perf_counter())
 
     def _request(self, pending: Pending) -> tuple:
         """The engine's sample arguments."""

@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -23,72 +21,22 @@ import torch
 
 from oaif.annotate.judge import Judged, judge_pairs, judgment_metrics, label_mass_warning
 from oaif.annotate.select import build_annotator, check_inputs, reload_constitutions, with_python_annotator
-from oaif.checkpoint import latest_checkpoint, read_trainer_state, restore_trainer, save_checkpoint, schedule_anchor
-from oaif.config import ConfigError, RunConfig, RunStopped, dump_config, load_config
-from oaif.generate import check_model, load_tokenizer
+from oaif.checkpoint import latest_checkpoint, read_trainer_state, restore_trainer, schedule_anchor
+from oaif.config import ConfigError, RunConfig, RunStopped
+from oaif.console import GracefulStop, LibraryLogs, Progress, format_row, header
+from oaif.datasets_io import export_pairs
+from oaif.distributed import stop_agreed
 from oaif.evaluation import TRAINING_JUDGE_WARNING, eval_annotator_config, eval_prompts, format_summary
 from oaif.evaluation import max_new_tokens as eval_max_new_tokens
-from oaif.console import LibraryLogs, Progress
-from oaif.datasets_io import export_pairs
 from oaif.faults import crash_point
+from oaif.generate import check_model, load_tokenizer
+from oaif.records import PreferencePair, Prompt, Sample, as_prompts, load_prompts, write_jsonl
+from oaif.rundir import checkpoint_now, finish_round, prepare_run_dir, resume_config, rewind_run_dir
 from oaif.tracking import Trackers, check_trackers, markdown_table, sample_table
-from oaif.records import (PreferencePair, Prompt, Sample, append_jsonl, load_prompts, prompts_from_rows, read_jsonl,
-                          write_jsonl)
-
-# (metric, column title, format) of the line printed per round.
-COLUMNS = [("round", "round", "d"), ("pairs_kept", "kept", "d"), ("pairs_dropped", "dropped", "d"),
-           ("generate/mean_length", "mean_len", ".1f"), ("train/loss", "loss", ".4f"),
-           ("train/reward_accuracy", "reward_acc", ".2f"), ("round/seconds", "seconds", ".1f")]
-
-
-def format_row(metrics: dict) -> str:
-    cells = []
-    for key, title, fmt in COLUMNS:
-        v = metrics.get(key)
-        cells.append(f"{format(v, fmt) if v is not None else '-':>{max(len(title), 6)}}")
-    return "  ".join(cells)
-
-
-def header() -> str:
-    return "  ".join(f"{title:>{max(len(title), 6)}}" for _, title, _ in COLUMNS)
-
-
-class RunDirExists(FileExistsError):
-    pass
 
 
 class TooManyInvalid(RunStopped):
     pass
-
-
-def is_run_dir(path: Path) -> bool:
-    """A folder oaif made for a run: its resolved config and its rounds folder."""
-    return (path / "config.yaml").is_file() and (path / "rounds").is_dir()
-
-
-def prepare_run_dir(cfg: RunConfig, prompts: list[Prompt] | None = None) -> Path:
-    """A new run directory, made whole: built under a hidden name, then renamed, so a crash
-    leaves either no run directory or one that `oaif resume` takes. prompts: a prompt set
-    given in code, saved as prompts.jsonl (cfg.prompts names it)."""
-    run_dir = Path(cfg.output_dir) / cfg.name
-    if run_dir.exists():
-        if not cfg.overwrite:
-            raise RunDirExists(f"run directory {run_dir} exists: pass name=<new name> or overwrite=true")
-        if not is_run_dir(run_dir) or run_dir.is_symlink():
-            # overwrite replaces an earlier run, never a folder (or link) oaif did not make.
-            raise RunDirExists(f"{run_dir} exists and is not an oaif run directory (no config.yaml and rounds/): "
-                               f"overwrite=true only replaces runs; pick another name or output_dir")
-        shutil.rmtree(run_dir)
-    staging = run_dir.with_name(f".{cfg.name}.new")
-    made = {"rounds", "config.yaml", "prompts.jsonl", "prompts.jsonl.tmp"}
-    if staging.is_dir() and not staging.is_symlink() and {p.name for p in staging.iterdir()} <= made:
-        shutil.rmtree(staging)   # an earlier attempt cut short here (only what this function makes)
-    (staging / "rounds").mkdir(parents=True)
-    if prompts is not None:
-        write_jsonl(staging / "prompts.jsonl", prompts)
-    dump_config(cfg, staging / "config.yaml")
-    staging.rename(run_dir)
-    return run_dir
 
 
 def round_prompts(prompts: list[Prompt], per_round: int, seed: int):
@@ -311,6 +259,8 @@ class Loop:
 
         def engines() -> str:  # rank 0 only
             if accelerator is not None and not g.server_url:
+                from oaif.server import start_local_server
+
                 self.server_url, self.server = start_local_server(cfg)
             engine_args = dict(model=cfg.policy.model, dtype=cfg.policy.dtype, seed=cfg.seed,
                                kv_cache_gib=g.kv_cache_gib,
@@ -480,20 +430,11 @@ class Loop:
                     hook(index, self)
                 prompts, upcoming = upcoming, next(batches)
                 metrics = self._round(index, prompts, upcoming if index + 1 < cfg.rounds else None)
-                if cfg.eval.every and ((index + 1) % cfg.eval.every == 0 or index == cfg.rounds - 1):
-                    metrics |= self.evaluate(index)
                 wanted = self._stop_wanted(metrics)
                 stopping = stop_agreed(bool(stop) or wanted, accelerator)
                 checkpointed = finish_round(cfg, run_dir, self.trainer, self.tokenizer, accelerator, index,
                                             self.policy_version, metrics, last=index == cfg.rounds - 1 or stopping)
-                if self.trackers is not None:
-                    self.trackers.log(metrics, self.table)
-                self.progress.round_done()
-                self.log(format_row(metrics))
-                if "eval/win_rate_vs_ref" in metrics:
-                    self.log(f"  eval after round {index}: {format_summary(metrics)}")
-                if (warning := label_mass_warning(metrics)) and index == first:
-                    self.log(f"  {warning}")
+                self._show(metrics, first_round=index == first)
                 lengths.append(metrics["generate/mean_length"])
                 self.index = index + 1
                 yield metrics
@@ -524,28 +465,16 @@ class Loop:
                      f"{fmt(lengths[0])} -> {fmt(lengths[-1])} tokens; records and metrics.jsonl in {run_dir}")
 
     def _round(self, index: int, prompts: list[Prompt], upcoming: list[Prompt] | None) -> dict:
-        """One round on every rank: rank 0 collects, all train on the pairs, rank 0 syncs.
-        upcoming: the next round's prompts (async_rounds samples them while this round trains)."""
+        """One round on every rank, the recipe: rank 0 samples, judges and writes the round's
+        records; every rank trains on the kept pairs; the engine gets the new weights; the
+        policy is evaluated when due. upcoming: the next round's prompts (async_rounds samples
+        them while this round trains)."""
         from oaif.distributed import on_main
 
         t0 = time.perf_counter()
         self.index, self.metrics = index, {}
-        try:
-            pairs, self.metrics = on_main(self.accelerator, lambda: self._collect(index, prompts, upcoming))
-            invalid, ceiling = self.metrics.get("annotate/invalid_rate"), self.cfg.annotate.max_invalid_rate
-            if invalid is not None and invalid > ceiling:   # every rank sees rank 0's metrics and stops alike
-                raise TooManyInvalid(
-                    f"round {index}: {invalid:.0%} of the judged pairs got an invalid judgment (> "
-                    f"annotate.max_invalid_rate {ceiling:g}), so the round was not trained on; the judge's raw "
-                    f"answers are in {self.run_dir / 'rounds' / f'{index:06d}' / 'judgments.jsonl'}")
-        except TooManyInvalid as e:   # nothing of this round was trained: the last round's state is whole
-            if index == 0:
-                raise RunStopped(f"{e}. Fix the judge, then `oaif resume {self.run_dir}` starts again") from None
-            if not (self.run_dir / "checkpoints" / f"round_{index - 1:06d}").is_dir():
-                checkpoint_now(self.run_dir, self.trainer, self.tokenizer, self.accelerator, index - 1,
-                               self.policy_version)
-            raise RunStopped(f"{e}. Checkpoint after round {index - 1} is written; fix the judge, then "
-                             f"`oaif resume {self.run_dir}`") from None
+        pairs, self.metrics = on_main(self.accelerator, lambda: self._sample_and_judge(index, prompts, upcoming))
+        self._stop_if_mostly_invalid(index)
         if pairs:
             self.train(pairs)
             self.sync()
@@ -553,14 +482,20 @@ class Loop:
         # Time in no stage: writing the round's records, moving pairs between ranks.
         overhead = seconds - sum(self.metrics.get(f"{s}/seconds", 0.0) for s in STAGES)
         startup, self.startup = self.startup, {}
-        return {"round": index, "policy_version": self.policy_version, **self.metrics, **startup,
-                "round/seconds": seconds, "round/overhead_seconds": overhead, "round/pairs_per_s": len(pairs) / seconds}
+        metrics = {"round": index, "policy_version": self.policy_version, **self.metrics, **startup,
+                   "round/seconds": seconds, "round/overhead_seconds": overhead,
+                   "round/pairs_per_s": len(pairs) / seconds}
+        every = self.cfg.eval.every
+        if every and ((index + 1) % every == 0 or index == self.cfg.rounds - 1):
+            metrics |= self.evaluate(index)
+        return metrics
 
-    def _collect(self, index: int, prompts: list[Prompt], upcoming: list[Prompt] | None
-                 ) -> tuple[list[PreferencePair], dict]:
-        """Rank 0: sample, judge both orders, write the round's records; (kept pairs, metrics).
-        async_rounds: the next round's samples are requested as soon as this round's are in,
-        from the weights the engine holds (this round's training is pushed after them)."""
+    def _sample_and_judge(self, index: int, prompts: list[Prompt], upcoming: list[Prompt] | None
+                          ) -> tuple[list[PreferencePair], dict]:
+        """Rank 0: sample, judge both orders, write the round's records as each is done;
+        returns (kept pairs, metrics). async_rounds: the next round's samples are requested as
+        soon as this round's are in, from the weights the engine holds (this round's training
+        is pushed after them)."""
         out = self.run_dir / "rounds" / f"{index:06d}"
         groups = self.generate(prompts)
         if self.cfg.async_rounds and upcoming is not None:
@@ -574,6 +509,35 @@ class Loop:
         self.table = sample_table([s for g in groups for s in g], judged.judgments)
         (out / "samples.md").write_text(markdown_table(self.table))
         return judged.pairs, self.metrics
+
+    def _stop_if_mostly_invalid(self, index: int) -> None:
+        """annotate.max_invalid_rate: stop before training on what is left. Every rank sees rank
+        0's metrics and stops alike; nothing of this round was trained, so the last round's
+        state is whole and is what a resume continues from."""
+        invalid, ceiling = self.metrics.get("annotate/invalid_rate"), self.cfg.annotate.max_invalid_rate
+        if invalid is None or invalid <= ceiling:
+            return
+        why = (f"round {index}: {invalid:.0%} of the judged pairs got an invalid judgment (> annotate.max_invalid_rate "
+               f"{ceiling:g}), so the round was not trained on; the judge's raw answers are in "
+               f"{self.run_dir / 'rounds' / f'{index:06d}' / 'judgments.jsonl'}")
+        if index == 0:
+            raise TooManyInvalid(f"{why}. Fix the judge, then `oaif resume {self.run_dir}` starts again")
+        if not (self.run_dir / "checkpoints" / f"round_{index - 1:06d}").is_dir():
+            checkpoint_now(self.run_dir, self.trainer, self.tokenizer, self.accelerator, index - 1,
+                           self.policy_version)
+        raise TooManyInvalid(f"{why}. Checkpoint after round {index - 1} is written; fix the judge, then "
+                             f"`oaif resume {self.run_dir}`")
+
+    def _show(self, metrics: dict, first_round: bool) -> None:
+        """A finished round to the trackers and the terminal."""
+        if self.trackers is not None:
+            self.trackers.log(metrics, self.table)
+        self.progress.round_done()
+        self.log(format_row(metrics))
+        if "eval/win_rate_vs_ref" in metrics:
+            self.log(f"  eval after round {metrics['round']}: {format_summary(metrics)}")
+        if first_round and (warning := label_mass_warning(metrics)):
+            self.log(f"  {warning}")
 
     def _hooks(self, name: str):
         for cb in self.callbacks:
@@ -591,26 +555,6 @@ class Loop:
                                 f"oaif.STOP to end the run after this round, or None to go on")
             wanted |= said == STOP
         return wanted
-
-
-def as_prompts(items) -> list[Prompt]:
-    """A prompt set given in code: Prompt objects, strings, chat message lists, or rows as in
-    a prompt file ({"prompt"} or {"messages"}, optional "id" and "references")."""
-    if isinstance(items, (str, Path)):
-        raise ConfigError("prompts: give a list of prompts (a file goes in the config's `prompts`)")
-    items = list(items)
-    if items and all(isinstance(p, Prompt) for p in items):
-        return items   # already checked (every round's batch comes this way)
-
-    def row(p) -> object:
-        if isinstance(p, Prompt):
-            return {"id": p.id, "messages": p.messages, "references": list(p.references)}
-        return {"prompt": p} if isinstance(p, str) else {"messages": p} if isinstance(p, list) else p
-
-    prompts = prompts_from_rows([row(p) for p in items], lambda n: f"prompts[{n - 1}]")
-    if not prompts:
-        raise ConfigError("prompts: the list is empty")
-    return prompts
 
 
 def run(cfg: RunConfig, *, annotator=None, prompts=None, callbacks=(), log=print) -> Path:
@@ -634,32 +578,6 @@ def resume(run_dir: str | Path, overrides: list[str] = (), *, checkpoint: str | 
     return run_dir
 
 
-def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
-    """The run's saved config with `overrides`, refusing changes to what the run *is*."""
-    import functools
-
-    fixed = [o for o in overrides if o.split("=", 1)[0].strip() in ("name", "output_dir")]
-    if fixed:
-        raise ConfigError(f"{fixed[0]}: a resumed run stays in {run_dir}; copy the folder to move it")
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir}: no config.yaml; is this a run directory (runs/NAME)?")
-    saved = load_config(run_dir / "config.yaml")
-    cfg = load_config(run_dir / "config.yaml", overrides)
-    # Another start model changes the reference; another prompt set, batch or seed makes the
-    # resumed prompt stream skip the wrong prompts.
-    for key in ("policy.model", "prompts", "prompts_column", "prompts_split", "prompts_per_round", "seed",
-                "generate.samples_per_prompt"):
-        old, new = (functools.reduce(getattr, key.split("."), c) for c in (saved, cfg))
-        if old != new:
-            raise ConfigError(f"{key}: a resumed run keeps its {key} ({old!r}, not {new!r}); start a new "
-                              f"run to change it: oaif run {run_dir}/config.yaml name=NEW {key}={new}")
-    # The folder may have been moved since: it is the run directory, whatever the saved paths
-    # say (a prompt set given in code was saved in it).
-    moved = {"prompts": str(run_dir / "prompts.jsonl")} \
-        if Path(cfg.prompts) == Path(saved.output_dir) / saved.name / "prompts.jsonl" else {}
-    return dataclasses.replace(cfg, name=run_dir.name, output_dir=str(run_dir.parent), **moved)
-
-
 def build_trainer(cfg: RunConfig, pad_id: int, total_steps: int, accelerator=None,
                   resume_from: Path | None = None) -> "DPOTrainer":
     """The config's policy, reference and trainer: shared by `oaif run` and `oaif offline`.
@@ -678,57 +596,10 @@ def build_trainer(cfg: RunConfig, pad_id: int, total_steps: int, accelerator=Non
     return trainer
 
 
-def start_local_server(cfg: RunConfig):
-    """Rank 0 of a multi-process run: a vLLM server for the policy on a free local port."""
-    from oaif.engines import resolve_eager
-    from oaif.server import start_server
-
-    g = cfg.generate
-    extra = ["--tensor-parallel-size", str(g.tensor_parallel_size), "--gpu-memory-utilization",
-             str(g.gpu_memory_utilization), *(["--enforce-eager"] if resolve_eager(g.enforce_eager) else [])]
-    proc = start_server(cfg.policy.model, None, cfg.policy.dtype, cfg.seed,
-                        cfg.policy.max_prompt_tokens + g.max_new_tokens, g.kv_cache_gib, extra)
-    return f"http://127.0.0.1:{proc.port}", proc
-
-
 def schedule_steps(cfg: RunConfig) -> int:
     """The learning-rate schedule's horizon: the most optimizer steps the run can take (every pair kept)."""
     pairs_per_round = cfg.prompts_per_round * (cfg.generate.samples_per_prompt // 2)
     return cfg.rounds * cfg.train.epochs_per_round * math.ceil(pairs_per_round / cfg.train.batch_size)
-
-
-class GracefulStop:
-    """SIGINT / SIGTERM: finish the round in flight, checkpoint it, stop cleanly (exit 0) with
-    a resume line; a second signal stops at once (the engines and servers are still closed).
-    Installed on every rank for the rounds of a run (stop_agreed makes the ranks stop together)
-    and restored after them."""
-
-    def __init__(self):
-        self.signal: str | None = None
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handle(self, signum, frame) -> None:
-        if self.signal is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
-        self.signal = signal.Signals(signum).name
-        print(f"\n{self.signal}: finishing this round, then a checkpoint; send it again to stop at once",
-              file=sys.stderr, flush=True)
-
-    def __bool__(self) -> bool:
-        return self.signal is not None
-
-    def restore(self) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-def stop_agreed(stop: bool, accelerator) -> bool:
-    """Whether any rank wants to stop (a signal, a callback): every rank must stop after the
-    same round, checkpoint included (a collective), or the others would wait for it forever."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return stop
-    flag = torch.tensor([1.0 if stop else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def check_models(cfg: RunConfig) -> None:
@@ -739,54 +610,3 @@ def check_models(cfg: RunConfig) -> None:
         check_model(cfg.eval.baseline, "eval.baseline")
 
 
-def rewind_run_dir(cfg: RunConfig, run_dir: Path, last_round: int) -> list[str]:
-    """Drop everything recorded after `last_round` (it is redone) and save the resumed
-    config; returns what was dropped. Safe to repeat if the resume itself is interrupted."""
-    dropped = []
-    for name in ("metrics.jsonl", "replicas.jsonl"):
-        path = run_dir / name
-        if path.is_file():
-            rows = read_jsonl(path)
-            kept = [r for r in rows if r["round"] <= last_round]
-            if len(kept) < len(rows):
-                write_jsonl(path, kept)
-                dropped.append(f"{len(rows) - len(kept)} lines of {name}")
-    for parent, prefix, suffix in (("rounds", "", ""), ("checkpoints", "round_", ""), ("eval", "round_", ".jsonl")):
-        for d in sorted((run_dir / parent).glob(prefix + "*")):
-            # ".tmp" first: a whole-file write cut short leaves "round_000003.jsonl.tmp".
-            if int(d.name.removeprefix(prefix).removesuffix(".tmp").removesuffix(suffix)) > last_round:
-                shutil.rmtree(d) if d.is_dir() else d.unlink()
-                dropped.append(f"{parent}/{d.name}")
-    dump_config(cfg, run_dir / "config.yaml")
-    return dropped
-
-
-def finish_round(cfg: RunConfig, run_dir: Path, trainer, tokenizer, accelerator, index: int, policy_version: int,
-                 metrics: dict, last: bool) -> bool:
-    """metrics.jsonl and replicas.jsonl, then the checkpoint when due (returns whether it
-    was); rank 0 writes."""
-    from oaif.distributed import on_main
-
-    def write() -> None:
-        append_jsonl(run_dir / "metrics.jsonl", metrics)
-        for step, hashes in trainer.replica_hashes:
-            append_jsonl(run_dir / "replicas.jsonl", {"round": index, "step": step, "hashes": hashes})
-        crash_point("metrics")
-
-    # Records before the checkpoint: a crash between them leaves rows that the resume from the
-    # previous checkpoint drops, never a checkpoint whose round has no metrics.
-    on_main(accelerator, write)
-    trainer.replica_hashes.clear()
-    due = last or bool(cfg.train.checkpoint_every and (index + 1) % cfg.train.checkpoint_every == 0)
-    if due:
-        checkpoint_now(run_dir, trainer, tokenizer, accelerator, index, policy_version)
-    return due
-
-
-def checkpoint_now(run_dir: Path, trainer, tokenizer, accelerator, index: int, policy_version: int) -> None:
-    """Every rank calls it (the weights may have to be gathered from shards); rank 0 writes."""
-    from oaif.distributed import gathered_state_dict, on_main
-
-    state = gathered_state_dict(accelerator, trainer.model)
-    keep = trainer.cfg.keep_checkpoints
-    on_main(accelerator, lambda: save_checkpoint(run_dir, index, policy_version, trainer, tokenizer, state, keep))

@@ -116,7 +116,9 @@ def run_offline(cfg: RunConfig, pairs_path: str | Path, log=print) -> Path:
 def _run_offline(cfg: RunConfig, pairs_path: str | Path, accelerator, log) -> Path:
     from oaif.distributed import check_distributed, on_main
     from oaif.generate import check_model, load_tokenizer
-    from oaif.loop import build_trainer, finish_round, format_row, header, prepare_run_dir
+    from oaif.console import format_row, header
+    from oaif.loop import build_trainer
+    from oaif.rundir import finish_round, prepare_run_dir
 
     check_distributed(cfg, accelerator, judge=False)
     check_model(cfg.policy.model, "policy.model")

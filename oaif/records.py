@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
+from oaif.config import ConfigError
+
 Message = dict[str, str]  # {"role": ..., "content": ...}
 
 
@@ -209,4 +211,24 @@ def prompts_from_rows(rows: list, where) -> list[Prompt]:
         if not (isinstance(references, list) and all(isinstance(r, str) and r.strip() for r in references)):
             raise ValueError(f"{where(n)}: 'references' must be a list of non-empty strings (accepted answers)")
         prompts.append(Prompt(id=str(row.get("id", n - 1)), messages=messages, references=tuple(references)))
+    return prompts
+
+
+def as_prompts(items) -> list[Prompt]:
+    """A prompt set given in code: Prompt objects, strings, chat message lists, or rows as in
+    a prompt file ({"prompt"} or {"messages"}, optional "id" and "references")."""
+    if isinstance(items, (str, Path)):
+        raise ConfigError("prompts: give a list of prompts (a file goes in the config's `prompts`)")
+    items = list(items)
+    if items and all(isinstance(p, Prompt) for p in items):
+        return items   # already checked (every round's batch comes this way)
+
+    def row(p) -> object:
+        if isinstance(p, Prompt):
+            return {"id": p.id, "messages": p.messages, "references": list(p.references)}
+        return {"prompt": p} if isinstance(p, str) else {"messages": p} if isinstance(p, list) else p
+
+    prompts = prompts_from_rows([row(p) for p in items], lambda n: f"prompts[{n - 1}]")
+    if not prompts:
+        raise ConfigError("prompts: the list is empty")
     return prompts

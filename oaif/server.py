@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import torch
 
+from oaif.config import RunConfig
+
 GIB = 1 << 30
 LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
                  "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
@@ -235,3 +237,15 @@ def push_weights_to_server(base_url: str, model: torch.nn.Module, tmp_root: str 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return time.perf_counter() - t0
+
+
+def start_local_server(cfg: RunConfig):
+    """Rank 0 of a multi-process run: a vLLM server for the policy on a free local port."""
+    from oaif.engines import resolve_eager
+
+    g = cfg.generate
+    extra = ["--tensor-parallel-size", str(g.tensor_parallel_size), "--gpu-memory-utilization",
+             str(g.gpu_memory_utilization), *(["--enforce-eager"] if resolve_eager(g.enforce_eager) else [])]
+    proc = start_server(cfg.policy.model, None, cfg.policy.dtype, cfg.seed,
+                        cfg.policy.max_prompt_tokens + g.max_new_tokens, g.kv_cache_gib, extra)
+    return f"http://127.0.0.1:{proc.port}", proc

@@ -106,12 +106,13 @@ def children_cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_tree(cmd: list[str], log: Path) -> tuple[float, float, float]:
-    """Run cmd from the checkout (output to log); (wall seconds, peak GiB of the process
-    tree's RSS, share of the machine's CPU time that other processes used meanwhile: on a
-    shared machine a busy neighbour slows 2-thread torch down many times over)."""
+def run_tree(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, float, float]:
+    """Run cmd from the checkout (output to log; env: variables added); (wall seconds, peak
+    GiB of the process tree's RSS, share of the machine's CPU time that other processes used
+    meanwhile: on a shared machine a busy neighbour slows 2-thread torch down many times over)."""
     env = {**os.environ, "OMP_WAIT_POLICY": "ACTIVE",
-           "HF_HUB_OFFLINE": "1"}   # local models only: no hub lookups to wait for
+           "HF_HUB_OFFLINE": "1",   # local models only: no hub lookups to wait for
+           **(env or {})}
     peak = 0
     busy0, ours0 = busy_cpu_seconds(), children_cpu_seconds()
     t0 = time.perf_counter()
@@ -154,7 +155,7 @@ def total(rows: list[dict], key: str) -> float | None:
     return sum(vals) if vals else None
 
 
-def run_oaif(size: str, model: Path, prompts: Path, work: Path, args) -> dict:
+def run_oaif(size: str, model: Path, prompts: Path, work: Path, args, env: dict | None = None) -> dict:
     spec = SIZES[size]
     lora = spec.get("lora", False)
     cfg = {
@@ -175,7 +176,7 @@ def run_oaif(size: str, model: Path, prompts: Path, work: Path, args) -> dict:
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     oaif = Path(sys.executable).parent / "oaif"
     wall, peak, others = run_tree([str(oaif), "run", str(config), "name=run", f"output_dir={work}", *args.oaif],
-                                  work / "oaif.log")
+                                  work / "oaif.log", env)
     rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     # Tokens per round: mean length x samples; generation seconds from the round's tokens/s.
     tokens = [r["generate/mean_length"] * 2 * (PROMPTS_PER_STEP - r["generate/prompts_skipped"]) for r in rows]

@@ -194,7 +194,7 @@ def test_a_run_name_must_be_one_plain_folder(name, tmp_path):
 
 
 def test_overwrite_replaces_only_an_oaif_run_directory(tmp_path):
-    from oaif.loop import RunDirExists, prepare_run_dir
+    from oaif.rundir import RunDirExists, prepare_run_dir
 
     user = tmp_path / "mine"
     user.mkdir()

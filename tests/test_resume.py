@@ -165,7 +165,7 @@ def test_a_full_weight_checkpoint_exports_to_a_plain_model(tiny_model, tmp_path)
 def test_rewind_drops_later_rounds_including_writes_cut_short(tmp_path):
     """Round folders, checkpoints and evaluation files after the checkpoint's round go,
     temp leftovers of interrupted writes included; earlier ones stay."""
-    from oaif.loop import rewind_run_dir
+    from oaif.rundir import rewind_run_dir
 
     for rel in ("rounds/000001", "rounds/000002", "checkpoints/round_000001", "checkpoints/round_000002.tmp"):
         (tmp_path / rel).mkdir(parents=True)
