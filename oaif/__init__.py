@@ -19,11 +19,12 @@ The `oaif` command is a thin layer over these functions (oaif/cli.py).
 from oaif.annotate.base import Annotator, Answer, Identity, JudgeRequest
 from oaif.annotate.offline import annotate_pairs
 from oaif.annotate.python_fn import batched
+from oaif.best_of_n import best_of_n
 from oaif.config import ConfigError, RunConfig, RunStopped, load_config
 from oaif.evaluation import run_eval as evaluate
 from oaif.loop import STOP, Callback, Loop, resume, run
 
 __all__ = [
-    "load_config", "run", "resume", "Loop", "Callback", "STOP", "annotate_pairs", "evaluate", "batched",
+    "load_config", "run", "resume", "Loop", "Callback", "STOP", "annotate_pairs", "evaluate", "best_of_n", "batched",
     "Annotator", "Answer", "Identity", "JudgeRequest", "RunConfig", "ConfigError", "RunStopped",
 ]

@@ -51,10 +51,12 @@ class ProcessEngine:
     """A vLLM engine in a spawned child: the `Engine` calls, asynchronous sampling and weight
     pushes through shared memory. Used from one thread; one submitted sample at a time."""
 
-    def __init__(self, build_kwargs: dict, threads: int | None = None, cpu_bind: str | None = None):
-        """Start the child and wait until its engine is built. `build_kwargs` are
+    def __init__(self, build_kwargs: dict, threads: int | None = None, cpu_bind: str | None = None,
+                 wait: bool = True):
+        """Start the child and (wait) wait until its engine is built. `build_kwargs` are
         oaif.engines.build_llm's; `threads` sets the child's torch threads; `cpu_bind` ("0-1",
-        "1,3") pins the child to those CPUs."""
+        "1,3") pins the child to those CPUs. wait=False returns at once, so the caller can
+        build other things meanwhile; wait_built() then waits."""
         self.model = build_kwargs["model"]
         context = torch.multiprocessing.get_context("spawn")   # vLLM does not survive a fork
         self._conn, child_conn = context.Pipe()
@@ -74,11 +76,21 @@ class ProcessEngine:
         self._sample_ticket: int | None = None
         self._load_ticket: int | None = None
         self._buffers: list[tuple[str, torch.Tensor]] | None = None
+        self._built = False
+        if wait:
+            self.wait_built()
+
+    def wait_built(self) -> None:
+        """Block until the child's engine is built (at once if it is); a failed build closes
+        the child and raises with its traceback."""
+        if self._built:
+            return
         try:
             self._claim(1, f"building the vLLM engine for model {self.model!r}")
         except EngineProcessError:
             self.close()
             raise
+        self._built = True
 
     def submit_sample(self, prompt_token_ids: list[list[int]], seeds: list[list[int]], temperature: float,
                       top_p: float, max_tokens: int) -> None:
@@ -140,6 +152,7 @@ class ProcessEngine:
         self._conn.close()
 
     def _request(self, kind: str, *args) -> int:
+        self.wait_built()   # a failed build is reported as that, with its traceback
         if not self.process.is_alive():
             raise self._died(kind)
         try:

@@ -8,6 +8,14 @@
     oaif resume RUN_DIR [key=value ...]     continue a run from its latest checkpoint
     oaif offline PAIRS CONFIG [key=value ...]
                                             train on a fixed pair file (the offline baseline)
+    oaif train-rm PAIRS CONFIG [key=value ...] --out DIR
+                                            train a reward model on pairs (annotate.backend reward_model)
+    oaif sft DATA CONFIG [key=value ...] --out DIR
+                                            supervised fine-tuning: a warm start for the loop
+    oaif best-of-n CONFIG [key=value ...] --out FILE
+                                            the best of n sampled responses per prompt, by the annotator
+    oaif critique CONFIG [key=value ...] --out DIR [--overwrite]
+                                            Constitutional AI's critique and revision: SFT rows and pairs
     oaif annotate IN --out OUT CONFIG [key=value ...]
                                             judge pairs from a file with CONFIG's annotator
     oaif eval CONFIG [key=value ...] [--out FILE]
@@ -45,6 +53,28 @@ def main(argv: list[str] | None = None) -> int:
                                  "or such rows as a .parquet file or save_to_disk folder (oaif export-pairs)")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value, as for `oaif run`")
+    p = sub.add_parser("train-rm", help="train a Bradley-Terry reward model on preference pairs")
+    p.add_argument("pairs", help="a pair file in any format `oaif offline` reads, or a run directory (runs/NAME)")
+    p.add_argument("config", help="a config; reward_model.* keys say how to train")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. reward_model.epochs=3")
+    p.add_argument("--out", required=True, help="the folder to create: the model (HF format) and metrics.json")
+    p = sub.add_parser("sft", help="supervised fine-tuning on prompt/response rows (a warm start for the loop)")
+    p.add_argument("data", help="JSONL, .parquet, .csv or a dataset folder: rows of 'messages' (ending with the "
+                                "assistant's turn) or 'prompt' and 'completion' (or 'response')")
+    p.add_argument("config", help="a config; sft.* keys say how to train, policy.model what, train.lora.* for LoRA")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. sft.epochs=1 train.lora.enabled=true")
+    p.add_argument("--out", required=True, help="the folder to create: the model (HF format) and sft_metrics.jsonl")
+    p = sub.add_parser("best-of-n", help="sample n responses per prompt and keep the one the annotator ranks best")
+    p.add_argument("config", help="a config: prompts, policy.model, generate.samples_per_prompt (n), annotate.*")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. generate.samples_per_prompt=8 annotate.ranking=knockout")
+    p.add_argument("--out", required=True, help="JSONL to write: one row per prompt (prompt, completion, ranking)")
+    p = sub.add_parser("critique", help="answer, critique against a principle, revise (Constitutional AI's "
+                                        "supervised stage): SFT rows and revision-over-original pairs")
+    p.add_argument("config", help="a config: prompts, policy.model, critique.*, the constitution's principles")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. critique.revisions=2 critique.critic=vllm")
+    p.add_argument("--out", required=True, help="the folder to create: records.jsonl, sft.jsonl, pairs.jsonl, "
+                                                "summary.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier critique output in --out")
     p = sub.add_parser("annotate", help="judge pairs from a JSONL file with a config's annotator")
     p.add_argument("input", help="JSONL lines with prompt (string or chat messages), a, b")
     p.add_argument("config")
@@ -130,6 +160,22 @@ def main(argv: list[str] | None = None) -> int:
             from oaif.annotate.offline import annotate_file
 
             annotate_file(cfg, args.input, args.out)
+        elif args.command == "best-of-n":
+            from oaif.best_of_n import best_of_n
+
+            best_of_n(cfg, args.out)
+        elif args.command == "train-rm":
+            from oaif.reward_model import train_reward_model
+
+            train_reward_model(cfg, args.pairs, args.out)
+        elif args.command == "critique":
+            from oaif.critique import run_critique
+
+            run_critique(cfg, args.out, overwrite=args.overwrite)
+        elif args.command == "sft":
+            from oaif.sft import run_sft
+
+            run_sft(cfg, args.data, args.out)
         elif args.command == "offline":
             from oaif.offline import run_offline
 

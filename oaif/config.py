@@ -46,6 +46,9 @@ class GenerateConfig:
     server_url: str = _f("", "Server mode: sample from a running vLLM OpenAI-compatible server at this URL (started with VLLM_SERVER_DEV_MODE=1) instead of an in-process engine; weights reach it through its reload endpoints.")
     server_weights_dir: str = _f("/dev/shm", "Server mode: where each round's weights are saved for the server to reload (must be readable by the server).")
     gpu_memory_utilization: float = _f(0.4, "GPU only: share of GPU memory for the policy engine (the trainer needs the rest).")
+    turns: int = _f(1, "Conversation turns per prompt. N > 1: before the pair is sampled, N-1 times the policy answers the conversation (one seeded sample) and generate.user_simulator writes the user's next message; the pair then answers turn N with the earlier turns as shared context, kept in each record's messages (oaif/conversation.py). A conversation that outgrows policy.max_prompt_tokens on the way is dropped, counted in generate/conversations_skipped. 1: the prompt as it is.")
+    user_simulator: Literal["policy"] = _f("policy", "turns > 1: who writes the user's next messages: 'policy' (the policy itself, given generate.user_simulator_template).")
+    user_simulator_template: str = _f("prompts/user_simulator.txt", "turns > 1: the user simulator's instruction, a text file; {conversation} in it is replaced by the conversation so far (its user and assistant turns: the system prompt is the assistant's alone).")
 
 
 @dataclass(frozen=True)
@@ -65,30 +68,30 @@ class OpenAIConfig:
 
 @dataclass(frozen=True)
 class MixMember:
-    backend: Literal["rules", "vllm", "openai", "transformers", "python"] = _f("rules", "This member's backend.")
+    backend: Literal["rules", "vllm", "openai", "transformers", "python", "reward_model"] = _f("rules", "This member's backend.")
     constitution: str = _f("", "This member's constitution file (empty: annotate.constitution).")
     python: str = _f("", "backend 'python': this member's judge function, as annotate.python.")
-    model: str = _f("", "This member's judge model (LLM backends; empty: annotate.model).")
+    model: str = _f("", "This member's judge model (LLM and reward_model backends; empty: annotate.model).")
     weight: float = _f(1.0, "Weight of this member's probability in the mix.")
 
 
 @dataclass(frozen=True)
 class AnnotateConfig:
-    backend: Literal["rules", "vllm", "openai", "transformers", "python", "mix"] = _f(
-        "rules", "Annotator: 'rules' (checks in the constitution), 'vllm' (local judge in vLLM), 'openai' (any OpenAI-compatible API), 'transformers' (local judge in transformers), 'python' (your function, annotate.python), 'mix' (weighted mix of annotate.mix).")
+    backend: Literal["rules", "vllm", "openai", "transformers", "python", "reward_model", "mix"] = _f(
+        "rules", "Annotator: 'rules' (checks in the constitution), 'vllm' (local judge in vLLM), 'openai' (any OpenAI-compatible API), 'transformers' (local judge in transformers), 'python' (your function, annotate.python), 'reward_model' (a Bradley-Terry reward model from `oaif train-rm`, annotate.model; it ignores the constitution), 'mix' (weighted mix of annotate.mix).")
     python: str = _f("", "backend 'python': your judge, 'module:function' (importable, or from the working directory) or 'path/to/file.py:function'. judge(prompt_messages, response_1, response_2) -> P(response 1 better) in [0, 1], or None for 'cannot judge'; decorate with @oaif.batched for judge(prompts, responses_1, responses_2) -> list. An object with the annotator Protocol (judge(requests) -> answers) also works.")
     python_cache: bool = _f(False, "backend 'python': keep your judge's answers in annotate.cache too. Off by default: a function can change without its source changing (e.g. it calls a service).")
     reload_constitution: bool = _f(False, "oaif run: re-read the constitution file(s) at the start of every round and judge with an edited one from that round on (recorded by hash in every judgment). A broken edit is refused with a warning and the previous version stays in use.")
     constitution: str = _f("constitutions/concise.yaml", "Constitution file: the principles (and rule checks) that define 'better'.")
     template: str = _f("prompts/judge.txt", "Judge prompt template for LLM backends. Placeholders: {preamble} {principles} {examples} {prompt} {response_1} {response_2}; its last line is the answer prefix.")
-    model: str = _f("", "Judge model: a local path or hub id (vllm, transformers) or the API's model name (openai). Empty: the policy's starting model.")
+    model: str = _f("", "Judge model: a local path or hub id (vllm, transformers) or the API's model name (openai). Empty: the policy's starting model. backend 'reward_model': the folder `oaif train-rm` wrote (required).")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "Local judge model dtype.")
     labels: tuple[str, str] = _f(("1", "2"), "The two answer labels, first then second; the judge's answer is read as one of them.")
     principles: Literal["all", "sample"] = _f("all", "'all' principles in every judge prompt, or one 'sample'd per comparison (Constitutional AI); both orders of a pair get the same one.")
     chain_of_thought: bool = _f(False, "LLM backends: the judge first writes a rationale (greedy), then the label is read after it (RLAIF §2.1.2).")
     rationale_tokens: int = _f(128, "chain_of_thought: rationale length limit (tokens).")
     max_prompt_tokens: int = _f(1024, "Judge prompts longer than this are judged invalid (counted, never truncated).")
-    batch_size: int = _f(16, "transformers backend: judge prompts per forward pass.")
+    batch_size: int = _f(16, "transformers backend: judge prompts per forward pass; reward_model backend: responses scored per forward pass.")
     cache: str = _f("runs/judge_cache.jsonl", "Judgment cache file (LLM backends), keyed by (backend, model, constitution hash, template hash, settings, prompt, both responses); shared by runs so a repeated or resumed run does not pay twice. Empty: no cache.")
     kv_cache_gib: float = _f(1.0, "KV cache reserved by the judge's vLLM engine (GiB).")
     enforce_eager: bool | None = _f(None, "Judge engine: skip vLLM's graph compilation (faster start). Unset: skipped on a CPU, done on a GPU.")
@@ -96,6 +99,10 @@ class AnnotateConfig:
     chat_template: Literal["auto", "always", "never"] = _f(
         "auto", "Local judges (vllm, transformers): send the judge prompt as the user turn of the judge model's chat template and read the label at the start of its reply, as the openai chat endpoint does. 'auto': when the judge's tokenizer has a chat template; 'never': the raw prompt.")
     max_invalid_rate: float = _f(0.5, "oaif run: stop (with a checkpoint of the last round, resumable) when more than this share of a round's pairs get an invalid judgment (endpoint down, prompts over max_prompt_tokens, labels never read), instead of training on what is left. 1: never stop.")
+    ranking: Literal["consecutive", "round_robin", "knockout"] = _f(
+        "consecutive", "How a prompt's generate.samples_per_prompt responses are compared, each comparison in both orders: 'consecutive' pairs (0,1), (2,3), ... (OAIF, n = 2); 'round_robin' every pair, n(n-1)/2 comparisons, ranked by summed P(better); 'knockout' single elimination for best and worst, about 1.5n comparisons (oaif/annotate/rank.py).")
+    pairs: Literal["best_worst", "all"] = _f(
+        "best_worst", "round_robin / knockout: train on one pair per prompt, best against worst, kept when that comparison agreed (Self-Rewarding, online iterative RLHF), or on 'all' agreeing comparisons (RRHF-style).")
     missing_eos_penalty: float = _f(0.0, "Subtract this from the judge's logit for a response cut off by generate.max_new_tokens (no EOS), in both orders; e.g. 20 makes a truncated response lose to a finished one. 0: off.")
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
     mix: tuple[MixMember, ...] = _f((), "backend 'mix': the members, e.g. [{backend: vllm, constitution: constitutions/helpful.yaml, weight: 0.7}, {backend: rules, constitution: constitutions/code.yaml, weight: 0.3}]. P(first better) is the weighted mean of the members'; any invalid member makes the answer invalid.")
@@ -115,14 +122,16 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    loss: Literal["dpo", "cdpo", "soft", "ipo", "slic", "kto"] = _f(
-        "dpo", "Loss: dpo, cdpo (label smoothing), soft (annotator probability as target), ipo, slic (OAIF compares dpo/ipo/slic), kto (each response desirable/undesirable).")
-    beta: float | None = _f(None, "Loss temperature. Empty: the paper default for the loss (dpo/cdpo/soft/kto 0.1, ipo 1.0, slic 0.002).")
+    loss: Literal["dpo", "cdpo", "soft", "ipo", "slic", "kto", "orpo", "simpo", "sft", "rloo"] = _f(
+        "dpo", "Loss: dpo, cdpo (label smoothing), soft (annotator probability as target), ipo, slic (OAIF compares dpo/ipo/slic), kto (each response desirable/undesirable), orpo, simpo (reference-free: no reference model is loaded, no train/kl_to_ref or eval/kl_to_ref), sft (the chosen response's NLL alone, reference-free: with annotate.ranking, rejection-sampling fine-tuning on the best response), rloo (policy gradient: the annotator's preference as reward, the other sample as baseline, PPO's clipped ratio, β the KL penalty).")
+    beta: float | None = _f(None, "Loss temperature; for orpo the weight λ of the odds-ratio term, for rloo the KL penalty's coefficient. Empty: the default for the loss (dpo/cdpo/soft/kto 0.1, ipo 1.0, slic 0.002 from the OAIF paper; orpo λ 0.1, simpo 2.0, rloo 0.05; sft has none).")
     label_smoothing: float = _f(0.1, "cdpo: the probability that a label is flipped (ε).")
     margin_scale: float = _f(0.0, "dpo/cdpo/soft: subtract scale·(2p−1) from βh, p = the annotator's P(chosen better) (Llama 2's margin idea). 0: off.")
     kto_desirable_weight: float = _f(1.0, "kto: λD.")
     kto_undesirable_weight: float = _f(1.0, "kto: λU.")
-    length_normalize: bool = _f(False, "Average response log-probs over tokens instead of summing them.")
+    ppo_clip: float = _f(0.2, "rloo: PPO's clipping range ε for the ratio π/π_old (Schulman et al. 2017); it bites when a round's pairs take more than one optimizer step (train.epochs_per_round > 1 or more pairs than train.batch_size).")
+    simpo_gamma: float = _f(1.0, "simpo: the target reward margin γ (Meng et al. 2024; 1.0 is their β 2.0 with γ/β 0.5).")
+    length_normalize: bool = _f(False, "Average response log-probs over tokens instead of summing them (orpo and simpo always do: their equations are per token).")
     learning_rate: float = _f(5e-7, "AdamW learning rate (OAIF paper: 5e-7 for PaLM 2; tiny models need far more).")
     lr_schedule: Literal["constant", "linear", "cosine"] = _f("constant", "Learning-rate schedule after warm-up, over the run's estimated optimizer steps.")
     warmup_steps: int = _f(0, "Linear warm-up steps (OAIF paper: 150).")
@@ -155,6 +164,53 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class RewardModelConfig:
+    model: str = _f("", "oaif train-rm: the base model of the reward model (any transformers causal LM: path or hub id), given a one-output sequence-classification head. Empty: policy.model.")
+    epochs: int = _f(1, "Passes over the training pairs (Llama 2 and InstructGPT train their reward models 1 epoch: longer over-fits).")
+    learning_rate: float = _f(1e-5, "AdamW learning rate (Llama 2: 1e-5; tiny models need far more, e.g. 1e-3).")
+    batch_size: int = _f(32, "Pairs per optimizer step (chosen and rejected go through one forward pass).")
+    heldout_fraction: float = _f(0.1, "Share of the pairs (seeded by `seed`) kept out of training to measure the reward model's accuracy each epoch; in (0, 1). Pairs are split, not prompts: a prompt may be on both sides.")
+    margin_scale: float = _f(0.0, "Loss -log σ(r_chosen - r_rejected - m) with m = scale·(2p-1), p = the annotator's P(chosen better) in the pair record (Llama 2's margin from rater confidence). A row without p_chosen counts as p = 1, as `oaif offline` reads it. 0: off.")
+    max_tokens: int = _f(1024, "Sequences (prompt + response, formatted) longer than this are left out of training, counted; never truncated.")
+    # Not a LoraConfig: its adapter and sync keys (a starting adapter, weights to vLLM) mean nothing here.
+    lora: bool = _f(False, "Train a LoRA adapter (peft; PERL, Sidahmed et al. 2024) and the score head instead of all weights; the adapter is merged into the saved model.")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r).")
+    lora_target_modules: tuple[str, ...] = _f(LoraConfig().target_modules, "Module names that get adapters (as train.lora.target_modules).")
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    epochs: int = _f(3, "oaif sft (supervised warm start; full weights, or a LoRA adapter with train.lora.enabled, merged into the saved model): epochs × ⌈rows / batch_size⌉ optimizer steps, as many rows as that many passes over the data (TRL's default 3).")
+    max_steps: int | None = _f(None, "Optimizer steps in all, instead of epochs (TRL's max_steps). Unset: from epochs.")
+    learning_rate: float = _f(2e-5, "AdamW learning rate (TRL's SFT default; the tiny policy's build uses 3e-3).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    warmup_steps: int = _f(0, "The learning rate rises linearly over these first steps (0: none).")
+    min_lr_ratio: float = _f(0.0, "The learning rate decays linearly from learning_rate toward 0 over the steps, never below this share of it.")
+    batch_size: int = _f(8, "Rows per optimizer step, drawn at random afresh for each step (distinct within a step, as nanoGPT draws its batches: over an epoch a row may come twice, another not at all); the loss is the mean over the step's response tokens.")
+    micro_batch_size: int = _f(8, "Rows per forward/backward pass (gradient accumulation up to batch_size).")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
+    max_tokens: int = _f(1024, "Rows longer than this (prompt after the chat template + response + EOS) are left out, counted; never truncated.")
+    split: str = _f("train", "The split of a dataset with splits (as prompts_split).")
+
+
+@dataclass(frozen=True)
+class CritiqueConfig:
+    prompts: str = _f("", "oaif critique (Constitutional AI's supervised stage: answer, critique against a principle, revise): the prompt set (formats, column and split as `prompts`). Empty: `prompts`.")
+    max_prompts: int = _f(0, "Use the first N prompts of the set (0: all).")
+    constitution: str = _f("", "The constitution whose `principles` the critiques apply: one drawn per prompt and step, seeded by `seed` (Constitutional AI samples one critique request per step). Empty: annotate.constitution.")
+    revisions: int = _f(1, "Critique-and-revision steps per prompt, each with its own principle; each revises the last revision (Constitutional AI made up to 4).")
+    critic: Literal["policy", "vllm", "transformers", "openai"] = _f(
+        "policy", "Who writes the critiques: 'policy' (the policy itself, as in Constitutional AI), 'vllm' (critique.critic_model in its own vLLM engine, with annotate.dtype, kv_cache_gib, enforce_eager, gpu_memory_utilization), 'transformers' (critique.critic_model in transformers, always greedy, annotate.dtype and batch_size), 'openai' (model critique.critic_model at annotate.openai's endpoint, with its key, timeouts and retries; annotate.max_prompt_tokens limits its prompts).")
+    critic_model: str = _f("", "The critic: a model folder or hub id (vllm, transformers) or the API's model name (openai). Required unless critique.critic is 'policy'. It gets each critique prompt as a user turn of its chat template.")
+    max_new_tokens: int = _f(128, "Token limit of each answer, critique and revision.")
+    temperature: float = _f(0.0, "Sampling temperature of answers, critiques and revisions (each sample seeded from `seed`); 0: greedy.")
+    max_prompt_tokens: int = _f(1024, "A prompt (the user's, or a rendered critique or revision prompt, after the chat template) longer than this ends that prompt's critique early: recorded as `dropped`, left out of sft.jsonl and pairs.jsonl; never truncated.")
+    critique_template: str = _f("prompts/critique.txt", "The critic's prompt. Placeholders: {principle} {conversation} {response} (all required); the template's <tags> are neutralised in the inserted text.")
+    revision_template: str = _f("prompts/revision.txt", "The policy's revision prompt. Placeholders: {conversation} {response} {critique} (required), {principle}.")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = _f("tiny", "Run name; the run directory is <output_dir>/<name>. One plain folder name: letters, digits, '.', '-', '_'.")
     output_dir: str = _f("runs", "Parent folder of run directories.")
@@ -177,6 +233,9 @@ class RunConfig:
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    critique: CritiqueConfig = field(default_factory=CritiqueConfig)
 
 
 class ConfigError(ValueError):
@@ -189,8 +248,13 @@ class RunStopped(RuntimeError):
 
 
 # Per-loss defaults from the OAIF paper (Guo et al. 2024, §4): DPO 0.1, IPO 1.0, SLiC 0.002.
-# cDPO, the soft-label loss and KTO are DPO-shaped and keep DPO's 0.1.
-PAPER_BETA = {"dpo": 0.1, "cdpo": 0.1, "soft": 0.1, "kto": 0.1, "ipo": 1.0, "slic": 0.002}
+# cDPO, the soft-label loss and KTO are DPO-shaped and keep DPO's 0.1. ORPO's β is its λ,
+# the odds-ratio term's weight (Hong et al. 2024: 0.1); SimPO 2.0 (Meng et al. 2024).
+# sft has no β: 1.0 only scales its logged rewards. rloo's β is the KL penalty's coefficient.
+PAPER_BETA = {"dpo": 0.1, "cdpo": 0.1, "soft": 0.1, "kto": 0.1, "ipo": 1.0, "slic": 0.002, "orpo": 0.1, "simpo": 2.0,
+              "sft": 1.0, "rloo": 0.05}
+# Losses of the policy's log-probs alone: no reference model is built or run for them.
+REFERENCE_FREE_LOSSES = ("orpo", "simpo", "sft")
 
 
 def beta_for(train: TrainConfig) -> float:
@@ -277,7 +341,7 @@ def _validate(cfg: RunConfig) -> list[str]:
         "generate.max_new_tokens": cfg.generate.max_new_tokens,
         "train.batch_size": cfg.train.batch_size, "train.micro_batch_size": cfg.train.micro_batch_size,
         "train.epochs_per_round": cfg.train.epochs_per_round, "train.lora.r": cfg.train.lora.r, "generate.kv_cache_gib": cfg.generate.kv_cache_gib,
-        "policy.max_prompt_tokens": cfg.policy.max_prompt_tokens,
+        "policy.max_prompt_tokens": cfg.policy.max_prompt_tokens, "generate.turns": cfg.generate.turns,
     }
     errors += [f"{k}: must be > 0, got {v}" for k, v in positive.items() if v <= 0]
     # The run directory <output_dir>/<name> may be replaced (overwrite): a name that is not one
@@ -288,8 +352,12 @@ def _validate(cfg: RunConfig) -> list[str]:
     if not cfg.output_dir.strip():
         errors.append("output_dir: must not be empty (e.g. runs)")
     n = cfg.generate.samples_per_prompt
-    if n < 2 or n % 2:
-        errors.append(f"generate.samples_per_prompt: must be even and >= 2 (samples are paired 0-1, 2-3, ...), got {n}")
+    if cfg.annotate.ranking == "consecutive" and (n < 2 or n % 2):
+        errors.append(f"generate.samples_per_prompt: must be even and >= 2 with annotate.ranking consecutive "
+                      f"(samples are paired 0-1, 2-3, ...), got {n}; more than 2 can be ranked: "
+                      f"annotate.ranking=round_robin or knockout")
+    elif n < 2:
+        errors.append(f"generate.samples_per_prompt: must be >= 2 to compare responses, got {n}")
     if not 0 < cfg.generate.top_p <= 1:
         errors.append(f"generate.top_p: must be in (0, 1], got {cfg.generate.top_p}")
     # Settings of one loss given to another would silently do nothing.
@@ -298,6 +366,14 @@ def _validate(cfg: RunConfig) -> list[str]:
         errors.append(f"train.margin_scale: applies to dpo, cdpo and soft only, not {t.loss}; remove it or set 0")
     if (t.kto_desirable_weight, t.kto_undesirable_weight) != (1.0, 1.0) and t.loss != "kto":
         errors.append(f"train.kto_desirable_weight / kto_undesirable_weight: apply to loss kto only, not {t.loss}")
+    if t.simpo_gamma != 1.0 and t.loss != "simpo":
+        errors.append(f"train.simpo_gamma: applies to loss simpo only, not {t.loss}")
+    if t.ppo_clip != 0.2 and t.loss != "rloo":
+        errors.append(f"train.ppo_clip: applies to loss rloo only, not {t.loss}")
+    if not 0 < t.ppo_clip < 1:
+        errors.append(f"train.ppo_clip: must be in (0, 1), got {t.ppo_clip}")
+    if t.simpo_gamma < 0:
+        errors.append(f"train.simpo_gamma: must be >= 0 (a target margin), got {t.simpo_gamma}")
     if cfg.generate.temperature <= 0:
         errors.append("generate.temperature: must be > 0 (vLLM allows only one greedy sample per prompt)")
     if cfg.train.keep_checkpoints < 0 or cfg.train.checkpoint_every < 0:
@@ -308,6 +384,8 @@ def _validate(cfg: RunConfig) -> list[str]:
     elif cfg.async_rounds and (cfg.generate.server_url or (cfg.train.lora.enabled and cfg.train.lora.sync == "vllm_lora")):
         errors.append("async_rounds: needs oaif's own engine process; unset generate.server_url and use "
                       "train.lora.sync=merge")
+    if cfg.async_rounds and cfg.generate.turns > 1:   # the next round's pair would be asked before its conversation grew
+        errors.append("generate.turns: conversations of more than 1 turn need async_rounds: 0")
     if cfg.train.learning_rate <= 0:
         errors.append(f"train.learning_rate: must be > 0, got {cfg.train.learning_rate}")
     if not 0 <= cfg.train.label_smoothing < 0.5:
@@ -327,6 +405,35 @@ def _validate(cfg: RunConfig) -> list[str]:
         errors.append(f"eval.bootstrap: must be >= 1, got {e.bootstrap}")
     if e.annotate is not None:
         errors += _validate_annotate(e.annotate, "eval.annotate")
+    rm = cfg.reward_model
+    errors += [f"reward_model.{k}: must be > 0, got {v}" for k, v in
+               {"epochs": rm.epochs, "learning_rate": rm.learning_rate, "batch_size": rm.batch_size,
+                "max_tokens": rm.max_tokens, "lora_r": rm.lora_r}.items() if v <= 0]
+    if not 0 < rm.heldout_fraction < 1:
+        errors.append(f"reward_model.heldout_fraction: must be in (0, 1), got {rm.heldout_fraction}")
+    if rm.margin_scale < 0:
+        errors.append(f"reward_model.margin_scale: must be >= 0, got {rm.margin_scale}")
+    s = cfg.sft
+    errors += [f"sft.{k}: must be > 0, got {v}" for k, v in
+               {"epochs": s.epochs, "learning_rate": s.learning_rate, "batch_size": s.batch_size,
+                "micro_batch_size": s.micro_batch_size, "max_tokens": s.max_tokens}.items() if v <= 0]
+    errors += [f"sft.{k}: must be >= 0, got {v}" for k, v in
+               {"max_steps": s.max_steps or 0, "weight_decay": s.weight_decay, "warmup_steps": s.warmup_steps,
+                "max_grad_norm": s.max_grad_norm}.items() if v < 0]
+    if not 0 <= s.min_lr_ratio <= 1:
+        errors.append(f"sft.min_lr_ratio: must be in [0, 1], got {s.min_lr_ratio}")
+    c = cfg.critique
+    errors += [f"critique.{k}: must be > 0, got {v}" for k, v in
+               {"revisions": c.revisions, "max_new_tokens": c.max_new_tokens,
+                "max_prompt_tokens": c.max_prompt_tokens}.items() if v <= 0]
+    errors += [f"critique.{k}: must be >= 0, got {v}" for k, v in
+               {"max_prompts": c.max_prompts, "temperature": c.temperature}.items() if v < 0]
+    if c.critic != "policy" and not c.critic_model:
+        errors.append(f"critique.critic_model: critic '{c.critic}' needs a model: a model folder or hub id (vllm, "
+                      f"transformers) or the API's model name (openai); or set critique.critic=policy")
+    if c.critic == "policy" and c.critic_model:
+        errors.append("critique.critic_model: the 'policy' critic is policy.model; set critique.critic (vllm, "
+                      "transformers, openai) to use another model, or remove critique.critic_model")
     return errors
 
 
@@ -343,6 +450,10 @@ def _validate_annotate(a: AnnotateConfig, where: str) -> list[str]:
                       f"(or pass annotator= to oaif.run)")
     errors += [f"{where}.mix[{i}].python: backend 'python' needs 'module:function'"
                for i, m in enumerate(a.mix) if m.backend == "python" and not m.python]
+    if a.backend == "reward_model" and not a.model:
+        errors.append(f"{where}.model: backend 'reward_model' needs the folder `oaif train-rm` wrote")
+    errors += [f"{where}.mix[{i}].model: backend 'reward_model' needs the folder `oaif train-rm` wrote "
+               f"(or set {where}.model)" for i, m in enumerate(a.mix) if m.backend == "reward_model" and not (m.model or a.model)]
     if a.backend == "mix" and not a.mix:
         errors.append(f"{where}.mix: backend 'mix' needs at least one member")
     errors += [f"{where}.mix[{i}].weight: must be > 0" for i, m in enumerate(a.mix) if m.weight <= 0]

@@ -21,11 +21,28 @@ Rule checks (each adds its weight to a response's score; the higher score wins):
   matches_reference         the response contains one of the prompt's accepted answers (its
                             "references" in the prompt file) as whole words, ignoring case and
                             punctuation; a prompt without references cannot be judged by it
+
+Checks that read their constraint from the conversation's system prompt (its leading
+"system" message): `pattern` (optional; one group, the constraint; defaults in
+SYSTEM_PATTERNS) is searched in it, and the response passes if it keeps what the group says.
+A conversation whose system prompt states no such constraint (no system message, or the
+pattern does not match) gets nothing from the rule for either response: a tie on that rule.
+  system_word_limit         "Answer in at most 12 words": the response has at most 12 words
+                            (split on whitespace); a group that is not a whole number: no limit
+  system_marker             "Include the word children": the response contains it, ignoring
+                            case, not inside a longer word ("children" is not in "childrens");
+                            the default pattern reads one word or tag, optionally quoted
+  system_prefix             "Start your answer with [FR]": the response starts with it (case ignored)
+  system_format             "Answer as a bulleted list" / "numbered list" / "JSON": every non-empty
+                            line is a "- ", "* " or "• " item / a "1." or "1)" item, or the whole
+                            response (``` fences stripped) is a JSON object or array; the group names the
+                            format by one of those words, any other group: no constraint
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +52,14 @@ import yaml
 RULE_FIELDS = {
     "shorter": set(), "longer": set(), "contains": {"text"}, "not_contains": {"text"},
     "regex": {"pattern"}, "max_chars": {"limit"}, "matches_reference": set(),
+    "system_word_limit": set(), "system_marker": set(), "system_prefix": set(), "system_format": set(),
+}
+# The system-prompt checks' default patterns (a rule's `pattern` replaces them): the group is the constraint.
+SYSTEM_PATTERNS = {
+    "system_word_limit": r"(?i)\b(?:at most|no more than|up to) (\d+) words\b",
+    "system_marker": r"(?i)\binclude the (?:word|keyword|marker) [\"'“]?([^\s\"'”]+?)[\"'”]?(?=[\s.,;:!?]|$)",
+    "system_prefix": r"(?i)\b(?:start|begin) (?:your|each|the) (?:answer|response|reply) with [\"'“]?([^\s\"'”]+?)[\"'”]?(?=[\s.,;:!?]|$)",
+    "system_format": r"(?i)\b(bullet(?:ed)? (?:list|points)|numbered list|JSON)\b",
 }
 TOP_FIELDS = {"name", "description", "preamble", "principles", "examples", "rules"}
 EXAMPLE_FIELDS = {"prompt", "response_1", "response_2", "preferred", "rationale"}
@@ -52,8 +77,12 @@ class Rule:
     pattern: str = ""
     limit: int = 0
 
-    def score(self, response: str, other: str, references: tuple[str, ...] = ()) -> float:
-        """This rule's contribution to `response`'s score when compared with `other`."""
+    def score(self, response: str, other: str, references: tuple[str, ...] = (),
+              messages: list[dict] = ()) -> float:
+        """This rule's contribution to `response`'s score when compared with `other` in the
+        conversation `messages`."""
+        if self.check in SYSTEM_PATTERNS:
+            return self.weight if self.follows_system_prompt(response, messages) else 0.0
         hit = {
             "matches_reference": lambda: matches_reference(response, references),
             "shorter": lambda: len(response) < len(other),
@@ -64,6 +93,45 @@ class Rule:
             "max_chars": lambda: len(response) <= self.limit,
         }[self.check]()
         return self.weight if hit else 0.0
+
+    def follows_system_prompt(self, response: str, messages: list[dict]) -> bool | None:
+        """A system-prompt check: whether the response keeps the constraint the conversation's
+        system prompt states; None when it states none this rule reads."""
+        found = re.search(self.pattern, system_prompt(messages))
+        if found is None:
+            return None
+        constraint = found.group(1)
+        if self.check == "system_word_limit":
+            return len(response.split()) <= int(constraint) if constraint.isdigit() else None
+        if self.check == "system_marker":
+            return re.search(rf"(?<!\w){re.escape(constraint)}(?!\w)", response, re.IGNORECASE) is not None
+        if self.check == "system_prefix":
+            return re.match(rf"\s*{re.escape(constraint)}(?!\w)", response, re.IGNORECASE) is not None
+        return is_format(response, constraint)
+
+
+def system_prompt(messages: list[dict]) -> str:
+    """The conversation's leading system message ('' when it has none)."""
+    return messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+
+
+def is_format(response: str, named: str) -> bool | None:
+    """Whether the response is in the format `named` (text naming 'bullet', 'numbered' or
+    'json'); None for a name that is none of them."""
+    named, text = named.lower(), response.strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "bullet" in named:
+        return bool(lines) and all(re.match(r"[-*•] \S", line) for line in lines)
+    if "numbered" in named:
+        return bool(lines) and all(re.match(r"\d+[.)] \S", line) for line in lines)
+    if "json" in named:
+        # A model may wrap JSON in a fenced block (```json ... ```): the fence is not the answer's format.
+        text = re.sub(r"^```(?:json)?\s*|\s*```$", "", text, flags=re.IGNORECASE)
+        try:
+            return isinstance(json.loads(text), (dict, list))   # a bare 12 or "yes" is no JSON answer
+        except ValueError:
+            return False
+    return None
 
 
 def _words(text: str) -> str:
@@ -125,7 +193,8 @@ def _rule(path: Path, i: int, raw: object) -> Rule:
     if check not in RULE_FIELDS:
         raise ConstitutionError(f"{where}.check: unknown check {check!r}; known: {', '.join(RULE_FIELDS)}")
     needed = RULE_FIELDS[check]
-    unknown = set(raw) - needed - {"check", "weight"}
+    optional = {"pattern"} if check in SYSTEM_PATTERNS else set()   # the system checks have a default
+    unknown = set(raw) - needed - optional - {"check", "weight"}
     if unknown:
         raise ConstitutionError(f"{where}: unknown field(s) {sorted(unknown)} for check {check!r}")
     missing = needed - set(raw)
@@ -136,15 +205,18 @@ def _rule(path: Path, i: int, raw: object) -> Rule:
         raise ConstitutionError(f"{where}.weight: must be a positive number, got {weight!r}")
     if "text" in needed and not (isinstance(raw["text"], str) and raw["text"]):
         raise ConstitutionError(f"{where}.text: must be a non-empty string")
-    if "pattern" in needed:
+    if "pattern" in raw:
         try:
-            re.compile(raw["pattern"])
+            groups = re.compile(raw["pattern"]).groups
         except (re.error, TypeError) as e:
             raise ConstitutionError(f"{where}.pattern: not a valid regular expression ({e})") from None
+        if check in SYSTEM_PATTERNS and groups != 1:
+            raise ConstitutionError(f"{where}.pattern: needs exactly one group (the constraint it reads from the "
+                                    f"system prompt), has {groups}")
     if "limit" in needed and (isinstance(raw["limit"], bool) or not isinstance(raw["limit"], int) or raw["limit"] < 0):
         raise ConstitutionError(f"{where}.limit: must be a non-negative integer")
     return Rule(check=check, weight=float(weight), text=raw.get("text", ""),
-                pattern=raw.get("pattern", ""), limit=raw.get("limit", 0))
+                pattern=raw.get("pattern", SYSTEM_PATTERNS.get(check, "")), limit=raw.get("limit", 0))
 
 
 def load_constitution(path: str | Path, sample_principles: bool = False) -> Constitution:

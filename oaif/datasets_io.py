@@ -30,6 +30,7 @@ from oaif.rundir import is_run_dir
 # Single data files read through `datasets`; any other file is read as JSONL, as always.
 DATA_FILES = {".parquet": "parquet", ".csv": "csv"}
 EXPORT_NAMES = {"preference", "preference.parquet", "kto", "kto.parquet"}
+EXPORT = "oaif pair export"
 PROVENANCE = ("backend", "model", "constitution", "constitution_hash", "template_hash")
 
 
@@ -81,25 +82,28 @@ def run_pairs(run_dir: Path) -> list[tuple[dict, dict]]:
     """(pair record, its judgment record) for every kept pair of the run, in round order."""
     out = []
     for round_dir in sorted(p for p in (run_dir / "rounds").iterdir() if (p / "pairs.jsonl").is_file()):
-        pairs = read_jsonl(round_dir / "pairs.jsonl")
-        # judge_pairs keeps the pairs whose verdict is 'a' or 'b', in the order of their judgments;
-        # the texts at each judgment's sample indices check that the two files still line up.
-        kept = [j for j in read_jsonl(round_dir / "judgments.jsonl") if j["verdict"] in ("a", "b")]
         texts: dict[tuple[str, int], set[str]] = {}   # a prompt may be drawn twice in a round
         for s in read_jsonl(round_dir / "samples.jsonl"):
             texts.setdefault((s["prompt_id"], s["index"]), set()).add(s["text"])
-        if len(kept) != len(pairs):
-            raise ValueError(f"{round_dir}: {len(pairs)} pairs in pairs.jsonl but {len(kept)} judgments with verdict "
-                             f"a or b in judgments.jsonl; the round's records were changed after the run")
-        for n, (pair, j) in enumerate(zip(pairs, kept), 1):
-            chosen, rejected = (j["a"], j["b"]) if j["verdict"] == "a" else (j["b"], j["a"])
-            if (pair["prompt_id"] != j["prompt_id"] or pair["round"] != j["round"]
-                    or pair["chosen"] not in texts.get((j["prompt_id"], chosen), ())
-                    or pair["rejected"] not in texts.get((j["prompt_id"], rejected), ())):
-                raise ValueError(f"{round_dir / 'pairs.jsonl'}:{n}: does not match its judgment (prompt "
-                                 f"{j['prompt_id']}, samples {j['a']} and {j['b']}) in judgments.jsonl and "
-                                 f"samples.jsonl; the round's records were changed after the run")
-            out.append((pair, j))
+        # Each kept pair came from an agreeing judgment (every one of them, or with annotate.pairs
+        # best_worst one per prompt): found by prompt and texts, each judgment used once, which
+        # also checks that the round's three files still line up.
+        by_prompt: dict[str, list[dict]] = {}
+        for j in read_jsonl(round_dir / "judgments.jsonl"):
+            if j["verdict"] in ("a", "b"):
+                by_prompt.setdefault(j["prompt_id"], []).append(j)
+        for n, pair in enumerate(read_jsonl(round_dir / "pairs.jsonl"), 1):
+            def matches(j: dict) -> bool:
+                chosen, rejected = (j["a"], j["b"]) if j["verdict"] == "a" else (j["b"], j["a"])
+                return (j["round"] == pair["round"] and pair["chosen"] in texts.get((j["prompt_id"], chosen), ())
+                        and pair["rejected"] in texts.get((j["prompt_id"], rejected), ()))
+            candidates = by_prompt.get(pair["prompt_id"], [])
+            k = next((k for k, j in enumerate(candidates) if matches(j)), None)
+            if k is None:
+                raise ValueError(f"{round_dir / 'pairs.jsonl'}:{n}: does not match any judgment with verdict a or b "
+                                 f"in judgments.jsonl (prompt {pair['prompt_id']}, its chosen and rejected texts in "
+                                 f"samples.jsonl); the round's records were changed after the run")
+            out.append((pair, candidates.pop(k)))   # each judgment gives one pair
     return out
 
 
@@ -112,7 +116,7 @@ def export_pairs(run_dir: str | Path, out: str | Path, overwrite: bool = False) 
     run_dir, out = Path(run_dir), Path(out)
     if not is_run_dir(run_dir):
         raise ValueError(f"{run_dir} is not an oaif run directory (no config.yaml and rounds/); give runs/NAME")
-    _check_out(out, overwrite)
+    check_out(out, overwrite, EXPORT_NAMES, EXPORT)
 
     chat = List({"role": Value("string"), "content": Value("string")})
     common = {"round": Value("int64"), "policy_version": Value("int64"), "prompt_id": Value("string"),
@@ -135,22 +139,32 @@ def export_pairs(run_dir: str | Path, out: str | Path, overwrite: bool = False) 
             ("kto", kto, Features({"prompt": chat, "completion": chat, "label": Value("bool"), **common}))]:
         tables[name] = datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
 
-    staging = out.with_name(f".{out.name}.new")
-    if staging.exists():   # an earlier export cut short here
-        _check_ours(staging, f"{staging} exists")
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    try:
+    def fill(staging: Path) -> None:
         for name, table in tables.items():
             table.save_to_disk(str(staging / name), num_shards=1)   # an empty table gets no shard by default
             table.to_parquet(str(staging / f"{name}.parquet"))
+
+    return write_folder(out, EXPORT_NAMES, EXPORT, fill)
+
+
+def write_folder(out: Path, names: set[str], kind: str, fill) -> Path:
+    """`out` written whole (export-pairs, critique): fill(staging) writes the files into a
+    folder beside it, which then takes its place. check_out(out, ...) first: an earlier output
+    there (a folder of `names` only) is swapped out, then deleted. Returns `out`."""
+    staging = out.with_name(f".{out.name}.new")
+    if staging.exists():   # an earlier write cut short here
+        _check_ours(staging, f"{staging} exists", names, kind)
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        fill(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if out.exists():   # empty, or an earlier export with overwrite: swapped out, then deleted
+    if out.exists():   # empty, or an earlier output with overwrite: swapped out, then deleted
         old = out.with_name(f".{out.name}.old")
-        if old.exists():   # left by an export cut short between these renames
-            _check_ours(old, f"{old} exists")
+        if old.exists():   # left by a write cut short between these renames
+            _check_ours(old, f"{old} exists", names, kind)
             shutil.rmtree(old)
         out.rename(old)
         staging.rename(out)
@@ -160,19 +174,20 @@ def export_pairs(run_dir: str | Path, out: str | Path, overwrite: bool = False) 
     return out
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def check_out(out: Path, overwrite: bool, names: set[str], kind: str) -> None:
+    """--out may be new, an empty folder, or (with overwrite) an earlier `kind`: a folder of `names` only."""
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise FileExistsError(f"--out {out} exists and is not a folder; pick another --out")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"--out {out} exists and is not empty: pass --overwrite to replace an earlier "
-                                  f"export, or pick another --out")
-        _check_ours(out, f"--out {out}")
+                                  f"{kind}, or pick another --out")
+        _check_ours(out, f"--out {out}", names, kind)
 
 
-def _check_ours(folder: Path, what: str) -> None:
-    # Only an export is ever deleted, never a folder someone pointed --out at by mistake.
-    other = sorted(p.name for p in folder.iterdir() if p.name not in EXPORT_NAMES)
+def _check_ours(folder: Path, what: str, names: set[str], kind: str) -> None:
+    # Only an earlier output is ever deleted, never a folder someone pointed --out at by mistake.
+    other = sorted(p.name for p in folder.iterdir() if p.name not in names)
     if other:
-        raise FileExistsError(f"{what} holds {', '.join(other[:5])}, so it is not an oaif pair export and is left "
+        raise FileExistsError(f"{what} holds {', '.join(other[:5])}, so it is not an {kind} and is left "
                               f"alone; pick another --out")

@@ -13,7 +13,8 @@ training one, with a warning), then:
   - a length-controlled win rate (after AlpacaEval LC): a logistic regression of the judge's
     preference on the standardized length difference, read at zero difference, so a judge
     that only rewards length gives about 50% however much shorter the policy got;
-  - the KL of the policy to the reference along the policy's responses (train.response_kl);
+  - the KL of the policy to the reference along the policy's responses (train.response_kl;
+    not in oaif run with a reference-free loss, which has no reference model to compare with);
   - the mean response length of each side.
 """
 
@@ -66,10 +67,9 @@ def eval_annotator_config(cfg: RunConfig) -> RunConfig:
 def respond(engine, tokenizer, prompts: list[Prompt], cfg: RunConfig) -> list[Response]:
     """One response per prompt (greedy, or sampled at eval.temperature); prompts over
     policy.max_prompt_tokens are left out, the same ones for every model with this tokenizer."""
-    from oaif.generate import Generator, sample_seeds
+    from oaif.generate import encode_prompts, sample_seeds
 
-    encode = Generator(engine, tokenizer, cfg.generate, cfg.policy.max_prompt_tokens).encode
-    kept = [(p, ids) for p, ids in ((p, encode(p)) for p in prompts) if len(ids) <= cfg.policy.max_prompt_tokens]
+    kept, _ = encode_prompts(tokenizer, prompts, cfg.policy.max_prompt_tokens)
     # The same seeds for every model compared: a sampled answer differs by the model alone.
     seeds = sample_seeds(cfg.seed, "eval", len(kept), 1)
     outs = engine.sample([ids for _, ids in kept], seeds, cfg.eval.temperature, 1.0, max_new_tokens(cfg))
@@ -179,7 +179,8 @@ class Evaluator:
 
     def __call__(self, engine, tokenizer, trainer, round: int, policy_version: int) -> dict:
         policy = respond(engine, tokenizer, self.prompts, self.cfg)
-        kl = response_kl_of(trainer.policy, trainer.reference, policy, tokenizer.pad_token_id)
+        kl = None if trainer.reference_free else \
+            response_kl_of(trainer.policy, trainer.reference, policy, tokenizer.pad_token_id)
         records, metrics = compare(self.annotator, policy, self.baseline, kl, round, policy_version,
                                    eval_annotator_config(self.cfg).annotate.missing_eos_penalty)
         write_jsonl(self.run_dir / "eval" / f"round_{round:06d}.jsonl", records)

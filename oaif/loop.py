@@ -19,7 +19,8 @@ from typing import Iterator, Protocol
 
 import torch
 
-from oaif.annotate.judge import Judged, judge_pairs, judgment_metrics, label_mass_warning
+from oaif.annotate.judge import Judged, judgment_metrics, label_mass_warning
+from oaif.annotate.rank import max_pairs_per_prompt, rank_groups
 from oaif.annotate.select import build_annotator, check_inputs, reload_constitutions, with_python_annotator
 from oaif.checkpoint import latest_checkpoint, read_trainer_state, restore_trainer, schedule_anchor
 from oaif.config import ConfigError, RunConfig, RunStopped
@@ -120,6 +121,7 @@ class Loop:
         self.refused: dict = {}      # constitution versions refused by reload_constitution
         self.startup: dict = {}      # startup/* seconds, added to the first round's metrics of this process
         self.pending = None          # async_rounds: the next round's samples, being drawn while this one trains
+        self.rankings: list = []     # annotate.ranking round_robin / knockout: the last annotate()'s per-prompt rankings
         self._rounds = None
 
     def __enter__(self) -> "Loop":
@@ -252,6 +254,17 @@ class Loop:
 
         cfg, accelerator, g, lora = self.cfg, self.accelerator, self.cfg.generate, self.cfg.train.lora
         resume_from = self.checkpoint if self.resume_dir else None
+        engine_args = dict(model=cfg.policy.model, dtype=cfg.policy.dtype, seed=cfg.seed, kv_cache_gib=g.kv_cache_gib,
+                           max_model_len=cfg.policy.max_prompt_tokens + max(g.max_new_tokens, eval_max_new_tokens(cfg)),
+                           tensor_parallel_size=g.tensor_parallel_size,
+                           gpu_memory_utilization=g.gpu_memory_utilization,
+                           max_lora_rank=lora.r if lora.enabled and lora.sync == "vllm_lora" else 0,
+                           enforce_eager=g.enforce_eager)
+        if cfg.async_rounds:   # its own process (one process run), building while the trainer is built here
+            from oaif.actor import ProcessEngine
+
+            self.actor = ProcessEngine(engine_args, threads=cfg.async_threads, cpu_bind=cfg.async_cpus or None,
+                                       wait=False)
         t0 = time.perf_counter()
         self.tokenizer = load_tokenizer(cfg.policy.model)
         self.trainer = build_trainer(cfg, self.tokenizer.pad_token_id, schedule_steps(cfg), accelerator, resume_from)
@@ -262,22 +275,13 @@ class Loop:
                 from oaif.server import start_local_server
 
                 self.server_url, self.server = start_local_server(cfg)
-            engine_args = dict(model=cfg.policy.model, dtype=cfg.policy.dtype, seed=cfg.seed,
-                               kv_cache_gib=g.kv_cache_gib,
-                               max_model_len=cfg.policy.max_prompt_tokens + max(g.max_new_tokens, eval_max_new_tokens(cfg)),
-                               tensor_parallel_size=g.tensor_parallel_size,
-                               gpu_memory_utilization=g.gpu_memory_utilization,
-                               max_lora_rank=lora.r if lora.enabled and lora.sync == "vllm_lora" else 0,
-                               enforce_eager=g.enforce_eager)
             if self.server_url:
                 from oaif.server import ServerEngine
 
                 engine = ServerEngine(self.server_url)
-            elif cfg.async_rounds:   # its own process, so that sampling and training overlap
-                from oaif.actor import ProcessEngine
-
-                engine = self.actor = ProcessEngine(engine_args, threads=cfg.async_threads,
-                                                    cpu_bind=cfg.async_cpus or None)
+            elif self.actor is not None:
+                self.actor.wait_built()
+                engine = self.actor
             else:
                 from oaif.engines import build_llm
 
@@ -329,21 +333,26 @@ class Loop:
         return groups
 
     def annotate(self, groups: list[list[Sample]]) -> "Judged":
-        """Judge each group's consecutive pairs in both orders; Judged.pairs are the kept ones.
-        With annotate.reload_constitution an edited constitution is taken up first."""
+        """Compare each group's samples in both orders (annotate.ranking: consecutive pairs, or
+        a ranking of all n, whose per-prompt results are left in `rankings`); Judged.pairs are
+        the pairs to train on. With annotate.reload_constitution an edited constitution is
+        taken up first."""
         t0 = time.perf_counter()
         if self.cfg.annotate.reload_constitution:
             for line in reload_constitutions(self.annotator, self.cfg.annotate, self.refused):
                 self.log(f"  round {self.index}: {line}")
-        pairs = [(g[k], g[k + 1]) for g in groups for k in range(0, len(g) - 1, 2)]
-        self.progress.start("annotate", 2 * len(pairs), "judgment")
+        a = self.cfg.annotate
+        self.progress.start("annotate", len(groups), "prompt")
         # Records name the policy that drew the samples (with async_rounds, one update before now).
-        drawn_by = pairs[0][0].policy_version if pairs else self.policy_version
-        judged = judge_pairs(self.annotator, pairs, self.index, drawn_by, self.cfg.annotate.missing_eos_penalty)
-        self.progress.advance(2 * len(pairs))
+        drawn_by = groups[0][0].policy_version if groups else self.policy_version
+        judged, self.rankings = rank_groups(self.annotator, groups, a.ranking, a.pairs, self.index, drawn_by,
+                                            a.missing_eos_penalty)
+        self.progress.advance(len(groups))
+        # Candidate pairs: every comparison, or one per prompt (best against worst).
+        candidates = len(judged.judgments) if a.ranking == "consecutive" or a.pairs == "all" else len(groups)
         totals = dict(self.annotator.stats)
-        self.metrics |= {"pairs_kept": len(judged.pairs), "pairs_dropped": len(pairs) - len(judged.pairs),
-                         **judgment_metrics(judged.judgments),
+        self.metrics |= {"pairs_kept": len(judged.pairs), "pairs_dropped": candidates - len(judged.pairs),
+                         "annotate/comparisons": len(judged.judgments), **judgment_metrics(judged.judgments),
                          **{f"annotate/{k}": v - self.annotator_totals.get(k, 0) for k, v in totals.items()}}
         self.annotator_totals = totals   # the next call counts from here: the metrics are this call's share
         self._timed("annotate", t0)
@@ -497,6 +506,8 @@ class Loop:
         soon as this round's are in, from the weights the engine holds (this round's training
         is pushed after them)."""
         out = self.run_dir / "rounds" / f"{index:06d}"
+        from oaif.conversation import extend_conversations   # generate.turns > 1: grow each conversation first
+        prompts = extend_conversations(self.generator, prompts, index, self.metrics)
         groups = self.generate(prompts)
         if self.cfg.async_rounds and upcoming is not None:
             self.pending = self.generator.submit(upcoming, index + 1, self.policy_version)
@@ -506,6 +517,8 @@ class Loop:
         write_jsonl(out / "judgments.jsonl", judged.judgments)
         crash_point("annotate")
         write_jsonl(out / "pairs.jsonl", judged.pairs)
+        if self.rankings:
+            write_jsonl(out / "rankings.jsonl", self.rankings)
         self.table = sample_table([s for g in groups for s in g], judged.judgments)
         (out / "samples.md").write_text(markdown_table(self.table))
         return judged.pairs, self.metrics
@@ -598,7 +611,8 @@ def build_trainer(cfg: RunConfig, pad_id: int, total_steps: int, accelerator=Non
 
 def schedule_steps(cfg: RunConfig) -> int:
     """The learning-rate schedule's horizon: the most optimizer steps the run can take (every pair kept)."""
-    pairs_per_round = cfg.prompts_per_round * (cfg.generate.samples_per_prompt // 2)
+    pairs_per_round = cfg.prompts_per_round * max_pairs_per_prompt(cfg.generate.samples_per_prompt,
+                                                                   cfg.annotate.ranking, cfg.annotate.pairs)
     return cfg.rounds * cfg.train.epochs_per_round * math.ceil(pairs_per_round / cfg.train.batch_size)
 
 

@@ -24,12 +24,14 @@ import time
 from pathlib import Path
 
 from oaif.config import RunConfig
+from oaif.generate import encode_prompt
 from oaif.records import PreferencePair, read_jsonl, write_jsonl
 
 PAIR_FIELDS = [f.name for f in dataclasses.fields(PreferencePair)]
 
 
-def _messages(row: dict, where: str) -> list[dict]:
+def row_messages(row: dict, where: str) -> list[dict]:
+    """A data row's prompt as chat messages ('messages', or 'prompt': a string or messages)."""
     prompt = row.get("messages", row.get("prompt"))
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
@@ -39,7 +41,7 @@ def _messages(row: dict, where: str) -> list[dict]:
     raise ValueError(f"{where}: 'prompt' must be a string or a list of {{role, content}} messages")
 
 
-def _response(value):
+def row_response(value):
     """A response: a string, or TRL's conversational form, one assistant message."""
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) \
             and value[0].get("role") == "assistant":
@@ -78,16 +80,15 @@ def load_pairs(path: str | Path, tokenizer, max_prompt_tokens: int) -> tuple[lis
             chosen, rejected = (row.get("a"), row.get("b")) if first else (row.get("b"), row.get("a"))
             p_chosen = row.get("p_a") if first else 1 - row.get("p_a", 0.0)
         else:
-            chosen, rejected = _response(row.get("chosen")), _response(row.get("rejected"))
+            chosen, rejected = row_response(row.get("chosen")), row_response(row.get("rejected"))
             p_chosen = row.get("p_chosen", 1.0)
         if not (isinstance(chosen, str) and isinstance(rejected, str)):
             raise ValueError(f"{where}: expected 'chosen' and 'rejected' strings (or one assistant message each), "
                              f"an oaif pair record, or `oaif annotate` output (a, b, verdict)")
         if not isinstance(p_chosen, (int, float)) or not 0 <= p_chosen <= 1:
             raise ValueError(f"{where}: 'p_chosen' must be a probability in [0, 1], got {p_chosen!r}")
-        messages = _messages(row, where)
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        messages = row_messages(row, where)
+        prompt_ids = encode_prompt(tokenizer, messages)
         if len(prompt_ids) > max_prompt_tokens:
             skipped["prompt_too_long"] += 1
             continue

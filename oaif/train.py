@@ -6,7 +6,8 @@ model stopped), so nothing is re-tokenized between sampling and training.
 With LoRA and a fresh adapter the reference is the same model with the adapter disabled
 (no second copy in memory). A run that starts from a trained adapter keeps a frozen copy of
 base+adapter instead, because "adapter disabled" would then be the base model, not the
-policy the run started from.
+policy the run started from. The reference-free losses (orpo, simpo) have no reference at
+all: none is built, and no reference pass is run.
 
 Under `accelerate launch` every rank holds the policy (wrapped by the chosen engine: DDP,
 FSDP or DeepSpeed) and trains on its share of each optimizer step's pairs. Shares are
@@ -26,9 +27,9 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM
 
-from oaif.config import RunStopped, TrainConfig, beta_for
+from oaif.config import REFERENCE_FREE_LOSSES, RunStopped, TrainConfig, beta_for
 from oaif.faults import crash_point
-from oaif.losses import dpo_loss, ipo_loss, kto_loss, rewards, slic_loss
+from oaif.losses import dpo_loss, ipo_loss, kto_loss, orpo_loss, rewards, rloo_loss, sft_loss, simpo_loss, slic_loss
 from oaif.records import PreferencePair
 
 MAX_SKIPPED_IN_A_ROW = 3
@@ -70,7 +71,8 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 def build_policy(path: str, dtype: str, device: str, cfg: TrainConfig,
                  resume_from: str | None = None) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-    """(trainable policy, frozen reference or None when the reference is 'adapter disabled').
+    """(trainable policy, frozen reference or None when the reference is 'adapter disabled'
+    or the loss is reference-free).
 
     Trained weights are float32 whatever `dtype` is (master weights: in bfloat16 an update
     of lr≈1e-6 on a weight of 0.05 rounds away to nothing); the forward passes run in
@@ -85,12 +87,13 @@ def build_policy(path: str, dtype: str, device: str, cfg: TrainConfig,
                            device=device)
     if cfg.disable_dropout:
         disable_dropout(model)
+    reference_free = cfg.loss in REFERENCE_FREE_LOSSES
     if not lora.enabled:
-        return model, load_causal_lm(path, dtype, trainable=False, device=device)
+        return model, None if reference_free else load_causal_lm(path, dtype, trainable=False, device=device)
     from peft import LoraConfig, PeftModel, get_peft_model
 
     reference = None   # a fresh adapter: "adapter disabled" is the starting policy
-    if lora.adapter:
+    if lora.adapter and not reference_free:
         reference = PeftModel.from_pretrained(copy.deepcopy(model), lora.adapter).merge_and_unload()
         reference.eval().requires_grad_(False)
     if lora.adapter or resume_from:
@@ -244,45 +247,68 @@ class DPOTrainer:
             self.model, self.optimizer = accelerator.prepare(policy, optimizer)
             self.policy = accelerator.unwrap_model(self.model)
         self.reference = reference
+        # orpo, simpo: no reference pass, and log-probs are per-token means (their equations).
+        self.reference_free = cfg.loss in REFERENCE_FREE_LOSSES
+        self.length_normalize = cfg.length_normalize or self.reference_free
         self.total_steps, self.anchor = total_steps, None   # the schedule's horizon (checkpointed)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
         self.steps = 0
         self.skipped_in_a_row = 0   # optimizer steps skipped for non-finite gradients, consecutively
         self.replica_hashes: list[tuple[int, list[str]]] = []   # (step, every rank's parameter_hash): check_replicas
+        # id(pair) -> log-probs of (chosen, rejected) this round: under the reference, and (rloo)
+        # under the policy as it was before the round's first step.
         self._reference_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._start_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _reference_logps(self, pairs: list[PreferencePair], batch) -> torch.Tensor:
-        """The frozen reference's log-probs of (chosen..., rejected...): computed once per pair
-        and round (later epochs and KTO's z0 pass reuse them)."""
-        if all(id(p) in self._reference_cache for p in pairs):
-            cached = [self._reference_cache[id(p)] for p in pairs]
+    def _batch(self, pairs: list[PreferencePair]) -> list[torch.Tensor]:
+        """Chosen and rejected as one batch: (chosen..., rejected...)."""
+        prompts = [p.prompt_token_ids for p in pairs] * 2
+        responses = [p.chosen_token_ids for p in pairs] + [p.rejected_token_ids for p in pairs]
+        device = next(self.policy.parameters()).device
+        return [t.to(device) for t in batch_sequences(prompts, responses, self.pad_id)]
+
+    def _autocast(self):
+        device = next(self.policy.parameters()).device
+        return torch.autocast(device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
+
+    def _fixed_logps(self, cache: dict, model, pairs: list[PreferencePair], batch=None) -> torch.Tensor:
+        """Log-probs of (chosen..., rejected...) under a model that does not change while they
+        are used (the frozen reference; the policy as the round began): computed once per pair
+        and round (later epochs and KTO's z0 pass reuse them). The plain model runs it, outside
+        the engine's wrapper (no gradient, nothing to synchronise)."""
+        if all(id(p) in cache for p in pairs):
+            cached = [cache[id(p)] for p in pairs]
             return torch.stack([c for c, _ in cached] + [r for _, r in cached])
-        # The plain model runs the reference, outside the engine's wrapper (no gradient,
-        # nothing to synchronise).
-        with torch.no_grad(), reference_model(self.policy, self.reference) as ref:
-            logps = sequence_logps(ref, *batch, self.cfg.length_normalize)
+        with torch.no_grad(), model as m:
+            logps = sequence_logps(m, *(batch if batch is not None else self._batch(pairs)), self.length_normalize)
         n = len(pairs)
         for k, p in enumerate(pairs):
-            self._reference_cache[id(p)] = (logps[k], logps[n + k])
+            cache[id(p)] = (logps[k], logps[n + k])
         return logps
 
     def _forward(self, pairs: list[PreferencePair]):
         """Chosen and rejected go through one forward pass together, for the policy and (once
-        per round) the reference."""
-        prompts = [p.prompt_token_ids for p in pairs] * 2
-        responses = [p.chosen_token_ids for p in pairs] + [p.rejected_token_ids for p in pairs]
-        device = next(self.policy.parameters()).device
-        batch = [t.to(device) for t in batch_sequences(prompts, responses, self.pad_id)]
-        with torch.autocast(device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
-            policy = sequence_logps(self.model, *batch, self.cfg.length_normalize)
-            ref = self._reference_logps(pairs, batch)
-        n = len(pairs)
+        per round) the reference. Reference-free losses: the reference log-probs are None."""
+        batch, n = self._batch(pairs), len(pairs)
+        with self._autocast():
+            policy = sequence_logps(self.model, *batch, self.length_normalize)
+            if self.reference_free:
+                return policy[:n], policy[n:], None, None
+            ref = self._fixed_logps(self._reference_cache, reference_model(self.policy, self.reference), pairs, batch)
         return policy[:n], policy[n:], ref[:n], ref[n:]
 
+    def _start_logps(self, pairs: list[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
+        """rloo: the log-probs of (chosen, rejected) under the policy as the round began (PPO's
+        π_old), scored for every pair before the first step (train_round)."""
+        with self._autocast():
+            logps = self._fixed_logps(self._start_cache, contextlib.nullcontext(self.policy), pairs)
+        return logps[:len(pairs)], logps[len(pairs):]
+
     def loss(self, pc, pr, rc, rr, p_chosen: torch.Tensor, weights: torch.Tensor | None = None,
-             z0: torch.Tensor | None = None) -> torch.Tensor:
+             z0: torch.Tensor | None = None, start: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Per-pair losses (B,) for the configured loss. KTO: z0, the step's reference point
-        (kto_reference_point); None: these pairs' own weighted mean log-ratio."""
+        (kto_reference_point); None: these pairs' own weighted mean log-ratio. rloo: start,
+        the (chosen, rejected) log-probs under the policy as the round began."""
         cfg, beta = self.cfg, self.beta
         margin = cfg.margin_scale * (2 * p_chosen - 1)
         if cfg.loss == "dpo":
@@ -295,6 +321,14 @@ class DPOTrainer:
             return ipo_loss(pc, pr, rc, rr, beta)
         if cfg.loss == "slic":
             return slic_loss(pc, pr, rc, rr, beta)
+        if cfg.loss == "orpo":   # β is ORPO's λ
+            return orpo_loss(pc, pr, beta)
+        if cfg.loss == "simpo":
+            return simpo_loss(pc, pr, beta, cfg.simpo_gamma)
+        if cfg.loss == "sft":
+            return sft_loss(pc)
+        if cfg.loss == "rloo":
+            return rloo_loss(pc, pr, *start, rc, rr, p_chosen, beta, cfg.ppo_clip)
         # KTO: chosen responses are desirable, rejected undesirable; the reference point is
         # the mean log-ratio (both were sampled from the policy: a KL estimate).
         policy, ref = torch.cat([pc, pr]), torch.cat([rc, rr])
@@ -310,8 +344,11 @@ class DPOTrainer:
         on_step: called after each step (taken or skipped), for progress."""
         cfg, stats, acc = self.cfg, StepStats({}), self.accelerator
         norms, skipped = [], 0
-        self._reference_cache = {}   # id(pair) -> reference log-probs of (chosen, rejected), this round
+        self._reference_cache, self._start_cache = {}, {}
         rank, world = (acc.process_index, acc.num_processes) if acc else (0, 1)
+        if cfg.loss == "rloo":   # before any step: PPO's ratio is taken against the policy that sampled
+            for m in range(0, len(pairs), cfg.micro_batch_size):
+                self._start_logps(pairs[m:m + cfg.micro_batch_size])
         for _ in range(cfg.epochs_per_round):
             for start in range(0, len(pairs), cfg.batch_size):
                 batch = pairs[start:start + cfg.batch_size]
@@ -327,17 +364,23 @@ class DPOTrainer:
                         pc, pr, rc, rr = self._forward(micro)
                         w = torch.tensor(weights[m:m + cfg.micro_batch_size], device=pc.device)
                         p_chosen = torch.tensor([p.p_chosen for p in micro], device=pc.device)
-                        losses = self.loss(pc, pr, rc, rr, p_chosen, w, z0)
+                        start = self._start_logps(micro) if cfg.loss == "rloo" else None
+                        losses = self.loss(pc, pr, rc, rr, p_chosen, w, z0, start)
                         # Scaled so the rank-averaged, accumulated gradient is the mean over the step's pairs.
                         loss = (losses * w).sum() * world / len(batch)
                         loss.backward() if acc is None else acc.backward(loss)
-                    chosen_r, rejected_r = rewards(pc, pr, rc, rr, self.beta)
+                    if self.reference_free:
+                        # SimPO's reward β·(mean per-token log-prob) (Meng et al. 2024, Eq. 4) for
+                        # both; no KL: there is no reference to measure it against.
+                        chosen_r, rejected_r, kl = (self.beta * pc).detach(), (self.beta * pr).detach(), {}
+                    else:
+                        chosen_r, rejected_r = rewards(pc, pr, rc, rr, self.beta)
+                        # Both responses were sampled from the policy, so the mean
+                        # log-ratio is a Monte-Carlo estimate of KL(πθ || π0).
+                        kl = {"kl_to_ref": (pc + pr - rc - rr) / 2}
                     stats.add(w, loss=losses, reward_accuracy=(chosen_r > rejected_r).float(),
                               reward_margin=chosen_r - rejected_r, rewards_chosen=chosen_r,
-                              rewards_rejected=rejected_r, logps_chosen=pc, logps_rejected=pr,
-                              # Both responses were sampled from the policy, so the mean
-                              # log-ratio is a Monte-Carlo estimate of KL(πθ || π0).
-                              kl_to_ref=(pc + pr - rc - rr) / 2)
+                              rewards_rejected=rejected_r, logps_chosen=pc, logps_rejected=pr, **kl)
                 # The norm before clipping (max_grad_norm 0: measured, not clipped). Gradients are
                 # averaged across ranks by now, so every rank sees the same norm and decides alike.
                 clip = torch.nn.utils.clip_grad_norm_ if acc is None else acc.clip_grad_norm_
@@ -357,7 +400,7 @@ class DPOTrainer:
                 crash_point("train")
                 if cfg.check_replicas:
                     self.check_replicas()
-        self._reference_cache = {}
+        self._reference_cache, self._start_cache = {}, {}
         return {**{f"train/{k}": v for k, v in stats.means(acc).items()},
                 "train/grad_norm": sum(norms) / len(norms) if norms else None, "train/skipped_steps": skipped,
                 "train/steps": self.steps, "train/learning_rate": self.scheduler.get_last_lr()[0]}

@@ -36,6 +36,7 @@ def test_unknown_keys_name_the_path_and_suggest(tmp_path):
     ("rounds=-1", "rounds: must be > 0, got -1"),
     ("train.batch_size=two", "train.batch_size: expected an integer, got 'two'"),
     ("annotate.max_invalid_rate=1.2", "annotate.max_invalid_rate: must be in [0, 1]"),
+    ("train.simpo_gamma=-1", "train.simpo_gamma: must be >= 0 (a target margin), got -1"),
     ("rounds", "expected key=value"),
 ])
 def test_values_are_checked(override, message):
@@ -44,15 +45,17 @@ def test_values_are_checked(override, message):
     assert message in str(e.value)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["train.loss=ipo", "train.margin_scale=1.0"], "train.margin_scale: applies to dpo, cdpo and soft only, not ipo"),
-    (["train.loss=dpo", "train.kto_desirable_weight=2"], "apply to loss kto only, not dpo"),
+@pytest.mark.parametrize("overrides, message, applies_to", [
+    (["train.loss=ipo", "train.margin_scale=1.0"], "train.margin_scale: applies to dpo, cdpo and soft only, not ipo",
+     "soft"),
+    (["train.loss=dpo", "train.kto_desirable_weight=2"], "apply to loss kto only, not dpo", "kto"),
+    (["train.loss=orpo", "train.simpo_gamma=0.5"], "train.simpo_gamma: applies to loss simpo only, not orpo", "simpo"),
 ])
-def test_a_setting_that_would_do_nothing_is_refused(overrides, message):
+def test_a_setting_that_would_do_nothing_is_refused(overrides, message, applies_to):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)
     assert message in str(e.value)
-    load_config(None, [overrides[1], "train.loss=kto" if "kto" in overrides[1] else "train.loss=soft"])
+    load_config(None, [overrides[1], f"train.loss={applies_to}"])
 
 
 @pytest.mark.parametrize("text, message", [

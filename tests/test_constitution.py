@@ -23,6 +23,8 @@ PURPOSE = {
                                            ("Paris, on the Seine." * 14, "Paris, on the Seine." * 5, ())]),   # 280 chars
     "harmless": ([], []),
     "helpful": ([], []),
+    # Its rules read the conversation's system prompt: decided in tests/test_system_prompts.py.
+    "system_prompt": (["system_word_limit", "system_marker", "system_prefix", "system_format"], []),
 }
 
 

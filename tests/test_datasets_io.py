@@ -164,7 +164,7 @@ def test_export_refuses_a_non_run_an_existing_out_and_records_that_no_longer_lin
     rows = read_jsonl(path)
     rows[0]["chosen"], rows[0]["rejected"] = rows[0]["rejected"], rows[0]["chosen"]
     write_jsonl(path, rows)
-    with pytest.raises(ValueError, match=r"pairs\.jsonl:1: does not match its judgment"):
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:1: does not match any judgment"):
         export_pairs(broken, tmp_path / "e2")
     assert not (tmp_path / "e2").exists()
 

@@ -99,3 +99,85 @@ def test_lr_schedule_warms_up_then_decays():
     assert [round(f(s), 3) for s in (0, 3, 4, 9, 14)] == [0.25, 1.0, 1.0, 0.5, 0.0]
     c = lr_lambda(TrainConfig(lr_schedule="cosine"), total_steps=10)
     assert math.isclose(c(5), 0.5, abs_tol=1e-9) and c(10) < 1e-9
+
+
+# Reference-free losses take the policy's mean per-token log-probs. Chosen: p = 1/2 (odds 1,
+# log odds 0); rejected: p = 1/5 (odds (1/5)/(4/5) = 1/4, log odds −log 4).
+MC, MR = torch.tensor([math.log(1 / 2)]), torch.tensor([math.log(1 / 5)])
+
+
+def test_orpo_matches_hand_computed():
+    from oaif.losses import orpo_loss
+
+    # L_SFT = −log(1/2) = log 2;  L_OR = −log σ(0 − (−log 4)) = log(1 + 1/4);  λ = 0.1
+    assert math.isclose(orpo_loss(MC, MR, 0.1).item(), math.log(2) + 0.1 * math.log(1.25), rel_tol=1e-6)
+    # λ = 0: plain SFT on the chosen response.
+    assert math.isclose(orpo_loss(MC, MR, 0.0).item(), math.log(2), rel_tol=1e-6)
+
+
+def test_orpo_log_odds_are_stable_at_both_ends():
+    from oaif.losses import log_odds, orpo_loss
+
+    # p = e^−60: log odds = −60 − log(1 − e^−60) = −60 to float precision (the log1p branch);
+    # p = 1 − 1e-5: log((1 − 1e-5)/1e-5) = log 99999 (the expm1 branch; 1 − e^log p in float32
+    # is ~1e-3 off here).
+    got = log_odds(torch.tensor([-60.0, math.log(1 - 1e-5)]))
+    assert torch.allclose(got, torch.tensor([-60.0, math.log(99999.0)]), rtol=0, atol=1e-4)
+    # A response the model is certain of (log p = 0, infinite odds) keeps a finite loss and gradient.
+    pc = torch.tensor([0.0], requires_grad=True)
+    loss = orpo_loss(pc, MR, 0.1)
+    loss.backward()
+    assert math.isfinite(loss.item()) and math.isfinite(pc.grad.item())
+
+
+def test_simpo_matches_hand_computed():
+    from oaif.losses import simpo_loss
+
+    # β = 2, γ = 1: −log σ(2·(log(1/2) − log(1/5)) − 1) = −log σ(2 log 2.5 − 1) = log(1 + e^(1 − 2 log 2.5))
+    #   = log(1 + e/6.25)
+    assert math.isclose(simpo_loss(MC, MR, 2.0, 1.0).item(), math.log(1 + math.e / 6.25), rel_tol=1e-6)
+    # γ = 2 log 2.5: the margin exactly met, −log σ(0) = log 2.
+    assert math.isclose(simpo_loss(MC, MR, 2.0, 2 * math.log(2.5)).item(), math.log(2), rel_tol=1e-6)
+
+
+def test_reference_free_gradients_raise_chosen_and_lower_rejected():
+    from oaif.losses import orpo_loss, simpo_loss
+
+    for loss in (lambda c, r: orpo_loss(c, r, 0.1), lambda c, r: simpo_loss(c, r, 2.0, 1.0)):
+        pc, pr = MC.clone().requires_grad_(), MR.clone().requires_grad_()
+        loss(pc, pr).sum().backward()
+        assert pc.grad.item() < 0 < pr.grad.item()
+
+
+def test_sft_is_the_chosen_response_nll():
+    from oaif.losses import sft_loss
+
+    pc = MC.clone().requires_grad_()
+    loss = sft_loss(pc)
+    loss.sum().backward()
+    assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6) and pc.grad.item() == -1.0
+
+
+def test_rloo_is_reinforce_with_the_other_sample_as_baseline_and_a_clipped_ratio():
+    from oaif.losses import rloo_loss
+
+    p = torch.tensor([0.75])
+    # π_old = π (the first step on the samples): ratio 1. Rewards 0.75 and 0.25 minus β times
+    # each one's log-ratio to the reference (+1 and −1): A = (0.75 − 0.25) − 0.05·(1 − (−1)) = 0.4.
+    pc, pr = PC.clone().requires_grad_(), PR.clone().requires_grad_()
+    loss = rloo_loss(pc, pr, PC, PR, RC, RR, p, beta=0.05, clip=0.2)
+    loss.sum().backward()
+    # −(1·A) and −(1·(−A)), averaged: 0; the gradient is REINFORCE's, −A/2 and +A/2.
+    assert abs(loss.item()) < 1e-7
+    assert math.isclose(pc.grad.item(), -0.2, rel_tol=1e-5) and math.isclose(pr.grad.item(), 0.2, rel_tol=1e-5)
+    # The chosen response already 1.5× likelier than under π_old: its ratio is clipped at 1.2
+    # (A > 0), so it gets no gradient; the rejected one (ratio 1) still does.
+    pc = (PC + math.log(1.5)).requires_grad_()
+    pr = PR.clone().requires_grad_()
+    loss = rloo_loss(pc, pr, PC, PR, RC, RR, p, beta=0.05, clip=0.2)
+    loss.sum().backward()
+    assert math.isclose(loss.item(), (-1.2 * 0.4 + 0.4) / 2, rel_tol=1e-5)
+    assert pc.grad.item() == 0.0 and math.isclose(pr.grad.item(), 0.2, rel_tol=1e-5)
+    # A sure annotator and no KL gap give the largest advantage; a coin flip gives none.
+    half = rloo_loss(PC.clone().requires_grad_(), PR, PC, PR, RC, RC, torch.tensor([0.5]), 0.05, 0.2)
+    assert half.item() == 0.0

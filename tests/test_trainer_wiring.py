@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from oaif.config import TrainConfig
-from oaif.losses import dpo_loss, ipo_loss, kto_loss, slic_loss
+from oaif.losses import dpo_loss, ipo_loss, kto_loss, orpo_loss, simpo_loss, slic_loss
 from oaif.records import PreferencePair
 from oaif.train import DPOTrainer, batch_sequences, build_policy, load_causal_lm, sequence_logps
 
@@ -20,9 +20,10 @@ from oaif.train import DPOTrainer, batch_sequences, build_policy, load_causal_lm
 PC, PR = torch.tensor([-10.0, -12.0, -7.5]), torch.tensor([-12.0, -11.0, -9.0])
 RC, RR = torch.tensor([-11.0, -11.5, -8.0]), torch.tensor([-11.0, -12.0, -8.2])
 P_CHOSEN = torch.tensor([0.9, 0.6, 0.75])
-# The paper's β per loss (OAIF §4; cDPO, soft and KTO keep DPO's), written out rather than
-# read from oaif.config so that a wrong default fails here.
-PAPER_BETA = {"dpo": 0.1, "cdpo": 0.1, "soft": 0.1, "ipo": 1.0, "slic": 0.002, "kto": 0.1}
+# The paper's β per loss (OAIF §4; cDPO, soft and KTO keep DPO's; ORPO's λ, Hong et al. 2024;
+# SimPO, Meng et al. 2024), written out rather than read from oaif.config so that a wrong
+# default fails here.
+PAPER_BETA = {"dpo": 0.1, "cdpo": 0.1, "soft": 0.1, "ipo": 1.0, "slic": 0.002, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}
 
 
 def trainer_for(**cfg) -> DPOTrainer:
@@ -30,7 +31,8 @@ def trainer_for(**cfg) -> DPOTrainer:
     return DPOTrainer(torch.nn.Linear(1, 1), None, TrainConfig(**cfg), pad_id=0)
 
 
-def expected_loss(loss: str, beta: float, margin_scale: float, smoothing: float, wd: float, wu: float, z0):
+def expected_loss(loss: str, beta: float, margin_scale: float, smoothing: float, wd: float, wu: float, z0,
+                  gamma: float = 0.7):
     """The pure function from oaif.losses that `loss` names, with the arguments the docs give it."""
     margin = margin_scale * (2 * P_CHOSEN - 1)
     if loss == "dpo":
@@ -43,6 +45,10 @@ def expected_loss(loss: str, beta: float, margin_scale: float, smoothing: float,
         return ipo_loss(PC, PR, RC, RR, beta)
     if loss == "slic":
         return slic_loss(PC, PR, RC, RR, beta)
+    if loss == "orpo":   # reference-free: RC, RR unused; β is λ
+        return orpo_loss(PC, PR, beta)
+    if loss == "simpo":
+        return simpo_loss(PC, PR, beta, gamma)
     desirable = torch.tensor([True] * 3 + [False] * 3)   # chosen desirable, rejected undesirable
     per = kto_loss(torch.cat([PC, PR]), torch.cat([RC, RR]), desirable, beta, torch.tensor(z0), wd, wu)
     return (per[:3] + per[3:]) / 2
@@ -51,9 +57,10 @@ def expected_loss(loss: str, beta: float, margin_scale: float, smoothing: float,
 @pytest.mark.parametrize("loss", list(PAPER_BETA))
 def test_trainer_uses_the_configured_loss_with_its_paper_beta_and_settings(loss):
     """Each train.loss name reaches its own formula with its own default β, and margin_scale,
-    label_smoothing, the soft label and the KTO weights are passed through (non-default values,
-    so that ignoring one changes the number)."""
-    settings = dict(margin_scale=0.5, label_smoothing=0.2, kto_desirable_weight=1.5, kto_undesirable_weight=0.5)
+    label_smoothing, the soft label, the KTO weights and SimPO's γ are passed through
+    (non-default values, so that ignoring one changes the number)."""
+    settings = dict(margin_scale=0.5, label_smoothing=0.2, kto_desirable_weight=1.5, kto_undesirable_weight=0.5,
+                    simpo_gamma=0.7)
     trainer = trainer_for(loss=loss, **settings)
     assert trainer.beta == PAPER_BETA[loss]
     got = trainer.loss(PC, PR, RC, RR, P_CHOSEN, z0=torch.tensor(0.3))
@@ -72,6 +79,7 @@ def test_the_losses_differ_on_the_fixed_tensors():
     values = [expected_loss(name, beta, 0.5, 0.2, 1.5, 0.5, 0.3) for name, beta in PAPER_BETA.items()]
     values.append(expected_loss("dpo", 0.1, 0.0, 0.2, 1.5, 0.5, 0.3))   # dpo without margin
     values.append(expected_loss("kto", 0.1, 0.5, 0.2, 1.0, 1.0, 0.3))   # kto with default weights
+    values.append(expected_loss("simpo", 2.0, 0.5, 0.2, 1.5, 0.5, 0.3, gamma=1.0))   # simpo with default γ
     for i, a in enumerate(values):
         for b in values[i + 1:]:
             assert (a - b).abs().max() > 1e-3
@@ -206,3 +214,47 @@ def test_disable_dropout_makes_the_training_policy_deterministic(arch, tiny_mode
             assert same and dropout_p <= {0.0}, (same, dropout_p)
         else:
             assert not same and dropout_p == ({0.3} if arch == "gpt2" else set()), (same, dropout_p)
+
+
+@pytest.mark.parametrize("loss", ["orpo", "simpo"])
+@pytest.mark.parametrize("start", ["full", "lora", "from_adapter"])
+def test_reference_free_losses_build_and_run_no_reference(loss, start, tiny_model, tmp_path, monkeypatch):
+    """orpo, simpo: build_policy builds no reference (full weights: the model is loaded once,
+    for the policy; from a trained adapter: no frozen copy of base+adapter), no reference pass
+    runs (not even LoRA's adapter-disabled one), and the loss gets per-token mean log-probs
+    with length_normalize off: the step's logged log-probs are the starting policy's means,
+    its rewards β times them, and there is no train/kl_to_ref."""
+    import dataclasses
+
+    import oaif.train
+    from oaif.config import LoraConfig
+
+    lora = LoraConfig(enabled=start != "full", r=4)
+    if start == "from_adapter":
+        from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+        adapter = get_peft_model(load_causal_lm(str(tiny_model), "float32", trainable=True),
+                                 PeftLoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        adapter.save_pretrained(tmp_path / "adapter")
+        lora = dataclasses.replace(lora, adapter=str(tmp_path / "adapter"))
+    cfg = TrainConfig(loss=loss, learning_rate=1e-3, batch_size=4, micro_batch_size=2, lora=lora)
+    loads, load = [], oaif.train.load_causal_lm
+    monkeypatch.setattr(oaif.train, "load_causal_lm", lambda *a, **k: loads.append(a) or load(*a, **k))
+    policy, reference = build_policy(str(tiny_model), "float32", "cpu", cfg)
+    assert reference is None and len(loads) == 1
+
+    pairs = pairs_of(4)   # chosen responses of 2 and 3 tokens: a sum is not a mean
+    with torch.no_grad():
+        means = [sequence_logps(policy, *batch_sequences([p.prompt_token_ids], [p.chosen_token_ids], 0),
+                                length_normalize=True).item() for p in pairs]
+
+    def no_reference(*_):
+        raise AssertionError("a reference-free loss ran a reference pass")
+
+    monkeypatch.setattr(oaif.train, "reference_model", no_reference)
+    monkeypatch.setattr(DPOTrainer, "_reference_logps", no_reference)
+    trainer = DPOTrainer(policy, reference, cfg, pad_id=0)
+    metrics = trainer.train_round(pairs)
+    assert metrics["train/steps"] == 1 and "train/kl_to_ref" not in metrics
+    assert math.isclose(metrics["train/logps_chosen"], sum(means) / 4, rel_tol=1e-5)
+    assert math.isclose(metrics["train/rewards_chosen"], PAPER_BETA[loss] * sum(means) / 4, rel_tol=1e-5)

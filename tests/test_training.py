@@ -29,6 +29,28 @@ def test_each_loss_runs_through_the_cli(tiny_model, tmp_path, loss):
     assert (tmp_path / loss / "checkpoints/round_000001/trainer.pt").is_file()
 
 
+@pytest.mark.parametrize("loss, extra", [("orpo", []), ("simpo", []),
+                                         # rejection-sampling fine-tuning: SFT on the best of 4
+                                         ("sft", ["generate.samples_per_prompt=4", "annotate.ranking=knockout"])])
+def test_reference_free_losses_learn_shorter_through_the_cli(tiny_model, tmp_path, loss, extra):
+    """ORPO and SimPO at their paper defaults (and the DPO run's learning rate), and SFT on the
+    annotator's best response, learn the "prefer shorter" preference like DPO
+    (tests/test_loop.py), with no reference model: no KL to a reference in training or in the
+    evaluation after the last round."""
+    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
+                 f"name={loss}", f"train.loss={loss}", "rounds=8", "eval.every=8", "eval.max_prompts=20", *extra)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = read_jsonl(tmp_path / loss / "metrics.jsonl")
+    versions_follow_training(metrics, trained_at_least=6)
+    first, last = metrics[0]["generate/mean_length"], metrics[-1]["generate/mean_length"]
+    assert last < 0.75 * first, f"{loss}: mean length {first:.1f} -> {last:.1f}: the policy did not learn 'shorter'"
+    trained = [m for m in metrics if "train/loss" in m]
+    assert all(math.isfinite(m["train/loss"]) and math.isfinite(m["train/reward_margin"]) for m in trained)
+    assert not any("train/kl_to_ref" in m for m in metrics)
+    final = metrics[-1]
+    assert final["eval/kl_to_ref"] is None and final["eval/mean_length"] < final["eval/baseline_mean_length"]
+
+
 def test_lora_with_vllm_lora_sync_runs_through_the_cli(tiny_model, tmp_path):
     r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
                  "name=vllm-lora", "train.lora.enabled=true", "train.lora.r=8", "train.lora.sync=vllm_lora",
@@ -195,3 +217,18 @@ def test_kto_reference_point_does_not_depend_on_the_micro_batch_size(tiny_model)
     # Passes of other shapes round differently (~2e-5 after Adam at lr 1e-2); a z0 taken per
     # micro-batch moves the weights ~8e-3 apart.
     assert differ < 1e-4, differ
+
+
+def test_policy_gradient_learns_shorter_with_its_kl_leash(tiny_model, tmp_path):
+    """rloo: the annotator's preference as the reward, the other sample as the baseline, PPO's
+    clipped ratio (2 epochs per round, so the second pass is off the sampling policy) and the
+    KL penalty. Mean length falls under the concise constitution, and the KL to the
+    reference is measured."""
+    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
+                 "name=rloo", "train.loss=rloo", "rounds=8", "train.epochs_per_round=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = read_jsonl(tmp_path / "rloo" / "metrics.jsonl")
+    versions_follow_training(metrics, trained_at_least=6)
+    first, last = metrics[0]["generate/mean_length"], metrics[-1]["generate/mean_length"]
+    assert last < 0.75 * first, f"rloo: mean length {first:.1f} -> {last:.1f}: the policy did not learn 'shorter'"
+    assert all(math.isfinite(m["train/kl_to_ref"]) for m in metrics if "train/loss" in m)

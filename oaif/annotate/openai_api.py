@@ -15,6 +15,7 @@ key is read from the environment at call time and kept out of every Answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 
@@ -74,13 +75,33 @@ class OpenAIAnnotator:
     def judge(self, requests: list[JudgeRequest]) -> list[Answer]:
         return asyncio.run(self._judge(requests)) if requests else []
 
-    async def _judge(self, requests: list[JudgeRequest]) -> list[Answer]:
+    def complete(self, prompts: list[str], max_tokens: int, temperature: float) -> list[tuple[str | None, str | None]]:
+        """Free text from the same endpoint, for a stage that needs a writer, not a judge (the
+        critic of `oaif critique`): per prompt (text, None), or (None, why it failed), with the
+        same concurrency, deadline and retries as judging."""
+        return asyncio.run(self._complete(prompts, max_tokens, temperature)) if prompts else []
+
+    async def _complete(self, prompts: list[str], max_tokens: int, temperature: float):
+        async with self._client() as (client, key):
+            sem = asyncio.Semaphore(self.api.max_concurrency)
+            replies = await asyncio.gather(*(self._call(client, sem, p, self._read_text, max_tokens=max_tokens,
+                                                        temperature=temperature) for p in prompts))
+        # As in _judge: the key must not reach a record.
+        return [(text, why.replace(key, "<api key>") if why and key != NO_KEY else why) for text, why in replies]
+
+    @contextlib.asynccontextmanager
+    async def _client(self):
+        """(client, key) for one batch of requests."""
         key = os.environ.get(self.api.api_key_env) or NO_KEY
         # No key: no Authorization header at all (the client insists on a key; the request omits it).
         self.auth = {} if key != NO_KEY else {"extra_headers": {"Authorization": openai.Omit()}}
-        # The client's own retries are off: ours (below) are the only ones, and are counted.
+        # The client's own retries are off: ours (_call) are the only ones, and are counted.
         async with openai.AsyncOpenAI(base_url=self.api.base_url, api_key=key, max_retries=0,
                                       timeout=self.api.timeout_s) as client:
+            yield client, key
+
+    async def _judge(self, requests: list[JudgeRequest]) -> list[Answer]:
+        async with self._client() as (client, key):
             if self.api.mode == "logprob" and self.label_ids is None:
                 self.label_ids = await self._find_label_ids(key)
             sem = asyncio.Semaphore(self.api.max_concurrency)

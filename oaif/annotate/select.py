@@ -48,8 +48,17 @@ def _python(cfg: RunConfig, a: AnnotateConfig, model: str, constitution: Constit
     return target if callable(getattr(target, "judge", None)) else FunctionAnnotator(target, constitution)
 
 
+def _reward_model(cfg: RunConfig, a: AnnotateConfig, model: str, constitution: Constitution,
+                  template: JudgeTemplate) -> Annotator:
+    from oaif.annotate.reward_model import RewardModelAnnotator
+
+    # The constitution and template are not read: the model learned its preference from pairs.
+    return RewardModelAnnotator(model, a.dtype, cfg.policy.device, a.batch_size, a.max_prompt_tokens)
+
+
 BACKENDS: dict[str, Callable[..., Annotator]] = {
     "rules": _rules, "vllm": _vllm, "transformers": _transformers, "openai": _openai, "python": _python,
+    "reward_model": _reward_model,
 }
 
 
@@ -74,7 +83,7 @@ def _single(cfg: RunConfig, backend: str, constitution_path: str, model: str, ta
                               "dtype", "max_prompt_tokens")}
         settings["openai"] = {k: getattr(a.openai, k)
                               for k in ("base_url", "endpoint", "mode", "top_logprobs", "temperature")}
-        if backend in ("vllm", "transformers"):   # a local folder is named by its content, not its path
+        if backend in ("vllm", "transformers", "reward_model"):   # a local folder is named by its content
             settings["model_content"] = model_fingerprint(annotator.identity.model)
         annotator = CachedAnnotator(annotator, a.cache, settings)
     return annotator
@@ -161,3 +170,7 @@ def check_inputs(cfg: RunConfig, where: str = "annotate", python=None) -> None:
             if model or a.model:   # else the policy's model, checked as policy.model
                 check_model(model or a.model, f"{key}.model" if model else f"{where}.model")
             check_labels(a, model or a.model or cfg.policy.model, constitution, template)
+        if backend == "reward_model":   # annotate.model is required for it (config validation)
+            from oaif.annotate.reward_model import check_reward_model
+
+            check_reward_model(model or a.model, f"{key}.model" if model else f"{where}.model")

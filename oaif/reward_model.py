@@ -1,0 +1,204 @@
+"""`oaif train-rm`: a Bradley-Terry reward model trained on collected preference pairs.
+
+    oaif train-rm PAIRS CONFIG [key=value ...] --out DIR
+
+A reward model reads (prompt, response) and returns one number r; P(y_w better than y_l) is
+modelled as σ(r_w − r_l) (Bradley & Terry 1952; InstructGPT, Ouyang et al. 2022, eq. 1). It
+is a transformers sequence-classification model with one output on any causal LM
+(`reward_model.model`, empty: the policy's starting model), trained whole or as a LoRA
+adapter plus the score head (PERL, Sidahmed et al. 2024). Once trained it judges a pair with
+one forward pass per response instead of a judge prompt per order: the `reward_model`
+annotator backend (annotate/reward_model.py) makes it a cheap judge for `oaif run`.
+
+PAIRS is a pair file in any format `oaif offline` reads (oaif pair records, `oaif annotate`
+output, prompt/chosen/rejected rows, also as parquet or a save_to_disk folder), or a run
+directory (runs/NAME: every kept pair of every round). A seeded share of the pairs
+(`reward_model.heldout_fraction`) is held out; its accuracy is reported after every epoch.
+DIR gets the model in Hugging Face format (a LoRA adapter merged in), its tokenizer, and
+metrics.json (sizes, per-epoch train and held-out loss and accuracy, the settings). DIR is
+written whole: built in a hidden folder beside it, then renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from oaif.annotate.base import render_conversation
+from oaif.config import RunConfig, to_dict
+from oaif.records import Message, PreferencePair
+from oaif.train import DTYPES, batch_sequences, disable_dropout, resolve_device
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """Per-pair −log σ(r_w − r_l − m): InstructGPT eq. 1, with Llama 2's margin m (Touvron et al.
+    2023, eq. 2), which asks a larger gap of pairs the annotator was surer about."""
+    return -F.logsigmoid(chosen - rejected - margin)
+
+
+def encode(tokenizer, messages: list[Message], response: str) -> list[int]:
+    """The token ids the reward model reads for (conversation, response), in training and in
+    scoring alike: the response as the assistant's turn of the tokenizer's chat template, or,
+    for a tokenizer without one, the plain conversation text ('User: ...\\nAssistant: ...')."""
+    turns = messages + [{"role": "assistant", "content": response}]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]   # the template writes its own
+    return tokenizer(render_conversation(turns))["input_ids"]
+
+
+def rewards(model: torch.nn.Module, sequences: list[list[int]], pad_id: int) -> torch.Tensor:
+    """r of each sequence, shape (B,). Right-padded: the head reads the last token that is not
+    padding (the model's config.pad_token_id, set to pad_id when the model is built)."""
+    # batch_sequences pads prompt+response pairs; here the whole sequence is the "prompt".
+    ids, mask, _ = batch_sequences(sequences, [[] for _ in sequences], pad_id)
+    device = next(model.parameters()).device
+    return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float()
+
+
+@torch.no_grad()
+def score(model: torch.nn.Module, sequences: list[list[int]], pad_id: int, batch_size: int) -> list[float]:
+    """r of each sequence, batch_size sequences per forward pass."""
+    out = []
+    for s in range(0, len(sequences), batch_size):
+        out += rewards(model, sequences[s:s + batch_size], pad_id).tolist()
+    return out
+
+
+def load_reward_model(path: str, dtype: str, device: str, pad_id: int) -> torch.nn.Module:
+    """A one-output sequence-classification model: a trained reward model, or a causal LM whose
+    new score head starts at random. Dropout off, so training and scoring see one function."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
+    model.config.pad_token_id = pad_id   # how the head finds each sequence's last token
+    disable_dropout(model)
+    return model.to(resolve_device(device))
+
+
+def read_pairs(source: str | Path, tokenizer, max_prompt_tokens: int) -> tuple[list[PreferencePair], dict]:
+    """(pairs, skipped rows by reason) from a run directory's rounds or a pair file (`oaif offline`'s reader)."""
+    from oaif.datasets_io import run_pairs
+    from oaif.offline import PAIR_FIELDS, load_pairs
+    from oaif.rundir import is_run_dir
+
+    source = Path(source)
+    if not is_run_dir(source):
+        return load_pairs(source, tokenizer, max_prompt_tokens)
+    pairs = [PreferencePair(**{k: pair[k] for k in PAIR_FIELDS}) for pair, _ in run_pairs(source)]
+    if not pairs:
+        raise ValueError(f"{source}: the run kept no pairs yet; give a run with kept pairs or a pair file")
+    return pairs, {}
+
+
+def split(items: list, fraction: float, seed: int, what: str) -> tuple[list, list]:
+    """(training, held-out): a seeded shuffle, then round(fraction · n) held out."""
+    order = items[:]
+    random.Random(seed).shuffle(order)
+    held = round(len(order) * fraction)
+    if held < 1 or held >= len(order):
+        raise ValueError(f"{what}: {len(order)} usable pairs are too few to hold out "
+                         f"reward_model.heldout_fraction={fraction} of them ({held} held out, {len(order) - held} "
+                         f"to train on); collect more pairs or change reward_model.heldout_fraction")
+    return order[held:], order[:held]
+
+
+def evaluate(model: torch.nn.Module, data: list[tuple], pad_id: int, batch_size: int) -> dict[str, float]:
+    """Mean loss and accuracy (r_chosen > r_rejected) over (chosen ids, rejected ids, margin) triples."""
+    chosen = torch.tensor(score(model, [c for c, _, _ in data], pad_id, batch_size))
+    rejected = torch.tensor(score(model, [r for _, r, _ in data], pad_id, batch_size))
+    margin = torch.tensor([m for _, _, m in data])
+    return {"loss": bradley_terry_loss(chosen, rejected, margin).mean().item(),
+            "accuracy": (chosen > rejected).float().mean().item()}
+
+
+def check_out(out: Path) -> None:
+    if out.exists() and not (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
+        raise FileExistsError(f"--out {out} exists; pick another --out (or remove it)")
+
+
+def train_reward_model(cfg: RunConfig, source: str | Path, out: str | Path, log=print) -> dict:
+    """Train on the pairs of `source`, save the model and metrics.json into `out`; the metrics."""
+    from oaif.generate import check_model, load_tokenizer
+
+    rm, out, t0 = cfg.reward_model, Path(out), time.perf_counter()
+    check_out(out)
+    base = rm.model or cfg.policy.model
+    check_model(base, "reward_model.model" if rm.model else "policy.model")
+    tokenizer = load_tokenizer(base)
+    pad_id = tokenizer.pad_token_id
+    pairs, skipped = read_pairs(source, tokenizer, rm.max_tokens)
+    data = []   # (chosen ids, rejected ids, margin)
+    for p in pairs:
+        chosen, rejected = encode(tokenizer, p.messages, p.chosen), encode(tokenizer, p.messages, p.rejected)
+        if max(len(chosen), len(rejected)) > rm.max_tokens:
+            skipped["too_long"] = skipped.get("too_long", 0) + 1
+            continue
+        data.append((chosen, rejected, rm.margin_scale * (2 * p.p_chosen - 1)))
+    train, held = split(data, rm.heldout_fraction, cfg.seed, str(source))
+    log(f"train-rm: {len(data)} pairs from {source} ({len(train)} to train on, {len(held)} held out; "
+        f"skipped: {skipped}); base {base}{' with LoRA' if rm.lora else ''}")
+
+    torch.manual_seed(cfg.seed)   # the new score head's initial weights
+    model = load_reward_model(base, "float32", cfg.policy.device, pad_id)
+    if rm.lora:
+        from peft import LoraConfig, get_peft_model
+
+        # SEQ_CLS: peft trains the score head whole beside the adapters (modules_to_save).
+        model = get_peft_model(model, LoraConfig(r=rm.lora_r, lora_alpha=rm.lora_alpha, task_type="SEQ_CLS",
+                                                 target_modules=list(rm.lora_target_modules)))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=rm.learning_rate)
+    rng, epochs = random.Random(cfg.seed), []
+    for epoch in range(rm.epochs):
+        rng.shuffle(train)
+        loss_sum = correct = 0.0
+        for s in range(0, len(train), rm.batch_size):
+            batch = train[s:s + rm.batch_size]
+            # Chosen and rejected in one forward pass.
+            both = rewards(model, [c for c, _, _ in batch] + [r for _, r, _ in batch], pad_id)
+            chosen, rejected = both[:len(batch)], both[len(batch):]
+            losses = bradley_terry_loss(chosen, rejected, torch.tensor([m for _, _, m in batch], device=both.device))
+            optimizer.zero_grad(set_to_none=True)
+            losses.mean().backward()
+            optimizer.step()
+            loss_sum += losses.sum().item()
+            correct += (chosen > rejected).sum().item()
+        heldout = evaluate(model, held, pad_id, rm.batch_size)
+        # Train figures are running means over the epoch's steps (the weights moved meanwhile).
+        epochs.append({"epoch": epoch + 1, "train_loss": loss_sum / len(train), "train_accuracy": correct / len(train),
+                       "heldout_loss": heldout["loss"], "heldout_accuracy": heldout["accuracy"]})
+        log(f"train-rm: epoch {epoch + 1}/{rm.epochs}: train loss {loss_sum / len(train):.4f} accuracy "
+            f"{correct / len(train):.3f}; held-out loss {heldout['loss']:.4f} accuracy {heldout['accuracy']:.3f}")
+
+    final = evaluate(model, train, pad_id, rm.batch_size)
+    metrics = {"source": str(source), "base_model": base, "pairs": len(data), "train_pairs": len(train),
+               "heldout_pairs": len(held), "skipped": skipped, "train_accuracy": final["accuracy"],
+               "train_loss": final["loss"], "heldout_accuracy": epochs[-1]["heldout_accuracy"],
+               "heldout_loss": epochs[-1]["heldout_loss"], "epochs": epochs,
+               "seconds": time.perf_counter() - t0, "seed": cfg.seed, "config": to_dict(rm)}
+    if rm.lora:
+        model = model.merge_and_unload()   # a plain model that loads by path, score head included
+    check_out(out)   # nothing appeared there meanwhile
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        staging.chmod(0o755)   # mkdtemp makes it private; the model folder is an ordinary one
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if out.exists():   # an empty folder (check_out)
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"train-rm: held-out accuracy {metrics['heldout_accuracy']:.3f} on {len(held)} pairs "
+        f"(train {metrics['train_accuracy']:.3f}); saved to {out} ({metrics['seconds']:.0f}s)")
+    return metrics
