@@ -252,7 +252,7 @@ def test_reference_free_losses_build_and_run_no_reference(loss, start, tiny_mode
         raise AssertionError("a reference-free loss ran a reference pass")
 
     monkeypatch.setattr(oaif.train, "reference_model", no_reference)
-    monkeypatch.setattr(DPOTrainer, "_reference_logps", no_reference)
+    monkeypatch.setattr(DPOTrainer, "_fixed_logps", no_reference)   # the reference (and rloo's start) pass
     trainer = DPOTrainer(policy, reference, cfg, pad_id=0)
     metrics = trainer.train_round(pairs)
     assert metrics["train/steps"] == 1 and "train/kl_to_ref" not in metrics
