@@ -29,6 +29,10 @@ def build_llm(model: str, dtype: str, seed: int, kv_cache_gib: float, max_model_
         kv_cache_memory_bytes=int(kv_cache_gib * GIB), tensor_parallel_size=tensor_parallel_size,
         gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True,
         enforce_eager=resolve_eager(enforce_eager),
+        # A prompt prefilled in chunks has its sampled token thrown away, and vLLM then rewinds
+        # that request's seeded generator, which a CPU generator cannot do ("CPU Generator does
+        # not use offset": every sample here has its own seed). Whole prefills avoid it.
+        **({"enable_chunked_prefill": False} if on_cpu() else {}),
         use_tqdm_on_load=False,   # a loading bar on stderr would break up the round table
         # LoRA served by vLLM itself (train.lora.sync: vllm_lora); 0 keeps LoRA support off.
         **({"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": 1} if max_lora_rank else {}),
@@ -38,8 +42,10 @@ def build_llm(model: str, dtype: str, seed: int, kv_cache_gib: float, max_model_
 def resolve_eager(enforce_eager: bool | None) -> bool:
     """The config's enforce_eager; unset: eager on a CPU (there compilation costs more
     start-up than the faster generation saves in a run of tens of rounds), compiled on a GPU."""
-    if enforce_eager is not None:
-        return enforce_eager
+    return on_cpu() if enforce_eager is None else enforce_eager
+
+
+def on_cpu() -> bool:
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()

@@ -21,7 +21,8 @@ Two losses need no reference: with pc, pr the policy's mean per-token log-probs,
 and one policy-gradient loss, on summed log-probs, with oc, or under the policy that sampled:
     rloo  REINFORCE with the other sample as baseline, PPO's clipped ratio and a KL penalty
           in the reward (see rloo_loss)
-Each returns per-pair losses (B,).
+Each returns per-pair losses (B,). The reward model's loss (oaif train-rm) lives here too:
+    Bradley–Terry  −log σ(r_w − r_l − m), on a reward head's scores
 """
 
 from __future__ import annotations
@@ -122,3 +123,9 @@ def rloo_loss(pc, pr, oc, or_, rc, rr, p_chosen: torch.Tensor, beta: float, clip
 def rewards(pc, pr, rc, rr, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """DPO's implicit rewards β·log(πθ/π0) of chosen and rejected, detached, shape (B,)."""
     return (beta * (pc - rc)).detach(), (beta * (pr - rr)).detach()
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """Per-pair −log σ(r_w − r_l − m): InstructGPT eq. 1, with Llama 2's margin m (Touvron et al.
+    2023, eq. 2), which asks a larger gap of pairs the annotator was surer about."""
+    return -F.logsigmoid(chosen - rejected - margin)

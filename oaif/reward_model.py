@@ -29,18 +29,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from oaif.annotate.base import render_conversation
 from oaif.config import RunConfig, to_dict
+from oaif.losses import bradley_terry_loss
 from oaif.records import Message, PreferencePair
-from oaif.train import DTYPES, batch_sequences, disable_dropout, resolve_device
-
-
-def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
-    """Per-pair −log σ(r_w − r_l − m): InstructGPT eq. 1, with Llama 2's margin m (Touvron et al.
-    2023, eq. 2), which asks a larger gap of pairs the annotator was surer about."""
-    return -F.logsigmoid(chosen - rejected - margin)
+from oaif.train import DTYPES, batch_sequences, disable_dropout, lora_model, resolve_device
 
 
 def encode(tokenizer, messages: list[Message], response: str) -> list[int]:
@@ -149,11 +143,8 @@ def train_reward_model(cfg: RunConfig, source: str | Path, out: str | Path, log=
     torch.manual_seed(cfg.seed)   # the new score head's initial weights
     model = load_reward_model(base, "float32", cfg.policy.device, pad_id)
     if rm.lora:
-        from peft import LoraConfig, get_peft_model
-
         # SEQ_CLS: peft trains the score head whole beside the adapters (modules_to_save).
-        model = get_peft_model(model, LoraConfig(r=rm.lora_r, lora_alpha=rm.lora_alpha, task_type="SEQ_CLS",
-                                                 target_modules=list(rm.lora_target_modules)))
+        model = lora_model(model, rm.lora_r, rm.lora_alpha, 0.0, rm.lora_target_modules, "SEQ_CLS")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=rm.learning_rate)
     rng, epochs = random.Random(cfg.seed), []
     for epoch in range(rm.epochs):

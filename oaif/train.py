@@ -90,7 +90,7 @@ def build_policy(path: str, dtype: str, device: str, cfg: TrainConfig,
     reference_free = cfg.loss in REFERENCE_FREE_LOSSES
     if not lora.enabled:
         return model, None if reference_free else load_causal_lm(path, dtype, trainable=False, device=device)
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
 
     reference = None   # a fresh adapter: "adapter disabled" is the starting policy
     if lora.adapter and not reference_free:
@@ -98,9 +98,15 @@ def build_policy(path: str, dtype: str, device: str, cfg: TrainConfig,
         reference.eval().requires_grad_(False)
     if lora.adapter or resume_from:
         return PeftModel.from_pretrained(model, resume_from or lora.adapter, is_trainable=True), reference
-    policy = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                              target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
-    return policy, None
+    return lora_model(model, lora.r, lora.alpha, lora.dropout, lora.target_modules, "CAUSAL_LM"), None
+
+
+def lora_model(model: torch.nn.Module, r: int, alpha: int, dropout: float, target_modules, task_type: str):
+    """A fresh peft LoRA adapter on model (the policy's, task CAUSAL_LM; a reward model's, SEQ_CLS)."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                            target_modules=list(target_modules), task_type=task_type))
 
 
 def batch_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int):

@@ -4,7 +4,7 @@ import json
 
 from oaif.records import read_jsonl
 
-from conftest import run_oaif, versions_follow_training
+from conftest import ROOT, run_oaif, versions_follow_training
 
 METRICS = ["round", "pairs_kept", "generate/mean_length", "annotate/order_agreement", "annotate/invalid_rate",
            "round/seconds", "round/pairs_per_s"]
@@ -138,3 +138,30 @@ def test_async_rounds_sample_the_next_round_while_the_trainer_trains(tiny_model,
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "async/rounds/000000/samples.jsonl").read_bytes() == \
         (tmp_path / "sync/rounds/000000/samples.jsonl").read_bytes()
+
+
+def test_a_batch_larger_than_one_prefill_samples_with_every_seed(tiny_model):
+    """640 seeded requests (80 prompts x 8) overflow one scheduler step's token budget. With
+    chunked prefill, vLLM rewound each chunked request's seeded generator, which fails on a
+    CPU ("CPU Generator does not use offset"); the engine prefills whole prompts instead,
+    and the same seeds still draw the same samples."""
+    from transformers import AutoTokenizer
+
+    from oaif.config import GenerateConfig
+    from oaif.engines import build_llm, shutdown_llm
+    from oaif.generate import Generator, InProcessEngine
+    from oaif.records import load_prompts
+
+    llm = build_llm(str(tiny_model), "float32", seed=0, kv_cache_gib=0.25, max_model_len=192, enforce_eager=True)
+    try:
+        gen = Generator(InProcessEngine(llm), AutoTokenizer.from_pretrained(tiny_model),
+                        GenerateConfig(samples_per_prompt=8, max_new_tokens=16), max_prompt_tokens=128)
+        prompts = load_prompts(ROOT / "prompts/system_prompts.jsonl")
+        assert len(prompts) * 8 * 40 > llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens, \
+            "the batch must be larger than one step's token budget, else this checks nothing"
+        first, _ = gen.sample(prompts, 0, 0)
+        again, _ = gen.sample(prompts, 0, 0)
+    finally:
+        shutdown_llm(llm)
+    assert sum(len(g) for g in first) == 640
+    assert [[s.token_ids for s in g] for g in first] == [[s.token_ids for s in g] for g in again]

@@ -17,7 +17,8 @@ from oaif.annotate.select import build_annotator
 from oaif.config import ConfigError, load_config
 from oaif.generate import load_tokenizer
 from oaif.records import PreferencePair, Sample, read_jsonl
-from oaif.reward_model import (bradley_terry_loss, encode, evaluate, load_reward_model, read_pairs, score, split,
+from oaif.losses import bradley_terry_loss
+from oaif.reward_model import (encode, evaluate, load_reward_model, read_pairs, score, split,
                                train_reward_model)
 
 from conftest import run_oaif

@@ -88,10 +88,12 @@ def rank_groups(annotator: Annotator, groups: list[list[Sample]], ranking: str, 
         return Judged([j for j, _ in results.values()], [p for _, p in results.values() if p is not None]), []
     if ranking == "round_robin":
         judge([(k, i, j) for k, g in enumerate(groups) for i in range(len(g)) for j in range(i + 1, len(g))])
+        scores_of = [[0.0] * len(g) for g in groups]   # one pass over the comparisons, not one per sample
+        for (k, a, b), (j, _) in results.items():
+            scores_of[k][a] += p_better(j, a)
+            scores_of[k][b] += p_better(j, b)
         rankings = []
-        for k, g in enumerate(groups):
-            scores = [sum(p_better(j, i) for (kk, a, b), (j, _) in results.items() if kk == k and i in (a, b))
-                      for i in range(len(g))]
+        for k, (g, scores) in enumerate(zip(groups, scores_of)):
             order = sorted(range(len(g)), key=lambda i: (-scores[i], i))
             rankings.append(Ranking(round, policy_version, g[0].prompt_id, order, scores, len(g) * (len(g) - 1) // 2))
     else:

@@ -1,0 +1,135 @@
+"""What every experiment writes: a folder with `results.md` (the command that made it, how
+long it took here, the tables and the plots) and one PNG per plot. Shared by the scripts
+in scripts/experiments/ so that their folders read the same way."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def fmt(value, spec: str = ".3f") -> str:
+    """A table cell: '-' for a missing value, numbers to `spec`."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return str(value) if isinstance(value, int) else format(value, spec)
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    """A markdown table; cells are formatted with fmt unless already strings."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c if isinstance(c, str) else fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def mean_spread(values: list[float]) -> tuple[float | None, float | None]:
+    """(mean, sample standard deviation) of the values that are not None; std None below 2."""
+    vs = [v for v in values if v is not None and not math.isnan(v)]
+    if not vs:
+        return None, None
+    return statistics.fmean(vs), (statistics.stdev(vs) if len(vs) > 1 else None)
+
+
+def mean_sd(values: list[float], spec: str = ".3f") -> str:
+    """'mean ± sd' of the values (over seeds), or '-'."""
+    m, s = mean_spread(values)
+    return fmt(m, spec) if s is None else f"{fmt(m, spec)} ± {fmt(s, spec)}"
+
+
+def line_plot(path: Path, title: str, xlabel: str, panels: list[tuple[str, dict]], reference: float | None = None
+              ) -> None:
+    """Stacked panels sharing x; each panel is (y label, {series label: (x, y) or (x, y, low, high)}),
+    where low/high are drawn as a shaded band (e.g. mean ± sd over seeds). None is a gap."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    nan = lambda vs: [math.nan if v is None else float(v) for v in vs]  # noqa: E731
+    fig = Figure(figsize=(7, 1.2 + 2.4 * len(panels)), layout="constrained")
+    FigureCanvasAgg(fig)   # the Figure API, not pyplot: Agg renders without a display
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (ylabel, series) in zip(axes, panels):
+        for label, xy in series.items():
+            (line,) = ax.plot(xy[0], nan(xy[1]), marker="o", markersize=3, label=label)
+            if len(xy) == 4:
+                ax.fill_between(xy[0], nan(xy[2]), nan(xy[3]), alpha=0.2, color=line.get_color())
+        if reference is not None:
+            ax.axhline(reference, color="grey", linestyle="--", linewidth=1)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[0].set_title(title)
+    axes[-1].set_xlabel(xlabel)
+    fig.savefig(path, dpi=100)
+
+
+def bar_plot(path: Path, title: str, groups: list[str], panels: list[tuple]) -> None:
+    """Stacked panels of grouped bars: each panel is (y label, {series label: one value per group})
+    or (y label, series, {reference label: y}) with dashed reference lines. None draws no bar
+    (a value that does not apply), marked 'n/a' on the axis so it is not read as zero."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(7, 1.1 * len(groups) + 2), 1.2 + 2.6 * len(panels)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (ylabel, series, *refs) in zip(axes, panels):
+        width = 0.8 / max(1, len(series))
+        for k, (label, values) in enumerate(series.items()):
+            xs = [g + (k - (len(series) - 1) / 2) * width for g in range(len(groups))]
+            ax.bar([x for x, v in zip(xs, values) if v is not None], [v for v in values if v is not None],
+                   width, label=label)
+            for x, v in zip(xs, values):
+                if v is None:
+                    ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=6, rotation=90, color="grey")
+        for (name, y), style in zip((refs[0] if refs else {}).items(), ("--", ":", "-.")):
+            ax.axhline(y, color="grey", linestyle=style, linewidth=1, label=name)
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize="x-small", ncol=2)
+    axes[0].set_title(title)
+    axes[-1].set_xticks(range(len(groups)), groups, fontsize="small")
+    fig.savefig(path, dpi=100)
+
+
+class Results:
+    """An experiment's output folder. Sections are added as the experiment goes; write()
+    puts results.md beside the plots, with the command and the wall time."""
+
+    def __init__(self, out: Path, title: str):
+        self.out, self.title, self.t0 = Path(out), title, time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.sections: list[str] = []
+
+    def add(self, text: str) -> None:
+        self.sections.append(text.strip())
+
+    def plot(self, file: str, title: str, xlabel: str, panels: list[tuple[str, dict]],
+             reference: float | None = None) -> None:
+        line_plot(self.out / file, title, xlabel, panels, reference)
+        self.add(f"![{title}]({file})")
+
+    def bars(self, file: str, title: str, groups: list[str], panels: list[tuple]) -> None:
+        bar_plot(self.out / file, title, groups, panels)
+        self.add(f"![{title}]({file})")
+
+    def write(self) -> Path:
+        minutes = (time.perf_counter() - self.t0) / 60
+        script = Path(sys.argv[0]).resolve()
+        script = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+        command = " ".join([".venv/bin/python", str(script), *sys.argv[1:]])
+        head = (f"# {self.title}\n\n`{command}`: {minutes:.1f} min on {os.cpu_count()} {platform.machine()} CPU "
+                f"cores ({time.strftime('%Y-%m-%d')}).")
+        path = self.out / "results.md"
+        tmp = path.with_suffix(".md.tmp")   # written whole: a crash leaves the last complete file
+        tmp.write_text("\n\n".join([head, *self.sections]) + "\n")
+        tmp.replace(path)
+        return path
