@@ -22,7 +22,8 @@ PURPOSE = {
     "detailed": (["longer", "max_chars"], [("Paris, on the Seine.", "Paris.", ()),
                                            ("Paris, on the Seine." * 14, "Paris, on the Seine." * 5, ())]),   # 280 chars
     "harmless": ([], []),
-    "helpful": ([], []),
+    # Its rule stands in for "accurate" on questions with references; length decides nothing.
+    "helpful": (["matches_reference"], [("Paris, on the Seine, I think.", "Lyon.", ("Paris",))]),
     # Its rules read the conversation's system prompt: decided in tests/test_system_prompts.py.
     "system_prompt": (["system_word_limit", "system_marker", "system_prefix", "system_format"], []),
 }
