@@ -72,31 +72,41 @@ def line_plot(path: Path, title: str, xlabel: str, panels: list[tuple[str, dict]
 
 
 def bar_plot(path: Path, title: str, groups: list[str], panels: list[tuple]) -> None:
-    """Stacked panels of grouped bars: each panel is (y label, {series label: one value per group})
-    or (y label, series, {reference label: y}) with dashed reference lines. None draws no bar
-    (a value that does not apply), marked 'n/a' on the axis so it is not read as zero."""
+    """Stacked panels of grouped bars: each panel is (y label, {series label: {group: value}})
+    or (y label, series, {reference label: y}) with dashed reference lines. A group gets a bar
+    for each series that has it (absent: that series does not apply there); each bar is labelled
+    with its value, and a value of None (measured, but undefined) is marked 'n/a'."""
+    import textwrap
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
-    fig = Figure(figsize=(max(7, 1.1 * len(groups) + 2), 1.2 + 2.6 * len(panels)), layout="constrained")
+    fig = Figure(figsize=(max(7, 1.3 * len(groups) + 1), 1.4 + 2.6 * len(panels)), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     for ax, (ylabel, series, *refs) in zip(axes, panels):
-        width = 0.8 / max(1, len(series))
-        for k, (label, values) in enumerate(series.items()):
-            xs = [g + (k - (len(series) - 1) / 2) * width for g in range(len(groups))]
-            ax.bar([x for x, v in zip(xs, values) if v is not None], [v for v in values if v is not None],
-                   width, label=label)
-            for x, v in zip(xs, values):
-                if v is None:
-                    ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=6, rotation=90, color="grey")
-        for (name, y), style in zip((refs[0] if refs else {}).items(), ("--", ":", "-.")):
-            ax.axhline(y, color="grey", linestyle=style, linewidth=1, label=name)
+        refs = refs[0] if refs else {}
+        colors = {label: f"C{k}" for k, label in enumerate(series)}
+        top = max([v for values in series.values() for v in values.values() if v is not None]
+                  + list(refs.values()) + [1e-9])
+        for g, group in enumerate(groups):
+            present = [label for label in series if group in series[label]]
+            width = 0.8 / max(1, len(present))
+            for k, label in enumerate(present):
+                x, v = g + (k - (len(present) - 1) / 2) * width, series[label][group]
+                ax.bar(x, 0 if v is None else v, width, color=colors[label])
+                ax.text(x, 0 if v is None else v, "n/a" if v is None else f"{v:.2f}", ha="center", va="bottom",
+                        fontsize=6, rotation=90 if len(present) > 2 else 0)
+        lines = [ax.axhline(y, color="grey", linestyle=style, linewidth=1, label=name)
+                 for (name, y), style in zip(refs.items(), ("--", ":", "-."))]
+        ax.set_ylim(0, top * 1.25)   # room for the value labels
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize="x-small", ncol=2)
+        ax.legend(handles=[Patch(color=c, label=label) for label, c in colors.items()] + lines, fontsize="x-small",
+                  ncol=3)
     axes[0].set_title(title)
-    axes[-1].set_xticks(range(len(groups)), groups, fontsize="small")
+    axes[-1].set_xticks(range(len(groups)), [textwrap.fill(g, 18) for g in groups], fontsize="small")
     fig.savefig(path, dpi=100)
 
 
