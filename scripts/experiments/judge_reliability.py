@@ -44,7 +44,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import Results, table  # noqa: E402
+from results import Results, check_model, table  # noqa: E402
 
 import oaif  # noqa: E402
 from oaif.config import ConfigError  # noqa: E402
@@ -55,7 +55,6 @@ CONFIG = "configs/experiments/judge_reliability.yaml"
 CHECK_PAIRS = "prompts/judge_check_pairs.jsonl"
 RULES_CONSTITUTION = "constitutions/correct.yaml"   # the control: exact, so order cannot matter
 QUICK = ["policy.model=models/tiny", "eval.max_prompts=6", "policy.max_prompt_tokens=128"]
-BUILD_HINT = "`bash scripts/demo.sh` builds models/tiny and models/smollm2-135m-instruct"
 # RLAIF §2.1.1: the share of swapped pairs in which a labeler preferred the same position,
 # i.e. 1 - order agreement, for its largest and smallest labeler.
 RLAIF_SAME_POSITION = {"largest": 0.18, "smallest": 0.56}
@@ -73,16 +72,6 @@ def parse_args() -> argparse.Namespace:
                    help="leave out the judge served by a local vLLM server (openai backend)")
     p.add_argument("--quick", action="store_true", help="tiny model as policy and judge, a handful of pairs")
     return p.parse_args()
-
-
-def check_model(model: str, key: str) -> None:
-    """oaif's own check, with the command that builds the bundled models."""
-    from oaif.generate import check_model as check
-
-    try:
-        check(model, key)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}\n{BUILD_HINT}") from None
 
 
 # 1. Pairs.

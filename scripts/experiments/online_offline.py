@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import ROOT, Results, mean_sd, mean_spread, table  # noqa: E402
+from results import ROOT, Results, check_model, mean_sd, mean_spread, table  # noqa: E402
 
 import oaif  # noqa: E402
 from oaif.evaluation import eval_annotator_config  # noqa: E402
@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     out = Path(args.out)
     cfg = oaif.load_config(args.config, [f"output_dir={out / 'runs'}", *args.overrides])
+    check_model(cfg.policy.model, "policy.model")
     seeds = [int(s) for s in args.seeds.split(",")]
     pattern = re.compile(args.well_formed) if args.well_formed else None
     results = Results(out, "Online against offline DPO")

@@ -13,6 +13,19 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
+BUILD_HINT = "`bash scripts/demo.sh` builds models/tiny and models/smollm2-135m-instruct"
+
+
+def check_model(model: str, key: str) -> None:
+    """oaif's own check of a model reference, before anything is written, with the command
+    that builds the bundled models: an experiment fails here, not minutes into its first arm."""
+    from oaif.config import ConfigError
+    from oaif.generate import check_model as check
+
+    try:
+        check(model, key)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}\n{BUILD_HINT}") from None
 
 
 def fmt(value, spec: str = ".3f") -> str:

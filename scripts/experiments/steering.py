@@ -31,7 +31,7 @@ import oaif
 from oaif.constitution import load_constitution, matches_reference
 from oaif.evaluation import eval_prompts
 from oaif.records import read_jsonl
-from results import Results, fmt, table
+from results import Results, check_model, fmt, table
 
 CONFIG = "configs/experiments/steering_smollm2.yaml"
 ARMS = "helpful=constitutions/helpful.yaml,concise=constitutions/concise_correct.yaml"
@@ -61,13 +61,6 @@ def check_overrides(overrides: list[str]) -> None:
         key = o.partition("=")[0]
         if key in SET_PER_ARM:
             raise SystemExit(f"{key} is set per arm by this script: use --arms and --out instead")
-
-
-def check_policy(cfg) -> None:
-    """The bundled local models are built by scripts/demo.sh; say so instead of a hub lookup."""
-    model = cfg.policy.model
-    if model.startswith("models/") and not (Path(model) / "config.json").is_file():
-        raise SystemExit(f"policy.model: {model} not found; `bash scripts/demo.sh` builds it")
 
 
 def run_arm(config: str, name: str, constitution: str, out: Path, overrides: list[str]) -> dict:
@@ -205,7 +198,7 @@ def main() -> None:
         base = oaif.load_config(config, args.overrides)   # bad keys fail here, before any run
     except oaif.ConfigError as e:
         raise SystemExit(f"error: {e}")
-    check_policy(base)
+    check_model(base.policy.model, "policy.model")
     out = Path(args.out or base.output_dir)
     res = Results(out, "Steering by constitution")
     done = [run_arm(config, name, constitution, out, args.overrides) for name, constitution in arms]
