@@ -5,7 +5,11 @@ checkpoint written in an order a crash cannot break (layout in the README).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import functools
+import hashlib
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -18,34 +22,80 @@ class RunDirExists(FileExistsError):
     pass
 
 
+class RunDirInUse(FileExistsError):
+    pass
+
+
+LOCK = ".oaif.lock"
+STAGED = {"rounds", "config.yaml", "config.yaml.tmp", "prompts.jsonl", "prompts.jsonl.tmp", LOCK}
+# What a rewind may drop: the round folders, checkpoints and in-loop evaluations it wrote
+# (".tmp": a write cut short). Anything else there is left as it is.
+ROUND_DIR = re.compile(r"(\d{6})")
+CHECKPOINT_DIR = re.compile(r"round_(\d{6})(?:\.tmp)?")
+EVAL_FILE = re.compile(r"round_(\d{6})\.jsonl(?:\.tmp)?")
+ADAPTER_DIR = re.compile(r"v(\d{6})")
+IDENTITY_KEYS = ("prompts_column", "prompts_split", "prompts_per_round", "seed", "generate.samples_per_prompt")
+
+
 def is_run_dir(path: Path) -> bool:
     """A folder oaif made for a run: its resolved config and its rounds folder."""
     return (path / "config.yaml").is_file() and (path / "rounds").is_dir()
 
 
-def prepare_run_dir(cfg: RunConfig, prompts: list[Prompt] | None = None) -> Path:
-    """A new run directory, made whole: built under a hidden name, then renamed, so a crash
-    leaves either no run directory or one that `oaif resume` takes. prompts: a prompt set
-    given in code, saved as prompts.jsonl (cfg.prompts names it)."""
+class RunLock:
+    """A run directory held by this process: a second `oaif run` (with overwrite) or `oaif
+    resume` of it is refused while this one lives. flock, so the kernel lets go when the
+    process ends, even by SIGKILL: a crashed run never leaves its directory locked."""
+
+    def __init__(self, run_dir: Path):
+        self.fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.fd, 32).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise RunDirInUse(f"{run_dir} is in use by another oaif process (pid {holder}): wait for it to end "
+                              f"or stop it (Ctrl-C stops it after the round in flight), then try again") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)   # closing the last descriptor releases the flock
+            self.fd = None
+
+
+def prepare_run_dir(cfg: RunConfig, prompts: list[Prompt] | None = None) -> tuple[Path, RunLock]:
+    """A new run directory, made whole and locked: built under a hidden name, then renamed,
+    so a crash leaves either no run directory or one that `oaif resume` takes. prompts: a
+    prompt set given in code, saved as prompts.jsonl (cfg.prompts names it)."""
     run_dir = Path(cfg.output_dir) / cfg.name
-    if run_dir.exists():
+    if run_dir.exists() or run_dir.is_symlink():
         if not cfg.overwrite:
-            raise RunDirExists(f"run directory {run_dir} exists: pass name=<new name> or overwrite=true")
+            raise RunDirExists(f"run directory {run_dir} exists: pass name=<new name> or overwrite=true "
+                               f"(or continue it: oaif resume {run_dir})")
         if not is_run_dir(run_dir) or run_dir.is_symlink():
             # overwrite replaces an earlier run, never a folder (or link) oaif did not make.
             raise RunDirExists(f"{run_dir} exists and is not an oaif run directory (no config.yaml and rounds/): "
                                f"overwrite=true only replaces runs; pick another name or output_dir")
+        RunLock(run_dir).release()   # a live run is never deleted under its process
         shutil.rmtree(run_dir)
     staging = run_dir.with_name(f".{cfg.name}.new")
-    made = {"rounds", "config.yaml", "prompts.jsonl", "prompts.jsonl.tmp"}
-    if staging.is_dir() and not staging.is_symlink() and {p.name for p in staging.iterdir()} <= made:
+    if staging.is_dir() and not staging.is_symlink() and {p.name for p in staging.iterdir()} <= STAGED:
         shutil.rmtree(staging)   # an earlier attempt cut short here (only what this function makes)
     (staging / "rounds").mkdir(parents=True)
+    lock = RunLock(staging)      # the lock follows the folder through the rename
     if prompts is not None:
         write_jsonl(staging / "prompts.jsonl", prompts)
-    dump_config(cfg, staging / "config.yaml")
+    save_config(cfg, staging)
     staging.rename(run_dir)
-    return run_dir
+    return run_dir, lock
+
+
+def save_config(cfg: RunConfig, run_dir: Path) -> None:
+    """The run's config.yaml. Never with overwrite=true: running a run's own saved config
+    again must not delete that run."""
+    dump_config(dataclasses.replace(cfg, overwrite=False), run_dir / "config.yaml")
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
@@ -59,8 +109,7 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     cfg = load_config(run_dir / "config.yaml", overrides)
     # Another start model changes the reference; another prompt set, batch or seed makes the
     # resumed prompt stream skip the wrong prompts.
-    for key in ("policy.model", "prompts", "prompts_column", "prompts_split", "prompts_per_round", "seed",
-                "generate.samples_per_prompt"):
+    for key in ("policy.model", "prompts") + IDENTITY_KEYS:
         old, new = (functools.reduce(getattr, key.split("."), c) for c in (saved, cfg))
         if old != new:
             raise ConfigError(f"{key}: a resumed run keeps its {key} ({old!r}, not {new!r}); start a new "
@@ -69,35 +118,144 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     # say (a prompt set given in code was saved in it).
     moved = {"prompts": str(run_dir / "prompts.jsonl")} \
         if Path(cfg.prompts) == Path(saved.output_dir) / saved.name / "prompts.jsonl" else {}
-    return dataclasses.replace(cfg, name=run_dir.name, output_dir=str(run_dir.parent), **moved)
+    return dataclasses.replace(cfg, name=run_dir.name, output_dir=str(run_dir.parent), overwrite=False, **moved)
 
 
-def rewind_run_dir(cfg: RunConfig, run_dir: Path, last_round: int) -> list[str]:
-    """Drop everything recorded after `last_round` (it is redone) and save the resumed
-    config; returns what was dropped. Safe to repeat if the resume itself is interrupted."""
-    dropped = []
+def run_identity(cfg: RunConfig, data: str | None = None) -> dict:
+    """What the run is, saved in every checkpoint and checked on resume: the settings that
+    fix its prompt stream, and fingerprints of what its start model and prompt (or, offline,
+    pair) file hold, so a hand-edited config.yaml or a replaced file cannot pass unnoticed."""
+    from oaif.annotate.cache import model_fingerprint
+
+    return {**{key: functools.reduce(getattr, key.split("."), cfg) for key in IDENTITY_KEYS},
+            "policy.model": model_fingerprint(cfg.policy.model),
+            "prompts": content_fingerprint(data or cfg.prompts)}
+
+
+def content_fingerprint(path: str) -> str:
+    """sha256 of a file, or of a folder's files (a saved dataset); a hub name is itself."""
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+    if not files:
+        return path
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(p) if f != p else "").encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def check_identity(state: dict, identity: dict, checkpoint: Path) -> None:
+    """A resume continues the same run: refuse one whose settings or files changed since
+    the checkpoint (written before identities were saved: not checked)."""
+    saved = state.get("identity")
+    for key, value in identity.items():
+        if saved is not None and key in saved and saved[key] != value:
+            what = "what the file holds" if key in ("policy.model", "prompts") else "its value"
+            raise ConfigError(f"{key}: {what} changed since {checkpoint} was written ({saved[key]!r}, now "
+                              f"{value!r}); a resumed run must be the same run: put it back, or start a new run")
+
+
+def check_checkpoint(run_dir: Path, checkpoint: Path) -> None:
+    """`oaif resume --checkpoint`: one of this run's own whole checkpoints, checked before
+    anything recorded after it is dropped."""
+    from oaif.checkpoint import incomplete_reason
+
+    if checkpoint.resolve().parent != (run_dir / "checkpoints").resolve() \
+            or not CHECKPOINT_DIR.fullmatch(checkpoint.name) or checkpoint.name.endswith(".tmp"):
+        raise ConfigError(f"--checkpoint {checkpoint}: not a checkpoint of {run_dir}; pass one of "
+                          f"{run_dir / 'checkpoints'}/round_XXXXXX")
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such checkpoint")
+    if (why := incomplete_reason(checkpoint)) is not None:
+        raise ConfigError(f"--checkpoint {checkpoint}: not whole ({why}); pick an earlier one")
+
+
+class RunComplete(ConfigError):
+    """A resume of a run whose rounds are all done."""
+
+
+def start_resume(cfg: RunConfig, run_dir: Path, checkpoint: Path | None, identity: dict, accelerator, log
+                 ) -> tuple[Path | None, dict | None]:
+    """Resume, shared by `oaif resume` of online and offline runs: the checkpoint (given, or
+    the newest whole one) is checked against the run and the config, and everything recorded
+    after it is dropped; returns (checkpoint, its trainer state), (None, None) when the run
+    stopped before its first checkpoint (it starts again at round 0)."""
+    from oaif.checkpoint import latest_checkpoint, read_trainer_state
+    from oaif.distributed import on_main
+
+    if checkpoint is not None:
+        check_checkpoint(run_dir, checkpoint)
+    else:
+        checkpoint = latest_checkpoint(run_dir, log)
+    state = read_trainer_state(checkpoint) if checkpoint else None
+    if state:
+        check_identity(state, identity, checkpoint)
+    done = state["round"] if state else -1
+    if done + 1 >= cfg.rounds:
+        raise RunComplete(f"{run_dir}: rounds 0-{done} are done ({checkpoint.name}); "
+                          f"pass rounds=N with N > {done + 1} to continue")
+    is_adapter = checkpoint is not None and (checkpoint / "policy/adapter_config.json").is_file()
+    if checkpoint is not None and is_adapter != cfg.train.lora.enabled:
+        raise ConfigError(f"{checkpoint}: holds {'a LoRA adapter' if is_adapter else 'full weights'} but "
+                          f"train.lora.enabled is {cfg.train.lora.enabled}")
+    version = state["policy_version"] if state else 0
+    dropped, foreign = on_main(accelerator, lambda: rewind_run_dir(cfg, run_dir, done, version))
+    log((f"resuming {run_dir} after round {done} from {checkpoint}" if checkpoint else
+         f"resuming {run_dir} from round 0 (it stopped before its first checkpoint)")
+        + (f"; dropped what came later: {', '.join(dropped)}" if dropped else ""))
+    if foreign:
+        log(f"  left as they are (not written by oaif): {', '.join(foreign)}")
+    return checkpoint, state
+
+
+def rewind_run_dir(cfg: RunConfig, run_dir: Path, last_round: int, policy_version: int | None = None
+                   ) -> tuple[list[str], list[str]]:
+    """Drop everything recorded after `last_round` (it is redone), then save the resumed
+    config; returns (what was dropped, what was left because oaif did not write it). Every
+    file is read before anything changes, so a bad one stops the resume with nothing done;
+    safe to repeat if the resume itself is interrupted. policy_version: the checkpoint's (the
+    vllm_lora adapters of later versions go too)."""
+    rewrite, drop, foreign = {}, [], []
     for name in ("metrics.jsonl", "replicas.jsonl"):
         path = run_dir / name
         if path.is_file():
             rows = read_jsonl(path)
-            kept = [r for r in rows if r["round"] <= last_round]
+            kept = [r for r in rows if isinstance(r, dict) and isinstance(r.get("round"), int)
+                    and r["round"] <= last_round]
             if len(kept) < len(rows):
-                write_jsonl(path, kept)
-                dropped.append(f"{len(rows) - len(kept)} lines of {name}")
-    for parent, prefix, suffix in (("rounds", "", ""), ("checkpoints", "round_", ""), ("eval", "round_", ".jsonl")):
-        for d in sorted((run_dir / parent).glob(prefix + "*")):
-            # ".tmp" first: a whole-file write cut short leaves "round_000003.jsonl.tmp".
-            if int(d.name.removeprefix(prefix).removesuffix(".tmp").removesuffix(suffix)) > last_round:
-                shutil.rmtree(d) if d.is_dir() else d.unlink()
-                dropped.append(f"{parent}/{d.name}")
-    dump_config(cfg, run_dir / "config.yaml")
-    return dropped
+                rewrite[path] = (kept, f"{len(rows) - len(kept)} lines of {name}")
+    limits = [("rounds", ROUND_DIR, last_round), ("checkpoints", CHECKPOINT_DIR, last_round),
+              ("eval", EVAL_FILE, last_round)]
+    if policy_version is not None:
+        limits.append(("adapters", ADAPTER_DIR, policy_version))
+    for parent, pattern, last in limits:
+        for d in sorted((run_dir / parent).glob("*")):
+            if parent == "eval" and d.name in ("baseline.jsonl", "baseline.jsonl.tmp", "baseline.json"):
+                continue   # the baseline's answers, made once
+            m = pattern.fullmatch(d.name)
+            if m is None:
+                foreign.append(f"{parent}/{d.name}")
+            elif int(m.group(1)) > last:
+                drop.append(d)
+    dropped = []
+    for path, (kept, what) in rewrite.items():
+        write_jsonl(path, kept)
+        dropped.append(what)
+    for d in drop:
+        shutil.rmtree(d) if d.is_dir() and not d.is_symlink() else d.unlink()
+        dropped.append(str(d.relative_to(run_dir)))
+    save_config(cfg, run_dir)
+    return dropped, foreign
 
 
 def finish_round(cfg: RunConfig, run_dir: Path, trainer, tokenizer, accelerator, index: int, policy_version: int,
-                 metrics: dict, last: bool) -> bool:
+                 metrics: dict, last: bool, extra=dict) -> bool:
     """metrics.jsonl and replicas.jsonl, then the checkpoint when due (returns whether it
-    was); rank 0 writes."""
+    was); rank 0 writes. extra: a function giving what else the checkpoint keeps, called
+    only when one is written."""
     from oaif.distributed import on_main
 
     def write() -> None:
@@ -112,15 +270,24 @@ def finish_round(cfg: RunConfig, run_dir: Path, trainer, tokenizer, accelerator,
     trainer.replica_hashes.clear()
     due = last or bool(cfg.train.checkpoint_every and (index + 1) % cfg.train.checkpoint_every == 0)
     if due:
-        checkpoint_now(run_dir, trainer, tokenizer, accelerator, index, policy_version)
+        checkpoint_now(run_dir, trainer, tokenizer, accelerator, index, policy_version, extra())
     return due
 
 
-def checkpoint_now(run_dir: Path, trainer, tokenizer, accelerator, index: int, policy_version: int) -> None:
-    """Every rank calls it (the weights may have to be gathered from shards); rank 0 writes."""
+def checkpoint_now(run_dir: Path, trainer, tokenizer, accelerator, index: int, policy_version: int,
+                   extra: dict) -> None:
+    """Every rank calls it (the weights may have to be gathered from shards); rank 0 writes.
+    Older vllm_lora adapters go once it is whole: a resume starts from its weights."""
     from oaif.checkpoint import save_checkpoint
     from oaif.distributed import gathered_state_dict, on_main
 
     state = gathered_state_dict(accelerator, trainer.model)
     keep = trainer.cfg.keep_checkpoints
-    on_main(accelerator, lambda: save_checkpoint(run_dir, index, policy_version, trainer, tokenizer, state, keep))
+
+    def save() -> None:
+        save_checkpoint(run_dir, index, policy_version, trainer, tokenizer, state, keep, extra)
+        for d in sorted((run_dir / "adapters").glob("v??????")):
+            if ADAPTER_DIR.fullmatch(d.name) and int(d.name[1:]) < policy_version:
+                shutil.rmtree(d)
+
+    on_main(accelerator, save)

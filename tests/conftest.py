@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    """The embedded tiny policy, built once per test session through the real command."""
+    """The embedded tiny policy, built once per test session through the real command
+    (OAIF_TEST_TINY_MODEL: one built already by `oaif init-tiny`, to rerun a few tests fast)."""
+    if os.environ.get("OAIF_TEST_TINY_MODEL"):
+        return Path(os.environ["OAIF_TEST_TINY_MODEL"]).absolute()
     out = tmp_path_factory.mktemp("models") / "tiny"
     subprocess.run([sys.executable, "-m", "oaif.cli", "init-tiny", str(out)], check=True, cwd=ROOT)
     return out

@@ -206,11 +206,13 @@ def test_overwrite_replaces_only_an_oaif_run_directory(tmp_path):
     with pytest.raises(RunDirExists, match="is not an oaif run directory"):
         prepare_run_dir(cfg)
     assert (user / "notes.txt").is_file()
-    run = prepare_run_dir(load_config(None, [f"output_dir={tmp_path}", "name=run"]))
+    run, lock = prepare_run_dir(load_config(None, [f"output_dir={tmp_path}", "name=run"]))
+    lock.release()
     (run / "rounds" / "000000").mkdir()
     with pytest.raises(RunDirExists, match="pass name=<new name> or overwrite=true"):
         prepare_run_dir(load_config(None, [f"output_dir={tmp_path}", "name=run"]))
-    again = prepare_run_dir(load_config(None, [f"output_dir={tmp_path}", "name=run", "overwrite=true"]))
+    again, lock = prepare_run_dir(load_config(None, [f"output_dir={tmp_path}", "name=run", "overwrite=true"]))
+    lock.release()
     assert again == run and not (run / "rounds" / "000000").exists()
     assert "overwrite" not in (ROOT / "configs/tiny_cpu.yaml").read_text()   # shipped configs never set it
 

@@ -41,9 +41,11 @@ def test_concise_run_beats_its_start_in_the_loop_and_in_oaif_eval(tiny_model, tm
     # engine: the same greedy responses and verdicts as the in-loop evaluation.
     r = run_oaif("eval", str(run_dir / "config.yaml"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "eval: win" in r.stdout and f"comparisons in {run_dir}/eval/round_000007.jsonl" in r.stdout
-    same_comparisons(read_jsonl(run_dir / "eval/round_000007.jsonl"), in_loop)
-    summary = read_jsonl(run_dir / "eval/round_000007.summary.jsonl")[0]
+    # Written apart from eval/ (which a resume rewinds): the in-loop file is left as it was.
+    assert "eval: win" in r.stdout and f"comparisons in {run_dir}/evals/round_000007.jsonl" in r.stdout
+    assert read_jsonl(run_dir / "eval/round_000007.jsonl") == in_loop
+    same_comparisons(read_jsonl(run_dir / "evals/round_000007.jsonl"), in_loop)
+    summary = read_jsonl(run_dir / "evals/round_000007.summary.jsonl")[0]
     assert summary["eval/win_rate_vs_ref"] == pytest.approx(final["eval/win_rate_vs_ref"])
 
     # The start against itself: every response identical, a win rate of exactly 1/2, no KL.

@@ -172,7 +172,7 @@ def test_rewind_drops_later_rounds_including_writes_cut_short(tmp_path):
     (tmp_path / "eval").mkdir()
     for name in ("round_000001.jsonl", "round_000003.jsonl", "round_000003.jsonl.tmp", "baseline.jsonl"):
         (tmp_path / "eval" / name).write_text("{}\n")
-    dropped = rewind_run_dir(RunConfig(), tmp_path, 1)
-    assert sorted(dropped) == ["checkpoints/round_000002.tmp", "eval/round_000003.jsonl",
+    dropped, foreign = rewind_run_dir(RunConfig(), tmp_path, 1)
+    assert foreign == [] and sorted(dropped) == ["checkpoints/round_000002.tmp", "eval/round_000003.jsonl",
                                "eval/round_000003.jsonl.tmp", "rounds/000002"]
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["baseline.jsonl", "round_000001.jsonl"]
