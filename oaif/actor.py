@@ -36,6 +36,7 @@ import traceback
 import torch
 import torch.multiprocessing
 
+from oaif.faults import crash_point
 from oaif.generate import Completion
 from oaif.server import LAUNCHER_VARS, end_with_parent
 
@@ -128,6 +129,7 @@ class ProcessEngine:
             shared = None
         for (_, buffer), (_, tensor) in zip(self._buffers, named_weights):
             buffer.copy_(tensor)
+        crash_point("sync_push")
         self._load_ticket = self._request("load", shared)
 
     def wait_loaded(self) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from oaif.faults import crash_point
 from oaif.records import read_jsonl
 from oaif.rundir import is_run_dir
 
@@ -143,6 +144,7 @@ def export_pairs(run_dir: str | Path, out: str | Path, overwrite: bool = False) 
         for name, table in tables.items():
             table.save_to_disk(str(staging / name), num_shards=1)   # an empty table gets no shard by default
             table.to_parquet(str(staging / f"{name}.parquet"))
+            crash_point("export")
 
     return write_folder(out, EXPORT_NAMES, EXPORT, fill)
 

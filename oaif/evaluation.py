@@ -30,6 +30,7 @@ from pathlib import Path
 from oaif.annotate.base import Annotator
 from oaif.annotate.judge import judge_pairs, judgment_metrics
 from oaif.config import ConfigError, RunConfig
+from oaif.faults import crash_point
 from oaif.records import Prompt, Sample, load_prompts, read_jsonl, write_jsonl
 
 OUTCOME = {"a": "win", "b": "loss", "tie": "tie", "disagree": "tie", "identical": "tie", "invalid": "invalid"}
@@ -184,6 +185,7 @@ class Evaluator:
         records, metrics = compare(self.annotator, policy, self.baseline, kl, round, policy_version,
                                    eval_annotator_config(self.cfg).annotate.missing_eos_penalty)
         write_jsonl(self.run_dir / "eval" / f"round_{round:06d}.jsonl", records)
+        crash_point("evaluate")
         return summarize(records, self.cfg.eval.bootstrap, self.cfg.seed) | metrics
 
 

@@ -10,7 +10,22 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("generate", "annotate", "train", "sync", "metrics", "checkpoint")
+# Each named where it is placed; a point may be reached several times per process (N picks which).
+POINTS = (
+    "generate",    # loop.py: the round's samples are written, nothing judged yet
+    "annotate",    # loop.py: the judgments are written, the pairs not yet
+    "train",       # train.py: after an optimizer step
+    "sync",        # loop.py: before the weight sync
+    "sync_push",   # half-way through the push: sync.py (in-process engine: loaded, prefix cache not reset;
+                   # vllm_lora: adapter saved, not handed over), actor.py (weights in shared memory, the
+                   # engine process not told to load them), server.py (saved and the server paused, no reload)
+    "metrics",     # rundir.py: after the metrics line
+    "checkpoint",  # checkpoint.py: half-way through a checkpoint's save
+    "prune",       # checkpoint.py: the new checkpoint renamed into place, the older ones not yet deleted
+    "evaluate",    # evaluation.py: the evaluation's comparisons written, its metrics line not yet
+    "export",      # datasets_io.py: the end-of-run pairs export, after the 1st (N=1) or 2nd (N=2) dataset
+    "report",      # report.py: after the plots (N=1); between swapping out the old report and renaming in the new (N=2)
+)
 _reached: dict[str, int] = {}
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from oaif.faults import crash_point
 from oaif.records import read_jsonl
 
 
@@ -259,6 +260,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, pairs_per_r
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         make_plots(rows, tmp)
+        crash_point("report")
         images = {p.file: (tmp / p.file).read_bytes() for p in PLOTS if (tmp / p.file).is_file()}
         (tmp / "report.html").write_text(page(name, rows, config_text, images, run_dir, pairs_per_round),
                                          encoding="utf-8")   # what the page's <meta charset> says

@@ -28,6 +28,7 @@ import httpx
 import torch
 
 from oaif.config import RunConfig
+from oaif.faults import crash_point
 
 GIB = 1 << 30
 LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
@@ -224,6 +225,7 @@ def push_weights_to_server(base_url: str, model: torch.nn.Module, tmp_root: str 
         with httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s) as client:
             # mode=wait: requests in flight finish on the old weights rather than being aborted.
             _post(client, "/pause", params={"mode": "wait"})
+            crash_point("sync_push")
             try:
                 _post(client, "/collective_rpc",
                       json={"method": "reload_weights", "kwargs": {"weights_path": tmp}})

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from oaif.faults import crash_point
+
 # On every reload vLLM warns that the rotary embedding "failed to load": its cos/sin cache
 # is a computed buffer, never in a checkpoint, and vLLM restores it. Not a real failure.
 logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
@@ -64,6 +66,7 @@ def push_weights(llm, model: torch.nn.Module) -> float:
     """Load `model`'s current weights (LoRA merged in, out of place) into `llm`; returns seconds."""
     t0 = time.perf_counter()
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": hf_named_weights(model)})
+    crash_point("sync_push")
     llm.reset_prefix_cache()
     return time.perf_counter() - t0
 
@@ -75,4 +78,5 @@ def push_lora_adapter(model: torch.nn.Module, root: Path, version: int):
 
     path = root / f"v{version:06d}"
     model.save_pretrained(path)
+    crash_point("sync_push")
     return LoRARequest(f"policy-v{version}", version + 1, str(path))

@@ -115,6 +115,21 @@ def test_a_judge_that_goes_down_stops_the_run_with_a_checkpoint_and_the_key_leak
     assert key not in r.stdout + r.stderr + again.stdout + again.stderr
 
 
+def test_every_crash_point_is_placed_and_the_nth_pass_kills():
+    """The drill kills at every name in faults.POINTS: each must be placed in the code."""
+    import re
+
+    from oaif.faults import POINTS
+
+    placed = {name for f in (ROOT / "oaif").rglob("*.py")
+              for name in re.findall(r'crash_point\("(\w+)"\)', f.read_text())}
+    assert placed == set(POINTS)
+    code = "from oaif.faults import crash_point\nfor i in range(3):\n    print(i, flush=True)\n    crash_point('sync')"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "OAIF_CRASH_AT": "sync:2"})
+    assert r.returncode == -signal.SIGKILL and r.stdout == "0\n1\n", (r.returncode, r.stdout, r.stderr)
+
+
 @pytest.mark.slow
 def test_kill_drill_shortened(tiny_model, tmp_path):
     out = tmp_path / "drill.md"
@@ -124,7 +139,9 @@ def test_kill_drill_shortened(tiny_model, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = out.read_text()
     for row in ("| kills | 6 |", "| lost records | 0 |", "| duplicated records | 0 |", "| corrupt records | 0 |",
-                "| stray processes | 0 |", "| final weights equal the uninterrupted run's | yes |"):
+                "| stray processes | 0 |", "| stray /dev/shm entries | 0 |", "| stray temp files | 0 |",
+                "| partial files left in the run directory | 0 |",
+                "| final weights equal the uninterrupted run's | yes |"):
         assert row in table, table
 
 
