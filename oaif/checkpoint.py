@@ -79,9 +79,20 @@ def read_trainer_state(checkpoint: Path) -> dict:
     path = checkpoint / "trainer.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{checkpoint}: no trainer.pt; is this a checkpoint directory?")
-    # Our own file: optimizer state and RNG states. Memory-mapped: a resume reads it three
-    # times (round and schedule, policy version, the trainer's state), a 7B run's is large.
-    return torch.load(path, weights_only=False, mmap=True)
+    import pickle
+
+    # Optimizer state and RNG states: tensors, numbers, strings, tuples, lists, dicts. Nothing
+    # else is unpickled (weights_only), so a checkpoint from elsewhere cannot run code here.
+    # Memory-mapped: a resume reads it three times (round and schedule, policy version, the
+    # trainer's state), a 7B run's is large.
+    try:
+        return torch.load(path, weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        # torch's message names the object amid advice to trust the file: the name is kept.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [""]
+        refused = next((line for line in lines if "unsupported" in line.lower()), lines[-1]).split(". Please")[0]
+        raise ValueError(f"{path}: refused: it holds more than tensors and plain data, which an oaif checkpoint "
+                         f"never does, and loading it could run code ({refused})") from None
 
 
 def schedule_anchor(cfg, state: dict, total_steps: int) -> tuple[int, float] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import ipaddress
 import os
 import re
 import types
@@ -17,6 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -44,6 +46,7 @@ class GenerateConfig:
     tensor_parallel_size: int = _f(1, "vLLM tensor parallelism for the policy engine (GPUs only).")
     enforce_eager: bool | None = _f(None, "Skip vLLM's graph compilation/capture: faster engine start, slower generation. Unset: skipped on a CPU, where compiling costs ~12 s for the tiny model and minutes for SmolLM2 and gains ~20% generation speed (README benchmarks), done on a GPU.")
     server_url: str = _f("", "Server mode: sample from a running vLLM OpenAI-compatible server at this URL (started with VLLM_SERVER_DEV_MODE=1) instead of an in-process engine; weights reach it through its reload endpoints.")
+    server_api_key_env: str = _f("", "Server mode with generate.server_url: NAME of the environment variable holding that server's key (started with VLLM_API_KEY and --middleware oaif.server.RequireKey: see README), sent with every request, weight pushes included; the key never enters config, logs or records. Same naming rule as annotate.openai.api_key_env. Empty: no key sent. A server oaif starts itself gets a random key of its own.")
     server_weights_dir: str = _f("/dev/shm", "Server mode: where each round's weights are saved for the server to reload (must be readable by the server).")
     gpu_memory_utilization: float = _f(0.4, "GPU only: share of GPU memory for the policy engine (the trainer needs the rest).")
     turns: int = _f(1, "Conversation turns per prompt. N > 1: before the pair is sampled, N-1 times the policy answers the conversation (one seeded sample) and generate.user_simulator writes the user's next message; the pair then answers turn N with the earlier turns as shared context, kept in each record's messages (oaif/conversation.py). A conversation that outgrows policy.max_prompt_tokens on the way is dropped, counted in generate/conversations_skipped. 1: the prompt as it is.")
@@ -54,7 +57,7 @@ class GenerateConfig:
 @dataclass(frozen=True)
 class OpenAIConfig:
     base_url: str = _f("https://api.openai.com/v1", "Endpoint of any OpenAI-compatible server (OpenAI, vLLM, llama.cpp, Ollama).")
-    api_key_env: str = _f("OPENAI_API_KEY", "NAME of the environment variable holding the key (the key never enters config, logs or records). Unset variable: no key sent.")
+    api_key_env: str = _f("OPENAI_API_KEY", "NAME of the environment variable holding the key (the key never enters config, logs or records). It must end in _KEY and hold none of the words SECRET, ACCESS, PRIVATE, PASSWORD, TOKEN, SSH, GPG, SIGNING (so a shared config cannot send HF_TOKEN or AWS_SECRET_ACCESS_KEY to its endpoint). Unset variable, or empty name: no key sent. A key is never sent over plain http to a host other than this machine (an error), and base_url must hold no credentials (user:password@, a query string).")
     endpoint: Literal["chat", "completions"] = _f("chat", "'chat': the judge prompt as a user message; 'completions': the raw prompt, scored exactly like the local backends.")
     mode: Literal["logprob", "text"] = _f("logprob", "'logprob': one token, P from the two label tokens' log-probs; 'text': the judge writes an answer ending in a fixed final line, which is parsed.")
     top_logprobs: int = _f(20, "logprob mode: how many top tokens to ask for (a label outside them counts as at most the smallest one).")
@@ -242,6 +245,51 @@ class ConfigError(ValueError):
     pass
 
 
+# An API key's variable ends in _KEY; one that also holds one of these words names another
+# kind of credential (AWS_SECRET_ACCESS_KEY, SSH_PRIVATE_KEY), which no endpoint should get.
+NOT_API_KEY_WORDS = ("SECRET", "ACCESS", "PRIVATE", "PASSWORD", "TOKEN", "SSH", "GPG", "SIGNING")
+
+
+def key_env_problem(name: str, field: str) -> str | None:
+    """Why `name` may not be the variable whose value is sent as an API key (None: it may)."""
+    if not name:
+        return None   # no key sent
+    if not re.fullmatch(r"[A-Z][A-Z0-9_]*_KEY", name) or set(name.split("_")) & set(NOT_API_KEY_WORDS):
+        return (f"{field}: {name!r} does not look like an API key's variable; name one that ends in _KEY, in "
+                f"capitals (e.g. OPENAI_API_KEY), with none of the words {', '.join(NOT_API_KEY_WORDS)} in it")
+    return None
+
+
+def url_problem(url: str, field: str, key_env: str, key_field: str) -> str | None:
+    """Why `url` may not be used with the key named by `key_env` (None: it may). Credentials
+    in the URL would be saved in config.yaml and shown in logs and reports; a key over plain
+    http to another machine crosses the network readable by anyone on the way."""
+    if not url:
+        return None
+    try:
+        parts = urlsplit(url)
+        parts.port   # noqa: B018 (a bad port raises here)
+    except ValueError as e:
+        return f"{field}: not a URL ({e})"
+    if parts.username is not None or parts.password is not None or parts.query:
+        return (f"{field}: holds credentials (user:password@ or a ?query); give the URL without them and put the "
+                f"key in an environment variable named by {key_field}")
+    key = os.environ.get(key_env) if key_env else None
+    if key and parts.scheme == "http" and not is_loopback(parts.hostname or ""):
+        return (f"{field}: plain http to {parts.hostname} would carry the key in ${key_env} unencrypted; use "
+                f"https, or set {key_field} to '' to send no key")
+    return None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False   # a name: it may resolve anywhere
+
+
 class RunStopped(RuntimeError):
     """A run that stopped itself on purpose, with a message saying why and what to do (e.g.
     training diverged); the CLI prints it in one line, like a ConfigError."""
@@ -390,6 +438,10 @@ def _validate(cfg: RunConfig) -> list[str]:
         errors.append(f"train.learning_rate: must be > 0, got {cfg.train.learning_rate}")
     if not 0 <= cfg.train.label_smoothing < 0.5:
         errors.append(f"train.label_smoothing: must be in [0, 0.5), got {cfg.train.label_smoothing}")
+    g = cfg.generate
+    errors += [e for e in (key_env_problem(g.server_api_key_env, "generate.server_api_key_env"),
+                           url_problem(g.server_url, "generate.server_url", g.server_api_key_env,
+                                       "generate.server_api_key_env")) if e]
     if cfg.generate.server_url and cfg.train.lora.sync == "vllm_lora":
         errors.append("train.lora.sync: 'vllm_lora' needs the in-process engine; server mode syncs by merge")
     if cfg.train.lora.adapter and not cfg.train.lora.enabled:
@@ -463,6 +515,9 @@ def _validate_annotate(a: AnnotateConfig, where: str) -> list[str]:
                 "max_tokens": o.max_tokens}.items() if v <= 0]
     if o.max_retries < 0:
         errors.append(f"{where}.openai.max_retries: must be >= 0")
+    errors += [e for e in (key_env_problem(o.api_key_env, f"{where}.openai.api_key_env"),
+                           url_problem(o.base_url, f"{where}.openai.base_url", o.api_key_env,
+                                       f"{where}.openai.api_key_env")) if e]
     return errors
 
 

@@ -21,7 +21,8 @@ import torch
 
 from oaif.annotate.judge import Judged, judgment_metrics, label_mass_warning
 from oaif.annotate.rank import max_pairs_per_prompt, rank_groups
-from oaif.annotate.select import build_annotator, check_inputs, reload_constitutions, with_python_annotator
+from oaif.annotate.select import (build_annotator, check_inputs, close_annotator, reload_constitutions,
+                                  with_python_annotator)
 from oaif.checkpoint import latest_checkpoint, read_trainer_state, restore_trainer, schedule_anchor
 from oaif.config import ConfigError, RunConfig, RunStopped
 from oaif.console import GracefulStop, LibraryLogs, Progress, format_row, header
@@ -171,6 +172,12 @@ class Loop:
                     self.logs.handler.write(f"oaif: error: {type(error).__name__}: {error}")
                 self.logs.close()
                 self.logs = None
+            if self.evaluator is not None and self.evaluator.annotator is not self.annotator:
+                close_annotator(self.evaluator.annotator)   # eval.annotate's own judge
+            if self.annotator is not None:
+                close_annotator(self.annotator)   # a vLLM judge's engine ends now, as the policy's below
+            if self.server_url and self.generator is not None:
+                self.generator.engine.close()   # the server client's connections and threads
             if self.server is not None:
                 from oaif.server import stop_server
 
@@ -278,7 +285,7 @@ class Loop:
             if self.server_url:
                 from oaif.server import ServerEngine
 
-                engine = ServerEngine(self.server_url)
+                engine = ServerEngine(self.server_url, key_env=g.server_api_key_env)
             elif self.actor is not None:
                 self.actor.wait_built()
                 engine = self.actor
@@ -384,7 +391,8 @@ class Loop:
 
             state = None if lora.enabled else gathered_state_dict(self.accelerator, self.trainer.model)
             on_main(self.accelerator, lambda: push_weights_to_server(
-                self.server_url, merged_copy(policy), g.server_weights_dir, state_dict=state))
+                self.server_url, merged_copy(policy), g.server_weights_dir, state_dict=state,
+                key_env=g.server_api_key_env))
         elif self.actor is not None:   # into shared memory; the engine process loads it after its current request
             self.actor.push(hf_named_weights(policy))
         elif lora.enabled and lora.sync == "vllm_lora":

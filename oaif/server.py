@@ -7,6 +7,11 @@ the server through its own development endpoints (pause -> collective_rpc reload
 travel by path: a `save_pretrained` into `tmp_root`, which the server must be able to
 read (same node: /dev/shm; another node: a shared filesystem).
 
+A server oaif starts listens on 127.0.0.1 only and answers nothing but /health without its
+own random key (RequireKey); this process's clients (ServerEngine, push_weights_to_server,
+the openai judge) send it (server_key). stop_server ends the server's whole process group
+and removes its log.
+
     proc = start_server("models/tiny", 8000, "float32", seed=0, max_model_len=512, kv_cache_gib=1)
     engine = ServerEngine("http://127.0.0.1:8000")
     ...; push_weights_to_server("http://127.0.0.1:8000", policy); ...; stop_server(proc)
@@ -14,7 +19,11 @@ read (same node: /dev/shm; another node: a shared filesystem).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import hmac
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -23,6 +32,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 import httpx
 import torch
@@ -36,8 +46,60 @@ LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_
                  "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE")
 
 
+KEY_VAR = "VLLM_API_KEY"   # how a server gets its key (on its command line, `ps` would show the key to every user)
+OPEN_PATHS = ("/health",)  # what RequireKey lets through without the key: a liveness probe that tells nothing
+_keys: dict[str, str] = {}  # "127.0.0.1:PORT" -> key, for each server this process started and has not stopped
+
+
 class ServerError(RuntimeError):
     pass
+
+
+class RequireKey:
+    """ASGI middleware for a vLLM server (`--middleware oaif.server.RequireKey`): every request
+    but /health must carry `Authorization: Bearer $VLLM_API_KEY`, or is answered 401.
+
+    vLLM's own check of that key (--api-key) covers only the paths under /v1, /v2, /inference
+    and /cohere: without this one, anyone who reaches the port may pause the server, load
+    weights from any path into it (/pause, /collective_rpc: development mode), tokenize or
+    generate (/tokenize, /invocations). Without a key in the environment the server answers
+    nothing (fail closed)."""
+
+    def __init__(self, app):
+        key = os.environ.get(KEY_VAR)
+        if not key:
+            raise RuntimeError(f"oaif.server.RequireKey: set {KEY_VAR} to the key that clients must send")
+        self.app, self.expected = app, hashlib.sha256(f"Bearer {key}".encode()).digest()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket") and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            # Digests of equal length, compared in constant time: the reply's timing tells nothing.
+            if not hmac.compare_digest(hashlib.sha256(given).digest(), self.expected):
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                else:
+                    await send({"type": "http.response.start", "status": 401,
+                                "headers": [(b"content-type", b"application/json")]})
+                    await send({"type": "http.response.body", "body": b'{"error": "Unauthorized"}'})
+                return
+        await self.app(scope, receive, send)
+
+
+def server_key(url: str) -> str | None:
+    """The key of the server at `url` if this process started it (and has not stopped it)."""
+    parts = urlsplit(url)
+    return _keys.get(f"{parts.hostname}:{parts.port}")
+
+
+def client_key(url: str, key_env: str = "") -> str | None:
+    """The key to send to the server at `url`: its own if this process started it, else the
+    value of the environment variable `key_env` (generate.server_api_key_env), else none."""
+    return server_key(url) or (os.environ.get(key_env) if key_env else None) or None
+
+
+def auth_headers(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def free_port() -> int:
@@ -80,17 +142,21 @@ def spawn_server(model: str, port: int, dtype: str, seed: int, max_model_len: in
     from oaif.engines import on_cpu
 
     args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--tokenizer", model,
-            "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--seed", str(seed),
+            "--host", "127.0.0.1", "--port", str(port), "--middleware", "oaif.server.RequireKey",
+            "--dtype", dtype, "--seed", str(seed),
             "--max-model-len", str(max_model_len), "--kv-cache-memory-bytes", str(int(kv_cache_gib * GIB)),
             # Neutral sampling defaults: a request's fields are the whole sampling spec, as with the
             # in-process engine's SamplingParams (EOS ids are still read from generation_config.json).
             "--generation-config", "vllm", "--disable-uvicorn-access-log",
             # Whole prefills on a CPU: see engines.build_llm (seeded requests and chunked prefill).
             *(["--no-enable-chunked-prefill"] if on_cpu() else []), *extra_args]
-    # The weight endpoints (/pause, /collective_rpc, ...) exist only in development mode. The
+    # The weight endpoints (/pause, /collective_rpc, ...) exist only in development mode; the
+    # key keeps them, like everything else, to this process's clients (RequireKey). The
     # engine core's process mode is set, not inherited: oaif.engines sets it for in-process
     # engines in this process, and a server must not depend on whether that was imported first.
+    api_key = secrets.token_urlsafe(32)
     full_env = {**os.environ, **(env or {}), "VLLM_SERVER_DEV_MODE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+                KEY_VAR: api_key,
                 "VLLM_CONFIGURE_LOGGING": "1"}   # its log file must say why it failed, whatever this process quiets
     # Started from a rank of `accelerate launch`, the server must not see the trainers'
     # process group: it is a world of its own.
@@ -102,6 +168,7 @@ def spawn_server(model: str, port: int, dtype: str, seed: int, max_model_len: in
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
                                 preexec_fn=end_with_parent)
     proc.port, proc.log_path = port, log_path
+    _keys[f"127.0.0.1:{port}"] = api_key
     return proc
 
 
@@ -109,21 +176,22 @@ def wait_healthy(proc: subprocess.Popen, timeout_s: float = 300.0) -> None:
     """Wait until the server answers /health; PortTaken if it lost its port, ServerError if
     it died or stayed unhealthy (stopped, with its log's tail)."""
     url, deadline = f"http://127.0.0.1:{proc.port}/health", time.monotonic() + timeout_s
+    headers = auth_headers(server_key(url))
     while True:
         if proc.poll() is not None:
             tail = _tail(proc.log_path)
+            stop_server(proc, quiet=True)   # what it started may live on; the log's end is in the error
             error = PortTaken if "address already in use" in tail.lower() else ServerError
-            raise error(f"vLLM server exited with code {proc.returncode} before it was healthy; "
-                        f"log {proc.log_path}:\n{tail}")
+            raise error(f"vLLM server exited with code {proc.returncode} before it was healthy; its log ends:\n{tail}")
         try:
-            if httpx.get(url, timeout=5).status_code == 200:
+            if httpx.get(url, headers=headers, timeout=5).status_code == 200:
                 return
         except httpx.HTTPError:
             pass  # not listening yet
         if time.monotonic() > deadline:
-            stop_server(proc)
-            raise ServerError(f"vLLM server not healthy after {timeout_s:.0f} s; log {proc.log_path}:\n"
-                              f"{_tail(proc.log_path)}")
+            tail = _tail(proc.log_path)
+            stop_server(proc, quiet=True)
+            raise ServerError(f"vLLM server not healthy after {timeout_s:.0f} s; its log ends:\n{tail}")
         time.sleep(0.5)
 
 
@@ -143,18 +211,54 @@ def start_server(model: str, port: int | None, dtype: str, seed: int, max_model_
                 raise
 
 
-def stop_server(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    """SIGTERM the server's process group (server + engine subprocess), SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
+def _group_alive(proc: subprocess.Popen) -> bool:
+    """Whether any process of the server's group (its own session) still runs. The server
+    itself is reaped on the way; zombies count as gone (on Linux, where /proc tells)."""
+    proc.poll()
+    if not sys.platform.startswith("linux"):
+        try:
+            os.killpg(proc.pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    state, _, pgrp = f.read().rsplit(")", 1)[1].split()[:3]
+            except (OSError, ValueError):
+                continue   # gone meanwhile
+            if int(pgrp) == proc.pid and state != "Z":
+                return True
+    return False
+
+
+def stop_server(proc: subprocess.Popen, timeout_s: float = 30.0, quiet: bool = False) -> None:
+    """End the server's whole process group (the server, its engine core and whatever they
+    started): SIGTERM, then SIGKILL what lingers after timeout_s; returns once the group is
+    gone. Also when the server itself has exited: its engine core may live on. Then removes
+    its log; a server that had died on its own gets the log's end printed first (quiet: not)."""
+    crashed = proc.poll() is not None
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
+        # The group's id stays reserved while any member lives, so it names no other process.
+        if not _group_alive(proc):
+            break
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait_s
+        while _group_alive(proc) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    if _group_alive(proc):
+        print(f"oaif: processes of the vLLM server's group {proc.pid} survived SIGKILL", file=sys.stderr)
+    proc.wait()
+    if crashed and not quiet:
+        print(f"oaif: the vLLM server (pid {proc.pid}) had exited with code {proc.returncode}; its log ends:\n"
+              f"{_tail(proc.log_path)}", file=sys.stderr)
+    _keys.pop(f"127.0.0.1:{proc.port}", None)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(proc.log_path)
 
 
 def _post(client: httpx.Client, path: str, **kwargs) -> httpx.Response:
@@ -175,13 +279,19 @@ class ServerEngine:
     which can differ from what was sampled. EOS is kept there (vLLM strips it only from the
     text), so a "stop" sample ends with EOS exactly as with the in-process engine."""
 
-    def __init__(self, base_url: str, max_concurrency: int = 8, timeout_s: float = 600.0):
-        self.client = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s)
+    def __init__(self, base_url: str, max_concurrency: int = 8, timeout_s: float = 600.0, key_env: str = ""):
+        """key_env: the environment variable with the key of a server this process did not start."""
+        self.client = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s,
+                                   headers=auth_headers(client_key(base_url, key_env)))
         self.pool = ThreadPoolExecutor(max_concurrency)  # one request per prompt; the server batches them
-        r = self.client.get("/v1/models")
-        if r.status_code != 200:
-            raise ServerError(f"GET /v1/models returned HTTP {r.status_code}: {r.text[:500]}")
-        self.model = r.json()["data"][0]["id"]  # the served name: requests must name it
+        try:
+            r = self.client.get("/v1/models")
+            if r.status_code != 200:
+                raise ServerError(f"GET /v1/models returned HTTP {r.status_code}: {r.text[:500]}")
+            self.model = r.json()["data"][0]["id"]  # the served name: requests must name it
+        except BaseException:
+            self.close()
+            raise
 
     def _complete(self, ids: list[int], **params) -> list[dict]:
         body = {"model": self.model, "prompt": ids, "return_token_ids": True, **params}
@@ -212,17 +322,19 @@ class ServerEngine:
 
 
 def push_weights_to_server(base_url: str, model: torch.nn.Module, tmp_root: str = "/dev/shm",
-                           timeout_s: float = 600.0, state_dict: dict | None = None) -> float:
+                           timeout_s: float = 600.0, state_dict: dict | None = None, key_env: str = "") -> float:
     """Load `model`'s weights (or `state_dict`, gathered from sharded ranks) into the server
     in place; returns the seconds it took (save included).
 
     One save and one RPC per sync, not one HTTP call per tensor. `tmp_root` must be readable
-    by the server's engine process."""
+    by the server's engine process; the folder saved there is removed when the push ends,
+    whether or not it worked. key_env: as for ServerEngine."""
     t0 = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="oaif-weights-", dir=tmp_root)
     try:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-        with httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s) as client:
+        with httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s,
+                          headers=auth_headers(client_key(base_url, key_env))) as client:
             # mode=wait: requests in flight finish on the old weights rather than being aborted.
             _post(client, "/pause", params={"mode": "wait"})
             crash_point("sync_push")

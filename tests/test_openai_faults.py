@@ -126,8 +126,9 @@ def make_handler(fake: Fake):
                 self.send(200, json.dumps(completion(next(iter(top)), top, chat)).encode())
             elif kind == "text":  # text answer
                 self.send(200, json.dumps(completion(arg, None, chat)).encode())
-            elif kind == "500":  # an upstream error that echoes the request's auth header
-                self.send(500, json.dumps({"error": {"message": f"upstream failed ({auth})"}}).encode())
+            elif kind == "500":  # an upstream error that echoes the request's auth header (arg: after that many x)
+                message = f"upstream failed {'x' * (arg or 0)}({auth})"
+                self.send(500, json.dumps({"error": {"message": message}}).encode())
             elif kind == "400":
                 self.send(400, b'{"error": {"message": "bad request"}}')
             elif kind == "429":  # arg: the Retry-After header ("": none); default 1 s
@@ -242,6 +243,16 @@ def test_faults_are_retried_and_one_dead_request_does_not_sink_the_batch(server,
     total, answered = sum(counts.values()), len(script) - 2
     assert annotator.stats == {"requests_sent": total, "retries": total - len(script), "failures": 2,
                                "prompt_tokens": 10 * answered, "completion_tokens": answered}
+
+
+def test_a_key_across_the_cut_of_a_long_error_leaves_nothing_of_itself(make):
+    """A server's error text is cut at 200 characters; the key it echoes is blanked before
+    the cut, so a key that straddles the cut leaves not even its start."""
+    before_key = len("Error code: 500 - upstream failed (Bearer ")   # the client's text, then the server's
+    annotator, requests = make({"case-longerror": [("500", 194 - before_key)]}, max_retries=0)
+    (answer,) = annotator.judge(requests)
+    assert "HTTP 500" in answer.raw and "xxxxx" in answer.raw and answer.raw.endswith("...")
+    assert KEY[:6] not in answer.raw, answer.raw
 
 
 @pytest.mark.parametrize("steps, delays", [

@@ -1,12 +1,17 @@
 """Tier 2, server mode: a real vLLM server process, real DPO steps, weights pushed through
-the server's endpoints (pause -> reload_weights -> reset_prefix_cache -> resume)."""
+the server's endpoints (pause -> reload_weights -> reset_prefix_cache -> resume). The same
+server shows that it answers only oaif's clients, and that it and the weights pushed into
+it leave nothing behind."""
+
+import os
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
 from oaif.generate import sample_seeds
 from oaif.records import load_prompts
-from oaif.server import ServerEngine, push_weights_to_server, start_server, stop_server
+from oaif.server import ServerEngine, push_weights_to_server, server_key, start_server, stop_server
 
 from conftest import ROOT, train_push_and_compare_greedy
 
@@ -16,21 +21,45 @@ def encode(tokenizer, messages) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def group_of(pgid: int) -> set[int]:
+    """The live (not zombie) processes of process group `pgid`."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            state, _, pgrp = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(pgrp) == pgid and state != "Z":
+            pids.add(int(entry.name))
+    return pids
+
+
+def pushed_weights() -> set[Path]:
+    """The folders of weights pushed to a server (push_weights_to_server's default place)."""
+    return set(Path("/dev/shm").glob("oaif-weights-*"))
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model):
+    before = pushed_weights()
     # Generous deadline: another vLLM test may be sharing the 2 cores.
     proc = start_server(str(tiny_model), None, "float32", seed=0, max_model_len=512, kv_cache_gib=0.25,
                         timeout_s=400)
     engine = ServerEngine(f"http://127.0.0.1:{proc.port}")
-    yield f"http://127.0.0.1:{proc.port}", engine
+    yield f"http://127.0.0.1:{proc.port}", engine, proc
     engine.close()
+    assert len(group_of(proc.pid)) >= 2   # the server and its engine core
     stop_server(proc)
+    # Ended whole, and after every push of the module's tests (the CLI run's included), nothing
+    # of it is left: no process of its group, no log, no weights folder.
+    assert group_of(proc.pid) == set() and not Path(proc.log_path).exists()
+    assert pushed_weights() <= before, pushed_weights() - before
 
 
 def test_server_samples_carry_exact_tokens_and_eos(tiny_model, server):
     from oaif.train import load_causal_lm
 
-    base_url, engine = server
+    base_url, engine, _ = server
     push_weights_to_server(base_url, load_causal_lm(str(tiny_model), "float32", trainable=False))   # whatever ran before
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     prompts = load_prompts(ROOT / "prompts/tiny_prompts.jsonl")[:6]
@@ -50,7 +79,7 @@ def test_server_samples_carry_exact_tokens_and_eos(tiny_model, server):
 
 
 def test_after_dpo_steps_and_push_server_greedy_equals_transformers(tiny_model, server):
-    base_url, engine = server
+    base_url, engine, _ = server
     train_push_and_compare_greedy(tiny_model, engine, lambda policy: push_weights_to_server(base_url, policy))
 
 
@@ -79,7 +108,7 @@ def test_loop_in_server_mode_through_the_cli(tiny_model, server, tmp_path):
 
     from conftest import run_oaif, versions_follow_training
 
-    url, engine = server
+    url, engine, _ = server
     base = load_causal_lm(str(tiny_model), "float32", trainable=False)
     noise = load_causal_lm(str(tiny_model), "float32", trainable=False)
     torch.manual_seed(0)
@@ -92,9 +121,14 @@ def test_loop_in_server_mode_through_the_cli(tiny_model, server, tmp_path):
     from_noise = [{"prompt_token_ids": i, "token_ids": t} for i, g in
                   zip(ids, engine.sample(ids, sample_seeds(0, "noise", 8, 2), 0.9, 1.0, 32)) for t, _, _ in g]
 
+    # A server this run did not start: its key comes from the variable the config names.
+    key = server_key(url)
     r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
-                 "name=server", "rounds=3", "prompts_per_round=8", f"generate.server_url={url}")
+                 "name=server", "rounds=3", "prompts_per_round=8", f"generate.server_url={url}",
+                 "generate.server_api_key_env=OAIF_TEST_SERVER_KEY", env={**os.environ, "OAIF_TEST_SERVER_KEY": key})
     assert r.returncode == 0, r.stderr[-3000:]
+    assert key not in r.stdout + r.stderr and not [p for p in tmp_path.rglob("*") if p.is_file()
+                                                   and key.encode() in p.read_bytes()]
     metrics = read_jsonl(tmp_path / "server/metrics.jsonl")
     versions = versions_follow_training(metrics, trained_at_least=2)   # each trained round pushed (sync > 0)
     samples = read_jsonl(tmp_path / "server/rounds/000002/samples.jsonl")
@@ -103,6 +137,43 @@ def test_loop_in_server_mode_through_the_cli(tiny_model, server, tmp_path):
     # likelier under the starting policy than samples of the noise are.
     round0 = read_jsonl(tmp_path / "server/rounds/000000/samples.jsonl")
     assert mean_token_logprob(base, round0) > mean_token_logprob(base, from_noise) + 1.0
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses (hex, as /proc/net/tcp writes them) of sockets listening on `port`."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.rpartition(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(address)
+    return found
+
+
+def test_the_server_listens_on_loopback_and_answers_only_its_key(server):
+    """vLLM's own --api-key leaves every path outside /v1 open (the weight endpoints among
+    them): oaif's middleware closes all but /health, and the key stays off the command line
+    and out of the log."""
+    import httpx
+
+    url, engine, proc = server
+    key = server_key(url)
+    assert len(key) >= 40 and listening_addresses(proc.port) == {"0100007F"}   # 127.0.0.1, nothing else
+    paths = [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
+             ("POST", "/tokenize"), ("POST", "/invocations"), ("GET", "/metrics"), ("GET", "/server_info"),
+             ("POST", "/pause"), ("POST", "/resume"), ("POST", "/collective_rpc"), ("POST", "/reset_prefix_cache"),
+             ("POST", "/sleep"), ("POST", "/update_weights")]
+    for headers in ({}, {"Authorization": "Bearer not-the-key"}, {"Authorization": key}):
+        for method, path in paths:
+            r = httpx.request(method, url + path, headers=headers, json={"method": "reload_weights"})
+            assert r.status_code == 401, (path, headers, r.status_code, r.text[:200])
+    assert httpx.get(url + "/health").status_code == 200
+    tokens = httpx.post(url + "/tokenize", headers={"Authorization": f"Bearer {key}"},
+                        json={"model": engine.model, "prompt": "Hi"})
+    assert tokens.status_code == 200 and tokens.json()["tokens"]
+    assert key.encode() not in Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+    assert key not in Path(proc.log_path).read_text(errors="replace")
 
 
 def test_a_server_ends_with_the_process_that_started_it(tiny_model):

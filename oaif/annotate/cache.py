@@ -69,6 +69,11 @@ class CachedAnnotator:
     def identity(self):   # the inner judge's, which follows a reloaded constitution
         return self.inner.identity
 
+    def close(self) -> None:
+        from oaif.annotate.select import close_annotator
+
+        close_annotator(self.inner)
+
     def key(self, r: JudgeRequest, settings: str) -> str:
         text = json.dumps([settings, r.messages, r.first, r.second, r.principles])
         return hashlib.sha256(text.encode()).hexdigest()

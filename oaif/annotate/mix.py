@@ -35,6 +35,12 @@ class MixAnnotator:
                 total[k] = total.get(k, 0) + v
         return total
 
+    def close(self) -> None:
+        from oaif.annotate.select import close_annotator
+
+        for a, _ in self.members:
+            close_annotator(a)
+
     def judge(self, requests: list[JudgeRequest]) -> list[Answer]:
         per_member = [a.judge(requests) for a, _ in self.members]
         total_weight = sum(w for _, w in self.members)

@@ -9,7 +9,8 @@ final line only (base.parse_text_answer).
 Requests run concurrently (at most `max_concurrency` in flight), each with a deadline and
 our own retries with exponential backoff; a request that still fails becomes an invalid
 Answer that says why, never an exception, so one bad request cannot sink a batch. The API
-key is read from the environment at call time and kept out of every Answer.
+key is read from the environment at call time (a vLLM server this process started: that
+server's own key) and kept out of every Answer: blanked in a server's text before any cut.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import openai
 
 from oaif.annotate.base import (Answer, Identity, JudgeRequest, JudgeTemplate, parse_text_answer, rationale_prompt,
                                 render_body, render_judge_prompt, text_answer_instruction, two_label_probability)
-from oaif.config import AnnotateConfig
+from oaif.config import AnnotateConfig, ConfigError, OpenAIConfig, key_env_problem, url_problem
 from oaif.constitution import Constitution
 
 NO_KEY = "EMPTY"  # local servers need no key, but the client insists on one (never sent: see _judge)
@@ -43,9 +44,22 @@ def retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-def short(text: str, limit: int = 200) -> str:
-    text = " ".join(str(text).split())
+def short(text: str, secret: str | None, limit: int = 200) -> str:
+    """One line of at most `limit` characters, the secret (the API key) blanked first: a key
+    across the cut would otherwise leave its start in the text."""
+    text = str(text).replace(secret, "<api key>") if secret else str(text)
+    text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_endpoint(api: OpenAIConfig, where: str) -> None:
+    """A ConfigError unless the key variable looks like an API key's and the URL may carry it
+    (no credentials in it; no key over plain http to another machine). where: the section."""
+    problems = [p for p in (key_env_problem(api.api_key_env, f"{where}.openai.api_key_env"),
+                            url_problem(api.base_url, f"{where}.openai.base_url", api.api_key_env,
+                                        f"{where}.openai.api_key_env")) if p]
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def logsumexp(xs: list[float]) -> float:
@@ -59,7 +73,9 @@ class OpenAIAnnotator:
     def __init__(self, cfg: AnnotateConfig, model: str, constitution: Constitution, template: JudgeTemplate):
         self.cfg, self.api = cfg, cfg.openai
         self.model, self.constitution, self.template = model, constitution, template
+        check_endpoint(self.api, "annotate")   # config validation checks it too, but not a config built in code
         self.labels: tuple[str, str] = tuple(cfg.labels)
+        self.secret: str | None = None   # the key of the batch in progress, blanked in every text kept
         self.stats = {"requests_sent": 0, "retries": 0, "failures": 0, "prompt_tokens": 0, "completion_tokens": 0}
         # label -> token id; None until looked up, {} when the server cannot tell (match by text).
         self.label_ids: dict[str, int] | None = None
@@ -92,7 +108,10 @@ class OpenAIAnnotator:
     @contextlib.asynccontextmanager
     async def _client(self):
         """(client, key) for one batch of requests."""
-        key = os.environ.get(self.api.api_key_env) or NO_KEY
+        from oaif.server import server_key
+
+        key = server_key(self.api.base_url) or os.environ.get(self.api.api_key_env) or NO_KEY
+        self.secret = key if key != NO_KEY else None
         # No key: no Authorization header at all (the client insists on a key; the request omits it).
         self.auth = {} if key != NO_KEY else {"extra_headers": {"Authorization": openai.Omit()}}
         # The client's own retries are off: ours (_call) are the only ones, and are counted.
@@ -182,7 +201,7 @@ class OpenAIAnnotator:
                     # A total deadline: the client's timeout bounds each read, not the whole request.
                     resp = await asyncio.wait_for(create(model=self.model, **body, **params, **self.auth), api.timeout_s)
             except openai.APIStatusError as e:
-                why = f"HTTP {e.status_code}: {short(e.message)}"
+                why = f"HTTP {e.status_code}: {short(e.message, self.secret)}"
                 if e.status_code not in RETRY_STATUS and e.status_code < 500:
                     break
                 told = retry_after(e.response)
@@ -192,15 +211,15 @@ class OpenAIAnnotator:
                 why = f"timeout after {api.timeout_s:g}s"
                 continue
             except openai.APIConnectionError as e:
-                why = f"connection error: {short(e)}"
+                why = f"connection error: {short(e, self.secret)}"
                 continue
             except (openai.APIResponseValidationError, ValueError) as e:  # ValueError: a body that is not JSON
-                why = f"malformed response body ({type(e).__name__}: {short(e)})"
+                why = f"malformed response body ({type(e).__name__}: {short(e, self.secret)})"
                 continue
             try:
                 value = read(resp)
             except MALFORMED as e:
-                why = f"malformed response body ({type(e).__name__}: {short(e)})"
+                why = f"malformed response body ({type(e).__name__}: {short(e, self.secret)})"
                 continue
             usage = getattr(resp, "usage", None)
             if usage is not None:

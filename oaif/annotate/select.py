@@ -106,6 +106,14 @@ def build_annotator(cfg: RunConfig, python=None) -> Annotator:
                           m.weight) for i, m in enumerate(a.mix)])
 
 
+def close_annotator(annotator) -> None:
+    """Free what a judge holds now (a vLLM judge: its engine; mix and cache: their members'),
+    not whenever it is collected. A judge without close() holds nothing that needs it."""
+    close = getattr(annotator, "close", None)
+    if callable(close):
+        close()
+
+
 def reload_constitutions(annotator: Annotator, a: AnnotateConfig, refused: dict[Path, set[str]]) -> list[str]:
     """annotate.reload_constitution: every judge whose constitution file changed since it was
     loaded judges with the new version from now on. A version that does not load (or that
@@ -164,6 +172,10 @@ def check_inputs(cfg: RunConfig, where: str = "annotate", python=None) -> None:
         constitution, template = load_inputs(a, path)
         if backend == "python" and not (python and key == where):
             load_target(spec, f"{key}.python")
+        if backend == "openai":   # a config built in code skipped load_config's check: before anything is written
+            from oaif.annotate.openai_api import check_endpoint
+
+            check_endpoint(a.openai, where)
         if backend in ("vllm", "transformers"):
             from oaif.annotate.local import check_labels
 

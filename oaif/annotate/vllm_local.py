@@ -35,8 +35,18 @@ class VLLMScorer:
         return result
 
 
+class VLLMJudge(LocalJudge):
+    def close(self) -> None:
+        """End the judge's engine now (engines.shutdown_llm says why not at collection); safe twice."""
+        from oaif.engines import shutdown_llm
+
+        if self.scorer.llm is not None:
+            shutdown_llm(self.scorer.llm)
+            self.scorer.llm = None
+
+
 def VLLMAnnotator(cfg: AnnotateConfig, model: str, constitution: Constitution, template: JudgeTemplate,
-                  seed: int = 0) -> LocalJudge:
+                  seed: int = 0) -> VLLMJudge:
     """A judge in its own engine."""
     from transformers import AutoTokenizer
 
@@ -45,4 +55,4 @@ def VLLMAnnotator(cfg: AnnotateConfig, model: str, constitution: Constitution, t
     llm = build_llm(model, cfg.dtype, seed=seed, kv_cache_gib=cfg.kv_cache_gib,
                     max_model_len=cfg.max_prompt_tokens + 1, gpu_memory_utilization=cfg.gpu_memory_utilization,
                     enforce_eager=cfg.enforce_eager)
-    return LocalJudge(VLLMScorer(llm), AutoTokenizer.from_pretrained(model), cfg, constitution, template, "vllm", model)
+    return VLLMJudge(VLLMScorer(llm), AutoTokenizer.from_pretrained(model), cfg, constitution, template, "vllm", model)
