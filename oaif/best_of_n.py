@@ -1,6 +1,6 @@
 """`oaif best-of-n`: the best of n sampled responses per prompt, by the configured annotator.
 
-    oaif best-of-n CONFIG --out best.jsonl [key=value ...]
+    oaif best-of-n CONFIG --out best.jsonl [--overwrite] [key=value ...]
         e.g. generate.samples_per_prompt=8 annotate.ranking=knockout
 
 For users who want better outputs rather than a trained policy (Llama 2's rejection
@@ -12,7 +12,8 @@ fine-tuning), with the ranking beside it:
     {"prompt_id", "prompt": [messages], "completion": [{"role": "assistant", "content": best}],
      "ranking": [sample indices, best first], "scores": round_robin's or null,
      "responses": [every sampled text], "comparisons": n}
-The file is written whole, so a failed run leaves none.
+The file is written whole, so a failed run leaves none; it is new, or with --overwrite an
+earlier one oaif wrote (oaif/outputs.py), checked before any sampling.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from oaif import outputs
 from oaif.config import ConfigError, RunConfig
-from oaif.records import write_jsonl
+
+KIND = "best-of-n output"
 
 
-def best_of_n(cfg: RunConfig, out: str | Path, *, annotator=None, log=print) -> Path:
+def best_of_n(cfg: RunConfig, out: str | Path, *, annotator=None, log=print, overwrite: bool = False) -> Path:
     """Writes `out` (see the module docstring); returns its path. annotator: your judge (a
     function or annotator object) in place of the config's."""
     from oaif.annotate.rank import rank_groups
@@ -42,6 +45,7 @@ def best_of_n(cfg: RunConfig, out: str | Path, *, annotator=None, log=print) -> 
         cfg = with_python_annotator(cfg, annotator)
     check_model(cfg.policy.model, "policy.model")
     check_inputs(cfg, python=annotator)
+    outputs.check(out, KIND, folder=False, overwrite=overwrite)
     g, t0 = cfg.generate, time.perf_counter()
     llm = build_llm(cfg.policy.model, cfg.policy.dtype, cfg.seed, g.kv_cache_gib,
                     cfg.policy.max_prompt_tokens + g.max_new_tokens, enforce_eager=g.enforce_eager)
@@ -57,8 +61,7 @@ def best_of_n(cfg: RunConfig, out: str | Path, *, annotator=None, log=print) -> 
              "completion": [{"role": "assistant", "content": group[r.order[0]].text}],
              "ranking": r.order, "scores": r.scores, "responses": [s.text for s in group], "comparisons": r.comparisons}
             for group, r in zip(groups, rankings)]
-    out = Path(out)
-    write_jsonl(out, rows)
+    out = outputs.write_jsonl(out, KIND, rows, overwrite=overwrite)
     skipped = metrics["generate/prompts_skipped"]
     log(f"best of {g.samples_per_prompt} for {len(rows)} prompts ({skipped} over policy.max_prompt_tokens skipped), "
         f"{len(judged.judgments)} comparisons by {a.backend} ({a.ranking}) in {time.perf_counter() - t0:.1f} s -> {out}")

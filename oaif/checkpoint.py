@@ -47,15 +47,18 @@ def save_checkpoint(run_dir: Path, round: int, policy_version: int, trainer, tok
     return final
 
 
-def export_merged(checkpoint: Path, out: Path, base_model: str, dtype: str) -> Path:
-    """A checkpoint as a plain HF model: full weights copied, or adapter merged into base."""
+def export_merged(checkpoint: Path, out: Path, base_model: str, dtype: str, overwrite: bool = False) -> Path:
+    """A checkpoint as a plain HF model: full weights copied, or adapter merged into base.
+    `out` is a new folder, or with overwrite an earlier oaif model (oaif/outputs.py)."""
     from transformers import AutoTokenizer
 
+    from oaif import outputs
     from oaif.train import load_causal_lm
 
     policy_dir = checkpoint / "policy"
     if not policy_dir.is_dir():
         raise FileNotFoundError(f"{checkpoint}: no policy/ folder; is this a checkpoint directory?")
+    outputs.check(out, "model", folder=True, overwrite=overwrite)   # before the model loads
     if (policy_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
@@ -63,9 +66,13 @@ def export_merged(checkpoint: Path, out: Path, base_model: str, dtype: str) -> P
         model = model.merge_and_unload()
     else:
         model = load_causal_lm(str(policy_dir), dtype, trainable=False)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(policy_dir).save_pretrained(out)
-    return out
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+
+    def fill(staging: Path) -> None:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+    return outputs.write_folder(out, "model", fill, overwrite=overwrite)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -1,7 +1,8 @@
 """The `oaif` command.
 
-    oaif init-tiny DIR                      build the embedded tiny policy
-    oaif export CHECKPOINT --out DIR        a checkpoint as a plain HF model (LoRA merged)
+    oaif init-tiny DIR [--overwrite]        build the embedded tiny policy
+    oaif export CHECKPOINT --out DIR [--overwrite]
+                                            a checkpoint as a plain HF model (LoRA merged)
     oaif export-pairs RUN_DIR --out DIR [--overwrite]
                                             a run's kept pairs as TRL preference and KTO datasets
     oaif run CONFIG [key=value ...]         run the loop
@@ -21,9 +22,12 @@
     oaif eval CONFIG [key=value ...] [--out FILE]
                                             the policy against its start on held-out prompts
     oaif convert-gguf FILE --out DIR        a GGUF model (llama.cpp, Ollama) as an HF folder
-    oaif report RUN_DIR [--out DIR] [--pairs N]
+    oaif report RUN_DIR [--out DIR [--overwrite]] [--pairs N]
                                             plots and one HTML page of a run (default RUN_DIR/report)
     oaif config-help                        every config key, its default and meaning
+
+Every output (--out, init-tiny's DIR) is created new; --overwrite replaces only an earlier
+one that oaif wrote (oaif/outputs.py).
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ import sys
 from pathlib import Path
 
 from oaif.config import ConfigError, RunStopped, describe, load_config
+
+
+def add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace an earlier {what} that oaif wrote there (never anything else)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,50 +67,59 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="a config; reward_model.* keys say how to train")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. reward_model.epochs=3")
     p.add_argument("--out", required=True, help="the folder to create: the model (HF format) and metrics.json")
+    add_overwrite(p, "model")
     p = sub.add_parser("sft", help="supervised fine-tuning on prompt/response rows (a warm start for the loop)")
     p.add_argument("data", help="JSONL, .parquet, .csv or a dataset folder: rows of 'messages' (ending with the "
                                 "assistant's turn) or 'prompt' and 'completion' (or 'response')")
     p.add_argument("config", help="a config; sft.* keys say how to train, policy.model what, train.lora.* for LoRA")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. sft.epochs=1 train.lora.enabled=true")
     p.add_argument("--out", required=True, help="the folder to create: the model (HF format) and sft_metrics.jsonl")
+    add_overwrite(p, "model")
     p = sub.add_parser("best-of-n", help="sample n responses per prompt and keep the one the annotator ranks best")
     p.add_argument("config", help="a config: prompts, policy.model, generate.samples_per_prompt (n), annotate.*")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. generate.samples_per_prompt=8 annotate.ranking=knockout")
     p.add_argument("--out", required=True, help="JSONL to write: one row per prompt (prompt, completion, ranking)")
+    add_overwrite(p, "best-of-n output")
     p = sub.add_parser("critique", help="answer, critique against a principle, revise (Constitutional AI's "
                                         "supervised stage): SFT rows and revision-over-original pairs")
     p.add_argument("config", help="a config: prompts, policy.model, critique.*, the constitution's principles")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. critique.revisions=2 critique.critic=vllm")
     p.add_argument("--out", required=True, help="the folder to create: records.jsonl, sft.jsonl, pairs.jsonl, "
                                                 "summary.json")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier critique output in --out")
+    add_overwrite(p, "critique output")
     p = sub.add_parser("annotate", help="judge pairs from a JSONL file with a config's annotator")
     p.add_argument("input", help="JSONL lines with prompt (string or chat messages), a, b")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value, as for `oaif run`")
-    p.add_argument("--out", required=True, help="output JSONL (written whole)")
+    p.add_argument("--out", required=True, help="output JSONL to create (written whole)")
+    add_overwrite(p, "annotate output")
     p = sub.add_parser("eval", help="win rate of a policy against its starting policy on held-out prompts")
     p.add_argument("config", help="a config (or a run's config.yaml); eval.* keys say what is compared and how")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. eval.policy=runs/NAME/checkpoints/round_000007")
     p.add_argument("--out", help="comparisons JSONL (default: <run>/eval/round_XXXXXX.jsonl for a run's checkpoint)")
+    add_overwrite(p, "eval output (--out and its .summary.jsonl)")
     p = sub.add_parser("convert-gguf", help="a GGUF causal LM as a Hugging Face folder (weights, tokenizer, chat template)")
     p.add_argument("gguf", help="the .gguf file")
     p.add_argument("--out", required=True, help="the folder to create")
+    add_overwrite(p, "model")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p = sub.add_parser("export", help="write a checkpoint as a plain Hugging Face model (a LoRA adapter merged in)")
     p.add_argument("checkpoint", help="runs/NAME/checkpoints/round_XXXXXX")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the folder to create")
+    add_overwrite(p, "model")
     p = sub.add_parser("export-pairs", help="a run's kept pairs as datasets in TRL's preference and KTO formats")
     p.add_argument("run_dir", help="runs/NAME")
     p.add_argument("--out", required=True, help="the folder to create: preference/, kto/ (save_to_disk) and .parquet")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    add_overwrite(p, "pair export")
     p = sub.add_parser("init-tiny", help="build the tiny local policy (no hub needed)")
-    p.add_argument("out")
+    p.add_argument("out", help="the folder to create (missing parent folders are made)")
+    add_overwrite(p, "model")
     p.add_argument("--steps", type=int, default=300, help="warm-up steps on prompts/tiny_sft.jsonl")
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("report", help="plots and a self-contained HTML page from a run directory")
     p.add_argument("run_dir", help="runs/NAME (finished or still running)")
-    p.add_argument("--out", help="folder to write (default: RUN_DIR/report); replaced whole")
+    p.add_argument("--out", help="folder to create (default: RUN_DIR/report, the run's own: replaced whole)")
+    add_overwrite(p, "report")
     p.add_argument("--pairs", type=int, default=4, help="sample pairs shown per round")
     p = sub.add_parser("config-help", help="list every config key")
     p.add_argument("--markdown", action="store_true", help="as the README's reference table")
@@ -117,28 +135,29 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()   # per-save "Writing model shards" bars would break up the round table
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    if args.command == "init-tiny":
-        from oaif.tiny import init_tiny
-
-        init_tiny(args.out, steps=args.steps, seed=args.seed)
-        return 0
     try:
+        if args.command == "init-tiny":
+            from oaif.tiny import init_tiny
+
+            init_tiny(args.out, steps=args.steps, seed=args.seed, overwrite=args.overwrite)
+            return 0
         if args.command == "convert-gguf":
             from oaif.gguf import convert_gguf
 
-            print(f"converted {args.gguf} -> {convert_gguf(args.gguf, args.out, args.dtype)}")
+            print(f"converted {args.gguf} -> {convert_gguf(args.gguf, args.out, args.dtype, args.overwrite)}")
             return 0
         if args.command == "export":
             from oaif.checkpoint import export_merged
 
             checkpoint = Path(args.checkpoint)
             cfg = load_config(checkpoint.parent.parent / "config.yaml")  # the run's resolved config
-            print(f"exported {export_merged(checkpoint, Path(args.out), cfg.policy.model, cfg.policy.dtype)}")
+            out = export_merged(checkpoint, Path(args.out), cfg.policy.model, cfg.policy.dtype, args.overwrite)
+            print(f"exported {out}")
             return 0
         if args.command == "report":
             from oaif.report import write_report
 
-            print(f"report: {write_report(args.run_dir, args.out, args.pairs)}")
+            print(f"report: {write_report(args.run_dir, args.out, args.pairs, args.overwrite)}")
             return 0
         if args.command == "export-pairs":
             from oaif.datasets_io import export_pairs
@@ -155,19 +174,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             from oaif.evaluation import run_eval
 
-            run_eval(cfg, args.out)
+            run_eval(cfg, args.out, overwrite=args.overwrite)
         elif args.command == "annotate":
             from oaif.annotate.offline import annotate_file
 
-            annotate_file(cfg, args.input, args.out)
+            annotate_file(cfg, args.input, args.out, overwrite=args.overwrite)
         elif args.command == "best-of-n":
             from oaif.best_of_n import best_of_n
 
-            best_of_n(cfg, args.out)
+            best_of_n(cfg, args.out, overwrite=args.overwrite)
         elif args.command == "train-rm":
             from oaif.reward_model import train_reward_model
 
-            train_reward_model(cfg, args.pairs, args.out)
+            train_reward_model(cfg, args.pairs, args.out, overwrite=args.overwrite)
         elif args.command == "critique":
             from oaif.critique import run_critique
 
@@ -175,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "sft":
             from oaif.sft import run_sft
 
-            run_sft(cfg, args.data, args.out)
+            run_sft(cfg, args.data, args.out, overwrite=args.overwrite)
         elif args.command == "offline":
             from oaif.offline import run_offline
 

@@ -15,7 +15,8 @@ its prompts (generate.encode_prompt). Text that the user or a model wrote goes i
 template with the template's <tags> neutralised (annotate/base.py), so a response holding
 `</critique>` cannot change the structure of the prompt it is quoted in.
 
-DIR is written whole (built beside it, then renamed; an earlier output only with --overwrite):
+DIR is written whole (built beside it, then renamed; an earlier critique output only with
+--overwrite, oaif/outputs.py):
   records.jsonl  per prompt: its messages, the original answer and, per step, the principle,
                  the rendered critique prompt, the critique, the rendered revision prompt and
                  the revision; the models and the constitution; `dropped`: why the prompt
@@ -43,8 +44,7 @@ from oaif.config import ConfigError, CritiqueConfig, RunConfig
 from oaif.constitution import Constitution, load_constitution
 from oaif.records import Message, Prompt, load_prompts, write_jsonl
 
-OUTPUTS = {"records.jsonl", "sft.jsonl", "pairs.jsonl", "summary.json"}
-KIND = "oaif critique output"
+KIND = "critique output"
 PLACEHOLDERS = ("principle", "conversation", "response", "critique")
 REQUIRED = {"critique_template": ("principle", "conversation", "response"),
             "revision_template": ("conversation", "response", "critique")}
@@ -236,7 +236,7 @@ def training_rows(records: list[dict]) -> tuple[list[dict], list[dict]]:
 
 def run_critique(cfg: RunConfig, out: str | Path, overwrite: bool = False, log=print) -> dict:
     """The whole `oaif critique` command (module docstring); returns the summary."""
-    from oaif.datasets_io import check_out, write_folder
+    from oaif import outputs
     from oaif.engines import shutdown_llm
     from oaif.generate import check_model
 
@@ -249,7 +249,7 @@ def run_critique(cfg: RunConfig, out: str | Path, overwrite: bool = False, log=p
     prompts = prompts[:c.max_prompts] if c.max_prompts else prompts
     constitution = load_principles(cfg)
     critique, revision = (load_template(c, key) for key in REQUIRED)
-    check_out(out, overwrite, OUTPUTS, KIND)
+    outputs.check(out, KIND, folder=True, overwrite=overwrite)
     check_model(cfg.policy.model, "policy.model")
     if c.critic in ("vllm", "transformers"):
         check_model(c.critic_model, "critique.critic_model")
@@ -289,7 +289,7 @@ def run_critique(cfg: RunConfig, out: str | Path, overwrite: bool = False, log=p
         write_jsonl(staging / "pairs.jsonl", pairs)
         (staging / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
 
-    write_folder(out, OUTPUTS, KIND, fill)
+    outputs.write_folder(out, KIND, fill, overwrite=overwrite)
     if summary["dropped"]:
         log(f"critique: warning: {summary['dropped']} prompt(s) ended early, e.g. "
             f"{next(r['dropped'] for r in records if r['dropped'])} (records.jsonl says why for each)")

@@ -21,9 +21,9 @@ The folders load with `datasets.load_from_disk`; `oaif offline OUT/preference` t
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
+from oaif import outputs
 from oaif.faults import crash_point
 from oaif.records import read_jsonl
 from oaif.rundir import is_run_dir
@@ -31,7 +31,7 @@ from oaif.rundir import is_run_dir
 # Single data files read through `datasets`; any other file is read as JSONL, as always.
 DATA_FILES = {".parquet": "parquet", ".csv": "csv"}
 EXPORT_NAMES = {"preference", "preference.parquet", "kto", "kto.parquet"}
-EXPORT = "oaif pair export"
+EXPORT = "pair export"
 PROVENANCE = ("backend", "model", "constitution", "constitution_hash", "template_hash")
 
 
@@ -110,14 +110,18 @@ def run_pairs(run_dir: Path) -> list[tuple[dict, dict]]:
 
 def export_pairs(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write the run's kept pairs as TRL preference and KTO datasets (module docstring) into
-    `out`, whole: built beside it, then renamed. Returns `out`."""
+    `out`, whole: built beside it, then renamed (oaif/outputs.py: a new folder, or with
+    overwrite an earlier export). Returns `out`."""
     import datasets
     from datasets import Features, List, Value
 
     run_dir, out = Path(run_dir), Path(out)
     if not is_run_dir(run_dir):
         raise ValueError(f"{run_dir} is not an oaif run directory (no config.yaml and rounds/); give runs/NAME")
-    check_out(out, overwrite, EXPORT_NAMES, EXPORT)
+    # The run's own dataset/ (the loop's export at the end of every run) may be one written
+    # before outputs carried a marker: known by its names alone.
+    legacy = EXPORT_NAMES if out.absolute() == (run_dir / "dataset").absolute() else ()
+    outputs.check(out, EXPORT, folder=True, overwrite=overwrite, legacy=legacy)
 
     chat = List({"role": Value("string"), "content": Value("string")})
     common = {"round": Value("int64"), "policy_version": Value("int64"), "prompt_id": Value("string"),
@@ -146,50 +150,5 @@ def export_pairs(run_dir: str | Path, out: str | Path, overwrite: bool = False) 
             table.to_parquet(str(staging / f"{name}.parquet"))
             crash_point("export")
 
-    return write_folder(out, EXPORT_NAMES, EXPORT, fill)
+    return outputs.write_folder(out, EXPORT, fill, overwrite=overwrite, legacy=legacy)
 
-
-def write_folder(out: Path, names: set[str], kind: str, fill) -> Path:
-    """`out` written whole (export-pairs, critique): fill(staging) writes the files into a
-    folder beside it, which then takes its place. check_out(out, ...) first: an earlier output
-    there (a folder of `names` only) is swapped out, then deleted. Returns `out`."""
-    staging = out.with_name(f".{out.name}.new")
-    if staging.exists():   # an earlier write cut short here
-        _check_ours(staging, f"{staging} exists", names, kind)
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    try:
-        fill(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if out.exists():   # empty, or an earlier output with overwrite: swapped out, then deleted
-        old = out.with_name(f".{out.name}.old")
-        if old.exists():   # left by a write cut short between these renames
-            _check_ours(old, f"{old} exists", names, kind)
-            shutil.rmtree(old)
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old)
-    else:
-        staging.rename(out)
-    return out
-
-
-def check_out(out: Path, overwrite: bool, names: set[str], kind: str) -> None:
-    """--out may be new, an empty folder, or (with overwrite) an earlier `kind`: a folder of `names` only."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise FileExistsError(f"--out {out} exists and is not a folder; pick another --out")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"--out {out} exists and is not empty: pass --overwrite to replace an earlier "
-                                  f"{kind}, or pick another --out")
-        _check_ours(out, f"--out {out}", names, kind)
-
-
-def _check_ours(folder: Path, what: str, names: set[str], kind: str) -> None:
-    # Only an earlier output is ever deleted, never a folder someone pointed --out at by mistake.
-    other = sorted(p.name for p in folder.iterdir() if p.name not in names)
-    if other:
-        raise FileExistsError(f"{what} holds {', '.join(other[:5])}, so it is not an {kind} and is left "
-                              f"alone; pick another --out")

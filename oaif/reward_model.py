@@ -1,6 +1,6 @@
 """`oaif train-rm`: a Bradley-Terry reward model trained on collected preference pairs.
 
-    oaif train-rm PAIRS CONFIG [key=value ...] --out DIR
+    oaif train-rm PAIRS CONFIG [key=value ...] --out DIR [--overwrite]
 
 A reward model reads (prompt, response) and returns one number r; P(y_w better than y_l) is
 modelled as σ(r_w − r_l) (Bradley & Terry 1952; InstructGPT, Ouyang et al. 2022, eq. 1). It
@@ -16,20 +16,20 @@ directory (runs/NAME: every kept pair of every round). A seeded share of the pai
 (`reward_model.heldout_fraction`) is held out; its accuracy is reported after every epoch.
 DIR gets the model in Hugging Face format (a LoRA adapter merged in), its tokenizer, and
 metrics.json (sizes, per-epoch train and held-out loss and accuracy, the settings). DIR is
-written whole: built in a hidden folder beside it, then renamed.
+new (or with --overwrite an earlier oaif model) and written whole: built in a hidden folder
+beside it, then renamed (oaif/outputs.py).
 """
 
 from __future__ import annotations
 
 import json
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from oaif import outputs
 from oaif.annotate.base import render_conversation
 from oaif.config import RunConfig, to_dict
 from oaif.losses import bradley_terry_loss
@@ -113,17 +113,14 @@ def evaluate(model: torch.nn.Module, data: list[tuple], pad_id: int, batch_size:
             "accuracy": (chosen > rejected).float().mean().item()}
 
 
-def check_out(out: Path) -> None:
-    if out.exists() and not (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
-        raise FileExistsError(f"--out {out} exists; pick another --out (or remove it)")
-
-
-def train_reward_model(cfg: RunConfig, source: str | Path, out: str | Path, log=print) -> dict:
-    """Train on the pairs of `source`, save the model and metrics.json into `out`; the metrics."""
+def train_reward_model(cfg: RunConfig, source: str | Path, out: str | Path, log=print,
+                       overwrite: bool = False) -> dict:
+    """Train on the pairs of `source`, save the model and metrics.json into `out` (a new
+    folder, or with overwrite an earlier oaif model: oaif/outputs.py); the metrics."""
     from oaif.generate import check_model, load_tokenizer
 
     rm, out, t0 = cfg.reward_model, Path(out), time.perf_counter()
-    check_out(out)
+    outputs.check(out, "model", folder=True, overwrite=overwrite)   # before any work
     base = rm.model or cfg.policy.model
     check_model(base, "reward_model.model" if rm.model else "policy.model")
     tokenizer = load_tokenizer(base)
@@ -176,20 +173,13 @@ def train_reward_model(cfg: RunConfig, source: str | Path, out: str | Path, log=
                "seconds": time.perf_counter() - t0, "seed": cfg.seed, "config": to_dict(rm)}
     if rm.lora:
         model = model.merge_and_unload()   # a plain model that loads by path, score head included
-    check_out(out)   # nothing appeared there meanwhile
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        staging.chmod(0o755)   # mkdtemp makes it private; the model folder is an ordinary one
+
+    def fill(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        if out.exists():   # an empty folder (check_out)
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    outputs.write_folder(out, "model", fill, overwrite=overwrite)
     log(f"train-rm: held-out accuracy {metrics['heldout_accuracy']:.3f} on {len(held)} pairs "
         f"(train {metrics['train_accuracy']:.3f}); saved to {out} ({metrics['seconds']:.0f}s)")
     return metrics

@@ -1,6 +1,6 @@
 """`oaif sft`: supervised fine-tuning, the warm start a policy gets before the loop.
 
-    oaif sft DATA CONFIG [key=value ...] --out DIR
+    oaif sft DATA CONFIG [key=value ...] --out DIR [--overwrite]
 
 DATA holds a prompt and the response to learn per row, in TRL's SFT formats:
   - {"messages": [...]}: a chat whose last turn is the assistant's (the response);
@@ -15,7 +15,8 @@ loop's engine would sample. The loss is the mean negative log-likelihood of the 
 tokens only: the prompt is masked out, and EOS is learned, so the policy learns where to stop.
 Settings are in `sft:` (oaif config-help); full weights, or a LoRA adapter (train.lora.*)
 merged into the saved model. DIR gets the model in Hugging Face format and sft_metrics.jsonl
-(one line per optimizer step), written whole (built beside DIR, then renamed); the loop
+(one line per optimizer step), written whole (built beside DIR, then renamed; DIR is new, or
+with --overwrite an earlier oaif model: oaif/outputs.py); the loop
 starts from it with policy.model=DIR. `oaif init-tiny` builds the embedded tiny policy with
 this same training (tiny.py).
 """
@@ -24,12 +25,12 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from oaif import outputs
 from oaif.config import RunConfig, SFTConfig
 from oaif.generate import check_model, encode_prompt, load_tokenizer
 from oaif.offline import row_messages, row_response
@@ -39,10 +40,10 @@ from oaif.train import DTYPES, batch_sequences, build_policy, sequence_logps
 Example = tuple[list[int], list[int]]   # (prompt token ids, response token ids ending with EOS)
 
 
-def run_sft(cfg: RunConfig, data: str | Path, out: str | Path, log=print) -> Path:
+def run_sft(cfg: RunConfig, data: str | Path, out: str | Path, log=print, overwrite: bool = False) -> Path:
     """policy.model fine-tuned on `data`, saved to `out`: the whole `oaif sft` command."""
     out = Path(out)
-    check_out(out)   # before any work: a mistaken --out is named at once
+    outputs.check(out, "model", folder=True, overwrite=overwrite)   # before any work: a mistaken --out is named at once
     check_model(cfg.policy.model, "policy.model")
     tokenizer = load_tokenizer(cfg.policy.model)
     examples = load_examples(data, tokenizer, cfg.sft, log)
@@ -56,7 +57,7 @@ def run_sft(cfg: RunConfig, data: str | Path, out: str | Path, log=print) -> Pat
     history = train_sft(policy, tokenizer.pad_token_id, examples, cfg, log)
     if cfg.train.lora.enabled:   # one plain model that vLLM and from_pretrained load by path
         policy = policy.merge_and_unload()
-    save_sft(policy, tokenizer, out, history)
+    save_sft(policy, tokenizer, out, history, overwrite=overwrite)
     log(f"sft: saved to {out}; start the loop from it with policy.model={out}")
     return out
 
@@ -184,26 +185,15 @@ def train_sft(policy: torch.nn.Module, pad_id: int, examples: list[Example], cfg
     return history
 
 
-def check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; pick another output folder or delete it")
-
-
-def save_sft(model: torch.nn.Module, tokenizer, out: str | Path, history: list[dict]) -> Path:
+def save_sft(model: torch.nn.Module, tokenizer, out: str | Path, history: list[dict], overwrite: bool = False,
+             parents: bool = False) -> Path:
     """The model and tokenizer in Hugging Face format with sft_metrics.jsonl, written whole:
-    built in a folder beside `out`, then renamed, so a crash leaves no half model."""
-    out = Path(out)
-    check_out(out)
-    staging = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)   # left by an earlier save cut short
-    try:
+    built in a folder beside `out`, then renamed, so a crash leaves no half model
+    (oaif/outputs.py; parents: make missing parent folders)."""
+
+    def fill(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         write_jsonl(staging / "sft_metrics.jsonl", history)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if out.exists():   # an empty folder (check_out)
-        out.rmdir()
-    staging.rename(out)
-    return out
+
+    return outputs.write_folder(out, "model", fill, overwrite=overwrite, parents=parents)

@@ -1,13 +1,15 @@
 """Builds the embedded tiny policy: a Llama-style model and a locally trained tokenizer.
 
-    oaif init-tiny models/tiny
+    oaif init-tiny models/tiny [--overwrite]
 
 No model hub is needed: the tokenizer is a byte-level BPE trained on the bundled text,
 the model is a 2-layer Llama (head_dim 64: vLLM's CPU attention rejects smaller heads),
 and a short warm-up on prompts/tiny_sft.jsonl (`oaif sft`'s training, sft.py) teaches it the
 chat format and to end its answers (EOS) after 1 to 6 sentences, so two samples differ in
 length and a judge has something to prefer. The result is saved in Hugging Face format and
-loaded by path with from_pretrained / vllm.LLM, exactly like a hub model.
+loaded by path with from_pretrained / vllm.LLM, exactly like a hub model. DIR is new (its
+missing parent folders are made: models/ in a fresh checkout), or with --overwrite an
+earlier oaif model (oaif/outputs.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from oaif import outputs
 from oaif.config import RunConfig, SFTConfig
 from oaif.records import read_jsonl
 from oaif.sft import load_examples, save_sft, train_sft
@@ -43,7 +46,8 @@ def build_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
 
 
 def init_tiny(out: str | Path, steps: int = 300, seed: int = 0, hidden: int = 128, layers: int = 2,
-              vocab_size: int = 1024, log=print) -> Path:
+              vocab_size: int = 1024, log=print, overwrite: bool = False) -> Path:
+    outputs.check(out, "model", folder=True, overwrite=overwrite, parents=True)   # before the warm-up
     torch.manual_seed(seed)
     rows = read_jsonl(DATA)
     texts = [m["content"] for r in rows for m in r["messages"]]
@@ -63,7 +67,7 @@ def init_tiny(out: str | Path, steps: int = 300, seed: int = 0, hidden: int = 12
     cfg = RunConfig(seed=seed, sft=SFTConfig(max_steps=steps, learning_rate=3e-3, weight_decay=0.01, warmup_steps=20,
                                              min_lr_ratio=0.05, batch_size=32, micro_batch_size=32, max_grad_norm=0.0))
     history = train_sft(model, tokenizer.pad_token_id, load_examples(DATA, tokenizer, cfg.sft, log), cfg, log)
-    out = save_sft(model, tokenizer, out, history)
+    out = save_sft(model, tokenizer, out, history, overwrite=overwrite, parents=True)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"init-tiny: saved a {n_params / 1e6:.2f}M-parameter policy to {out}")
     return out

@@ -122,7 +122,7 @@ def test_cache_answers_repeats_without_asking_and_skips_invalid(tiny_model, judg
     assert [a.p_first for a in second[:2]] == [a.p_first for a in first[:2]]
     assert inner.stats["requests"] == 2  # nothing new reached the model for the cached two
     assert again.stats["cache_hits"] == 2 and again.stats["cache_misses"] == 1
-    assert len(read_jsonl(path)) == 2
+    assert len(read_jsonl(path)) == 3   # the cache's header line and the two answers
     # Other settings (here: other labels) are another key.
     other = CachedAnnotator(inner, path, {"labels": ["A", "B"]})
     other.judge(reqs[:1])
@@ -152,14 +152,15 @@ def test_oaif_annotate_cli(tmp_path):
 
 
 def test_cache_survives_a_torn_last_line_and_names_a_bad_middle_line(tmp_path):
+    """A cache written before the header existed (tests/test_cache.py: the header)."""
     from oaif.annotate.cache import read_cache
 
     path = tmp_path / "cache.jsonl"
     path.write_text('{"key": "k1", "p_first": 0.7, "raw": "r"}\n{"key": "k2", "p_fi')   # a crash mid-append
     assert [r["key"] for r in read_cache(path)] == ["k1"]
     assert path.read_text() == '{"key": "k1", "p_first": 0.7, "raw": "r"}\n'   # the next append starts clean
-    path.write_text('{"key": "k1"}\nnot json\n{"key": "k3"}\n')
-    with pytest.raises(ValueError, match=r"cache.jsonl:2: not a JSON record"):
+    path.write_text('{"key": "k1", "p_first": 0.7, "raw": "r"}\nnot json\n{"key": "k3"}\n')
+    with pytest.raises(ValueError, match=r"cache.jsonl:2: not a judgment cache row"):
         read_cache(path)
 
 

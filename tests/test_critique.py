@@ -228,7 +228,7 @@ def test_bad_input_is_named_before_any_model_loads(tmp_path):
         load_config(ROOT / "configs/tiny_cpu.yaml", ["critique.revisions=0"])
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="exists and is not empty: pass --overwrite"):
+    with pytest.raises(FileExistsError, match="exists: pass --overwrite"):
         critique(out=tmp_path / "mine")
     with pytest.raises(FileExistsError, match="not an oaif critique output"):
         critique(out=tmp_path / "mine", overwrite=True)

@@ -143,7 +143,7 @@ def test_export_refuses_a_non_run_an_existing_out_and_records_that_no_longer_lin
     r = run_oaif("export-pairs", str(run_dir / "rounds"), "--out", str(tmp_path / "e"))
     assert r.returncode == 2 and "is not an oaif run directory" in r.stderr
     r = run_oaif("export-pairs", str(run_dir), "--out", str(out))
-    assert r.returncode == 2 and "exists and is not empty: pass --overwrite" in r.stderr
+    assert r.returncode == 2 and "exists: pass --overwrite" in r.stderr
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     r = run_oaif("export-pairs", str(run_dir), "--out", str(tmp_path / "mine"), "--overwrite")
@@ -154,7 +154,8 @@ def test_export_refuses_a_non_run_an_existing_out_and_records_that_no_longer_lin
 
     again = export_pairs(run_dir, tmp_path / "again")
     assert export_pairs(run_dir, again, overwrite=True) == again   # an earlier export is replaced whole
-    assert sorted(p.name for p in again.iterdir()) == ["kto", "kto.parquet", "preference", "preference.parquet"]
+    assert sorted(p.name for p in again.iterdir()) == [".oaif-output", "kto", "kto.parquet", "preference",
+                                                       "preference.parquet"]
     assert not any(p.name.startswith(".again") for p in tmp_path.iterdir())   # no staging folder left behind
 
     # A pair whose chosen and rejected were swapped after the run no longer matches its judgment.

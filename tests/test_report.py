@@ -184,12 +184,17 @@ def test_errors_name_the_folder_and_the_report_is_replaced_whole(tmp_path, monke
     row = {"round": 0, "policy_version": 0, "pairs_kept": 0, "pairs_dropped": 8, "generate/mean_length": 9.0}
     (run / "metrics.jsonl").write_text(json.dumps(row) + "\n")
     (tmp_path / "mine").mkdir()
-    r = run_oaif("report", str(run), "--out", str(tmp_path / "mine"))
-    assert r.returncode == 2 and "is not an oaif report (no report.html); pick another --out" in r.stderr
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    r = run_oaif("report", str(run), "--out", str(tmp_path / "mine"), "--overwrite")
+    assert r.returncode == 2 and "has no .oaif-output marker (oaif did not write it): it is not an oaif report" \
+        in r.stderr and (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
     # A report that fails half-way leaves the previous one as it was and no temp folder.
     report = write_report(run)
-    (report.parent / "stale.png").write_text("from an earlier report")
+    (report.parent / "stale.png").write_text("from an earlier report")   # one oaif wrote: in its marker
+    marker = report.parent / ".oaif-output"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "entries": ["length.png", "report.html",
+                                                                              "stale.png"]}))
     before = report.read_text()
     monkeypatch.setattr("oaif.report.page", lambda *a: 1 / 0)
     with pytest.raises(ZeroDivisionError):
@@ -198,5 +203,5 @@ def test_errors_name_the_folder_and_the_report_is_replaced_whole(tmp_path, monke
                                                                                        "report"]
     monkeypatch.undo()
     write_report(run)   # a whole new report: nothing of the old one is left
-    assert sorted(p.name for p in (run / "report").iterdir()) == ["length.png", "report.html"]
+    assert sorted(p.name for p in (run / "report").iterdir()) == [".oaif-output", "length.png", "report.html"]
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl", "report"]

@@ -181,7 +181,7 @@ def test_bad_input_is_a_clear_error_with_nothing_written(pair_run, reward_model,
     assert r.returncode == 2 and "3 usable pairs are too few" in r.stderr and "reward_model.heldout_fraction" in r.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))   # nothing half-written
 
-    with pytest.raises(FileExistsError, match="--out .* exists; pick another --out"):
+    with pytest.raises(FileExistsError, match=" exists: pass --overwrite"):
         train_reward_model(load_config("configs/tiny_cpu.yaml"), pair_run, reward_model)
     with pytest.raises(ConfigError, match=r"reward_model.heldout_fraction: must be in \(0, 1\), got 1.5"):
         load_config("configs/tiny_cpu.yaml", ["reward_model.heldout_fraction=1.5"])

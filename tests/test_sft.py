@@ -186,7 +186,7 @@ def test_cli_errors_exit_2_naming_the_problem_and_leave_out_alone(base, tmp_path
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match=f"{taken} exists and is not empty"):
+    with pytest.raises(FileExistsError, match=f"{taken} exists: pass --overwrite"):
         run_sft(cfg, bad, taken, log=lambda _: None)
     assert [p.name for p in taken.iterdir()] == ["keep.txt"]
     # Through the command: one line naming the file, the row and what is missing; exit code 2.

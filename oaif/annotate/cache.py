@@ -3,20 +3,31 @@
 Keyed by everything that decides an answer: the annotator's identity (backend, model,
 constitution hash, template hash), the judging settings (labels, chain of thought, ...),
 the conversation and the two responses in their order. Only valid answers are stored: a
-timeout or a 429 today should be asked again tomorrow. The file is JSONL, one whole line
-appended per answer.
+timeout or a 429 today should be asked again tomorrow. The file is JSONL: the header line
+{"oaif_judgment_cache": 1}, which tells a cache from any other file, then one whole line
+appended per answer. A file without the header whose first line is a cache row is a cache
+written before the header existed: read and appended to as it is. Runs may share a cache:
+appends and the repair of a torn last line hold an advisory lock (flock) on it, so one run
+never cuts a line another is writing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from oaif.annotate.base import Annotator, Answer, JudgeRequest
-from oaif.records import append_jsonl, read_jsonl
+from oaif.records import append_jsonl
+
+HEADER = {"oaif_judgment_cache": 1}
+HEADER_LINE = json.dumps(HEADER).encode()
+ROW = ("key", "p_first", "raw")
 
 
 def model_fingerprint(model: str) -> str:
@@ -38,19 +49,82 @@ def model_fingerprint(model: str) -> str:
     return h.hexdigest()[:16]
 
 
-def read_cache(path: Path) -> list[dict]:
-    """The cache's rows. A last line without its newline is an append cut short (a crash in
-    the middle of a write): it is dropped and cut from the file, so the run goes on and the
-    next append starts a clean line. A bad line anywhere else is an error naming it."""
-    if not path.is_file():
-        return []
-    complete, _, torn = path.read_bytes().rpartition(b"\n")
+@contextmanager
+def locked(path: Path, create: bool = False):
+    """The cache file under an exclusive advisory lock, released when the block ends (or the
+    process dies)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_CREAT if create else 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def cache_rows(path: Path, data: bytes) -> list[dict]:
+    """The rows of a cache file's whole lines; an error naming annotate.cache and the path for a
+    file that is not a cache, naming the line for a bad row."""
+    lines = [(n, line) for n, line in enumerate(data.split(b"\n"), 1) if line.strip()]
+    rows = []
+    for n, line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if n == 1 and row == HEADER:
+            continue
+        if not (isinstance(row, dict) and all(k in row for k in ROW)):
+            if n == lines[0][0]:   # neither the header nor a row written before it: not a cache at all
+                raise ValueError(f"annotate.cache: {path} is not an oaif judgment cache (its first line is not "
+                                 f"{HEADER_LINE.decode()}); it is left as it is: point annotate.cache at a cache "
+                                 f"or a new file")
+            raise ValueError(f"{path}:{n}: not a judgment cache row (JSON with {', '.join(ROW)}); fix or remove "
+                             f"that line")
+        rows.append(row)
+    return rows
+
+
+def cut_torn_line(path: Path, data: bytes) -> None:
+    """Call under the lock, with the file's bytes: a last line without its newline there is an
+    append cut short by a crash (every writer holds the lock while it writes). It is cut from
+    the file, so the next append starts a clean line."""
+    complete, _, torn = data.rpartition(b"\n")
     if torn:
-        with open(path, "r+b") as f:
-            f.truncate(len(complete) + 1 if complete else 0)
+        os.truncate(path, len(complete) + 1 if complete else 0)
         print(f"oaif: judgment cache {path}: dropped a torn last line (a write cut short); "
               f"that judgment is asked again", file=sys.stderr)
-    return read_jsonl(path)
+
+
+def read_cache(path: Path) -> list[dict]:
+    """The cache's rows (a torn last line dropped: cut_torn_line). A file that is not a cache
+    is refused untouched."""
+    if not path.exists():
+        return []
+    if not path.is_file():
+        raise ValueError(f"annotate.cache: {path} is not a file; point annotate.cache at a cache or a new file")
+    with locked(path):
+        data = path.read_bytes()
+        complete, _, torn = data.rpartition(b"\n")
+        if not complete and torn and not HEADER_LINE.startswith(torn):   # one line, cut short, not the header
+            cache_rows(path, torn)   # refused: not a cache
+        rows = cache_rows(path, complete)   # checked before anything is cut
+        cut_torn_line(path, data)
+    return rows
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Each row as one whole line, under the lock; a new (empty) cache gets the header first."""
+    with locked(path, create=True):
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(size - 1, 0))
+            torn = size > 0 and f.read(1) != b"\n"
+        if torn:   # a writer died mid-line since this run read the cache
+            cut_torn_line(path, path.read_bytes())
+        if path.stat().st_size == 0:
+            append_jsonl(path, HEADER)
+        for row in rows:
+            append_jsonl(path, row)
 
 
 class CachedAnnotator:
@@ -86,10 +160,13 @@ class CachedAnnotator:
         self.misses += len(todo)
         fresh = self.inner.judge([requests[i] for i in todo]) if todo else []
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = []
         for i, answer in zip(todo, fresh):
             if answer.p_first is not None and keys[i] not in self.entries:   # a request twice in one batch: one line
                 self.entries[keys[i]] = answer
-                append_jsonl(self.path, {"key": keys[i], "p_first": answer.p_first, "raw": answer.raw,
-                                          "label_mass": answer.label_mass})
+                new.append({"key": keys[i], "p_first": answer.p_first, "raw": answer.raw,
+                            "label_mass": answer.label_mass})
+        if new:
+            append_rows(self.path, new)
         answers = dict(zip(todo, fresh))
         return [answers[i] if i in answers else self.entries[k] for i, k in enumerate(keys)]

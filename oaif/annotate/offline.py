@@ -1,6 +1,6 @@
 """`oaif annotate`: judge pairs from a file, outside the loop, with a config's annotator.
 
-    oaif annotate pairs.jsonl --out judged.jsonl configs/tiny_cpu.yaml annotate.backend=vllm
+    oaif annotate pairs.jsonl --out judged.jsonl configs/tiny_cpu.yaml annotate.backend=vllm [--overwrite]
 
 Input lines: {"prompt": "text" or [chat messages], "a": "...", "b": "..."}, optionally
 "references" (accepted answers, for the `matches_reference` rule) and "correct" ("a" or
@@ -8,18 +8,21 @@ Input lines: {"prompt": "text" or [chat messages], "a": "...", "b": "..."}, opti
 lines: the input plus `verdict` (a, b, tie or invalid; `reason` says whether a tie came from
 the judge, from the two orders disagreeing, or from identical responses),
 `p_a` (P(a better), averaged over both orders) and each order's probability and raw output.
-Use it to try a constitution on a few examples before training with it.
+Use it to try a constitution on a few examples before training with it. The output file is
+new, or with --overwrite an earlier one oaif wrote (oaif/outputs.py), checked before judging.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from oaif import outputs
 from oaif.annotate.judge import judge_pairs, judgment_metrics, label_mass_warning
 from oaif.annotate.select import build_annotator, check_inputs, with_python_annotator
 from oaif.config import RunConfig
-from oaif.records import Sample, read_jsonl, write_jsonl
+from oaif.records import Sample, read_jsonl
 
+KIND = "annotate output"
 VERDICT = {"a": "a", "b": "b", "tie": "tie", "disagree": "tie", "identical": "tie", "invalid": "invalid"}
 
 
@@ -50,11 +53,13 @@ def check_pair_rows(rows: list[dict], where) -> None:
             raise ValueError(f"{where(n)}: 'references' must be a list of non-empty strings (accepted answers)")
 
 
-def annotate_file(cfg: RunConfig, in_path: str | Path, out_path: str | Path, log=print) -> dict:
+def annotate_file(cfg: RunConfig, in_path: str | Path, out_path: str | Path, log=print,
+                  overwrite: bool = False) -> dict:
     """`oaif annotate`: judge the file's pairs, write them with their verdicts; the metrics."""
     rows = read_pairs(Path(in_path))  # bad input fails before any model loads
+    outputs.check(out_path, KIND, folder=False, overwrite=overwrite)   # and a bad --out before any judging
     out, metrics = annotate_pairs(cfg, rows, log=log)
-    write_jsonl(Path(out_path), out)
+    outputs.write_jsonl(out_path, KIND, out, overwrite=overwrite)
     log(f"verdicts in {out_path}")
     return metrics
 
