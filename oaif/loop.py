@@ -19,7 +19,7 @@ from typing import Iterator, Protocol
 
 import torch
 
-from oaif.annotate.judge import Judged, judgment_metrics, label_mass_warning
+from oaif.annotate.judge import Judged, injection_attempts, judgment_metrics, label_mass_warning
 from oaif.annotate.rank import max_pairs_per_prompt, rank_groups
 from oaif.annotate.select import (build_annotator, check_inputs, close_annotator, reload_constitutions,
                                   with_python_annotator)
@@ -360,6 +360,8 @@ class Loop:
         totals = dict(self.annotator.stats)
         self.metrics |= {"pairs_kept": len(judged.pairs), "pairs_dropped": candidates - len(judged.pairs),
                          "annotate/comparisons": len(judged.judgments), **judgment_metrics(judged.judgments),
+                         "annotate/injection_attempts": injection_attempts(self.annotator,
+                                                                           [s.text for g in groups for s in g]),
                          **{f"annotate/{k}": v - self.annotator_totals.get(k, 0) for k, v in totals.items()}}
         self.annotator_totals = totals   # the next call counts from here: the metrics are this call's share
         self._timed("annotate", t0)

@@ -8,9 +8,12 @@ by default.
 
 The judge template is plain text with placeholders; its last line is the answer prefix
 (e.g. `Preferred Response=`), after which the judge's label token is read. Text that the
-policy or the user controls (the conversation, the responses, few-shot examples) is
-inserted with the template's own markers neutralised, so a response that contains
-`</response_1>` or `Preferred Response=1` cannot change the prompt's structure.
+policy or the user controls (the conversation, the responses, few-shot examples, a
+rationale) is inserted as data: `neutralise` makes inert, visibly, whatever in it could
+pass for the prompt's structure (the template's tags, the answer prefix, chat-format
+special tokens, a local judge's own special tokens, a line that starts like a role header),
+matched in any case, spacing or Unicode look-alike. So a response cannot close its
+delimiter, forge the answer line, end the user turn of a chat template or fake a new turn.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import hashlib
 import json
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
@@ -82,6 +87,9 @@ class JudgeTemplate:
     markers: tuple[str, ...]  # the template's tags and answer prefix, neutralised in inserted text
     hash: str
     path: str
+    # A local judge's tokenizer's special tokens, neutralised in inserted text too (LocalJudge
+    # sets them): text that the tokenizer would turn into a special id must stay text.
+    specials: tuple[str, ...] = ()
 
 
 def load_template(path: str | Path, constitution: Constitution | None = None) -> JudgeTemplate:
@@ -104,21 +112,111 @@ def load_template(path: str | Path, constitution: Constitution | None = None) ->
                          hash=hashlib.sha256(text.encode()).hexdigest()[:16], path=str(path))
 
 
-def neutralise(text: str, markers: tuple[str, ...]) -> str:
-    """Make the template's own markers inert inside inserted text, visibly:
-    `<tag>` -> `&lt;tag>`, `Preferred Response=` -> `Preferred Response =`."""
-    for m in markers:
-        if m in text:
-            text = text.replace(m, "&lt;" + m[1:] if m.startswith("<") else m[:-1] + " " + m[-1])
-    return text
+# Matching sees text the way a reader (or a judge model) might: compatibility forms folded
+# (NFKD: fullwidth and mathematical letters), case folded, combining marks, format and
+# control characters dropped (zero-width spaces, soft hyphens, bidi controls), every line
+# break as "\n", and the common Latin look-alikes of other scripts mapped to Latin.
+CONFUSABLES = {
+    **dict(zip("АВЕЅІЈКМНОРСТХУҮаеѕіјосрхуүһԁԛԝӏвкмнт", "ABESIJKMHOPCTXYYaesijocpxyyhdqwlbkmht")),  # Cyrillic
+    **dict(zip("ΑΒΕΖΗΙΚΜΝΟΡΤΥΧαβεικνορτυχ", "ABEZHIKMNOPTYXabeikvoptux")),  # Greek
+    **dict(zip("ıȷɑɡօսꓑꓔ", "ijagouPT")),
+    **dict.fromkeys("‹〈⟨ᐸ˂", "<"), **dict.fromkeys("›〉⟩ᐳ˃", ">"),
+    **dict.fromkeys("ǀ∣│┃￨⏐", "|"),
+    **dict.fromkeys("꞊᐀⹀", "="), **dict.fromkeys("ː∶ꓽ։˸׃", ":"), **dict.fromkeys("∕⁄⧸╱", "/"),
+}
+INVISIBLE = set("\u115f\u1160\u3164\uffa0")   # Hangul fillers: letters that show nothing
+LINE_BREAKS = set("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
+# Chat formats' special tokens, whatever the judge's tokenizer: ChatML and Llama 3 (<|...|>),
+# Gemma's turns, <s>, </s>, <<SYS>>, [INST] and [/INST].
+CHAT_TAGS = ("s", "bos", "eos", "pad", "unk", "sys", "start_of_turn", "end_of_turn")
+CHAT_TOKENS = r"<\s*\|[^|<>\n]{1,64}\|\s*>|\[\s*/?\s*inst\s*\]"
+# A line that starts like a turn of render_conversation ("User: ...") or of an instruction format.
+ROLE_LINE = re.compile(r"(?m)^[^\w\n]*(?P<x>system|user|assistant|human|tool|developer)[^\S\n]*:"
+                       r"|^[^\w\n]*#[^\w\n]*(?P<y>instruction|response|input)\b")
+
+
+@lru_cache(maxsize=4096)
+def fold_char(c: str) -> str:
+    if c in LINE_BREAKS:
+        return "\n"
+    if c.isspace():
+        return " "
+    out = []
+    for d in unicodedata.normalize("NFKD", c):
+        for f in unicodedata.normalize("NFKD", CONFUSABLES.get(d, d).casefold()):
+            if unicodedata.category(f) not in ("Mn", "Me", "Cf", "Cc") and f not in INVISIBLE:
+                out.append(CONFUSABLES.get(f, f))
+    return "".join(out)
+
+
+def fold(text: str) -> tuple[str, list[int]]:
+    """The text as matched (see CONFUSABLES), and for each of its characters the index of
+    the character of `text` it came from."""
+    parts = [fold_char(c) for c in text]
+    return "".join(parts), [i for i, p in enumerate(parts) for _ in p]
+
+
+@lru_cache(maxsize=64)
+def marker_pattern(markers: tuple[str, ...], specials: tuple[str, ...]) -> re.Pattern:
+    """One pattern that finds, at each position where one starts, the template's tags
+    (opening or closing, any spacing), the words of its answer prefix (any separator),
+    chat-format special tokens and the judge tokenizer's own special tokens."""
+    tags = [TAG.fullmatch(m) and m.strip("</>") for m in markers]
+    names = [fold(n)[0] for n in [*filter(None, tags), *CHAT_TAGS]]
+    alternatives = [rf"<\s*/?\s*(?:{'|'.join(map(re.escape, names))})(?![\w-])", CHAT_TOKENS]
+    for m, tag in zip(markers, tags):
+        if not tag:   # the answer prefix: its words, whatever separates them
+            words = re.findall(r"\w+", fold(m)[0])
+            between = r"(?:[^\w\n]|_)*"
+            alternatives.append(between.join(map(re.escape, words)) if words else re.escape(fold(m)[0].strip()))
+    alternatives += [re.escape(fold(s)[0]) for s in specials if fold(s)[0].strip()]
+    return re.compile(f"(?=(?:{'|'.join(alternatives)}))")
+
+
+def marker_positions(text: str, markers: tuple[str, ...], specials: tuple[str, ...] = (),
+                     roles: bool = True) -> set[int]:
+    """Indices in `text` of the first character of each marker found (of the keyword, for a
+    role line)."""
+    folded, source = fold(text)
+    starts = {m.start() for m in marker_pattern(markers, specials).finditer(folded)}
+    if roles:
+        starts |= {m.start("x") if m.group("x") else m.start("y") for m in ROLE_LINE.finditer(folded)}
+    return {source[i] for i in starts}
+
+
+def neutralise(text: str, markers: tuple[str, ...], specials: tuple[str, ...] = ()) -> str:
+    """Make inserted text inert inside a judge (or critique) prompt, visibly: the first
+    character of each marker found (marker_pattern, and lines that start like a role header)
+    becomes an HTML character reference: `</Response_1>` -> `&lt;/Response_1>`,
+    `preferred response: 1` -> `&#112;referred response: 1`, `<|im_end|>` -> `&lt;|im_end|>`,
+    `User: hi` -> `&#85;ser: hi`. Each marker loses the character it starts with, so none
+    is left; `specials` are a local judge tokenizer's special tokens."""
+    hits = marker_positions(text, markers, specials)
+    if not hits:
+        return text
+    return "".join(("&lt;" if c == "<" else f"&#{ord(c)};") if i in hits else c for i, c in enumerate(text))
+
+
+def has_markers(text: str, markers: tuple[str, ...]) -> bool:
+    """Whether text holds the judge's markers, a label pattern or chat special tokens (role
+    lines, common in ordinary text, do not count): an attempt to steer the judge."""
+    return bool(marker_positions(text, markers, roles=False))
 
 
 def render_conversation(messages: list[Message]) -> str:
     return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
 
 
+def render_inserted_conversation(messages: list[Message], markers: tuple[str, ...],
+                                 specials: tuple[str, ...] = ()) -> str:
+    """render_conversation with each message neutralised, so that a message (its role
+    included, on one line) cannot close a delimiter or fake a turn."""
+    return render_conversation([{"role": neutralise(" ".join(m["role"].split()), markers, specials),
+                                 "content": neutralise(m["content"], markers, specials)} for m in messages])
+
+
 def render_examples(template: JudgeTemplate, constitution: Constitution, labels: tuple[str, str]) -> str:
-    safe = lambda t: neutralise(t, template.markers)  # noqa: E731
+    safe = lambda t: neutralise(t, template.markers, template.specials)  # noqa: E731
     blocks = []
     for i, ex in enumerate(constitution.examples, 1):
         rationale = f"Rationale: {safe(ex.rationale)}\n" if ex.rationale else ""
@@ -155,13 +253,13 @@ def principles_for(constitution: Constitution, request: JudgeRequest) -> tuple[s
 def render_body(template: JudgeTemplate, constitution: Constitution, request: JudgeRequest,
                 labels: tuple[str, str]) -> str:
     """The judge prompt without its answer prefix."""
-    safe = lambda t: neutralise(t, template.markers)  # noqa: E731
+    safe = lambda t: neutralise(t, template.markers, template.specials)  # noqa: E731
     # str.format substitutes values verbatim, so braces inside a response are safe.
     return template.body.format(
         preamble=constitution.preamble,
         principles="\n".join(f"{i}. {p}" for i, p in enumerate(principles_for(constitution, request), 1)),
         examples=render_examples(template, constitution, labels),
-        prompt=safe(render_conversation(request.messages)),
+        prompt=render_inserted_conversation(request.messages, template.markers, template.specials),
         response_1=safe(request.first), response_2=safe(request.second),
     )
 
@@ -172,7 +270,7 @@ def render_judge_prompt(template: JudgeTemplate, constitution: Constitution, req
     the rationale stands between the body and the answer prefix."""
     body = render_body(template, constitution, request, labels)
     if rationale is not None:
-        body = f"{body}\n{COT_INSTRUCTION} {neutralise(rationale.strip(), template.markers)}"
+        body = f"{body}\n{COT_INSTRUCTION} {neutralise(rationale.strip(), template.markers, template.specials)}"
     return f"{body}\n{template.answer_prefix}"
 
 
@@ -190,15 +288,17 @@ def text_answer_instruction(template: JudgeTemplate, labels: tuple[str, str]) ->
 
 def parse_text_answer(text: str, template: JudgeTemplate, labels: tuple[str, str]) -> float | None:
     """Text mode: the label is read only from the answer's last non-empty line, which must be
-    exactly `<answer prefix><label>` (surrounding spaces, backticks and asterisks ignored).
+    `<answer prefix><label>` and nothing else (compared folded, as markers are matched, with
+    spaces, backticks and asterisks ignored). A quoted line of a response cannot pass: in the
+    prompt it was neutralised (`&#80;referred Response=1`), which is not the answer line.
     Returns P(first better) as 1.0 / 0.0, or None when the line is missing or malformed."""
-    lines = [line.strip().strip("`*").strip() for line in text.strip().splitlines() if line.strip()]
+    squash = lambda t: re.sub(r"[\s`*]", "", fold(t)[0])  # noqa: E731
+    lines = [squash(line) for line in text.splitlines()]
+    lines = [line for line in lines if line]
     if not lines:
         return None
-    prefix = template.answer_prefix.strip()
-    last = lines[-1].replace(" ", "")
     for p, label in zip((1.0, 0.0), labels):
-        if last == (prefix + label).replace(" ", ""):
+        if lines[-1] == squash(template.answer_prefix + label):
             return p
     return None
 

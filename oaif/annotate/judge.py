@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from oaif.annotate.base import Annotator, JudgeRequest, judges, principles_for
+from oaif.annotate.base import Annotator, JudgeRequest, has_markers, judges, principles_for
 from oaif.records import Judgment, OrderResult, PreferencePair, Sample, Verdict
 
 
@@ -119,6 +119,16 @@ def label_mass_warning(metrics: dict) -> str | None:
 
 def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
+
+
+def injection_attempts(annotator: Annotator, texts: list[str]) -> int:
+    """How many of the texts (a round's responses) hold the markers of the annotator's LLM
+    judge templates, a label pattern (`preferred response: 1`, in any case or look-alike) or
+    chat special tokens: a policy learning to attack its judge shows as a rising count. They
+    reach the judge neutralised; this counts the attempts."""
+    markers = tuple(dict.fromkeys(m for j in judges(annotator) if getattr(j, "template", None)
+                                  for m in j.template.markers))
+    return sum(has_markers(t, markers) for t in texts)
 
 
 def judgment_metrics(judgments: list[Judgment]) -> dict[str, float | None]:

@@ -8,12 +8,16 @@ the answer position (RLAIF §2.1; Constitutional AI §4.1). A backend only suppl
 An instruct judge is asked the way it was trained to be asked: with `annotate.chat_template`
 (default `auto`: when its tokenizer has one) the judge prompt is the user turn of its chat
 template and the label is read at the start of its reply, as the `openai` chat endpoint
-does. The label mass (the share of next-token probability on the two labels) is recorded
-with every answer: a judge that puts little mass there is not answering the question.
+does. Every string that the judge's tokenizer reads as a special token is neutralised in
+the inserted text (JudgeTemplate.specials), so the prompt's token ids hold special ids only
+where the chat template (or the tokenizer's BOS) put them. The label mass (the share of
+next-token probability on the two labels) is recorded with every answer: a judge that puts
+little mass there is not answering the question.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Protocol
 
@@ -30,6 +34,15 @@ class LabelScorer(Protocol):
     def label_logprobs(self, prompts: list[list[int]], label_ids: list[list[int]]) -> list[tuple[float, float, str]]:
         """Per prompt: (log p(label 1), log p(label 2), the greedy next token's text)."""
         ...
+
+
+def special_tokens(tokenizer) -> tuple[str, ...]:
+    """The strings this tokenizer turns into special ids: its named special tokens and every
+    added token marked special (chat markers such as `<|im_end|>` are often only the latter).
+    Whitespace-only ones cannot be shown neutralised and are left out."""
+    found = set(tokenizer.all_special_tokens)
+    found |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    return tuple(sorted(t for t in found if t.strip()))
 
 
 def label_token_id(tokenize, prefix_ids: list[int], prompt: str, label: str) -> int:
@@ -49,7 +62,7 @@ def check_labels(cfg: AnnotateConfig, model: str, constitution: Constitution, te
 
     judge = LocalJudge(None, load_tokenizer(model), cfg, constitution, template, "check", model)
     request = JudgeRequest([{"role": "user", "content": "Name a colour."}], "Blue.", "Red.")
-    text = judge.as_text(render_judge_prompt(template, constitution, request, cfg.labels,
+    text = judge.as_text(render_judge_prompt(judge.template, constitution, request, cfg.labels,
                                              "Both name one." if cfg.chain_of_thought else None))
     ids = judge.tokenize(text)
     for label in cfg.labels:
@@ -60,7 +73,8 @@ class LocalJudge:
     def __init__(self, scorer: LabelScorer, tokenizer, cfg: AnnotateConfig, constitution: Constitution,
                  template: JudgeTemplate, backend: str, model: str):
         self.scorer, self.tokenizer, self.cfg, self.backend, self.model = scorer, tokenizer, cfg, backend, model
-        self.constitution, self.template = constitution, template
+        self.specials = special_tokens(tokenizer)
+        self.use_constitution(constitution, template)
         self.stats: dict[str, float] = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if cfg.chat_template == "always" and not has_template:
@@ -74,7 +88,7 @@ class LocalJudge:
         return Identity(self.backend, self.model, c.name, c.hash, self.template.hash)
 
     def use_constitution(self, constitution: Constitution, template: JudgeTemplate) -> None:
-        self.constitution, self.template = constitution, template
+        self.constitution, self.template = constitution, dataclasses.replace(template, specials=self.specials)
 
     def as_text(self, prompt: str) -> str:
         """What the judge model reads: the raw prompt, or the prompt as the user turn of its

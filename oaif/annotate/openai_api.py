@@ -161,11 +161,23 @@ class OpenAIAnnotator:
             ids[label] = t[-1]
         return ids
 
+    def text_prompt(self, r: JudgeRequest) -> str:
+        """text mode's prompt: the judge prompt's body, then how to write the final answer line."""
+        t = self.template
+        return f"{render_body(t, self.constitution, r, self.labels)}\n{text_answer_instruction(t, self.labels)}\n"
+
+    def request_body(self, prompt: str) -> dict:
+        """What a request sends the judge: the prompt as the user message (chat) or as is
+        (completions). Its inserted text was neutralised for every common chat format, as the
+        server's tokenizer is not known here."""
+        if self.api.endpoint == "chat":
+            return {"messages": [{"role": "user", "content": prompt}]}
+        return {"prompt": prompt}
+
     async def _one(self, client: openai.AsyncOpenAI, sem: asyncio.Semaphore, r: JudgeRequest) -> Answer:
         t, c = self.template, self.constitution
         if self.api.mode == "text":  # the written answer is its own rationale: chain_of_thought adds nothing
-            prompt = f"{render_body(t, c, r, self.labels)}\n{text_answer_instruction(t, self.labels)}\n"
-            text, err = await self._call(client, sem, prompt, self._read_text,
+            text, err = await self._call(client, sem, self.text_prompt(r), self._read_text,
                                          max_tokens=self.api.max_tokens, temperature=self.api.temperature)
             return Answer(None, err) if err else Answer(parse_text_answer(text, t, self.labels), text)
         rationale = None
@@ -186,10 +198,8 @@ class OpenAIAnnotator:
     async def _call(self, client: openai.AsyncOpenAI, sem: asyncio.Semaphore, prompt: str, read, **params):
         """One completion with our retries: (what `read` takes from it, None) or (None, why it failed)."""
         api = self.api
-        if api.endpoint == "chat":
-            create, body = client.chat.completions.create, {"messages": [{"role": "user", "content": prompt}]}
-        else:
-            create, body = client.completions.create, {"prompt": prompt}
+        create = client.chat.completions.create if api.endpoint == "chat" else client.completions.create
+        body = self.request_body(prompt)
         for attempt in range(api.max_retries + 1):
             if attempt:
                 self.stats["retries"] += 1
