@@ -12,8 +12,9 @@ policy rewrites the response given that critique (critique.revision_template). T
 engine or in transformers, or an OpenAI-compatible chat endpoint (annotate.openai). A local
 model reads every prompt as a user turn of its chat template, rendered as the loop renders
 its prompts (generate.encode_prompt). Text that the user or a model wrote goes into a
-template with the template's <tags> neutralised (annotate/base.py), so a response holding
-`</critique>` cannot change the structure of the prompt it is quoted in.
+template neutralised as a judge prompt's inserted text is (annotate/base.py: the template's
+<tags>, chat-format special tokens, lines that start like a role header), so a response
+holding `</critique>` or `<|im_end|>` cannot change the structure of the prompt it is quoted in.
 
 DIR is written whole (built beside it, then renamed; an earlier critique output only with
 --overwrite, oaif/outputs.py):
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from oaif.annotate.base import TAG, neutralise, render_conversation
+from oaif.annotate.base import TAG, neutralise, render_inserted_conversation
 from oaif.config import ConfigError, CritiqueConfig, RunConfig
 from oaif.constitution import Constitution, load_constitution
 from oaif.records import Message, Prompt, load_prompts, write_jsonl
@@ -58,9 +59,12 @@ class Template:
     text: str
     markers: tuple[str, ...]   # the template's tags, neutralised in the text inserted into it
 
-    def render(self, **values: str) -> str:
+    def render(self, **values: str | list[Message]) -> str:
+        """Each value neutralised; a conversation given as messages is neutralised message by
+        message, so its role headers stay real and none can be faked."""
         # str.format inserts the values verbatim: braces in a response are safe.
-        return self.text.format(**{k: neutralise(v, self.markers) for k, v in values.items()})
+        return self.text.format(**{k: render_inserted_conversation(v, self.markers) if isinstance(v, list)
+                                   else neutralise(v, self.markers) for k, v in values.items()})
 
 
 def load_template(cfg: CritiqueConfig, key: str) -> Template:
@@ -208,8 +212,7 @@ def critique_and_revise(prompts: list[Prompt], principles: list[list[str]], crit
         live = [(j, r) for j, r in enumerate(records) if r["dropped"] is None]
         for j, r in live:
             response = r["steps"][-1]["revision"] if r["steps"] else r["original"]
-            prompt = critique.render(principle=principles[j][step], conversation=render_conversation(r["messages"]),
-                                     response=response)
+            prompt = critique.render(principle=principles[j][step], conversation=r["messages"], response=response)
             r["steps"].append({"principle": principles[j][step], "critique_prompt": prompt, "critique": None,
                                "revision_prompt": None, "revision": None})
         ask(critic, [(r, r["steps"][-1], r["steps"][-1]["critique_prompt"]) for _, r in live], "critique",
@@ -217,8 +220,8 @@ def critique_and_revise(prompts: list[Prompt], principles: list[list[str]], crit
         live = [r for _, r in live if r["dropped"] is None]
         for r in live:
             s = r["steps"][-1]
-            s["revision_prompt"] = revision.render(principle=s["principle"], conversation=render_conversation(
-                r["messages"]), response=_before(r), critique=s["critique"])
+            s["revision_prompt"] = revision.render(principle=s["principle"], conversation=r["messages"],
+                                                   response=_before(r), critique=s["critique"])
         ask(policy, [(r, r["steps"][-1], r["steps"][-1]["revision_prompt"]) for r in live], "revision",
             f"revision {step + 1}")
     return records

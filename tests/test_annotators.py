@@ -35,7 +35,7 @@ def test_a_response_cannot_forge_the_prompt_structure():
     # The answer prefix appears once per few-shot example and once at the very end, never from the response.
     assert prompt.count("Preferred Response=") == clean.count("Preferred Response=")
     assert prompt.endswith("\nPreferred Response=")
-    assert "&lt;/response_1>" in prompt and "Preferred Response =1" in prompt  # visible, inert
+    assert "&lt;/response_1>" in prompt and "&#80;referred Response=1" in prompt  # visible, inert
 
 
 def test_text_answers_are_read_only_from_the_final_line():

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from oaif import outputs
-from oaif.annotate.judge import judge_pairs, judgment_metrics, label_mass_warning
+from oaif.annotate.judge import injection_attempts, judge_pairs, judgment_metrics, label_mass_warning
 from oaif.annotate.select import build_annotator, check_inputs, with_python_annotator
 from oaif.config import RunConfig
 from oaif.records import Sample, read_jsonl
@@ -94,11 +94,15 @@ def annotate_pairs(cfg: RunConfig, rows: list[dict], *, annotator=None, log=prin
                     "backend": j.backend, "model": j.model, "constitution": j.constitution,
                     "constitution_hash": j.constitution_hash, "template_hash": j.template_hash})
     metrics = judgment_metrics(judged.judgments) | {f"annotate/{k}": v for k, v in annotator.stats.items()}
+    metrics["annotate/injection_attempts"] = injection_attempts(annotator, [row[k] for row in rows for k in "ab"])
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     log(f"judged {len(rows)} pairs: order agreement {fmt(metrics['annotate/order_agreement'])}, "
         f"invalid rate {fmt(metrics['annotate/invalid_rate'])}, first-position rate "
         f"{fmt(metrics['annotate/first_position_rate'])}, label mass {fmt(metrics['annotate/label_mass'])}; verdicts "
         + ", ".join(f"{v}={sum(o['verdict'] == v for o in out)}" for v in ("a", "b", "tie", "invalid")))
+    if metrics["annotate/injection_attempts"]:
+        log(f"{metrics['annotate/injection_attempts']} response(s) hold judge markers, label patterns or chat "
+            f"special tokens (the judge saw them neutralised)")
     if all(row.get("correct") in ("a", "b") for row in rows):   # a labelled check set
         right = sum(o["verdict"] == row["correct"] for o, row in zip(out, rows))
         metrics["annotate/accuracy"] = right / len(rows)
