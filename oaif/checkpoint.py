@@ -1,7 +1,9 @@
 """Checkpoints: the policy (full weights, or only the LoRA adapter), the optimizer, the
-round and policy version, and the RNG states, saved whole (temp dir + rename).
+round and policy version, the RNG states and the run's identity, saved so that a crash or a
+power cut leaves either the whole checkpoint or none (files fsynced, complete.json last, then
+a rename); the newest whole one is used, falling back past one that is not.
 
-    runs/NAME/checkpoints/round_000009/{policy/, trainer.pt}
+    runs/NAME/checkpoints/round_000009/{policy/, trainer.pt, complete.json}
 
 `oaif export CHECKPOINT --out DIR` turns one into a plain Hugging Face model (a LoRA
 adapter merged into its base), loadable by from_pretrained and vLLM. `oaif resume RUN_DIR`
@@ -10,7 +12,9 @@ continues a run from its latest checkpoint (loop.py).
 
 from __future__ import annotations
 
+import json
 import random
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -18,12 +22,22 @@ from pathlib import Path
 import torch
 
 from oaif.faults import crash_point
+from oaif.records import fsync_path
+
+
+COMPLETE = "complete.json"   # written last: the files of the checkpoint and their sizes
+CHECKPOINT_NAME = re.compile(r"round_\d{6}(\.tmp)?")
 
 
 def save_checkpoint(run_dir: Path, round: int, policy_version: int, trainer, tokenizer,
-                    state_dict: dict | None = None, keep: int = 0) -> Path:
+                    state_dict: dict | None = None, keep: int = 0, extra: dict | None = None) -> Path:
     """state_dict: the gathered weights of a multi-process run (FSDP, ZeRO-3 shard them).
-    keep: once this one is whole, delete all but the newest `keep` checkpoints (0: none)."""
+    keep: once this one is whole, delete all but the newest `keep` checkpoints (0: none).
+    extra: more plain data for trainer.pt (the run's identity, async rounds' drawn samples).
+
+    Survives a power cut: every file is written under round_N.tmp and fsynced, then
+    complete.json (each file's size) is written and fsynced, then the folder is renamed and
+    its parent fsynced. A folder without a matching complete.json is never used."""
     final = run_dir / "checkpoints" / f"round_{round:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -38,11 +52,22 @@ def save_checkpoint(run_dir: Path, round: int, policy_version: int, trainer, tok
     torch.save({"round": round, "policy_version": policy_version, "steps": trainer.steps,
                 "optimizer": optimizer, "scheduler": trainer.scheduler.state_dict(),
                 "schedule": {"total_steps": trainer.total_steps, "anchor": trainer.anchor},
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "trainer.pt")
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), **(extra or {})},
+               tmp / "trainer.pt")
+    files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+    for f in files:
+        fsync_path(tmp / f)
+    (tmp / COMPLETE).write_text(json.dumps({"round": round, "files": files}))
+    fsync_path(tmp / COMPLETE)
+    for d in {tmp} | {(tmp / f).parent for f in files}:
+        fsync_path(d)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    fsync_path(final.parent)
+    crash_point("prune")
     if keep:
-        for old in sorted(p for p in final.parent.glob("round_??????") if p.name < final.name)[:-(keep - 1) or None]:
+        older = [p for p in complete_checkpoints(run_dir) if p.name < final.name]
+        for old in older[:-(keep - 1) or None]:
             shutil.rmtree(old)
     return final
 
@@ -75,10 +100,45 @@ def export_merged(checkpoint: Path, out: Path, base_model: str, dtype: str, over
     return outputs.write_folder(out, "model", fill, overwrite=overwrite)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (a .tmp folder is an interrupted save, never used);
-    None when the run stopped before its first."""
-    done = sorted(p for p in (run_dir / "checkpoints").glob("round_*") if not p.name.endswith(".tmp"))
+def incomplete_reason(checkpoint: Path) -> str | None:
+    """Why a checkpoint folder cannot be used (None: it is whole). One written before
+    complete.json existed counts as whole when it has both its parts."""
+    marker = checkpoint / COMPLETE
+    if not marker.is_file():
+        if (checkpoint / "trainer.pt").is_file() and (checkpoint / "policy").is_dir() \
+                and not checkpoint.name.endswith(".tmp"):
+            return None
+        return "its save was cut short (no complete.json)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return "its complete.json is unreadable"
+    for name, size in files.items():
+        path = checkpoint / name
+        if not path.is_file() or path.stat().st_size != size:
+            return f"{name} is missing or not the size it was written at"
+    return None
+
+
+def complete_checkpoints(run_dir: Path, log=None) -> list[Path]:
+    """The run's whole checkpoints, oldest first. A folder that is not whole (a save cut
+    short, a power cut before the disk had it all) is named through `log` and skipped."""
+    found = []
+    for p in sorted((run_dir / "checkpoints").glob("round_??????*")):
+        if not CHECKPOINT_NAME.fullmatch(p.name):
+            continue
+        why = incomplete_reason(p)
+        if why is None:
+            found.append(p)
+        elif log is not None and not p.name.endswith(".tmp"):
+            log(f"skipping checkpoint {p}: {why}")
+    return found
+
+
+def latest_checkpoint(run_dir: Path, log=None) -> Path | None:
+    """The newest whole checkpoint, falling back past any that is not; None when the run
+    stopped before its first."""
+    done = complete_checkpoints(run_dir, log)
     return done[-1] if done else None
 
 

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("eval", help="win rate of a policy against its starting policy on held-out prompts")
     p.add_argument("config", help="a config (or a run's config.yaml); eval.* keys say what is compared and how")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. eval.policy=runs/NAME/checkpoints/round_000007")
-    p.add_argument("--out", help="comparisons JSONL (default: <run>/eval/round_XXXXXX.jsonl for a run's checkpoint)")
+    p.add_argument("--out", help="comparisons JSONL (default: <run>/evals/round_XXXXXX.jsonl for a run's checkpoint)")
     add_overwrite(p, "eval output (--out and its .summary.jsonl)")
     p = sub.add_parser("convert-gguf", help="a GGUF causal LM as a Hugging Face folder (weights, tokenizer, chat template)")
     p.add_argument("gguf", help="the .gguf file")

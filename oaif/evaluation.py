@@ -21,6 +21,7 @@ training one, with a warning), then:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import tempfile
@@ -203,17 +204,22 @@ def response_kl_of(policy, reference, responses: list[Response], pad_id: int) ->
 
 
 def baseline_responses(cfg: RunConfig, run_dir: Path, engine, tokenizer, fresh: bool) -> list[Response]:
-    """The baseline's responses for in-loop evaluation, saved in eval/baseline.jsonl. A fresh
-    run's engine holds the starting policy before round 0, so it answers for the default
-    baseline; a resumed run reads the saved file; another baseline gets its own engine."""
-    path = run_dir / "eval" / "baseline.jsonl"
-    if path.is_file() and not fresh:
+    """The baseline's responses for in-loop evaluation, saved in eval/baseline.jsonl with
+    what answered (eval/baseline.json). A fresh run's engine holds the starting policy before
+    round 0, so it answers for the default baseline; a resumed run reads the saved file
+    unless the baseline or the prompts were changed since; another baseline gets its own engine."""
+    path, source_path = run_dir / "eval" / "baseline.jsonl", run_dir / "eval" / "baseline.json"
+    source = {"model": cfg.eval.baseline or cfg.policy.model, "prompts": cfg.eval.prompts,
+              "max_new_tokens": max_new_tokens(cfg)}
+    saved = json.loads(source_path.read_text()) if source_path.is_file() else None
+    if path.is_file() and not fresh and saved in (None, source):   # None: saved before baseline.json was
         return [Response(**row) for row in read_jsonl(path)]
     if fresh and not cfg.eval.baseline:
         responses = respond(engine, tokenizer, eval_prompts(cfg), cfg)
     else:
         responses = generate_with(cfg.eval.baseline or cfg.policy.model, eval_prompts(cfg), cfg)
     write_jsonl(path, responses)
+    source_path.write_text(json.dumps(source))
     return responses
 
 
@@ -263,7 +269,7 @@ def same_shape(a, b, tokenizer_a, tokenizer_b) -> bool:
 def run_eval(cfg: RunConfig, out: str | Path | None = None, *, annotator=None, log=print,
              overwrite: bool = False) -> dict:
     """`oaif eval`: the policy against the baseline on the held-out prompts; writes every
-    comparison to `out` (default: <run>/eval/round_XXXXXX.jsonl for a run's checkpoint) and
+    comparison to `out` (default: <run>/evals/round_XXXXXX.jsonl for a run's checkpoint) and
     a one-line summary beside it (.summary.jsonl); returns the metrics. annotator: your
     judge (a function or annotator object) in place of the config's eval judge. An explicit
     `out` and its summary are new files, or with overwrite earlier ones oaif wrote
@@ -303,7 +309,9 @@ def run_eval(cfg: RunConfig, out: str | Path | None = None, *, annotator=None, l
         round = read_trainer_state(checkpoint)["round"] if checkpoint else -1
         if out is None and checkpoint is None:
             raise ConfigError(f"eval.policy={policy_path} is not a checkpoint of a run: pass --out FILE")
-        out = Path(out) if out is not None else checkpoint.parent.parent / "eval" / f"round_{round:06d}.jsonl"
+        # Apart from eval/, which the loop writes and a resume rewinds: a later `oaif resume`
+        # never trips over it, and it never replaces the in-loop evaluation of that round.
+        out = Path(out) if out is not None else checkpoint.parent.parent / "evals" / f"round_{round:06d}.jsonl"
         log(f"evaluating {policy_path} against {baseline_path} on {len(prompts)} prompts from {cfg.eval.prompts}")
         policy_model = load_causal_lm(policy_path, cfg.policy.dtype, trainable=False)
         reference = load_causal_lm(baseline_path, cfg.policy.dtype, trainable=False)

@@ -23,7 +23,7 @@ from oaif.annotate.judge import Judged, injection_attempts, judgment_metrics, la
 from oaif.annotate.rank import max_pairs_per_prompt, rank_groups
 from oaif.annotate.select import (build_annotator, check_inputs, close_annotator, reload_constitutions,
                                   with_python_annotator)
-from oaif.checkpoint import latest_checkpoint, read_trainer_state, restore_trainer, schedule_anchor
+from oaif.checkpoint import read_trainer_state, restore_trainer, schedule_anchor
 from oaif.config import ConfigError, RunConfig, RunStopped
 from oaif.console import GracefulStop, LibraryLogs, Progress, format_row, header
 from oaif.datasets_io import export_pairs
@@ -33,12 +33,22 @@ from oaif.evaluation import max_new_tokens as eval_max_new_tokens
 from oaif.faults import crash_point
 from oaif.generate import check_model, load_tokenizer
 from oaif.records import PreferencePair, Prompt, Sample, as_prompts, load_prompts, write_jsonl
-from oaif.rundir import checkpoint_now, finish_round, prepare_run_dir, resume_config, rewind_run_dir
+from oaif.rundir import (RunComplete, RunLock, checkpoint_now, finish_round, prepare_run_dir, resume_config,
+                         run_identity, start_resume)
 from oaif.tracking import Trackers, check_trackers, markdown_table, sample_table
 
 
 class TooManyInvalid(RunStopped):
     pass
+
+
+@dataclasses.dataclass
+class Drawn:
+    """async_rounds: a round's samples already drawn (collected for a checkpoint, or read back
+    from one), so a resumed run trains on the very samples an uninterrupted one would."""
+    round: int
+    groups: list[list[Sample]]
+    metrics: dict
 
 
 def round_prompts(prompts: list[Prompt], per_round: int, seed: int):
@@ -123,6 +133,8 @@ class Loop:
         self.startup: dict = {}      # startup/* seconds, added to the first round's metrics of this process
         self.pending = None          # async_rounds: the next round's samples, being drawn while this one trains
         self.rankings: list = []     # annotate.ranking round_robin / knockout: the last annotate()'s per-prompt rankings
+        self.identity: dict = {}     # what the run is (rundir.run_identity), kept in every checkpoint
+        self.lock: RunLock | None = None   # rank 0 holds the run directory while it runs
         self._rounds = None
 
     def __enter__(self) -> "Loop":
@@ -192,6 +204,9 @@ class Loop:
             self.llm = self.actor = self.generator = self.pending = None
             end(self.accelerator)
             self.accelerator = None
+            if self.lock is not None:   # last: nothing of this process touches the run directory now
+                self.lock.release()
+                self.lock = None
 
     def _open(self) -> None:
         from oaif.distributed import check_distributed, on_main
@@ -214,11 +229,22 @@ class Loop:
             check_inputs(eval_annotator_config(cfg), "eval.annotate" if cfg.eval.annotate else "annotate")
             if cfg.eval.annotate is None:
                 self.log(TRAINING_JUDGE_WARNING)
+        self.identity = run_identity(cfg)
         if self.resume_dir is None:
             saved = self.prompts if self.given_prompts is not None else None
-            self.run_dir = on_main(accelerator, lambda: prepare_run_dir(cfg, saved))
+
+            def prepare() -> Path:
+                run_dir, self.lock = prepare_run_dir(cfg, saved)
+                return run_dir
+
+            self.run_dir = on_main(accelerator, prepare)
         else:
             self.run_dir = self.resume_dir
+
+            def lock() -> None:
+                self.lock = RunLock(self.run_dir)
+
+            on_main(accelerator, lock)
         self.logs.handler.open(self.run_dir / "run.log" if self.main else None)
         if self.resume_dir is not None:
             self.index = self._rewind()
@@ -227,33 +253,31 @@ class Loop:
         self._start_engines()
 
     def _rewind(self) -> int:
-        """Resume: check the checkpoint against the config, drop what came after it; returns
-        the first round to run. No checkpoint yet (stopped in its first rounds): round 0."""
+        """Resume: check the checkpoint against the run and the config, drop what came after
+        it; returns the first round to run. No checkpoint yet (stopped in its first rounds):
+        round 0. A finished run whose end-of-run export was cut short gets it redone."""
         from oaif.distributed import on_main
 
         cfg, run_dir = self.cfg, self.run_dir
-        self.checkpoint = checkpoint = self.checkpoint or latest_checkpoint(run_dir)
-        state = read_trainer_state(checkpoint) if checkpoint else None
-        done = state["round"] if state else -1
-        if done + 1 >= cfg.rounds:
-            raise ConfigError(f"{run_dir}: rounds 0-{done} are done ({checkpoint.name}); "
-                              f"pass rounds=N with N > {done + 1} to continue")
+        try:
+            self.checkpoint, state = start_resume(cfg, run_dir, self.checkpoint, self.identity, self.accelerator,
+                                                  self.log)
+        except RunComplete as e:
+            if export_stale(run_dir):
+                on_main(self.accelerator, lambda: export_pairs(run_dir, run_dir / "dataset", overwrite=True))
+                e.redone = True
+            raise
         anchor = schedule_anchor(cfg.train, state, schedule_steps(cfg)) if state else None
         if anchor and anchor[1] == 0.0 and cfg.train.lr_schedule != "constant":
             raise ConfigError(f"train.lr_schedule: the {cfg.train.lr_schedule} schedule had reached 0 at "
-                              f"{checkpoint.name}, so more rounds would train nothing; resume with "
+                              f"{self.checkpoint.name}, so more rounds would train nothing; resume with "
                               f"train.lr_schedule=constant (at train.learning_rate) to go on")
-        is_adapter = checkpoint is not None and (checkpoint / "policy/adapter_config.json").is_file()
-        if checkpoint is not None and is_adapter != cfg.train.lora.enabled:
-            raise ConfigError(f"{checkpoint}: holds {'a LoRA adapter' if is_adapter else 'full weights'} but "
-                              f"train.lora.enabled is {cfg.train.lora.enabled}")
-        dropped = on_main(self.accelerator, lambda: rewind_run_dir(cfg, run_dir, done))
-        self.log((f"resuming {run_dir} after round {done} from {checkpoint}" if checkpoint else
-                  f"resuming {run_dir} from round 0 (it stopped before its first checkpoint)")
-                 + (f"; dropped what came later: {', '.join(dropped)}" if dropped else ""))
         if state:
             self.policy_version = state["policy_version"]
-        return done + 1
+            if (drawn := state.get("next_round")) is not None:
+                self.pending = Drawn(drawn["round"], [[Sample(**s) for s in g] for g in drawn["groups"]],
+                                     drawn["metrics"])
+        return state["round"] + 1 if state else 0
 
     def _start_engines(self) -> None:
         from oaif.distributed import on_main
@@ -328,11 +352,13 @@ class Loop:
         prompts = as_prompts(prompts)
         self.progress.start("generate", len(prompts) * self.cfg.generate.samples_per_prompt, "sample")
         pending, self.pending = self.pending, None
-        if pending is not None and pending.round == self.index:   # requested during the last round
+        if isinstance(pending, Drawn) and pending.round == self.index:
+            groups, metrics = pending.groups, pending.metrics
+        elif pending is not None and pending.round == self.index:   # requested during the last round
             groups, metrics = self.generator.collect(pending)
         else:
-            if pending is not None:   # a script's own call: the engine must finish the request first
-                self.generator.collect(pending)
+            if pending is not None and not isinstance(pending, Drawn):   # a script's own call: the engine
+                self.generator.collect(pending)                          # must finish the request first
             groups, metrics = self.generator.sample(prompts, self.index, self.policy_version)
         self.progress.advance(sum(len(g) for g in groups))
         self.metrics |= metrics
@@ -409,6 +435,7 @@ class Loop:
         """eval/* metrics of the policy the engine holds now (one process)."""
         self.progress.start("eval", 1, "evaluation")
         t0 = time.perf_counter()
+        self._draw_pending()   # async_rounds: the engine answers in order; the next round's samples first
         metrics = self.evaluator(self.generator.engine, self.tokenizer, self.trainer, index, self.policy_version)
         return metrics | {"eval/seconds": time.perf_counter() - t0}
 
@@ -452,7 +479,8 @@ class Loop:
                 wanted = self._stop_wanted(metrics)
                 stopping = stop_agreed(bool(stop) or wanted, accelerator)
                 checkpointed = finish_round(cfg, run_dir, self.trainer, self.tokenizer, accelerator, index,
-                                            self.policy_version, metrics, last=index == cfg.rounds - 1 or stopping)
+                                            self.policy_version, metrics, last=index == cfg.rounds - 1 or stopping,
+                                            extra=self._checkpoint_extra)
                 self._show(metrics, first_round=index == first)
                 lengths.append(metrics["generate/mean_length"])
                 self.index = index + 1
@@ -465,7 +493,7 @@ class Loop:
         except GeneratorExit:   # the script left its for loop: the round it saw last is kept
             if not checkpointed:
                 checkpoint_now(run_dir, self.trainer, self.tokenizer, accelerator, self.index - 1,
-                               self.policy_version)
+                               self.policy_version, self._checkpoint_extra())
                 self.log(f"stopped by the script after round {self.index - 1}, checkpoint written; resume with: "
                          f"oaif resume {run_dir}")
             raise
@@ -547,9 +575,28 @@ class Loop:
             raise TooManyInvalid(f"{why}. Fix the judge, then `oaif resume {self.run_dir}` starts again")
         if not (self.run_dir / "checkpoints" / f"round_{index - 1:06d}").is_dir():
             checkpoint_now(self.run_dir, self.trainer, self.tokenizer, self.accelerator, index - 1,
-                           self.policy_version)
+                           self.policy_version, self._checkpoint_extra())
         raise TooManyInvalid(f"{why}. Checkpoint after round {index - 1} is written; fix the judge, then "
                              f"`oaif resume {self.run_dir}`")
+
+    def _checkpoint_extra(self) -> dict:
+        """What a checkpoint keeps besides the trainer: the run's identity and, with
+        async_rounds, the next round's samples. Those were drawn from the weights before this
+        round's update; a resume could not draw them again (the checkpoint holds the newer
+        weights), so they are collected now and saved."""
+        extra = {"identity": self.identity}
+        if self._draw_pending():
+            extra["next_round"] = {"round": self.pending.round, "metrics": self.pending.metrics,
+                                   "groups": [[dataclasses.asdict(s) for s in g] for g in self.pending.groups]}
+        return extra
+
+    def _draw_pending(self) -> bool:
+        """async_rounds: wait for the next round's samples, in flight in the engine process,
+        and keep them for that round; returns whether there are any."""
+        if self.pending is not None and not isinstance(self.pending, Drawn):
+            groups, metrics = self.generator.collect(self.pending)
+            self.pending = Drawn(self.pending.round, groups, metrics)
+        return self.pending is not None
 
     def _show(self, metrics: dict, first_round: bool) -> None:
         """A finished round to the trackers and the terminal."""
@@ -593,12 +640,32 @@ def resume(run_dir: str | Path, overrides: list[str] = (), *, checkpoint: str | 
     """`oaif resume`: continue a run from `checkpoint` (default: its latest); anything
     recorded after it is dropped and redone. overrides: key=value on its saved config."""
     run_dir = Path(run_dir)
+    if is_offline_run(run_dir):
+        from oaif.offline import resume_offline
+
+        return resume_offline(run_dir, overrides, checkpoint=Path(checkpoint) if checkpoint else None, log=log)
     cfg = resume_config(run_dir, overrides)
-    with Loop(cfg, annotator=annotator, callbacks=callbacks, resume_dir=run_dir,
-              checkpoint=Path(checkpoint) if checkpoint else None, log=log) as loop:
-        for _ in loop.rounds():
-            pass
+    try:
+        with Loop(cfg, annotator=annotator, callbacks=callbacks, resume_dir=run_dir,
+                  checkpoint=Path(checkpoint) if checkpoint else None, log=log) as loop:
+            for _ in loop.rounds():
+                pass
+    except RunComplete as e:
+        if not getattr(e, "redone", False):
+            raise
+        log(f"{e}; its end-of-run export (cut short) is redone: {run_dir / 'dataset'}")
     return run_dir
+
+
+def is_offline_run(run_dir: Path) -> bool:
+    """`oaif offline` keeps the pairs it trains on in the run directory itself."""
+    return (run_dir / "pairs.jsonl").is_file()
+
+
+def export_stale(run_dir: Path) -> bool:
+    """The end-of-run export is missing, or older than the last metrics line (cut short)."""
+    dataset, metrics = run_dir / "dataset", run_dir / "metrics.jsonl"
+    return not dataset.is_dir() or (metrics.is_file() and dataset.stat().st_mtime < metrics.stat().st_mtime)
 
 
 def build_trainer(cfg: RunConfig, pad_id: int, total_steps: int, accelerator=None,

@@ -107,6 +107,16 @@ def write_jsonl(path: Path, records: Iterable[Any]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+    fsync_path(path.parent)   # the rename itself, through a power cut
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (a rename into it), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def append_jsonl(path: Path, record: Any) -> None:

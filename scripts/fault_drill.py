@@ -389,7 +389,6 @@ class Drill:
                 from oaif.server import stop_server
 
                 stop_server(server)
-                Path(server.log_path).unlink(missing_ok=True)
             shutil.rmtree(self.weights_dir, ignore_errors=True)
 
     def start_server(self):

@@ -1,6 +1,8 @@
 """Tier 3: the whole loop through the CLI, as a user runs it."""
 
 import json
+import os
+import signal
 
 from oaif.records import read_jsonl
 
@@ -119,11 +121,13 @@ def test_a_round_whose_prompts_are_all_too_long_is_recorded_not_fatal(tiny_model
 def test_async_rounds_sample_the_next_round_while_the_trainer_trains(tiny_model, tmp_path):
     """async_rounds=1: the engine, in its own process, draws round k's samples from the policy
     as it was before round k-1's update (one update old, recorded in each sample), and the run
-    still learns 'shorter'."""
+    still learns 'shorter'; evaluation waits for the next round's samples in flight."""
     common = [f"policy.model={tiny_model}", f"output_dir={tmp_path}"]
-    r = run_oaif("run", "configs/tiny_cpu.yaml", *common, "name=async", "rounds=8", "async_rounds=1")
+    evaluated = ["eval.every=4", "eval.max_prompts=4"]
+    r = run_oaif("run", "configs/tiny_cpu.yaml", *common, *evaluated, "name=async", "rounds=8", "async_rounds=1")
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = read_jsonl(tmp_path / "async/metrics.jsonl")
+    assert ["eval/win_rate_vs_ref" in m for m in metrics] == [False] * 3 + [True] + [False] * 3 + [True]
     versions = versions_follow_training(metrics, trained_at_least=6)
     for k in range(8):
         drawn_by = versions[k - 2] if k >= 2 else 0   # requested during round k-1, before it trained
@@ -132,6 +136,20 @@ def test_async_rounds_sample_the_next_round_while_the_trainer_trains(tiny_model,
             assert {s["policy_version"] for s in rows} <= {drawn_by} and (rows or name == "pairs"), (k, name)
     first, last = metrics[0]["generate/mean_length"], metrics[-1]["generate/mean_length"]
     assert last < 0.75 * first, f"mean length {first:.1f} -> {last:.1f}: the policy did not learn 'shorter'"
+    # Killed after round 3's metrics line, before its checkpoint, and resumed from round 2's:
+    # round 3's samples, drawn from the weights before round 2's update, come back from the
+    # checkpoint, and every record is the uninterrupted run's.
+    killed = run_oaif("run", "configs/tiny_cpu.yaml", *common, *evaluated, "name=killed", "rounds=8", "async_rounds=1",
+                      "train.checkpoint_every=1", env={**os.environ, "OAIF_CRASH_AT": "metrics:4"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    r = run_oaif("resume", str(tmp_path / "killed"))
+    assert r.returncode == 0 and "resuming" in r.stdout and "after round 2" in r.stdout, r.stderr[-3000:]
+    for k in range(8):
+        for name in ("samples", "judgments", "pairs"):
+            assert (tmp_path / f"killed/rounds/{k:06d}/{name}.jsonl").read_bytes() == \
+                (tmp_path / f"async/rounds/{k:06d}/{name}.jsonl").read_bytes(), (k, name)
+    for name in ("baseline", "round_000003", "round_000007"):
+        assert read_jsonl(tmp_path / f"killed/eval/{name}.jsonl") == read_jsonl(tmp_path / f"async/eval/{name}.jsonl")
     # Round 0 is the starting policy with round 0's seeds in either mode: the engine process
     # samples exactly what the in-process engine does.
     r = run_oaif("run", "configs/tiny_cpu.yaml", *common, "name=sync", "rounds=1")

@@ -90,8 +90,7 @@ def start_group(child: str) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen([sys.executable, "-c", leader], stdout=subprocess.PIPE, text=True, start_new_session=True)
     child_pid = int(proc.stdout.readline())
     proc.stdout.close()
-    fd, proc.log_path = tempfile.mkstemp(prefix="oaif-test-group-", suffix=".log")
-    os.close(fd)
+    proc.log = tempfile.TemporaryFile()
     proc.port = 0
     return proc, child_pid
 
@@ -112,7 +111,7 @@ def test_stop_server_ends_the_whole_group_after_its_leader_exited(child, timeout
         stop_server(proc, timeout_s=timeout_s)
         assert group_members(proc.pid) == []   # gone when stop_server returns
         assert time.monotonic() - t0 < timeout_s + 10
-        assert not Path(proc.log_path).exists()
+        assert proc.log.closed
     finally:
         for pid in group_members(proc.pid):
             os.kill(pid, signal.SIGKILL)
@@ -232,3 +231,19 @@ def test_loop_close_closes_every_judge_and_the_server_client(tmp_path):
     loop.server_url, loop.generator = "http://127.0.0.1:1", SimpleNamespace(engine=client)
     loop.close()
     assert [j.closed for j in (*train_judges, eval_judge, client)] == [1, 1, 1, 1]
+
+
+def test_weights_left_by_a_killed_push_are_swept_by_the_next(tmp_path):
+    """A push killed mid-way (SIGKILL runs no cleanup) leaves a whole weight copy in /dev/shm;
+    the next push removes every such folder whose process is gone, and only those."""
+    from oaif.server import sweep_orphans
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for pid in (dead.pid, os.getpid()):
+        (tmp_path / f"oaif-weights-{pid}-abc").mkdir()
+    (tmp_path / "oaif-weights-notapid").mkdir()
+    (tmp_path / "someone-elses").mkdir()
+    sweep_orphans(tmp_path, "oaif-weights")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"oaif-weights-{os.getpid()}-abc", "oaif-weights-notapid", "someone-elses"])
