@@ -83,8 +83,7 @@ class Mode:
 
 MODES = {
     "inprocess": Mode(),
-    # No in-loop evaluation: with async_rounds it fails ("a submitted sample is still outstanding").
-    "async": Mode(overrides=("async_rounds=1", "eval.every=0"), unreached=("evaluate",)),
+    "async": Mode(overrides=("async_rounds=1",)),
     "server": Mode(own_server=True),
     "lora": Mode(overrides=("train.lora.enabled=true", "train.lora.sync=vllm_lora")),
     "two_process": Mode(overrides=("eval.every=0",), launcher=ACCELERATE, unreached=("evaluate",)),

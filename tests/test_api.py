@@ -171,7 +171,7 @@ def test_python_members_mix_and_the_cache_is_opt_in(tmp_path):
     cached = build_annotator(oaif.load_config(ROOT / "configs/tiny_cpu.yaml", [*one, "annotate.python_cache=true"]))
     assert isinstance(cached, CachedAnnotator) and cached.identity.model == "oaif_judge_myjudge:judge"
     cached.judge([JudgeRequest([], "a", "b")])
-    assert len(read_jsonl(tmp_path / "cache.jsonl")) == 1
+    assert len(read_jsonl(tmp_path / "cache.jsonl")) == 2   # its header line and the one judgment
     with pytest.raises(oaif.ConfigError, match="annotate.python: .*myjudge.py has no attribute 'nope'"):
         build_annotator(oaif.load_config(ROOT / "configs/tiny_cpu.yaml",
                                          [*one[:1], f"annotate.python={tmp_path / 'myjudge.py'}:nope", *one[2:]]))
@@ -243,7 +243,7 @@ def test_a_callback_stop_and_a_break_end_the_run_with_a_checkpoint_that_resumes(
 
     metrics = oaif.evaluate(oaif.load_config(run_dir / "config.yaml", ["eval.max_prompts=12"]),
                             annotator=longer_wins, log=said.append)
-    rows = read_jsonl(run_dir / "eval/round_000002.jsonl")
+    rows = read_jsonl(run_dir / "evals/round_000002.jsonl")
     assert len(rows) == 12 and {r["backend"] for r in rows} == {"python"}
     assert 0 <= metrics["eval/win_rate_vs_ref"] <= 0.5   # trained shorter: a longer-wins judge does not prefer it
     assert not any("graded by the judge it was trained to please" in s for s in said)

@@ -75,6 +75,10 @@ class Annotator(Protocol):
     # must then follow it. Backends without it keep the constitution they were built with.
 
 
+# Bumped whenever the same request renders to another judge prompt (2: inserted text is
+# neutralised after folding case, spacing and look-alikes), so cached judgments of the old
+# prompts are not taken for the new ones.
+PROMPT_FORMAT = 2
 REQUIRED = ("{preamble}", "{principles}", "{prompt}", "{response_1}", "{response_2}")
 TAG = re.compile(r"</?[A-Za-z_][\w-]*>")
 COT_INSTRUCTION = "First explain briefly which response better follows the principles, and why.\nRationale:"

@@ -7,7 +7,7 @@ import hashlib
 from pathlib import Path
 from typing import Callable
 
-from oaif.annotate.base import Annotator, JudgeTemplate, judges, load_template
+from oaif.annotate.base import PROMPT_FORMAT, Annotator, JudgeTemplate, judges, load_template
 from oaif.config import AnnotateConfig, RunConfig
 from oaif.constitution import Constitution, load_constitution
 
@@ -81,6 +81,7 @@ def _single(cfg: RunConfig, backend: str, constitution_path: str, model: str, ta
         settings = {k: v for k, v in dataclasses.asdict(a).items()
                     if k in ("labels", "principles", "chain_of_thought", "rationale_tokens", "chat_template",
                               "dtype", "max_prompt_tokens")}
+        settings["prompt_format"] = PROMPT_FORMAT
         settings["openai"] = {k: getattr(a.openai, k)
                               for k in ("base_url", "endpoint", "mode", "top_logprobs", "temperature")}
         if backend in ("vllm", "transformers", "reward_model"):   # a local folder is named by its content
