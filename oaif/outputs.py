@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterable, TextIO
 
 from oaif.faults import crash_point
+from oaif.records import fsync_path, to_json
 
 MARKER = ".oaif-output"
 
@@ -134,6 +135,9 @@ def write_folder(out: str | Path, kind: str, fill: Callable[[Path], None], *, ov
         entries = sorted(p.name for p in staging.iterdir() if p.name != MARKER)
         _write_marker(staging / MARKER, {"oaif_output": kind, "entries": entries})
         staging.chmod(0o755)   # mkdtemp makes it private; an output is an ordinary folder
+        for p in [*staging.rglob("*"), staging]:   # on the disk before the rename makes it the output
+            if not p.is_symlink():
+                fsync_path(p)
         if replacing:
             _replace_folder(staging, out, crash)
         else:
@@ -147,6 +151,7 @@ def write_folder(out: str | Path, kind: str, fill: Callable[[Path], None], *, ov
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    fsync_path(out.parent)
     return out
 
 
@@ -194,13 +199,12 @@ def write_file(out: str | Path, kind: str, write: Callable[[TextIO], None], *, o
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_path(out.parent)
     return out
 
 
 def write_jsonl(out: str | Path, kind: str, rows: Iterable, *, overwrite: bool = False) -> Path:
     """Rows (dicts or dataclasses) as a JSONL output file, one per line."""
-    from oaif.records import to_json
-
     def write(f: TextIO) -> None:
         for row in rows:
             f.write(to_json(row) + "\n")

@@ -100,6 +100,7 @@ class Tally:
     shm: int = 0
     temp: int = 0
     library_temp: int = 0   # left in the temp folder by vLLM or torch (not oaif's names)
+    pushes_left: int = 0    # weight copies a push killed half-way left, for the next push to sweep
     misses: Counter = field(default_factory=Counter)   # attempts that did not pass their crash point
     corrupt_seen: int = 0
     reports: int = 0
@@ -363,7 +364,10 @@ class Drill:
         finally:
             ours = watch.stop()
         found = leftovers(before, entries(SHM, *own), ours, own)
-        shm = [p for p in found if p.is_relative_to(SHM)]
+        # A push killed half-way leaves its weight copy: the next push removes it (not the
+        # drill), and one still there when the mode ends is a stray (column()).
+        pushed = [p for p in found if p.parent == self.weights_dir and p.name.startswith("oaif-weights-")]
+        shm = [p for p in found if p.is_relative_to(SHM) and p not in pushed]
         temp = [p for p in found if p.parent == self.temp_dir and p.name.startswith(OAIF_TEMP)]
         library = [p for p in found if p.parent == self.temp_dir and not p.name.startswith(OAIF_TEMP)]
         remove(shm, "/dev/shm entry")
@@ -372,6 +376,7 @@ class Drill:
         t = self.tally
         t.strays, t.shm, t.temp = t.strays + strays, t.shm + len(shm), t.temp + len(temp)
         t.library_temp += len(library)
+        t.pushes_left += len(pushed)
         return killed, seconds, (f"stray processes {strays}, /dev/shm {len(shm)}, temp {len(temp)} "
                                  f"(libraries' {len(library)})")
 
@@ -500,6 +505,9 @@ class Drill:
         cached, twice = cache_keys(self.cache["drilled"])
         equal = final_weights_equal(work / "reference", self.run_dir, self.args.rounds)
         partial = run_leftovers(self.run_dir)
+        unswept = sorted(self.weights_dir.glob("oaif-weights-*"))
+        remove(unswept, "/dev/shm weight copy the next push did not sweep")
+        t.shm += len(unswept)
         for what in counts["differs"]:
             print(f"[{self.name}] differs: {what}")
         for what in partial:
@@ -519,6 +527,7 @@ class Drill:
             "cache entries (written twice)": f"{cached} ({twice})",
             "stray processes": t.strays,
             "stray /dev/shm entries": t.shm,
+            "weight copies left by a killed push, swept by the next": t.pushes_left,
             "stray temp files": t.temp,
             "temp files vLLM or torch left (not counted)": t.library_temp,
             "partial files left in the run directory": len(partial),
