@@ -181,6 +181,9 @@ def write_file(out: str | Path, kind: str, write: Callable[[TextIO], None], *, o
     place; its sidecar records its SHA-256. Checked again first. Returns `out`."""
     out = Path(out)
     replacing = check(out, kind, folder=False, overwrite=overwrite)
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*.oaif-new"):   # an earlier write of it cut short
+        if p.is_file() and not p.is_symlink():
+            p.unlink()
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".oaif-new", dir=out.parent)
     tmp = Path(name)
     try:

@@ -211,6 +211,10 @@ def test_a_failed_write_leaves_the_earlier_output_and_no_staging(tmp_path):
     (leftover / ".oaif-output").write_text(json.dumps({"oaif_output": "report", "entries": []}))
     outputs.write_folder(out, "report", lambda d: (d / "report.html").write_text("v2"), overwrite=True)
     assert (out / "report.html").read_text() == "v2" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # So is the temp file of a file output whose write was killed (SIGKILL runs no cleanup).
+    (tmp_path / ".judged.jsonl.x1y2.oaif-new").write_text('{"half": ')
+    outputs.write_jsonl(tmp_path / "judged.jsonl", "annotate output", [{"a": 1}])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".judged.jsonl.oaif-output", "judged.jsonl", "out"]
 
 
 def test_links_are_never_written_through_or_replaced(tmp_path):
