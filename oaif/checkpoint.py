@@ -26,7 +26,7 @@ from oaif.records import fsync_path
 
 
 COMPLETE = "complete.json"   # written last: the files of the checkpoint and their sizes
-CHECKPOINT_NAME = re.compile(r"round_\d{6}(\.tmp)?")
+CHECKPOINT_NAME = re.compile(r"round_(\d{6})(?:\.tmp)?")   # group 1: the round
 
 
 def save_checkpoint(run_dir: Path, round: int, policy_version: int, trainer, tokenizer,

@@ -21,8 +21,8 @@ import torch
 
 from oaif.annotate.judge import Judged, injection_attempts, judgment_metrics, label_mass_warning
 from oaif.annotate.rank import max_pairs_per_prompt, rank_groups
-from oaif.annotate.select import (build_annotator, check_inputs, close_annotator, reload_constitutions,
-                                  with_python_annotator)
+from oaif.annotate.base import close_annotator
+from oaif.annotate.select import build_annotator, check_inputs, reload_constitutions, with_python_annotator
 from oaif.checkpoint import read_trainer_state, restore_trainer, schedule_anchor
 from oaif.config import ConfigError, RunConfig, RunStopped
 from oaif.console import GracefulStop, LibraryLogs, Progress, format_row, header
@@ -351,14 +351,11 @@ class Loop:
         t0 = time.perf_counter()
         prompts = as_prompts(prompts)
         self.progress.start("generate", len(prompts) * self.cfg.generate.samples_per_prompt, "sample")
-        pending, self.pending = self.pending, None
-        if isinstance(pending, Drawn) and pending.round == self.index:
-            groups, metrics = pending.groups, pending.metrics
-        elif pending is not None and pending.round == self.index:   # requested during the last round
-            groups, metrics = self.generator.collect(pending)
+        self._draw_pending()   # a request in flight is finished first, whether this round uses it or not
+        drawn, self.pending = self.pending, None
+        if drawn is not None and drawn.round == self.index:   # requested during the last round
+            groups, metrics = drawn.groups, drawn.metrics
         else:
-            if pending is not None and not isinstance(pending, Drawn):   # a script's own call: the engine
-                self.generator.collect(pending)                          # must finish the request first
             groups, metrics = self.generator.sample(prompts, self.index, self.policy_version)
         self.progress.advance(sum(len(g) for g in groups))
         self.metrics |= metrics
@@ -651,7 +648,7 @@ def resume(run_dir: str | Path, overrides: list[str] = (), *, checkpoint: str | 
             for _ in loop.rounds():
                 pass
     except RunComplete as e:
-        if not getattr(e, "redone", False):
+        if not e.redone:
             raise
         log(f"{e}; its end-of-run export (cut short) is redone: {run_dir / 'dataset'}")
     return run_dir

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterable, TextIO
 
 from oaif.faults import crash_point
+from oaif.fingerprint import file_sha256
 from oaif.records import fsync_path, to_json
 
 MARKER = ".oaif-output"
@@ -100,15 +100,7 @@ def _file_not_ours(out: Path, kind: str) -> str | None:
         return f"has no {sidecar(out).name} beside it (oaif did not write it)"
     if info["oaif_output"] != kind:
         return f"is an oaif {info['oaif_output']}"
-    return None if _sha256(out) in info.get("sha256", []) else "was changed since oaif wrote it"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return None if file_sha256(out) in info.get("sha256", []) else "was changed since oaif wrote it"
 
 
 def _write_marker(path: Path, info: dict) -> None:
@@ -192,7 +184,7 @@ def write_file(out: str | Path, kind: str, write: Callable[[TextIO], None], *, o
             f.flush()
             os.fsync(f.fileno())
         tmp.chmod(0o644)   # mkstemp makes it private; an output is an ordinary file
-        digest, side = _sha256(tmp), sidecar(out)
+        digest, side = file_sha256(tmp), sidecar(out)
         # While the file is swapped the sidecar vouches for both contents, so a crash at any
         # point leaves a file that oaif still recognises as its own.
         before = _read_marker(side)["sha256"] if replacing else []

@@ -7,14 +7,16 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import functools
-import hashlib
 import os
 import re
 import shutil
 from pathlib import Path
 
+from oaif.checkpoint import (CHECKPOINT_NAME, incomplete_reason, latest_checkpoint, read_trainer_state,
+                             save_checkpoint)
 from oaif.config import ConfigError, RunConfig, dump_config, load_config
 from oaif.faults import crash_point
+from oaif.fingerprint import content_fingerprint, model_fingerprint
 from oaif.records import Prompt, append_jsonl, read_jsonl, write_jsonl
 
 
@@ -31,7 +33,6 @@ STAGED = {"rounds", "config.yaml", "config.yaml.tmp", "prompts.jsonl", "prompts.
 # What a rewind may drop: the round folders, checkpoints and in-loop evaluations it wrote
 # (".tmp": a write cut short). Anything else there is left as it is.
 ROUND_DIR = re.compile(r"(\d{6})")
-CHECKPOINT_DIR = re.compile(r"round_(\d{6})(?:\.tmp)?")
 EVAL_FILE = re.compile(r"round_(\d{6})\.jsonl(?:\.tmp)?")
 ADAPTER_DIR = re.compile(r"v(\d{6})")
 IDENTITY_KEYS = ("prompts_column", "prompts_split", "prompts_per_round", "seed", "generate.samples_per_prompt")
@@ -125,26 +126,9 @@ def run_identity(cfg: RunConfig, data: str | None = None) -> dict:
     """What the run is, saved in every checkpoint and checked on resume: the settings that
     fix its prompt stream, and fingerprints of what its start model and prompt (or, offline,
     pair) file hold, so a hand-edited config.yaml or a replaced file cannot pass unnoticed."""
-    from oaif.annotate.cache import model_fingerprint
-
     return {**{key: functools.reduce(getattr, key.split("."), cfg) for key in IDENTITY_KEYS},
             "policy.model": model_fingerprint(cfg.policy.model),
             "prompts": content_fingerprint(data or cfg.prompts)}
-
-
-def content_fingerprint(path: str) -> str:
-    """sha256 of a file, or of a folder's files (a saved dataset); a hub name is itself."""
-    p = Path(path)
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
-    if not files:
-        return path
-    h = hashlib.sha256()
-    for f in files:
-        h.update(str(f.relative_to(p) if f != p else "").encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
 
 
 def check_identity(state: dict, identity: dict, checkpoint: Path) -> None:
@@ -161,10 +145,8 @@ def check_identity(state: dict, identity: dict, checkpoint: Path) -> None:
 def check_checkpoint(run_dir: Path, checkpoint: Path) -> None:
     """`oaif resume --checkpoint`: one of this run's own whole checkpoints, checked before
     anything recorded after it is dropped."""
-    from oaif.checkpoint import incomplete_reason
-
     if checkpoint.resolve().parent != (run_dir / "checkpoints").resolve() \
-            or not CHECKPOINT_DIR.fullmatch(checkpoint.name) or checkpoint.name.endswith(".tmp"):
+            or not CHECKPOINT_NAME.fullmatch(checkpoint.name) or checkpoint.name.endswith(".tmp"):
         raise ConfigError(f"--checkpoint {checkpoint}: not a checkpoint of {run_dir}; pass one of "
                           f"{run_dir / 'checkpoints'}/round_XXXXXX")
     if not checkpoint.is_dir():
@@ -174,7 +156,9 @@ def check_checkpoint(run_dir: Path, checkpoint: Path) -> None:
 
 
 class RunComplete(ConfigError):
-    """A resume of a run whose rounds are all done."""
+    """A resume of a run whose rounds are all done; redone: its end-of-run export, cut short
+    by a crash, was written again (the resume then ends without an error)."""
+    redone = False
 
 
 def start_resume(cfg: RunConfig, run_dir: Path, checkpoint: Path | None, identity: dict, accelerator, log
@@ -183,7 +167,6 @@ def start_resume(cfg: RunConfig, run_dir: Path, checkpoint: Path | None, identit
     the newest whole one) is checked against the run and the config, and everything recorded
     after it is dropped; returns (checkpoint, its trainer state), (None, None) when the run
     stopped before its first checkpoint (it starts again at round 0)."""
-    from oaif.checkpoint import latest_checkpoint, read_trainer_state
     from oaif.distributed import on_main
 
     if checkpoint is not None:
@@ -227,7 +210,7 @@ def rewind_run_dir(cfg: RunConfig, run_dir: Path, last_round: int, policy_versio
                     and r["round"] <= last_round]
             if len(kept) < len(rows):
                 rewrite[path] = (kept, f"{len(rows) - len(kept)} lines of {name}")
-    limits = [("rounds", ROUND_DIR, last_round), ("checkpoints", CHECKPOINT_DIR, last_round),
+    limits = [("rounds", ROUND_DIR, last_round), ("checkpoints", CHECKPOINT_NAME, last_round),
               ("eval", EVAL_FILE, last_round)]
     if policy_version is not None:
         limits.append(("adapters", ADAPTER_DIR, policy_version))
@@ -278,7 +261,6 @@ def checkpoint_now(run_dir: Path, trainer, tokenizer, accelerator, index: int, p
                    extra: dict) -> None:
     """Every rank calls it (the weights may have to be gathered from shards); rank 0 writes.
     Older vllm_lora adapters go once it is whole: a resume starts from its weights."""
-    from oaif.checkpoint import save_checkpoint
     from oaif.distributed import gathered_state_dict, on_main
 
     state = gathered_state_dict(accelerator, trainer.model)

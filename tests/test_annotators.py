@@ -169,7 +169,7 @@ def test_a_local_judge_is_named_in_the_cache_by_its_content(tiny_model, tmp_path
 
     from safetensors.torch import load_file, save_file
 
-    from oaif.annotate.cache import model_fingerprint
+    from oaif.fingerprint import model_fingerprint
 
     copy = tmp_path / "judge"
     shutil.copytree(tiny_model, copy)

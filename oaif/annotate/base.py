@@ -241,6 +241,14 @@ def judges(annotator: Annotator):
         yield annotator
 
 
+def close_annotator(annotator) -> None:
+    """Free what a judge holds now (a vLLM judge: its engine; mix and cache: their members'),
+    not whenever it is collected. A judge without close() holds nothing that needs it."""
+    close = getattr(annotator, "close", None)
+    if callable(close):
+        close()
+
+
 def principles_for(constitution: Constitution, request: JudgeRequest) -> tuple[str, ...]:
     """All principles, or one sampled per comparison (Constitutional AI). The draw is a hash of
     the conversation and the *unordered* pair, so both orders of a pair see the same

@@ -22,31 +22,12 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from oaif.annotate.base import Annotator, Answer, JudgeRequest
+from oaif.annotate.base import Annotator, Answer, JudgeRequest, close_annotator
 from oaif.records import append_jsonl
 
 HEADER = {"oaif_judgment_cache": 1}
 HEADER_LINE = json.dumps(HEADER).encode()
 ROW = ("key", "p_first", "raw")
-
-
-def model_fingerprint(model: str) -> str:
-    """What a local judge model folder holds, cheaply: its config and, per weight file, the
-    name, size and first and last MiB (a retrained or replaced model at the same path gets
-    a new key). A hub id is its own fingerprint."""
-    path = Path(model)
-    if not path.is_dir():
-        return model
-    h = hashlib.sha256()
-    for f in sorted(path.iterdir()):
-        if f.name == "config.json" or f.suffix in (".safetensors", ".bin", ".pt", ".gguf"):
-            size = f.stat().st_size
-            h.update(f"{f.name}:{size}".encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read(1 << 20))
-                fh.seek(max(0, size - (1 << 20)))
-                h.update(fh.read(1 << 20))
-    return h.hexdigest()[:16]
 
 
 @contextmanager
@@ -144,8 +125,6 @@ class CachedAnnotator:
         return self.inner.identity
 
     def close(self) -> None:
-        from oaif.annotate.select import close_annotator
-
         close_annotator(self.inner)
 
     def key(self, r: JudgeRequest, settings: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 
-from oaif.annotate.base import Annotator, Answer, Identity, JudgeRequest
+from oaif.annotate.base import Annotator, Answer, Identity, JudgeRequest, close_annotator
 
 
 class MixAnnotator:
@@ -36,8 +36,6 @@ class MixAnnotator:
         return total
 
     def close(self) -> None:
-        from oaif.annotate.select import close_annotator
-
         for a, _ in self.members:
             close_annotator(a)
 

@@ -7,6 +7,7 @@ import hashlib
 from pathlib import Path
 from typing import Callable
 
+from oaif.fingerprint import model_fingerprint
 from oaif.annotate.base import PROMPT_FORMAT, Annotator, JudgeTemplate, judges, load_template
 from oaif.config import AnnotateConfig, RunConfig
 from oaif.constitution import Constitution, load_constitution
@@ -76,7 +77,7 @@ def _single(cfg: RunConfig, backend: str, constitution_path: str, model: str, ta
     annotator = BACKENDS[backend](cfg, a, model or a.model or cfg.policy.model, constitution, template, **extra)
     # rules cost nothing to re-run; a user function is cached only when asked (python_cache).
     if a.cache and backend != "rules" and (backend != "python" or a.python_cache):
-        from oaif.annotate.cache import CachedAnnotator, model_fingerprint
+        from oaif.annotate.cache import CachedAnnotator
 
         settings = {k: v for k, v in dataclasses.asdict(a).items()
                     if k in ("labels", "principles", "chain_of_thought", "rationale_tokens", "chat_template",
@@ -105,14 +106,6 @@ def build_annotator(cfg: RunConfig, python=None) -> Annotator:
     return MixAnnotator([(_single(cfg, m.backend, m.constitution or a.constitution, m.model,
                                   load_target(m.python, f"annotate.mix[{i}].python") if m.backend == "python" else None),
                           m.weight) for i, m in enumerate(a.mix)])
-
-
-def close_annotator(annotator) -> None:
-    """Free what a judge holds now (a vLLM judge: its engine; mix and cache: their members'),
-    not whenever it is collected. A judge without close() holds nothing that needs it."""
-    close = getattr(annotator, "close", None)
-    if callable(close):
-        close()
 
 
 def reload_constitutions(annotator: Annotator, a: AnnotateConfig, refused: dict[Path, set[str]]) -> list[str]:
