@@ -39,6 +39,7 @@ import sys
 from pathlib import Path
 
 from oaif.config import ConfigError, RunStopped, describe, load_config
+from oaif.scratch import private_tempdir
 
 
 def add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
@@ -135,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()   # per-save "Writing model shards" bars would break up the round table
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    with private_tempdir():   # what vLLM and torch leave in the temp folder goes with the command
+        return command(args)
+
+
+def command(args: argparse.Namespace) -> int:
     try:
         if args.command == "init-tiny":
             from oaif.tiny import init_tiny

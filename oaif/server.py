@@ -38,6 +38,7 @@ import httpx
 import torch
 
 from oaif.config import RunConfig
+from oaif.scratch import sweep_orphans
 from oaif.faults import crash_point
 
 GIB = 1 << 30
@@ -117,25 +118,6 @@ def _tail(proc: subprocess.Popen, lines: int = 40) -> str:
         return "".join(proc.log.read().decode(errors="replace").splitlines(True)[-lines:]) or "(empty log)"
     except (OSError, ValueError):
         return "(no log)"
-
-
-def sweep_orphans(root: str | Path, prefix: str) -> None:
-    """Remove `prefix-PID-*` entries of `root` whose oaif process is gone: what a process
-    killed by SIGKILL mid-push left in /dev/shm (a whole copy of the weights, in memory)."""
-    for path in Path(root).glob(f"{prefix}-*"):
-        pid = path.name[len(prefix) + 1:].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # another user's process
-        return True
-    return True
 
 
 def end_with_parent() -> None:

@@ -29,10 +29,13 @@ vllm_lora) and `two_process` (2 ranks under `accelerate launch`, gloo on CPUs; r
 and owns a vLLM server; no in-loop evaluation there).
 
 After every kill: no process carrying the drill's mark may remain (left ones are counted,
-then killed), no new /dev/shm entry or temp file of the names oaif and the vLLM it runs use
-(oaif-weights-*, sem.mp-*, psm_*, torch_* in /dev/shm; oaif-* in the temp folder) that no
-live process holds (counted, named, then removed), and every record file must read back
-whole. At the end no hidden partial folder may be left in the run directory. The table (one
+then killed), no new /dev/shm entry of the names oaif and the vLLM it runs use (oaif-weights-*,
+sem.mp-*, psm_*, torch_* in /dev/shm) and no new entry of the drill's temp folder (every
+command's TMPDIR; torch's compile cache aside) that no live process holds (counted, named,
+then removed), and every record file must read back whole. Two kinds are named apart: a
+killed command's own temp folder (oaif-tmp-PID, oaif/scratch.py), which the next command
+sweeps (one still there when the mode ends is a stray), and what a killed `accelerate
+launch` made before oaif ran (torchelastic_*), which is not oaif's. At the end no hidden partial folder may be left in the run directory. The table (one
 column per mode) is printed and written to --out; exit 1 if any count is not zero.
 """
 
@@ -70,6 +73,8 @@ SHM = Path("/dev/shm")
 # What libraries keep in the temp folder on purpose, from run to run: not a leftover.
 CACHES = ("torchinductor_",)
 OAIF_TEMP = "oaif-"   # how oaif names its own temp files (server.py: a server's log)
+SCRATCH = "oaif-tmp-"   # a command's own temp folder (oaif/scratch.py): a killed one's is swept by the next
+LAUNCHER_TEMP = ("torchelastic_",)   # made by `accelerate launch` itself, before oaif runs: not oaif's
 SERVER_KEY = "DRILL_SERVER_API_KEY"   # server mode: the variable that hands the runs the server's key
 
 
@@ -99,7 +104,8 @@ class Tally:
     strays: int = 0
     shm: int = 0
     temp: int = 0
-    library_temp: int = 0   # left in the temp folder by vLLM or torch (not oaif's names)
+    scratch_left: int = 0   # temp folders of killed commands, for the next command to sweep
+    launcher_temp: int = 0  # left by a killed launcher (LAUNCHER_TEMP), not by oaif
     pushes_left: int = 0    # weight copies a push killed half-way left, for the next push to sweep
     misses: Counter = field(default_factory=Counter)   # attempts that did not pass their crash point
     corrupt_seen: int = 0
@@ -368,17 +374,19 @@ class Drill:
         # drill), and one still there when the mode ends is a stray (column()).
         pushed = [p for p in found if p.parent == self.weights_dir and p.name.startswith("oaif-weights-")]
         shm = [p for p in found if p.is_relative_to(SHM) and p not in pushed]
-        temp = [p for p in found if p.parent == self.temp_dir and p.name.startswith(OAIF_TEMP)]
-        library = [p for p in found if p.parent == self.temp_dir and not p.name.startswith(OAIF_TEMP)]
+        scratch = [p for p in found if p.parent == self.temp_dir and p.name.startswith(SCRATCH)]
+        launcher = [p for p in found if p.parent == self.temp_dir and p.name.startswith(LAUNCHER_TEMP)]
+        temp = [p for p in found if p.parent == self.temp_dir and p not in scratch + launcher]
         remove(shm, "/dev/shm entry")
         remove(temp, "temp file")
-        remove(library, "library temp file")
+        remove(launcher, "launcher's temp file")
         t = self.tally
         t.strays, t.shm, t.temp = t.strays + strays, t.shm + len(shm), t.temp + len(temp)
-        t.library_temp += len(library)
+        t.scratch_left += len(scratch)
+        t.launcher_temp += len(launcher)
         t.pushes_left += len(pushed)
         return killed, seconds, (f"stray processes {strays}, /dev/shm {len(shm)}, temp {len(temp)} "
-                                 f"(libraries' {len(library)})")
+                                 f"(killed command's folder {len(scratch)}, launcher's {len(launcher)})")
 
     def run(self) -> dict:
         self.weights_dir.mkdir()
@@ -508,6 +516,9 @@ class Drill:
         unswept = sorted(self.weights_dir.glob("oaif-weights-*"))
         remove(unswept, "/dev/shm weight copy the next push did not sweep")
         t.shm += len(unswept)
+        unswept = sorted(self.temp_dir.glob(f"{SCRATCH}*"))
+        remove(unswept, "temp folder of a killed command the next command did not sweep")
+        t.temp += len(unswept)
         for what in counts["differs"]:
             print(f"[{self.name}] differs: {what}")
         for what in partial:
@@ -529,7 +540,8 @@ class Drill:
             "stray /dev/shm entries": t.shm,
             "weight copies left by a killed push, swept by the next": t.pushes_left,
             "stray temp files": t.temp,
-            "temp files vLLM or torch left (not counted)": t.library_temp,
+            "temp folders of killed commands, swept by the next": t.scratch_left,
+            "temp files of a killed `accelerate launch` (not oaif's; not counted)": t.launcher_temp,
             "partial files left in the run directory": len(partial),
             "reports made again after their kill": f"{t.reports_remade} of {t.reports}",
             "final weights equal the uninterrupted run's": "yes" if equal else "NO",

@@ -130,6 +130,26 @@ def test_every_crash_point_is_placed_and_the_nth_pass_kills():
     assert r.returncode == -signal.SIGKILL and r.stdout == "0\n1\n", (r.returncode, r.stdout, r.stderr)
 
 
+def test_what_vllm_leaves_in_the_temp_folder_goes_with_the_command(tiny_model, tmp_path):
+    """vLLM's engine start writes its rendezvous file (vllm_dist_*) to the temp folder, and a
+    SIGKILL runs no cleanup: each `oaif` command keeps its temp files in its own
+    oaif-tmp-PID folder, which it removes when it ends and the next command sweeps when it
+    was killed. Nothing else in the temp folder is touched."""
+    temp = tmp_path / "temp"
+    (temp / "someone-elses").mkdir(parents=True)
+    env = {**os.environ, "TMPDIR": str(temp)}
+    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
+                 "rounds=1", env={**env, "OAIF_CRASH_AT": "generate:1"})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    left = [p for p in temp.iterdir() if p.name.startswith("oaif-tmp-")]
+    assert len(left) == 1 and [p for p in left[0].iterdir() if p.name.startswith("vllm_dist_")], \
+        sorted(p.name for p in temp.rglob("*"))
+    r = run_oaif("report", str(tmp_path / "missing"), env=env)
+    assert r.returncode == 2, r.stderr[-2000:]
+    # torch's compile cache stays where torch keeps it, to be reused by the next run
+    assert sorted(p.name for p in temp.iterdir() if not p.name.startswith("torchinductor_")) == ["someone-elses"]
+
+
 @pytest.mark.slow
 def test_kill_drill_shortened(tiny_model, tmp_path):
     out = tmp_path / "drill.md"

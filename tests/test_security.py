@@ -236,7 +236,7 @@ def test_loop_close_closes_every_judge_and_the_server_client(tmp_path):
 def test_weights_left_by_a_killed_push_are_swept_by_the_next(tmp_path):
     """A push killed mid-way (SIGKILL runs no cleanup) leaves a whole weight copy in /dev/shm;
     the next push removes every such folder whose process is gone, and only those."""
-    from oaif.server import sweep_orphans
+    from oaif.scratch import sweep_orphans
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
