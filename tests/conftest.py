@@ -7,6 +7,32 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+# The whole session, and every child it starts, sees the same environment whatever the test
+# order: no test asks the Hugging Face hub (CI must not depend on a network), and what
+# oaif.engines sets when imported is set before any test imports it. Undone at the end.
+SESSION_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING"}
+SLOW_TIMEOUT_S = 1800   # the slow tier (SmolLM2, whole experiments); every other test: pyproject's timeout
+_saved_env: dict[str, str | None] = {}
+
+
+def pytest_configure(config):
+    for key, value in SESSION_ENV.items():
+        _saved_env[key] = os.environ.get(key)
+        os.environ[key] = value
+
+
+def pytest_unconfigure(config):
+    for key, value in _saved_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +49,28 @@ def tiny_model(tmp_path_factory) -> Path:
 def run_oaif(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
     """`oaif ...` as a user runs it: a separate process, output captured."""
     return subprocess.run([sys.executable, "-m", "oaif.cli", *args], cwd=cwd, capture_output=True, text=True, env=env)
+
+
+def oaif_main(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`oaif ...` in this process, through the same `oaif.cli.main` the console script calls:
+    for the calls that end before any engine starts (a refusal, bad input), a few milliseconds
+    instead of a process start. Output as run_oaif gives it."""
+    import contextlib
+    import io
+
+    from oaif.cli import main
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:   # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(["oaif", *args], code, out.getvalue(), err.getvalue())
 
 
 def untimed(metrics: dict) -> dict:

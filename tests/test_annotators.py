@@ -13,7 +13,7 @@ from oaif.config import AnnotateConfig
 from oaif.constitution import ConstitutionError, load_constitution
 from oaif.records import read_jsonl
 
-from conftest import ROOT, run_oaif
+from conftest import ROOT, oaif_main, run_oaif
 
 HELPFUL = ROOT / "constitutions/helpful.yaml"
 TEMPLATE = ROOT / "prompts/judge.txt"
@@ -146,7 +146,7 @@ def test_oaif_annotate_cli(tmp_path):
 
     pairs.write_text('{"prompt": "q", "a": "x", "b": "y"}\n{"prompt": "q", "a": "x"}\n')
     bad_out = tmp_path / "never.jsonl"
-    r = run_oaif("annotate", str(pairs), "configs/tiny_cpu.yaml", "--out", str(bad_out))
+    r = oaif_main("annotate", str(pairs), "configs/tiny_cpu.yaml", "--out", str(bad_out))
     assert r.returncode == 2 and "pairs.jsonl:2: 'b' must be a string" in r.stderr
     assert not bad_out.exists()
 

@@ -20,7 +20,7 @@ from oaif.annotate.python_fn import FunctionAnnotator
 from oaif.constitution import load_constitution
 from oaif.records import Sample, read_jsonl
 
-from conftest import ROOT, run_oaif, untimed
+from conftest import ROOT, oaif_main, run_oaif, untimed
 
 FAST = ["prompts_per_round=8", "generate.enforce_eager=true"]
 
@@ -85,7 +85,7 @@ def test_a_judge_function_is_learned_from_and_named_in_the_records(tiny_model, t
     assert {(j["backend"], j["model"]) for j in judgments} == {("python", "__main__:judge")}
     assert all(len(j["orders"]) == 2 for j in judgments if j["verdict"] != "identical")   # both orders asked
     # Resuming from the CLI cannot import a function from the script that ran: said, and how.
-    r = run_oaif("resume", str(run_dir), "rounds=7")
+    r = oaif_main("resume", str(run_dir), "rounds=7")
     assert r.returncode == 2 and "annotate.python: __main__:judge was defined in the script" in r.stderr
     assert "oaif.resume(run_dir, annotator=judge)" in r.stderr
 

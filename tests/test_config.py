@@ -5,7 +5,7 @@ import yaml
 
 from oaif.config import ConfigError, load_config
 
-from conftest import ROOT, run_oaif
+from conftest import ROOT, oaif_main, run_oaif
 
 
 def test_bundled_config_loads_and_overrides_apply():
@@ -73,26 +73,26 @@ def test_a_config_file_that_is_not_a_config(tmp_path, text, message):
 
 
 def test_labels_the_judge_cannot_read_as_one_token_fail_before_the_run(tiny_model, tmp_path):
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
                  "annotate.backend=transformers", "annotate.labels=[first answer, second answer]")
     assert r.returncode == 2 and "annotate.labels: 'first answer' is not one token" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and not any(tmp_path.iterdir())
 
 
 def test_cli_rejects_a_bad_override_before_doing_anything(tmp_path):
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}", "train.bta=0.3")
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}", "train.bta=0.3")
     assert r.returncode == 2
     assert "train.bta: unknown key (did you mean 'train.beta'?)" in r.stderr
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 
 def test_cli_names_a_missing_prompt_file(tmp_path):
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}", "prompts=nope.jsonl")
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}", "prompts=nope.jsonl")
     assert r.returncode == 2 and "prompt file nope.jsonl not found (run.prompts)" in r.stderr
 
 
 def test_readme_config_reference_matches_the_code():
-    r = run_oaif("config-help", "--markdown")
+    r = oaif_main("config-help", "--markdown")
     assert r.returncode == 0
     assert r.stdout.strip() in (ROOT / "README.md").read_text(), "regenerate with: oaif config-help --markdown"
 
@@ -191,7 +191,7 @@ def test_saved_config_reloads_to_the_same(tmp_path):
 @pytest.mark.parametrize("name", ["", ".", "..", "../..", "a/b", "/tmp/x", "-x", "a b"])
 def test_a_run_name_must_be_one_plain_folder(name, tmp_path):
     (tmp_path / "keep.txt").write_text("the user's file")
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}", f"name={name}", "overwrite=true")
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}", f"name={name}", "overwrite=true")
     assert r.returncode == 2 and "is not a plain folder name" in r.stderr, r.stderr[-2000:]
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
@@ -221,12 +221,12 @@ def test_a_missing_model_is_named_before_anything_is_written(tiny_model, tmp_pat
     # `nobody-org/nope` reads as a hub id: the hub (unreachable here, or without it) must be asked
     # briefly and the key named; `models/nope` is a hub id too until models/ exists (a fresh clone).
     for model in ("models/nope", str(tmp_path / "nope"), "./nope", "nobody-org/nope"):
-        r = run_oaif("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}/runs", f"policy.model={model}")
+        r = oaif_main("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}/runs", f"policy.model={model}")
         assert r.returncode == 2 and f"policy.model: model folder '{model}' not found" in r.stderr, r.stderr[-2000:]
         assert "Traceback" not in r.stderr
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}/runs", f"policy.model={tmp_path}")
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}/runs", f"policy.model={tmp_path}")
     assert r.returncode == 2 and "is a folder without config.json" in r.stderr
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}/runs", f"policy.model={tiny_model}",
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}/runs", f"policy.model={tiny_model}",
                  "annotate.backend=vllm", "annotate.model=models/missing-judge")
     assert r.returncode == 2 and "annotate.model: model folder 'models/missing-judge' not found" in r.stderr
     assert not (tmp_path / "runs").exists()

@@ -18,7 +18,7 @@ from oaif.generate import encode_prompt
 from oaif.records import Prompt, read_jsonl
 from oaif.tiny import init_tiny
 
-from conftest import ROOT, hf_greedy, run_oaif
+from conftest import ROOT, hf_greedy, oaif_main, run_oaif
 
 PROMPTS, REVISIONS, TOKENS = 6, 3, 24
 CONSTITUTION = ROOT / "constitutions/helpful.yaml"   # 4 principles
@@ -237,7 +237,7 @@ def test_bad_input_is_named_before_any_model_loads(tmp_path):
     # The command says it in one line, exit code 2, and writes nothing.
     for setting, said in ((f"critique.constitution={empty}", f"{empty}: 'principles' must be a non-empty list"),
                           ("critique.critic=transformers", "critique.critic_model: critic 'transformers' needs")):
-        r = run_oaif("critique", "configs/tiny_cpu.yaml", "policy.model=./no-model", setting, "--out",
+        r = oaif_main("critique", "configs/tiny_cpu.yaml", "policy.model=./no-model", setting, "--out",
                      str(tmp_path / "o"))
         assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "o").exists()

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from oaif.offline import load_pairs
 from oaif.records import load_prompts, read_jsonl
 
-from conftest import ROOT, hf_greedy, run_oaif
+from conftest import ROOT, hf_greedy, oaif_main, run_oaif
 
 FAST = ["rounds=2", "prompts_per_round=8", "generate.enforce_eager=true"]
 PROVENANCE = ("backend", "model", "constitution", "constitution_hash", "template_hash")
@@ -73,10 +73,10 @@ def test_a_wrong_column_or_split_is_a_clear_error(tiny_model, tmp_path):
         load_prompts(tmp_path / "nope.parquet")
 
     # The eval.* keys reach the loader: `oaif eval` stops on them before any model loads.
-    r = run_oaif("eval", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}",
+    r = oaif_main("eval", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}",
                  f"eval.prompts={tmp_path / 'q.parquet'}", "eval.prompts_column=answer")
     assert r.returncode == 2 and "eval.prompts: no column 'answer'" in r.stderr, r.stderr[-2000:]
-    r = run_oaif("eval", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}",
+    r = oaif_main("eval", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}",
                  f"eval.prompts={tmp_path / 'dict'}", "eval.prompts_split=validation")
     assert r.returncode == 2 and "split 'validation' not in" in r.stderr and "set eval.prompts_split" in r.stderr
 
@@ -140,13 +140,13 @@ def test_export_rows_are_the_runs_pairs_with_their_judgments_provenance(exported
 
 def test_export_refuses_a_non_run_an_existing_out_and_records_that_no_longer_line_up(exported, tmp_path):
     run_dir, out = exported
-    r = run_oaif("export-pairs", str(run_dir / "rounds"), "--out", str(tmp_path / "e"))
+    r = oaif_main("export-pairs", str(run_dir / "rounds"), "--out", str(tmp_path / "e"))
     assert r.returncode == 2 and "is not an oaif run directory" in r.stderr
-    r = run_oaif("export-pairs", str(run_dir), "--out", str(out))
+    r = oaif_main("export-pairs", str(run_dir), "--out", str(out))
     assert r.returncode == 2 and "exists: pass --overwrite" in r.stderr
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    r = run_oaif("export-pairs", str(run_dir), "--out", str(tmp_path / "mine"), "--overwrite")
+    r = oaif_main("export-pairs", str(run_dir), "--out", str(tmp_path / "mine"), "--overwrite")
     assert r.returncode == 2 and "not an oaif pair export" in r.stderr
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 

@@ -4,7 +4,7 @@ import pytest
 
 from oaif.records import read_jsonl
 
-from conftest import run_oaif
+from conftest import oaif_main, run_oaif
 
 EVAL = ["eval.prompts=prompts/heldout.jsonl", "eval.max_prompts=40"]
 
@@ -73,10 +73,10 @@ def test_lora_checkpoint_is_merged_for_eval(tiny_model, tmp_path):
 
 
 def test_eval_errors_name_what_to_set(tiny_model, tmp_path):
-    r = run_oaif("eval", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}", "name=none",
+    r = oaif_main("eval", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}", "name=none",
                  *EVAL)
     assert r.returncode == 2 and "has no checkpoints: set eval.policy=PATH" in r.stderr
-    r = run_oaif("eval", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"eval.policy={tiny_model}", *EVAL)
+    r = oaif_main("eval", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"eval.policy={tiny_model}", *EVAL)
     assert r.returncode == 2 and "is not a checkpoint of a run: pass --out FILE" in r.stderr
     r = run_oaif("eval", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"eval.policy={tiny_model}",
                  "eval.prompts=nope.jsonl",

@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 from oaif.offline import load_pairs
 from oaif.records import read_jsonl
 
-from conftest import run_oaif
+from conftest import oaif_main, run_oaif
 
 
 def write(path, rows):
@@ -69,7 +69,7 @@ def test_offline_run_through_the_cli_learns_its_pairs(tiny_model, tmp_path):
 
     # Bad input: a clear error naming the file, a non-zero exit, and no run directory.
     bad = write(tmp_path / "bad.jsonl", [{"prompt": "q", "chosen": "a"}])
-    r = run_oaif("offline", str(bad), "configs/tiny_cpu.yaml", f"policy.model={tiny_model}",
+    r = oaif_main("offline", str(bad), "configs/tiny_cpu.yaml", f"policy.model={tiny_model}",
                  f"output_dir={tmp_path}", "name=bad")
     assert r.returncode == 2 and "bad.jsonl:1: expected 'chosen' and 'rejected'" in r.stderr
     assert not (tmp_path / "bad").exists()

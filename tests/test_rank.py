@@ -11,7 +11,7 @@ from oaif.annotate.rank import max_pairs_per_prompt, rank_groups
 from oaif.constitution import load_constitution
 from oaif.records import read_jsonl
 
-from conftest import ROOT, run_oaif
+from conftest import ROOT, oaif_main, run_oaif
 from test_judge import ScriptedJudge, sample
 
 
@@ -123,7 +123,7 @@ def test_best_of_n_pairs_have_a_larger_margin_than_random_pairs(tiny_model, tmp_
 
 
 def test_best_of_n_refuses_consecutive_and_odd_n_needs_a_ranking(tmp_path):
-    r = run_oaif("best-of-n", "configs/tiny_cpu.yaml", "--out", str(tmp_path / "x.jsonl"))
+    r = oaif_main("best-of-n", "configs/tiny_cpu.yaml", "--out", str(tmp_path / "x.jsonl"))
     assert r.returncode == 2 and "annotate.ranking" in r.stderr and not (tmp_path / "x.jsonl").exists()
-    r = run_oaif("run", "configs/tiny_cpu.yaml", "generate.samples_per_prompt=3", f"output_dir={tmp_path}")
+    r = oaif_main("run", "configs/tiny_cpu.yaml", "generate.samples_per_prompt=3", f"output_dir={tmp_path}")
     assert r.returncode == 2 and "annotate.ranking=round_robin or knockout" in r.stderr

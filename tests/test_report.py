@@ -17,7 +17,7 @@ from matplotlib.image import imread
 from oaif.records import read_jsonl
 from oaif.report import PLOTS, make_plots, write_report
 
-from conftest import run_oaif
+from conftest import oaif_main, run_oaif
 
 NAME = "report-demo"
 # Chromium without these waits on connections the closed network never answers.
@@ -172,20 +172,20 @@ def test_untrusted_text_is_escaped(browser, run_dir, tmp_path):
 
 
 def test_errors_name_the_folder_and_the_report_is_replaced_whole(tmp_path, monkeypatch):
-    r = run_oaif("report", str(tmp_path / "nope"))
+    r = oaif_main("report", str(tmp_path / "nope"))
     assert r.returncode == 2 and f"run directory {tmp_path / 'nope'} not found" in r.stderr
-    r = run_oaif("report", str(tmp_path))
+    r = oaif_main("report", str(tmp_path))
     assert r.returncode == 2 and f"{tmp_path} is not a run directory (no config.yaml)" in r.stderr
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("name: tiny\nrounds: 3\n")
-    r = run_oaif("report", str(run))
+    r = oaif_main("report", str(run))
     assert r.returncode == 2 and f"{run / 'metrics.jsonl'}: no rounds recorded yet" in r.stderr
     row = {"round": 0, "policy_version": 0, "pairs_kept": 0, "pairs_dropped": 8, "generate/mean_length": 9.0}
     (run / "metrics.jsonl").write_text(json.dumps(row) + "\n")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    r = run_oaif("report", str(run), "--out", str(tmp_path / "mine"), "--overwrite")
+    r = oaif_main("report", str(run), "--out", str(tmp_path / "mine"), "--overwrite")
     assert r.returncode == 2 and "has no .oaif-output marker (oaif did not write it): it is not an oaif report" \
         in r.stderr and (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 

@@ -11,7 +11,7 @@ from oaif.generate import load_tokenizer
 from oaif.loop import build_trainer
 from oaif.records import PreferencePair, read_jsonl
 
-from conftest import run_oaif, untimed, versions_follow_training
+from conftest import oaif_main, run_oaif, untimed, versions_follow_training
 
 
 def synthetic_pairs(n: int, seed: int) -> list[PreferencePair]:
@@ -88,7 +88,7 @@ def test_resume_rewinds_to_a_checkpoint_then_extends_the_run(tiny_model, tmp_pat
     assert [untimed(m) for m in metrics[2:]] == [untimed(m) for m in original[2:]]
 
     # Its linear schedule ended at 0: more rounds would train nothing, which is said, not done.
-    r = run_oaif("resume", str(run_dir), "rounds=6")
+    r = oaif_main("resume", str(run_dir), "rounds=6")
     assert r.returncode == 2 and "more rounds would train nothing" in r.stderr, r.stderr[-2000:]
     # Extend it by two rounds at a constant rate.
     r = run_oaif("resume", str(run_dir), "rounds=6", "train.lr_schedule=constant")
@@ -99,11 +99,11 @@ def test_resume_rewinds_to_a_checkpoint_then_extends_the_run(tiny_model, tmp_pat
     assert (run_dir / "checkpoints/round_000005/trainer.pt").is_file()
 
     # Nothing left to do, or a move attempted: a clear error and nothing touched.
-    r = run_oaif("resume", str(run_dir))
+    r = oaif_main("resume", str(run_dir))
     assert r.returncode == 2 and "rounds 0-5 are done" in r.stderr and "rounds=N" in r.stderr
-    r = run_oaif("resume", str(run_dir), "rounds=7", "name=elsewhere")
+    r = oaif_main("resume", str(run_dir), "rounds=7", "name=elsewhere")
     assert r.returncode == 2 and "stays in" in r.stderr
-    r = run_oaif("resume", str(tmp_path / "missing"))
+    r = oaif_main("resume", str(tmp_path / "missing"))
     assert r.returncode == 2 and "no config.yaml" in r.stderr
     assert len(read_jsonl(run_dir / "metrics.jsonl")) == 6
 

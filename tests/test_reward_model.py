@@ -21,7 +21,7 @@ from oaif.losses import bradley_terry_loss
 from oaif.reward_model import (encode, evaluate, load_reward_model, read_pairs, score, split,
                                train_reward_model)
 
-from conftest import run_oaif
+from conftest import oaif_main, run_oaif
 
 # The tiny policy has 0.5M parameters: it needs a far larger learning rate than Llama 2's 1e-5.
 RM_SETTINGS = ("reward_model.epochs=3", "reward_model.learning_rate=1e-3", "reward_model.batch_size=16",
@@ -187,7 +187,7 @@ def test_bad_input_is_a_clear_error_with_nothing_written(pair_run, reward_model,
         load_config("configs/tiny_cpu.yaml", ["reward_model.heldout_fraction=1.5"])
 
     # The policy is not a reward model: refused before the run directory is made.
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}", "name=x",
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}", "name=x",
                  "annotate.backend=reward_model", f"annotate.model={tiny_model}")
     assert r.returncode == 2 and f"annotate.model: {tiny_model} is not a reward model" in r.stderr
     assert not (tmp_path / "x").exists()

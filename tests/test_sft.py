@@ -17,7 +17,7 @@ from oaif.records import Prompt, load_prompts, read_jsonl
 from oaif.sft import load_examples, response_nll, run_sft
 from oaif.tiny import init_tiny
 
-from conftest import ROOT, hf_greedy, run_oaif
+from conftest import ROOT, hf_greedy, oaif_main, run_oaif
 
 ANSWER = "The answer is marmalade."
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
@@ -190,6 +190,6 @@ def test_cli_errors_exit_2_naming_the_problem_and_leave_out_alone(base, tmp_path
         run_sft(cfg, bad, taken, log=lambda _: None)
     assert [p.name for p in taken.iterdir()] == ["keep.txt"]
     # Through the command: one line naming the file, the row and what is missing; exit code 2.
-    r = run_oaif("sft", str(bad), "configs/tiny_cpu.yaml", f"policy.model={base}", "--out", str(tmp_path / "b"))
+    r = oaif_main("sft", str(bad), "configs/tiny_cpu.yaml", f"policy.model={base}", "--out", str(tmp_path / "b"))
     assert r.returncode == 2 and f"oaif: error: {bad}:2: no response" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

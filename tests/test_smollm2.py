@@ -5,7 +5,7 @@ import pytest
 
 from oaif.records import read_jsonl
 
-from conftest import ROOT, hf_greedy, run_oaif
+from conftest import ROOT, hf_greedy, oaif_main, run_oaif
 
 pytestmark = pytest.mark.slow
 
@@ -65,13 +65,13 @@ def test_lora_merge_sync_on_smollm2_equals_the_peft_policy(smollm2_model):
 
 
 def test_convert_gguf_errors(tmp_path, smollm2_model):
-    r = run_oaif("convert-gguf", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "m"))
+    r = oaif_main("convert-gguf", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "m"))
     assert r.returncode == 2 and "missing.gguf not found" in r.stderr
     (tmp_path / "bad.gguf").write_bytes(b"not a gguf file")
-    r = run_oaif("convert-gguf", str(tmp_path / "bad.gguf"), "--out", str(tmp_path / "m"))
+    r = oaif_main("convert-gguf", str(tmp_path / "bad.gguf"), "--out", str(tmp_path / "m"))
     assert r.returncode == 2 and "could not read it as a GGUF causal LM" in r.stderr
     assert not (tmp_path / "m").exists()
-    r = run_oaif("convert-gguf", str(tmp_path / "bad.gguf"), "--out", str(smollm2_model))
+    r = oaif_main("convert-gguf", str(tmp_path / "bad.gguf"), "--out", str(smollm2_model))
     assert r.returncode == 2 and "exists" in r.stderr
 
 
