@@ -5,7 +5,7 @@ import yaml
 
 from oaif.config import ConfigError, load_config
 
-from conftest import ROOT, oaif_main, run_oaif
+from conftest import ROOT, oaif_main
 
 
 def test_bundled_config_loads_and_overrides_apply():
