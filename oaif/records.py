@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -89,8 +90,24 @@ class PreferencePair:
 
 
 def to_json(record: Any) -> str:
-    return json.dumps(dataclasses.asdict(record) if dataclasses.is_dataclass(record) else record,
-                      ensure_ascii=False)
+    """One line of strict JSON: a non-finite number (a NaN loss, an infinite ratio) is written
+    as null, since `NaN` and `Infinity` are not JSON and most readers other than Python's
+    reject the whole line."""
+    value = dataclasses.asdict(record) if dataclasses.is_dataclass(record) else record
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(value), ensure_ascii=False, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def write_jsonl(path: Path, records: Iterable[Any]) -> None:

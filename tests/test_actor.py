@@ -148,15 +148,19 @@ def test_submit_and_push_return_at_once_and_a_queued_sample_keeps_the_old_weight
         assert submit.returned_within(30) and submit.error is None
         push = Call(engine.push, hf_named_weights(perturbed))
         assert push.returned_within(30) and push.error is None
-        # Another push must wait until the child has loaded this one: it reads the buffers.
-        second_push = Call(engine.push, hf_named_weights(perturbed))
+        # Another push (other weights) must wait until the child has loaded this one, which it
+        # reads from the shared buffers: while the child is stopped, the buffers keep this
+        # push's weights, whatever time passes.
+        second_push = Call(engine.push, hf_named_weights(policy))
         assert not second_push.returned_within(2)
+        assert all(torch.equal(buffer, tensor) for (_, buffer), (_, tensor)
+                   in zip(engine._buffers, hf_named_weights(perturbed))), "the waiting push overwrote the buffers"
     finally:
         os.kill(engine.process.pid, signal.SIGCONT)
     assert second_push.returned_within(60) and second_push.error is None
     assert engine.result() == expected, "the sample was queued before the push: it must see the old weights"
     engine.wait_loaded()
-    assert engine.greedy(prompt_ids, 24) == transformers_greedy(perturbed, prompt_ids)
+    assert engine.greedy(prompt_ids, 24) == transformers_greedy(policy, prompt_ids), "the last push wins"
 
 
 def test_child_pinned_to_the_given_cpus(engine):

@@ -18,9 +18,10 @@ from oaif.annotate.base import JudgeRequest
 from oaif.annotate.judge import judge_pairs
 from oaif.annotate.python_fn import FunctionAnnotator
 from oaif.constitution import load_constitution
+from oaif.generate import encode_prompt
 from oaif.records import Sample, read_jsonl
 
-from conftest import ROOT, oaif_main, run_oaif, untimed
+from conftest import ROOT, hf_greedy, oaif_main, run_oaif, untimed
 
 FAST = ["prompts_per_round=8", "generate.enforce_eager=true"]
 
@@ -273,8 +274,15 @@ def test_the_stages_one_at_a_time_and_a_prompt_set_given_in_code(tiny_model, tmp
         judged = loop.annotate(groups)
         assert judged.pairs and all(len(p.chosen) <= len(p.rejected) for p in judged.pairs)   # concise: shorter
         assert loop.metrics["pairs_kept"] == len(judged.pairs)
+        check = [encode_prompt(loop.tokenizer, [{"role": "user", "content": f"Tell me about {w}."}])
+                 for w in ("rain", "boats", "summer", "bread", "rivers", "music", "trains", "snow")]
+        served_before = loop.generator.engine.greedy(check, 32)
         assert loop.train(judged.pairs)["train/steps"] == 2 and loop.policy_version == 1   # epochs_per_round 2
         assert loop.sync() > 0
+        # The engine now serves the trained weights: its greedy output is the trained policy's.
+        trained = [hf_greedy(loop.trainer.policy, ids, 32, loop.tokenizer.eos_token_id) for ids in check]
+        assert loop.generator.engine.greedy(check, 32) == trained
+        assert trained != served_before, "training changed no greedy output: the check above would be vacuous"
         again = loop.generate(prompts[:1])
         assert again[0][0].policy_version == 1
     saved = read_jsonl(loop.run_dir / "prompts.jsonl")   # given in code, saved with the run for a resume

@@ -56,7 +56,22 @@ def test_vllm_judge_run_records_both_orders(tiny_model, tmp_path):
                 assert 0.0 < o["p_first"] < 1.0 and "logp[1]=" in o["raw"] and "logp[2]=" in o["raw"]
     metrics = read_jsonl(tmp_path / "judge/metrics.jsonl")
     assert len(metrics) == 2 and metrics[0]["annotate/requests"] > 0 and metrics[0]["annotate/prompt_tokens"] > 0
-    json.dumps(metrics)  # plain JSON: no NaN
+    strict_json_lines(tmp_path / "judge/metrics.jsonl")
+
+
+def strict_json_lines(path):
+    """Every line parses as strict JSON (no NaN or Infinity, which most readers reject)."""
+    def refuse(constant):
+        raise ValueError(f"{path}: {constant} is not JSON")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def test_a_non_finite_metric_is_written_as_strict_json(tmp_path):
+    from oaif.records import append_jsonl
+
+    append_jsonl(tmp_path / "m.jsonl", {"train/loss": float("nan"), "ratio": [float("inf"), 1.5], "round": 0})
+    assert strict_json_lines(tmp_path / "m.jsonl") == [{"train/loss": None, "ratio": [None, 1.5], "round": 0}]
 
 
 def test_mixed_annotator_run_with_sampled_principles_and_chain_of_thought(tiny_model, tmp_path):
