@@ -28,7 +28,9 @@ def test_concise_run_beats_its_start_in_the_loop_and_in_oaif_eval(tiny_model, tm
     assert final["eval/win_rate_vs_ref"] > 0.6 and final["eval/win_rate_ci_low"] > 0.5, final
     assert final["eval/mean_length"] < final["eval/baseline_mean_length"]
     assert final["eval/kl_to_ref"] > metrics[3]["eval/kl_to_ref"] > 0   # the policy moves away from its start
-    assert 0 <= final["eval/lc_win_rate_vs_ref"] <= 1
+    # The concise judge prefers length alone: with length controlled for, the win rate moves
+    # toward 1/2 (a length-controlled rate that ignored length would stay with the raw one).
+    assert abs(final["eval/lc_win_rate_vs_ref"] - 0.5) < 0.5 * abs(final["eval/win_rate_vs_ref"] - 0.5), final
     assert final["eval/wins"] + final["eval/ties"] + final["eval/losses"] + final["eval/invalid"] == 40
     assert "eval after round 7: win" in r.stdout
     baseline = read_jsonl(run_dir / "eval/baseline.jsonl")
@@ -55,7 +57,8 @@ def test_concise_run_beats_its_start_in_the_loop_and_in_oaif_eval(tiny_model, tm
     rows = read_jsonl(out)
     assert all(c["verdict"] == "identical" for c in rows)
     m = read_jsonl(tmp_path / "self.summary.jsonl")[0]
-    assert m["eval/win_rate_vs_ref"] == 0.5 and m["eval/kl_to_ref"] == pytest.approx(0, abs=1e-4)
+    assert m["eval/win_rate_vs_ref"] == m["eval/lc_win_rate_vs_ref"] == 0.5
+    assert m["eval/kl_to_ref"] == pytest.approx(0, abs=1e-4)
 
 
 def test_lora_checkpoint_is_merged_for_eval(tiny_model, tmp_path):
