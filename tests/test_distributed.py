@@ -40,6 +40,7 @@ def test_two_process_loop_through_the_cli(tiny_model, tmp_path):
     r = launch("run", *common, "name=two", "train.check_replicas=true", "generate.enforce_eager=true")
     assert r.returncode == 0, r.stderr[-4000:]
     assert "(2 processes)" in r.stdout and r.stdout.count("run directory") == 1   # rank 0 alone prints
+    two_stdout = r.stdout
     two = tmp_path / "two"
     metrics = read_jsonl(two / "metrics.jsonl")
     versions = versions_follow_training(metrics, trained_at_least=2)
@@ -64,6 +65,22 @@ def test_two_process_loop_through_the_cli(tiny_model, tmp_path):
     assert set(read_jsonl(one / "metrics.jsonl")[0]) == set(metrics[0])
     samples = read_jsonl(two / "rounds/000002/samples.jsonl")
     assert len(samples) == 16 and all(s["policy_version"] == versions[1] and s["token_ids"] for s in samples)
+
+    # ... and the same records: round 0 samples the same weights with the same seeds, and every
+    # later round samples weights that differ from one process's only by the order of the
+    # gradient sums (within 1e-4, test below), so the same tokens are drawn. A 2-process run
+    # that pushed stale weights, or sampled other prompts, would draw others.
+    for k in range(3):
+        for name, keys in (("samples", ("prompt_id", "policy_version", "token_ids")),
+                           ("pairs", ("prompt_id", "chosen", "rejected", "p_chosen"))):
+            rows = [[tuple(row[key] for key in keys) for row in read_jsonl(d / f"rounds/{k:06d}/{name}.jsonl")]
+                    for d in (one, two)]
+            assert rows[0] and rows[0] == rows[1], f"round {k}: the 2-process {name} differ from one process's"
+    # The README: "a 2-process run printed the same first rounds; the seconds vary".
+    table = lambda out: [line.split()[:5] for line in out.splitlines() if line.split()[:1] in (["0"], ["1"], ["2"])]  # noqa: E731
+    printed_one, printed_two = table(r.stdout), table(two_stdout)
+    assert len(printed_one) == 3 and [row[:4] for row in printed_one] == [row[:4] for row in printed_two]
+    assert [float(row[4]) for row in printed_one] == pytest.approx([float(row[4]) for row in printed_two], abs=2e-4)
 
 
 @pytest.mark.parametrize("micro, loss", [(1, "dpo"), (2, "dpo"), (2, "kto")])   # kto: z0 over both ranks

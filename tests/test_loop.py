@@ -109,16 +109,32 @@ train: {{learning_rate: 1.0e-4}}
     assert m["annotate/cache_misses"] == 2 * len(judged) and m["annotate/completion_tokens"] > 0
 
 
-def test_principles_sample_reaches_every_member_with_a_constitution(tiny_model):
-    """`annotate.principles: sample` is handed to each member's constitution (one principle
-    per comparison, drawn alike in both orders: tests/test_annotators.py)."""
+def test_principles_sample_reaches_every_member_with_a_constitution(tiny_model, tmp_path):
+    """`annotate.principles: sample` is handed to each member's constitution, in a mix as
+    alone (one principle per comparison, drawn alike in both orders: tests/test_annotators.py)."""
+    from oaif.annotate.base import judges
     from oaif.annotate.select import build_annotator
     from oaif.config import load_config
 
+    config = tmp_path / "mix.yaml"
     for principles in ("sample", "all"):
-        cfg = load_config(None, [f"policy.model={tiny_model}", "annotate.backend=transformers",
-                                 f"annotate.principles={principles}", "annotate.cache="])
-        assert build_annotator(cfg).constitution.sample_principles == (principles == "sample")
+        config.write_text(f"""
+policy: {{model: {tiny_model}}}
+annotate:
+  backend: mix
+  principles: {principles}
+  cache: ""
+  mix:
+    - {{backend: transformers, constitution: constitutions/harmless.yaml}}
+    - {{backend: rules, constitution: constitutions/concise.yaml}}
+    - {{backend: transformers, constitution: constitutions/helpful.yaml}}
+""")
+        members = list(judges(build_annotator(load_config(config))))
+        assert [m.constitution.name for m in members] == ["harmless", "concise", "helpful"]
+        assert [m.constitution.sample_principles for m in members] == [principles == "sample"] * 3
+        single = load_config(None, [f"policy.model={tiny_model}", "annotate.backend=transformers",
+                                    f"annotate.principles={principles}", "annotate.cache="])
+        assert build_annotator(single).constitution.sample_principles == (principles == "sample")
 
 
 def test_a_round_whose_prompts_are_all_too_long_is_recorded_not_fatal(tiny_model, tmp_path):
