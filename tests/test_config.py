@@ -101,7 +101,10 @@ def test_readme_config_reference_matches_the_code():
 NAMED_FILE = re.compile(r"\b((?:configs|constitutions|prompts)/[\w./-]+\.(?:yaml|jsonl|txt))\b")
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+RUN_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts)   # experiments/ too
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
 def test_every_example_config_loads(path):
     """Every file an example config names exists and loads with oaif's loaders; its rules can judge its prompts."""
     from oaif.annotate.base import load_template
@@ -229,4 +232,12 @@ def test_a_missing_model_is_named_before_anything_is_written(tiny_model, tmp_pat
     r = oaif_main("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}/runs", f"policy.model={tiny_model}",
                  "annotate.backend=vllm", "annotate.model=models/missing-judge")
     assert r.returncode == 2 and "annotate.model: model folder 'models/missing-judge' not found" in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_empty_prompt_file_is_an_error_before_anything_is_written(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}/runs", f"prompts={empty}")
+    assert r.returncode == 2 and r.stderr == f"oaif: error: {empty}: no prompts\n", r.stderr
     assert not (tmp_path / "runs").exists()

@@ -54,7 +54,8 @@ def test_resume_refuses_overrides_that_change_what_the_run_is(tmp_path):
     run_dir = tmp_path / "r"
     run_dir.mkdir()
     dump_config(load_config(ROOT / "configs/tiny_cpu.yaml"), run_dir / "config.yaml")
-    for override in ("policy.model=models/other", "prompts=prompts/train.jsonl", "prompts_per_round=3", "seed=7"):
+    for override in ("policy.model=models/other", "prompts=prompts/train.jsonl", "prompts_per_round=3", "seed=7",
+                     "generate.samples_per_prompt=4"):
         r = oaif_main("resume", str(run_dir), override)
         key = override.split("=")[0]
         assert r.returncode == 2 and f"{key}: a resumed run keeps its {key}" in r.stderr, r.stderr[-2000:]

@@ -5,6 +5,7 @@ warm-up steps: seconds, where the trained one takes a minute), so that a few ste
 teach it a fixed answer it could not have given before."""
 
 import json
+from pathlib import Path
 
 import datasets
 import pytest
@@ -17,7 +18,7 @@ from oaif.records import Prompt, load_prompts, read_jsonl
 from oaif.sft import load_examples, response_nll, run_sft
 from oaif.tiny import init_tiny
 
-from conftest import ROOT, hf_greedy, oaif_main, run_oaif
+from conftest import ROOT, hf_greedy, oaif_main, run_oaif, untimed
 
 ANSWER = "The answer is marmalade."
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
@@ -193,3 +194,20 @@ def test_cli_errors_exit_2_naming_the_problem_and_leave_out_alone(base, tmp_path
     r = oaif_main("sft", str(bad), "configs/tiny_cpu.yaml", f"policy.model={base}", "--out", str(tmp_path / "b"))
     assert r.returncode == 2 and f"oaif: error: {bad}:2: no response" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_init_tiny_builds_the_same_bytes_every_time(tmp_path):
+    """`oaif init-tiny` twice gives the same files, byte for byte: seeded data, seeded init and
+    a deterministic training (here 10 of its steps, so that training is part of what is
+    compared: the default build takes minutes)."""
+    from oaif.tiny import init_tiny
+
+    builds = [init_tiny(tmp_path / name, steps=10, log=lambda _: None) for name in ("a", "b")]
+    files = sorted(p.relative_to(builds[0]) for p in builds[0].rglob("*") if p.is_file())
+    assert "model.safetensors" in map(str, files)
+    assert files == sorted(p.relative_to(builds[1]) for p in builds[1].rglob("*") if p.is_file())
+    # Every file but the training log, whose lines carry their step's seconds.
+    assert [f for f in files if (builds[0] / f).read_bytes() != (builds[1] / f).read_bytes()] == \
+        [Path("sft_metrics.jsonl")]
+    logs = [[untimed(m) for m in read_jsonl(b / "sft_metrics.jsonl")] for b in builds]
+    assert len(logs[0]) == 10 and logs[0] == logs[1]
