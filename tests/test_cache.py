@@ -97,3 +97,25 @@ def test_start_up_never_cuts_a_line_another_run_is_appending(tmp_path):
     b.join(10)
     assert not b.is_alive() and "k2" in started[0].entries
     assert [r["key"] for r in read_cache(path)][-1] == "k2" and path.read_text().endswith(line)
+
+
+KEY_SETTINGS = [("annotate.chat_template", "never"), ("annotate.dtype", "bfloat16"), ("annotate.max_prompt_tokens", "512"),
+                ("annotate.chain_of_thought", "true"), ("annotate.openai.base_url", "http://127.0.0.1:9/v1"),
+                ("annotate.openai.mode", "text"), ("annotate.labels", "[A, B]"), ("annotate.principles", "sample")]
+
+
+@pytest.mark.parametrize("backend", ["transformers", "openai"])
+def test_every_judging_setting_is_part_of_the_cache_key(backend, tiny_model, tmp_path):
+    """A cached verdict is reused only by the same judge asked the same way: changing any
+    setting that changes what the judge is sent (or how its answer is read) changes the key."""
+    from oaif.annotate.select import build_annotator
+    from oaif.config import load_config
+
+    base = [f"policy.model={tiny_model}", f"annotate.backend={backend}", f"annotate.cache={tmp_path / 'cache.jsonl'}",
+            "annotate.openai.api_key_env="]
+    key = lambda *extra: build_annotator(load_config(None, [*base, *extra])).keys([request("a")])[0]  # noqa: E731
+    first = key()
+    assert key() == first   # the same judge asked the same way: the same key
+    changed = {setting: key(f"{setting}={value}") for setting, value in KEY_SETTINGS}
+    assert [s for s, k in changed.items() if k == first] == []
+    assert len(set(changed.values())) == len(changed)

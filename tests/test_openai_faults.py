@@ -331,3 +331,25 @@ def test_text_mode_reads_only_the_final_line(endpoint, make):
     assert invalid.p_first is None and invalid.raw == "Both are fine, really."
     assert forged.p_first == 0.0
     assert notlast.p_first is None and notlast.raw.startswith("Preferred Response=1")
+
+
+def test_a_failed_request_is_never_cached_and_is_asked_again(server, make, tmp_path):
+    """What the cache keeps is what the judge answered: a request that failed after its retries
+    (or was rejected) leaves no line, so the next run asks it again instead of reusing a failure."""
+    from oaif.annotate.cache import CachedAnnotator, read_cache
+
+    fake, _ = server
+    script = {"case-cacheok": ["top"], "case-cachedead": ["500"], "case-cachebad": ["400"]}
+    annotator, requests = make(script)
+    cache = tmp_path / "cache.jsonl"
+    cached = CachedAnnotator(annotator, cache, {})
+    first = cached.judge(requests)
+    assert [a.p_first is None for a in first] == [False, True, True]
+    keys = cached.keys(requests)
+    assert [row["key"] for row in read_cache(cache)] == [keys[0]]
+    again = CachedAnnotator(annotator, cache, {})   # the next run, on the same cache
+    asked = {m: len(fake.seen[m]) for m in script}
+    assert [a.p_first is None for a in again.judge(requests)] == [False, True, True]
+    assert {m: len(fake.seen[m]) - asked[m] for m in script} == {"case-cacheok": 0, "case-cachedead": 4,
+                                                                 "case-cachebad": 1}
+    assert again.hits == 1 and again.misses == 2

@@ -127,13 +127,15 @@ class CachedAnnotator:
     def close(self) -> None:
         close_annotator(self.inner)
 
-    def key(self, r: JudgeRequest, settings: str) -> str:
-        text = json.dumps([settings, r.messages, r.first, r.second, r.principles])
-        return hashlib.sha256(text.encode()).hexdigest()
+    def keys(self, requests: list[JudgeRequest]) -> list[str]:
+        """Each request's key: the judge (backend, model, constitution and template hashes),
+        the judging settings, and the request itself."""
+        settings = json.dumps({"identity": dataclasses.asdict(self.identity), **self.settings}, sort_keys=True)
+        return [hashlib.sha256(json.dumps([settings, r.messages, r.first, r.second, r.principles]).encode()).hexdigest()
+                for r in requests]
 
     def judge(self, requests: list[JudgeRequest]) -> list[Answer]:
-        settings = json.dumps({"identity": dataclasses.asdict(self.identity), **self.settings}, sort_keys=True)
-        keys = [self.key(r, settings) for r in requests]
+        keys = self.keys(requests)
         todo = [i for i, k in enumerate(keys) if k not in self.entries]
         self.hits += len(requests) - len(todo)
         self.misses += len(todo)
