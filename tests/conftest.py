@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # order: no test asks the Hugging Face hub (CI must not depend on a network), and what
 # oaif.engines sets when imported is set before any test imports it. Undone at the end.
 SESSION_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING"}
-SLOW_TIMEOUT_S = 1800   # the slow tier (SmolLM2, whole experiments); every other test: pyproject's timeout
+SLOW_TIMEOUT_S = 1800
+FIXTURE_TIMEOUT_S = 900   # a process a fixture or test waits for (pytest-timeout times only test bodies)   # the slow tier (SmolLM2, whole experiments); every other test: pyproject's timeout
 _saved_env: dict[str, str | None] = {}
 
 
@@ -29,6 +30,29 @@ def pytest_unconfigure(config):
             os.environ[key] = value
 
 
+def checkout_files() -> dict[str, tuple[int, int]]:
+    """Every file of the checkout but the environment's and caches: path -> (size, mtime)."""
+    skip = {".git", ".venv", "__pycache__", ".pytest_cache"}
+    files = {}
+    for folder, dirs, names in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in skip]
+        for name in names:
+            st = os.stat(os.path.join(folder, name))
+            files[os.path.relpath(os.path.join(folder, name), ROOT)] = (st.st_size, st.st_mtime_ns)
+    return files
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_untouched():
+    """No test writes into the checkout (a run's default runs/, a judge cache, a model): every
+    test works in its own temporary folder. Checked once, after the last test."""
+    before = checkout_files()
+    yield
+    after = checkout_files()
+    changed = sorted(path for path in after.keys() | before.keys() if after.get(path) != before.get(path))
+    assert not changed, f"the tests wrote into the checkout: {changed[:20]}"
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
@@ -42,13 +66,17 @@ def tiny_model(tmp_path_factory) -> Path:
     if os.environ.get("OAIF_TEST_TINY_MODEL"):
         return Path(os.environ["OAIF_TEST_TINY_MODEL"]).absolute()
     out = tmp_path_factory.mktemp("models") / "tiny"
-    subprocess.run([sys.executable, "-m", "oaif.cli", "init-tiny", str(out)], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "oaif.cli", "init-tiny", str(out)], check=True, cwd=ROOT,
+                   timeout=FIXTURE_TIMEOUT_S)
     return out
 
 
-def run_oaif(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`oaif ...` as a user runs it: a separate process, output captured."""
-    return subprocess.run([sys.executable, "-m", "oaif.cli", *args], cwd=cwd, capture_output=True, text=True, env=env)
+def run_oaif(*args: str, cwd: Path = ROOT, env: dict | None = None,
+             timeout: float = FIXTURE_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """`oaif ...` as a user runs it: a separate process, output captured; killed (and the
+    caller failed, by name) past `timeout`."""
+    return subprocess.run([sys.executable, "-m", "oaif.cli", *args], cwd=cwd, capture_output=True, text=True, env=env,
+                          timeout=timeout)
 
 
 def oaif_main(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -160,5 +188,5 @@ def smollm2_model(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("models") / "smollm2"
     subprocess.run([sys.executable, "-m", "oaif.cli", "convert-gguf", str(packaged_gguf()), "--out", str(out)],
-                   check=True, cwd=ROOT, capture_output=True)
+                   check=True, cwd=ROOT, capture_output=True, timeout=FIXTURE_TIMEOUT_S)
     return out

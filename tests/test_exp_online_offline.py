@@ -18,7 +18,8 @@ def test_online_offline_experiment_writes_matched_arms(tiny_model, tmp_path):
     done = subprocess.run(
         [sys.executable, "scripts/experiments/online_offline.py", "--seeds", "0", "--out", str(out),
          f"policy.model={tiny_model}", f"prompts={prompts}", "rounds=2", "prompts_per_round=8",
-         f"annotate.model={tmp_path / 'rm'}", "reward_model.epochs=1", "eval.max_prompts=8"],
+         f"annotate.model={tmp_path / 'rm'}", "reward_model.epochs=1", "eval.max_prompts=8",
+         f"annotate.cache={tmp_path / 'cache.jsonl'}"],   # not the default runs/judge_cache.jsonl in the checkout
         cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "rm" / "metrics.json").read_text())["heldout_accuracy"] > 0.6

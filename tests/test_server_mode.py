@@ -45,7 +45,7 @@ def server(tiny_model):
     before = pushed_weights()
     # Generous deadline: another vLLM test may be sharing the 2 cores.
     proc = start_server(str(tiny_model), None, "float32", seed=0, max_model_len=512, kv_cache_gib=0.25,
-                        timeout_s=400)
+                        extra_args=["--enforce-eager"], timeout_s=400)
     engine = ServerEngine(f"http://127.0.0.1:{proc.port}")
     yield f"http://127.0.0.1:{proc.port}", engine, proc
     engine.close()
@@ -191,7 +191,7 @@ def test_a_server_ends_with_the_process_that_started_it(tiny_model):
 
     mark = f"OAIF_SERVER_TEST={os.getpid()}"
     code = (f"from oaif.server import start_server\n"
-            f"p = start_server({str(tiny_model)!r}, None, 'float32', 0, 256, 0.25, timeout_s=400)\n"
+            f"p = start_server({str(tiny_model)!r}, None, 'float32', 0, 256, 0.25, ['--enforce-eager'], timeout_s=400)\n"
             f"print(p.pid, flush=True)\nimport time; time.sleep(600)\n")
     parent = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                               env={**os.environ, mark.split("=")[0]: mark.split("=")[1]})
@@ -206,11 +206,19 @@ def test_a_server_ends_with_the_process_that_started_it(tiny_model):
                 pass
         return pids
 
-    server_pid = int(parent.stdout.readline())       # the server is up and answering
-    assert server_pid in marked()
-    parent.send_signal(signal.SIGKILL)
-    parent.wait()
-    deadline = time.monotonic() + 60
-    while marked() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert marked() == []
+    try:
+        server_pid = int(parent.stdout.readline())       # the server is up and answering
+        assert server_pid in marked()
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 60
+        while marked() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert marked() == []
+    finally:   # a failed check above must not leave the server up for the parent's 10 minutes
+        for pid in [parent.pid, *marked()]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        parent.wait()
