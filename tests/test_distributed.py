@@ -83,7 +83,7 @@ def test_two_process_loop_through_the_cli(tiny_model, tmp_path):
     assert [float(row[4]) for row in printed_one] == pytest.approx([float(row[4]) for row in printed_two], abs=2e-4)
 
 
-@pytest.mark.parametrize("micro, loss", [(1, "dpo"), (2, "dpo"), (2, "kto")])   # kto: z0 over both ranks
+@pytest.mark.parametrize("micro, loss", [(1, "dpo"), (2, "kto")])   # kto: z0 over both ranks
 def test_two_process_training_gives_the_one_process_weights(tiny_model, tmp_path, micro, loss):
     # 7 pairs in steps of 4: the last step splits 2 + 1 (+ 1 weight-0 padding pair).
     rows = [{"prompt": f"Question {i}?", "chosen": "Yes.", "rejected": f"Well, about question {i}, it depends."}
@@ -169,34 +169,35 @@ from oaif.config import RunStopped
 from oaif.train import DPOTrainer, load_causal_lm
 
 accelerator = Accelerator(cpu=True)
+rank = accelerator.process_index
 policy = load_causal_lm(sys.argv[1], "float32", trainable=True)
 trainer = types.SimpleNamespace(policy=policy, accelerator=accelerator, replica_hashes=[], steps=1)
-DPOTrainer.check_replicas(trainer)               # equal replicas: recorded, no stop
-if accelerator.process_index == 1 and sys.argv[2] == "drift":
+DPOTrainer.check_replicas(trainer)               # step 1, equal replicas: recorded, no stop
+print(f"rank {rank} equal {trainer.replica_hashes}", flush=True)
+if rank == 1:
     with torch.no_grad():
         next(policy.parameters()).view(-1)[0] += 1e-6   # one weight on one rank, as a lost all-reduce would leave
 trainer.steps = 2
 try:
     DPOTrainer.check_replicas(trainer)
-    print(f"rank {accelerator.process_index} equal {trainer.replica_hashes}", flush=True)
+    print(f"rank {rank} went on", flush=True)
 except RunStopped as e:
-    print(f"rank {accelerator.process_index} stopped: {e}", flush=True)
+    print(f"rank {rank} stopped: {e}", flush=True)
 accelerator.end_training()
 """
 
 
-@pytest.mark.parametrize("case", ["same", "drift"])
-def test_replicas_that_drift_apart_stop_every_rank(tiny_model, tmp_path, case):
-    """check_replicas gathers every rank's parameter hash over a real 2-process gloo group. DDP
-    cannot be made to lose an all-reduce on demand, so rank 1 changes one weight by 1e-6 itself."""
+def test_replicas_that_drift_apart_stop_every_rank(tiny_model, tmp_path):
+    """check_replicas gathers every rank's parameter hash over a real 2-process gloo group:
+    equal replicas are recorded and go on; then, in the same launch, replicas that differ stop
+    every rank. DDP cannot be made to lose an all-reduce on demand, so rank 1 changes one
+    weight by 1e-6 itself."""
     script = tmp_path / "replicas.py"
     script.write_text(REPLICA_SCRIPT)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs/accelerate/cpu_ddp_2proc.yaml"), str(script), str(tiny_model), case]
+           str(ROOT / "configs/accelerate/cpu_ddp_2proc.yaml"), str(script), str(tiny_model)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    if case == "same":
-        assert r.stdout.count(" equal [(1, [") == 2 and "stopped" not in r.stdout
-        return
+    assert r.stdout.count(" equal [(1, [") == 2 and "went on" not in r.stdout, r.stdout
     assert r.stdout.count("stopped: train.check_replicas: the ranks' parameters differ after optimizer step 2") == 2
     assert "oaif resume" in r.stdout
