@@ -30,27 +30,27 @@ def pytest_unconfigure(config):
             os.environ[key] = value
 
 
-def checkout_files() -> dict[str, tuple[int, int]]:
-    """Every file of the checkout but the environment's and caches: path -> (size, mtime)."""
+def checkout_files() -> set[str]:
+    """Every file of the checkout but the environment's and caches."""
     skip = {".git", ".venv", "__pycache__", ".pytest_cache"}
-    files = {}
+    files = set()
     for folder, dirs, names in os.walk(ROOT):
         dirs[:] = [d for d in dirs if d not in skip]
-        for name in names:
-            st = os.stat(os.path.join(folder, name))
-            files[os.path.relpath(os.path.join(folder, name), ROOT)] = (st.st_size, st.st_mtime_ns)
+        files.update(os.path.relpath(os.path.join(folder, name), ROOT) for name in names)
     return files
 
 
 @pytest.fixture(scope="session", autouse=True)
 def checkout_untouched():
-    """No test writes into the checkout (a run's default runs/, a judge cache, a model): every
-    test works in its own temporary folder. Checked once, after the last test."""
+    """No test creates or deletes a file in the checkout (a run's default runs/, a judge cache,
+    a model): every test works in its own temporary folder. Checked once, after the last test.
+    (Files that were there are compared by name only, so editing the code while the suite runs
+    is not flagged.)"""
     before = checkout_files()
     yield
     after = checkout_files()
-    changed = sorted(path for path in after.keys() | before.keys() if after.get(path) != before.get(path))
-    assert not changed, f"the tests wrote into the checkout: {changed[:20]}"
+    assert after == before, f"the tests wrote into the checkout: new {sorted(after - before)[:20]}, " \
+                            f"gone {sorted(before - after)[:20]}"
 
 
 def pytest_collection_modifyitems(items):
@@ -69,6 +69,19 @@ def tiny_model(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "oaif.cli", "init-tiny", str(out)], check=True, cwd=ROOT,
                    timeout=FIXTURE_TIMEOUT_S)
     return out
+
+
+@pytest.fixture(scope="session")
+def concise_run(tiny_model, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The tiny policy's 8-round run under the concise constitution, evaluated after rounds 3
+    and 7 on 40 held-out prompts, and its output: one run for the loop, eval and report tests.
+    They only read it, or write where oaif writes beside a run (`oaif eval`: evals/; `oaif
+    report`: report/), so their order does not matter."""
+    out = tmp_path_factory.mktemp("concise")
+    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={out}", "name=concise",
+                 "rounds=8", "eval.every=4", "eval.prompts=prompts/heldout.jsonl", "eval.max_prompts=40")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out / "concise", r
 
 
 def run_oaif(*args: str, cwd: Path = ROOT, env: dict | None = None,

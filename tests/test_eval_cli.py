@@ -16,11 +16,8 @@ def same_comparisons(a: list[dict], b: list[dict]) -> None:
     assert [r["kl_to_ref"] for r in a] == pytest.approx([r["kl_to_ref"] for r in b], abs=1e-3)
 
 
-def test_concise_run_beats_its_start_in_the_loop_and_in_oaif_eval(tiny_model, tmp_path):
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
-                 "name=concise", "rounds=8", "eval.every=4", *EVAL)
-    assert r.returncode == 0, r.stderr[-3000:]
-    run_dir = tmp_path / "concise"
+def test_concise_run_beats_its_start_in_the_loop_and_in_oaif_eval(concise_run, tiny_model, tmp_path):
+    run_dir, r = concise_run   # evaluated on EVAL's prompts
     assert "graded by the judge it was trained to please" in r.stdout   # eval.annotate unset
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert [("eval/win_rate_vs_ref" in m) for m in metrics] == [False] * 3 + [True] + [False] * 3 + [True]

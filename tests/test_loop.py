@@ -13,11 +13,8 @@ METRICS = ["round", "pairs_kept", "generate/mean_length", "annotate/order_agreem
 TRAINED = ["train/loss", "train/reward_accuracy", "sync/seconds"]   # only in a round that kept pairs
 
 
-def test_rules_concise_run_makes_responses_shorter(tiny_model, tmp_path):
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
-                 "name=concise", "rounds=8")
-    assert r.returncode == 0, r.stderr[-3000:]
-    run_dir = tmp_path / "concise"
+def test_rules_concise_run_makes_responses_shorter(concise_run, tiny_model):
+    run_dir, r = concise_run
     assert f"run directory: {run_dir}" in r.stdout
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert [m["round"] for m in metrics] == list(range(8))

@@ -19,7 +19,7 @@ from oaif.report import PLOTS, make_plots, write_report
 
 from conftest import oaif_main, run_oaif
 
-NAME = "report-demo"
+NAME = "concise"   # the shared run's name (conftest.concise_run)
 # Chromium without these waits on connections the closed network never answers.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -49,14 +49,9 @@ def chromium(browser: str, tmp_path: Path, *args: str) -> subprocess.CompletedPr
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_model, tmp_path_factory) -> Path:
-    """Three rounds of the concise run, evaluated after rounds 1 and 2 (round 0 has no eval/*)."""
-    out = tmp_path_factory.mktemp("report_runs")
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={out}", f"name={NAME}",
-                 "rounds=3", "prompts_per_round=8", "generate.enforce_eager=true", "eval.every=2",
-                 "eval.annotate.backend=rules", "eval.max_prompts=8")
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out / NAME
+def run_dir(concise_run) -> Path:
+    """The 8-round concise run, evaluated after rounds 3 and 7 (the rounds between have no eval/*)."""
+    return concise_run[0]
 
 
 def same_values(drawn: list[float], expected: list) -> bool:
@@ -77,9 +72,10 @@ def test_plots_hold_the_runs_metrics(run_dir, tmp_path):
     out = run_dir / "report"
     assert f"report: {out / 'report.html'}" in r.stdout
     metrics = read_jsonl(run_dir / "metrics.jsonl")
-    assert [m["round"] for m in metrics] == [0, 1, 2]
+    rounds = list(range(8))
+    assert [m["round"] for m in metrics] == rounds
     assert any("train/loss" in m for m in metrics) and [("eval/win_rate_vs_ref" in m) for m in metrics] == \
-           [False, True, True], "the run should have trained and been evaluated after rounds 1 and 2"
+           [False] * 3 + [True] + [False] * 3 + [True], "the run should have trained and been evaluated twice"
 
     # The run has every plotted metric, so every plot is there, each a real picture.
     assert sorted(p.name for p in out.glob("*.png")) == sorted(p.file for p in PLOTS)
@@ -93,10 +89,10 @@ def test_plots_hold_the_runs_metrics(run_dir, tmp_path):
     assert {k for lines in drawn.values() for k in lines} == keys
     for lines in drawn.values():
         for key, line in lines.items():
-            assert line["x"] == [0, 1, 2]
+            assert line["x"] == rounds
             assert same_values(line["y"], [m.get(key) for m in metrics]), (key, line["y"])
     win = drawn["eval.png"]["eval/win_rate_vs_ref"]
-    assert math.isnan(win["y"][0]) and not math.isnan(win["y"][2])
+    assert math.isnan(win["y"][0]) and not math.isnan(win["y"][3]) and not math.isnan(win["y"][7])
     assert same_values(win["low"], [m.get("eval/win_rate_ci_low") for m in metrics])
     assert same_values(win["high"], [m.get("eval/win_rate_ci_high") for m in metrics])
 
