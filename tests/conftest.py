@@ -84,6 +84,18 @@ def concise_run(tiny_model, tmp_path_factory) -> tuple[Path, subprocess.Complete
     return out / "concise", r
 
 
+@pytest.fixture
+def closing():
+    """closing(llm) ends an in-process vLLM engine at the test's teardown, whatever its outcome,
+    rather than leaving it to the garbage collector (oaif.engines.shutdown_llm says why)."""
+    from oaif.engines import shutdown_llm
+
+    engines = []
+    yield lambda llm: engines.append(llm) or llm
+    for llm in engines:
+        shutdown_llm(llm)
+
+
 def run_oaif(*args: str, cwd: Path = ROOT, env: dict | None = None,
              timeout: float = FIXTURE_TIMEOUT_S) -> subprocess.CompletedProcess:
     """`oaif ...` as a user runs it: a separate process, output captured; killed (and the

@@ -232,7 +232,7 @@ def test_oaif_offline_reads_the_export_and_trains_on_it(exported, tiny_model, tm
     assert m["pairs_kept"] == len(pairs) and m["train/steps"] >= 1
 
 
-def test_merged_lora_export_in_vllm_generates_what_transformers_generates(tiny_model, tmp_path):
+def test_merged_lora_export_in_vllm_generates_what_transformers_generates(tiny_model, tmp_path, closing):
     """`oaif export` of a LoRA run: vLLM serves the merged folder with transformers' greedy
     outputs, and they are the trained policy's, not the base model's."""
     from oaif.config import GenerateConfig
@@ -247,7 +247,7 @@ def test_merged_lora_export_in_vllm_generates_what_transformers_generates(tiny_m
     assert r.returncode == 0, r.stderr[-3000:]
 
     tokenizer = AutoTokenizer.from_pretrained(merged)
-    llm = build_llm(str(merged), "float32", seed=0, kv_cache_gib=0.25, max_model_len=256, enforce_eager=True)
+    llm = closing(build_llm(str(merged), "float32", seed=0, kv_cache_gib=0.25, max_model_len=256, enforce_eager=True))
     gen = Generator(InProcessEngine(llm), tokenizer, GenerateConfig(max_new_tokens=48), max_prompt_tokens=128)
     ids = [gen.encode(p) for p in load_prompts(ROOT / "prompts/tiny_prompts.jsonl")[:8]]
     served = gen.greedy(ids, 48)

@@ -10,7 +10,7 @@ from conftest import ROOT, hf_greedy, oaif_main, run_oaif
 pytestmark = pytest.mark.slow
 
 
-def test_converted_gguf_loads_in_transformers_and_vllm_alike(smollm2_model):
+def test_converted_gguf_loads_in_transformers_and_vllm_alike(smollm2_model, closing):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from oaif.engines import build_llm
@@ -25,11 +25,12 @@ def test_converted_gguf_loads_in_transformers_and_vllm_alike(smollm2_model):
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     hf = [hf_greedy(model, i, 24, tokenizer.eos_token_id) for i in ids]
     assert "Paris" in tokenizer.decode(hf[0]), tokenizer.decode(hf[0])   # the dequantized weights are the model's
-    llm = build_llm(str(smollm2_model), "float32", seed=0, kv_cache_gib=0.25, max_model_len=256, enforce_eager=True)
+    llm = closing(build_llm(str(smollm2_model), "float32", seed=0, kv_cache_gib=0.25, max_model_len=256,
+                            enforce_eager=True))
     assert InProcessEngine(llm).greedy(ids, 24) == hf
 
 
-def test_lora_merge_sync_on_smollm2_equals_the_peft_policy(smollm2_model):
+def test_lora_merge_sync_on_smollm2_equals_the_peft_policy(smollm2_model, closing):
     """The synced configuration of configs/smollm2_cpu.yaml on the real model (tied embeddings,
     grouped-query attention): after DPO steps on a LoRA adapter and a merge sync, vLLM's greedy
     output equals the peft policy's, and differs from the start (else the check is vacuous)."""
@@ -46,7 +47,8 @@ def test_lora_merge_sync_on_smollm2_equals_the_peft_policy(smollm2_model):
     from oaif.train import DPOTrainer, build_policy
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_model)
-    llm = build_llm(str(smollm2_model), "float32", seed=0, kv_cache_gib=0.25, max_model_len=256, enforce_eager=True)
+    llm = closing(build_llm(str(smollm2_model), "float32", seed=0, kv_cache_gib=0.25, max_model_len=256,
+                            enforce_eager=True))
     gen = Generator(InProcessEngine(llm), tokenizer, GenerateConfig(max_new_tokens=24), max_prompt_tokens=128)
     cfg = TrainConfig(learning_rate=5e-3, batch_size=8, micro_batch_size=4, lora=LoraConfig(enabled=True, r=8, alpha=16))
     policy, reference = build_policy(str(smollm2_model), "float32", "cpu", cfg)

@@ -7,7 +7,7 @@ from oaif.annotate.judge import judge_pairs
 from oaif.annotate.rules import RulesAnnotator
 from oaif.config import GenerateConfig, LoraConfig, TrainConfig
 from oaif.constitution import load_constitution
-from oaif.engines import build_llm
+from oaif.engines import build_llm, shutdown_llm
 from oaif.generate import Generator, InProcessEngine
 from oaif.records import load_prompts
 from oaif.sync import push_weights
@@ -18,7 +18,9 @@ from conftest import ROOT, hf_greedy, train_push_and_compare_greedy
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    return build_llm(str(tiny_model), "float32", seed=0, kv_cache_gib=0.25, max_model_len=256)
+    llm = build_llm(str(tiny_model), "float32", seed=0, kv_cache_gib=0.25, max_model_len=256)
+    yield llm
+    shutdown_llm(llm)
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +29,10 @@ def lora_engine(tiny_model):
     lives tears down vLLM's process-wide parallel state under the living one (seen when the
     suite ran shuffled: the shared engine then failed with "pipeline model parallel group is
     not initialized")."""
-    return build_llm(str(tiny_model), "float32", seed=0, kv_cache_gib=0.25, max_model_len=256, max_lora_rank=8,
-                     enforce_eager=True)
+    llm = build_llm(str(tiny_model), "float32", seed=0, kv_cache_gib=0.25, max_model_len=256, max_lora_rank=8,
+                    enforce_eager=True)
+    yield llm
+    shutdown_llm(llm)
 
 
 def test_samples_carry_exact_tokens_and_eos(tiny_model, engine):
@@ -55,6 +59,41 @@ def test_samples_carry_exact_tokens_and_eos(tiny_model, engine):
 
 def test_after_dpo_steps_and_sync_vllm_greedy_equals_transformers(tiny_model, engine):
     train_push_and_compare_greedy(tiny_model, InProcessEngine(engine), lambda policy: push_weights(engine, policy))
+
+
+def test_the_sync_loads_in_place_with_no_restart_and_no_disk_write(tiny_model, engine, monkeypatch):
+    """The README: the in-process sync loads the weights into the running engine (no new
+    engine, no process started) and writes nothing (no save of any kind, no new file in the
+    temp folder or /dev/shm); the engine then serves the new weights."""
+    import tempfile
+    from pathlib import Path
+
+    import safetensors.torch
+    import torch
+    import transformers
+
+    from oaif.train import load_causal_lm
+
+    policy = load_causal_lm(str(tiny_model), "float32", trainable=False)
+    push_weights(engine, policy)   # whatever ran before
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+
+    def wrote(*args, **kwargs):
+        raise AssertionError("the sync wrote the weights out")
+
+    for owner, name in ((torch, "save"), (safetensors.torch, "save_file"), (safetensors.torch, "save_model"),
+                        (transformers.PreTrainedModel, "save_pretrained")):
+        monkeypatch.setattr(owner, name, wrote)
+    listed = lambda: {p for d in (Path(tempfile.gettempdir()), Path("/dev/shm")) for p in d.iterdir()}  # noqa: E731
+    files, core = listed(), engine.llm_engine.engine_core
+    push_weights(engine, policy)
+    assert engine.llm_engine.engine_core is core and listed() - files == set()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    gen = Generator(InProcessEngine(engine), tokenizer, GenerateConfig(max_new_tokens=32), max_prompt_tokens=128)
+    ids = [gen.encode(p) for p in load_prompts(ROOT / "prompts/tiny_prompts.jsonl")[:4]]
+    assert gen.greedy(ids, 32) == [hf_greedy(policy.eval(), i, 32, tokenizer.eos_token_id) for i in ids]
 
 
 @pytest.mark.parametrize("sync", ["merge", "vllm_lora"])
