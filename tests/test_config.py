@@ -218,6 +218,12 @@ def test_overwrite_replaces_only_an_oaif_run_directory(tmp_path):
     lock.release()
     assert again == run and not (run / "rounds" / "000000").exists()
     assert "overwrite" not in (ROOT / "configs/tiny_cpu.yaml").read_text()   # shipped configs never set it
+    # A link is never followed: not even to a real run, which stays whole.
+    (run / "rounds" / "000000").mkdir()
+    (tmp_path / "linked").symlink_to(run)
+    with pytest.raises(RunDirExists, match="is not an oaif run directory"):
+        prepare_run_dir(load_config(None, [f"output_dir={tmp_path}", "name=linked", "overwrite=true"]))
+    assert (tmp_path / "linked").is_symlink() and (run / "rounds" / "000000").is_dir() and (run / "config.yaml").is_file()
 
 
 def test_a_missing_model_is_named_before_anything_is_written(tiny_model, tmp_path):

@@ -258,3 +258,29 @@ def test_reference_free_losses_build_and_run_no_reference(loss, start, tiny_mode
     assert metrics["train/steps"] == 1 and "train/kl_to_ref" not in metrics
     assert math.isclose(metrics["train/logps_chosen"], sum(means) / 4, rel_tol=1e-5)
     assert math.isclose(metrics["train/rewards_chosen"], PAPER_BETA[loss] * sum(means) / 4, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_reference_free_losses_load_no_reference_and_run_no_reference_pass(tiny_model, monkeypatch, lora):
+    """orpo, simpo and sft: no reference model is loaded (full weights) and no reference pass
+    runs (with LoRA, none with the adapter disabled either); dpo, the control, runs one."""
+    from oaif import train as train_module
+    from oaif.config import LoraConfig
+
+    passes = []
+    real = train_module.reference_model
+
+    def counted(policy, reference):
+        passes.append(1)
+        return real(policy, reference)
+
+    monkeypatch.setattr(train_module, "reference_model", counted)
+    pairs = [PreferencePair(0, 0, str(i), [], "a", "b", 0.9, [3, 4 + i], [5, 6 + i, 1], [7 + i, 8, 9, 1]) for i in range(2)]
+    for loss in ("orpo", "simpo", "sft", "dpo"):
+        cfg = TrainConfig(loss=loss, learning_rate=1e-3, batch_size=2, micro_batch_size=2,
+                          lora=LoraConfig(enabled=lora, r=4, alpha=8))
+        policy, reference = build_policy(str(tiny_model), "float32", "cpu", cfg)
+        assert reference is None or (loss == "dpo" and not lora), (loss, lora)
+        passes.clear()
+        assert DPOTrainer(policy, reference, cfg, pad_id=0).train_round(pairs)["train/steps"] == 1
+        assert (len(passes) > 0) == (loss == "dpo"), (loss, lora, len(passes))
