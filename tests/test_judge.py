@@ -168,3 +168,14 @@ def test_a_judgment_records_the_principle_its_judge_was_shown():
     assert len({tuple(j.principles) for j in judged.judgments}) == 2   # both principles drawn: not vacuous
     every = load_constitution(ROOT / "constitutions/concise.yaml")
     assert all(j.principles == [] for j in judge_pairs(RulesAnnotator(every), pairs, 0, 0).judgments)
+
+
+def test_the_label_mass_warning_is_given_below_one_half_only():
+    from oaif.annotate.judge import label_mass_warning
+
+    assert label_mass_warning({"annotate/label_mass": None}) is None   # rules, functions: no label mass
+    assert label_mass_warning({"annotate/label_mass": 0.5}) is None
+    said = label_mass_warning({"annotate/label_mass": 0.13, "annotate/order_agreement": 0.2,
+                               "annotate/first_position_rate": 0.95})
+    assert said.startswith("warning: the judge put only 13% of its next-token probability on the two labels")
+    assert "order agreement 0.20, first-position rate 0.95" in said

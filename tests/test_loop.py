@@ -54,6 +54,12 @@ def test_vllm_judge_run_records_both_orders(tiny_model, tmp_path):
     metrics = read_jsonl(tmp_path / "judge/metrics.jsonl")
     assert len(metrics) == 2 and metrics[0]["annotate/requests"] > 0 and metrics[0]["annotate/prompt_tokens"] > 0
     strict_json_lines(tmp_path / "judge/metrics.jsonl")
+    # The tiny model is no judge: the low-label-mass warning is printed after the first round
+    # exactly when its label mass is under one half, and once.
+    mass = metrics[0]["annotate/label_mass"]
+    assert r.stdout.count("warning: the judge put only") == (mass < 0.5), (mass, r.stdout[-2000:])
+    if mass < 0.5:
+        assert f"warning: the judge put only {mass:.0%} of its next-token probability" in r.stdout
 
 
 def strict_json_lines(path):
