@@ -37,8 +37,8 @@ import httpx
 import torch
 
 from oaif.config import RunConfig
-from oaif.scratch import sweep_orphans
 from oaif.faults import crash_point
+from oaif.scratch import sweep_orphans
 
 GIB = 1 << 30
 LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",

@@ -35,8 +35,9 @@ command's TMPDIR; torch's compile cache aside) that no live process holds (count
 then removed), and every record file must read back whole. Two kinds are named apart: a
 killed command's own temp folder (oaif-tmp-PID, oaif/scratch.py), which the next command
 sweeps (one still there when the mode ends is a stray), and what a killed `accelerate
-launch` made before oaif ran (torchelastic_*), which is not oaif's. At the end no hidden partial folder may be left in the run directory. The table (one
-column per mode) is printed and written to --out; exit 1 if any count is not zero.
+launch` made before oaif ran (torchelastic_*), which is not oaif's. At the end no hidden
+partial folder may be left in the run directory. The table (one column per mode) is printed
+and written to --out; exit 1 if any count is not zero.
 """
 
 from __future__ import annotations
@@ -72,7 +73,6 @@ ACCELERATE = (sys.executable, "-m", "accelerate.commands.launch", "--config_file
 SHM = Path("/dev/shm")
 # What libraries keep in the temp folder on purpose, from run to run: not a leftover.
 CACHES = ("torchinductor_",)
-OAIF_TEMP = "oaif-"   # how oaif names its own temp files (server.py: a server's log)
 SCRATCH = "oaif-tmp-"   # a command's own temp folder (oaif/scratch.py): a killed one's is swept by the next
 LAUNCHER_TEMP = ("torchelastic_",)   # made by `accelerate launch` itself, before oaif runs: not oaif's
 SERVER_KEY = "DRILL_SERVER_API_KEY"   # server mode: the variable that hands the runs the server's key

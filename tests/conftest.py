@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # order: no test asks the Hugging Face hub (CI must not depend on a network), and what
 # oaif.engines sets when imported is set before any test imports it. Undone at the end.
 SESSION_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING"}
-SLOW_TIMEOUT_S = 1800
-FIXTURE_TIMEOUT_S = 900   # a process a fixture or test waits for (pytest-timeout times only test bodies)   # the slow tier (SmolLM2, whole experiments); every other test: pyproject's timeout
+SLOW_TIMEOUT_S = 1800     # the slow tier (SmolLM2, whole experiments); every other test: pyproject's timeout
+FIXTURE_TIMEOUT_S = 900   # a process a fixture or test waits for (pytest-timeout times only test bodies)
 _saved_env: dict[str, str | None] = {}
 
 

@@ -7,10 +7,10 @@ import hashlib
 from pathlib import Path
 from typing import Callable
 
-from oaif.fingerprint import model_fingerprint
 from oaif.annotate.base import PROMPT_FORMAT, Annotator, JudgeTemplate, judges, load_template
 from oaif.config import AnnotateConfig, RunConfig
 from oaif.constitution import Constitution, load_constitution
+from oaif.fingerprint import model_fingerprint
 
 
 def _rules(cfg: RunConfig, a: AnnotateConfig, model: str, constitution: Constitution,
