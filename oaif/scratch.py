@@ -68,4 +68,14 @@ def private_tempdir() -> Iterator[Path]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        shutil.rmtree(path, ignore_errors=True)
+        if any(path.glob("pymp-*")):
+            # multiprocessing keeps its folder, and the listener that passes tensors' file
+            # descriptors, for the life of the process: a second command in this process (a
+            # script or a test calling cli.main again) uses them again. Removed at exit, after
+            # multiprocessing's own clean-up of its folder (finalizers run high to low).
+            import multiprocessing.util
+
+            multiprocessing.util.Finalize(None, shutil.rmtree, args=(path,), kwargs={"ignore_errors": True},
+                                          exitpriority=-200)
+        else:
+            shutil.rmtree(path, ignore_errors=True)

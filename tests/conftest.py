@@ -109,7 +109,7 @@ def concise_run(tiny_model, tmp_path_factory) -> tuple[Path, subprocess.Complete
     They only read it, or write where oaif writes beside a run (`oaif eval`: evals/; `oaif
     report`: report/), so their order does not matter."""
     out = tmp_path_factory.mktemp("concise")
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={out}", "name=concise",
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={out}", "name=concise",
                  "rounds=8", "eval.every=4", "eval.prompts=prompts/heldout.jsonl", "eval.max_prompts=40")
     assert r.returncode == 0, r.stderr[-3000:]
     return out / "concise", r
@@ -135,17 +135,22 @@ def run_oaif(*args: str, cwd: Path = ROOT, env: dict | None = None,
                           timeout=timeout)
 
 
-def oaif_main(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """`oaif ...` in this process, through the same `oaif.cli.main` the console script calls:
-    for the calls that end before any engine starts (a refusal, bad input), a few milliseconds
-    instead of a process start. Output as run_oaif gives it."""
+def oaif_main(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`oaif ...` in this process, through the same `oaif.cli.main` the console script calls,
+    with `env`'s variables set for the call: the same engines, training and records as
+    run_oaif without paying a process's start-up (~10 s of imports and engine set-up) for each
+    command. run_oaif stays for what only a process shows: its terminal, signals, kills, its
+    temp folder, a launcher. Output as run_oaif gives it (what Python writes; a library's C
+    code writing to the file descriptors themselves is not captured)."""
     import contextlib
     import io
 
     from oaif.cli import main
 
     out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    saved = {key: os.environ.get(key) for key in env or {}}
     os.chdir(cwd)
+    os.environ.update(env or {})
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -154,6 +159,11 @@ def oaif_main(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
                 code = e.code if isinstance(e.code, int) else 1
     finally:
         os.chdir(here)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return subprocess.CompletedProcess(["oaif", *args], code, out.getvalue(), err.getvalue())
 
 

@@ -13,7 +13,7 @@ from oaif.config import AnnotateConfig
 from oaif.constitution import ConstitutionError, load_constitution
 from oaif.records import read_jsonl
 
-from conftest import ROOT, oaif_main, run_oaif
+from conftest import ROOT, oaif_main
 
 HELPFUL = ROOT / "constitutions/helpful.yaml"
 TEMPLATE = ROOT / "prompts/judge.txt"
@@ -136,7 +136,7 @@ def test_oaif_annotate_cli(tmp_path):
         {"prompt": [{"role": "user", "content": "Describe rain."}], "a": "Rain.", "b": "Rain.", "id": 7},
         {"prompt": "Hi", "a": "Hi", "b": "Hello there"}]) + "\n")
     out = tmp_path / "judged.jsonl"
-    r = run_oaif("annotate", str(pairs), "configs/tiny_cpu.yaml", "--out", str(out))
+    r = oaif_main("annotate", str(pairs), "configs/tiny_cpu.yaml", "--out", str(out))
     assert r.returncode == 0, r.stderr
     rows = read_jsonl(out)
     assert [(x["verdict"], x["reason"]) for x in rows] == [("b", "b"), ("tie", "identical"), ("a", "a")]

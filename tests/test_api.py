@@ -21,7 +21,7 @@ from oaif.constitution import load_constitution
 from oaif.generate import encode_prompt
 from oaif.records import Sample, read_jsonl
 
-from conftest import ROOT, hf_greedy, oaif_main, run_oaif, untimed
+from conftest import ROOT, hf_greedy, oaif_main, untimed
 
 FAST = ["prompts_per_round=8", "generate.enforce_eager=true"]
 
@@ -47,7 +47,7 @@ def records(run_dir: Path) -> dict[str, bytes]:
 
 def test_the_api_and_the_cli_give_the_same_records(tiny_model, tmp_path):
     common = ["configs/tiny_cpu.yaml", f"policy.model={tiny_model}", "rounds=2", "name=same", *FAST]
-    r = run_oaif("run", *common, f"output_dir={tmp_path / 'cli'}")
+    r = oaif_main("run", *common, f"output_dir={tmp_path / 'cli'}")
     assert r.returncode == 0, r.stderr[-3000:]
     r = python("examples/basic_run.py", *common, f"output_dir={tmp_path / 'api'}")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -106,7 +106,7 @@ def judge(prompt_messages, response_1, response_2):
 
 def test_a_judge_function_from_yaml_whose_failures_are_counted_invalid_and_the_round_goes_on(tiny_model, tmp_path):
     (tmp_path / "myjudge.py").write_text(JUDGE_FILE)
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}", "name=yaml",
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}", "name=yaml",
                  "rounds=2", "prompts_per_round=16", "generate.enforce_eager=true", "annotate.backend=python",
                  f"annotate.python={tmp_path / 'myjudge.py'}:judge", "annotate.max_invalid_rate=1")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -18,7 +18,7 @@ from oaif.generate import encode_prompt
 from oaif.records import Prompt, read_jsonl
 from oaif.tiny import init_tiny
 
-from conftest import ROOT, hf_greedy, oaif_main, run_oaif
+from conftest import ROOT, hf_greedy, oaif_main
 
 PROMPTS, REVISIONS, TOKENS = 6, 3, 24
 CONSTITUTION = ROOT / "constitutions/helpful.yaml"   # 4 principles
@@ -35,7 +35,7 @@ def overrides(model, **more) -> list[str]:
 def policy_run(tiny_model, tmp_path_factory):
     """The policy critiques itself (Constitutional AI's setup), through the CLI as a user runs it."""
     out = tmp_path_factory.mktemp("critique") / "out"
-    r = run_oaif("critique", "configs/tiny_cpu.yaml", *overrides(tiny_model), "--out", str(out))
+    r = oaif_main("critique", "configs/tiny_cpu.yaml", *overrides(tiny_model), "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -102,11 +102,11 @@ def test_sft_rows_and_pairs_are_the_final_revisions_and_the_sft_and_offline_comm
     assert sft and pairs, "the tiny policy's revisions should differ from its answers somewhere"
 
     model = tmp_path / "sft"
-    r = run_oaif("sft", str(policy_run / "sft.jsonl"), "configs/tiny_cpu.yaml", f"policy.model={tiny_model}",
+    r = oaif_main("sft", str(policy_run / "sft.jsonl"), "configs/tiny_cpu.yaml", f"policy.model={tiny_model}",
                  "sft.max_steps=1", "--out", str(model))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"sft: {len(sft)} rows of" in r.stdout and (model / "config.json").is_file()
-    r = run_oaif("offline", str(policy_run / "pairs.jsonl"), "configs/tiny_cpu.yaml", f"policy.model={tiny_model}",
+    r = oaif_main("offline", str(policy_run / "pairs.jsonl"), "configs/tiny_cpu.yaml", f"policy.model={tiny_model}",
                  "rounds=1", f"output_dir={tmp_path}", "name=offline")
     assert r.returncode == 0, r.stderr[-3000:]
     trained = read_jsonl(tmp_path / "offline" / "pairs.jsonl")

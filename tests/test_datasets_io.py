@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from oaif.offline import load_pairs
 from oaif.records import load_prompts, read_jsonl
 
-from conftest import ROOT, hf_greedy, oaif_main, run_oaif
+from conftest import ROOT, hf_greedy, oaif_main
 
 FAST = ["rounds=2", "prompts_per_round=8", "generate.enforce_eager=true"]
 PROVENANCE = ("backend", "model", "constitution", "constitution_hash", "template_hash")
@@ -87,10 +87,10 @@ def exported(tiny_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
     prompts = tmp / "prompts"
     datasets.Dataset.from_list(read_jsonl(ROOT / "prompts/tiny_prompts.jsonl")).save_to_disk(str(prompts))
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp}", "name=x",
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp}", "name=x",
                  f"prompts={prompts}", *FAST)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_oaif("export-pairs", str(tmp / "x"), "--out", str(tmp / "export"))
+    r = oaif_main("export-pairs", str(tmp / "x"), "--out", str(tmp / "export"))
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp / "x", tmp / "export"
 
@@ -223,7 +223,7 @@ def test_oaif_offline_reads_the_export_and_trains_on_it(exported, tiny_model, tm
     assert (plain.messages, plain.chosen, plain.rejected, plain.p_chosen) == \
         ([{"role": "user", "content": "Name a colour."}], "Red.", "Red, and blue too.", 1.0)
 
-    r = run_oaif("offline", str(out / "preference"), "configs/tiny_cpu.yaml", f"policy.model={tiny_model}",
+    r = oaif_main("offline", str(out / "preference"), "configs/tiny_cpu.yaml", f"policy.model={tiny_model}",
                  f"output_dir={tmp_path}", "name=offline", "rounds=1")
     assert r.returncode == 0, r.stderr[-3000:]
     trained = read_jsonl(tmp_path / "offline/pairs.jsonl")
@@ -239,11 +239,11 @@ def test_merged_lora_export_in_vllm_generates_what_transformers_generates(tiny_m
     from oaif.engines import build_llm
     from oaif.generate import Generator, InProcessEngine
 
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}", "name=lora",
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}", "name=lora",
                  "train.lora.enabled=true", "train.lora.r=8", "train.learning_rate=3e-3", *FAST)
     assert r.returncode == 0, r.stderr[-3000:]
     merged = tmp_path / "merged"
-    r = run_oaif("export", str(tmp_path / "lora/checkpoints/round_000001"), "--out", str(merged))
+    r = oaif_main("export", str(tmp_path / "lora/checkpoints/round_000001"), "--out", str(merged))
     assert r.returncode == 0, r.stderr[-3000:]
 
     tokenizer = AutoTokenizer.from_pretrained(merged)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from oaif.records import Judgment, PreferencePair, Sample, read_jsonl
 from oaif.train import rank_share
 
-from conftest import ROOT, run_oaif, versions_follow_training
+from conftest import ROOT, oaif_main, versions_follow_training
 
 
 def launch(*args: str) -> subprocess.CompletedProcess:
@@ -52,7 +52,7 @@ def test_two_process_loop_through_the_cli(tiny_model, tmp_path):
     assert len({r["hashes"][0] for r in replicas}) == len(replicas)   # and they change every step
 
     # The same kinds of records as a one-process run.
-    r = run_oaif("run", *common, "name=one", "generate.enforce_eager=true")
+    r = oaif_main("run", *common, "name=one", "generate.enforce_eager=true")
     assert r.returncode == 0, r.stderr[-3000:]
     one = tmp_path / "one"
     files = lambda d: sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())  # noqa: E731
@@ -92,7 +92,7 @@ def test_two_process_training_gives_the_one_process_weights(tiny_model, tmp_path
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = [str(pairs), "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
               "rounds=2", "train.batch_size=4", f"train.micro_batch_size={micro}", "train.learning_rate=1e-3", f"train.loss={loss}"]
-    r = run_oaif("offline", *common, "name=one")
+    r = oaif_main("offline", *common, "name=one")
     assert r.returncode == 0, r.stderr[-3000:]
     r = launch("offline", *common, "name=two", "train.check_replicas=true")
     assert r.returncode == 0, r.stderr[-4000:]

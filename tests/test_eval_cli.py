@@ -4,7 +4,7 @@ import pytest
 
 from oaif.records import read_jsonl
 
-from conftest import oaif_main, run_oaif
+from conftest import oaif_main
 
 EVAL = ["eval.prompts=prompts/heldout.jsonl", "eval.max_prompts=40"]
 
@@ -38,7 +38,7 @@ def test_concise_run_beats_its_start_in_the_loop_and_in_oaif_eval(concise_run, t
 
     # oaif eval on the run's last checkpoint (the default) rebuilds both sides in a fresh
     # engine: the same greedy responses and verdicts as the in-loop evaluation.
-    r = run_oaif("eval", str(run_dir / "config.yaml"))
+    r = oaif_main("eval", str(run_dir / "config.yaml"))
     assert r.returncode == 0, r.stderr[-3000:]
     # Written apart from eval/ (which a resume rewinds): the in-loop file is left as it was.
     assert "eval: win" in r.stdout and f"comparisons in {run_dir}/evals/round_000007.jsonl" in r.stdout
@@ -49,7 +49,7 @@ def test_concise_run_beats_its_start_in_the_loop_and_in_oaif_eval(concise_run, t
 
     # The start against itself: every response identical, a win rate of exactly 1/2, no KL.
     out = tmp_path / "self.jsonl"
-    r = run_oaif("eval", str(run_dir / "config.yaml"), f"eval.policy={tiny_model}", "--out", str(out))
+    r = oaif_main("eval", str(run_dir / "config.yaml"), f"eval.policy={tiny_model}", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     rows = read_jsonl(out)
     assert all(c["verdict"] == "identical" for c in rows)
@@ -59,14 +59,14 @@ def test_concise_run_beats_its_start_in_the_loop_and_in_oaif_eval(concise_run, t
 
 
 def test_lora_checkpoint_is_merged_for_eval(tiny_model, tmp_path):
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
                  "name=lora", "rounds=2", "eval.every=2", "train.lora.enabled=true", "train.learning_rate=2e-3",
                  "eval.annotate.backend=rules", *EVAL)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "trained to please" not in r.stdout   # eval.annotate set: no warning
     in_loop = read_jsonl(tmp_path / "lora/eval/round_000001.jsonl")
     assert any(c["verdict"] != "identical" for c in in_loop), "the adapter should change some answers"
-    r = run_oaif("eval", str(tmp_path / "lora/config.yaml"), "eval.annotate.backend=rules",
+    r = oaif_main("eval", str(tmp_path / "lora/config.yaml"), "eval.annotate.backend=rules",
                  f"eval.policy={tmp_path}/lora/checkpoints/round_000001", "--out", str(tmp_path / "cli.jsonl"))
     assert r.returncode == 0, r.stderr[-3000:]
     same_comparisons(read_jsonl(tmp_path / "cli.jsonl"), in_loop)
@@ -78,7 +78,7 @@ def test_eval_errors_name_what_to_set(tiny_model, tmp_path):
     assert r.returncode == 2 and "has no checkpoints: set eval.policy=PATH" in r.stderr
     r = oaif_main("eval", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"eval.policy={tiny_model}", *EVAL)
     assert r.returncode == 2 and "is not a checkpoint of a run: pass --out FILE" in r.stderr
-    r = run_oaif("eval", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"eval.policy={tiny_model}",
+    r = oaif_main("eval", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"eval.policy={tiny_model}",
                  "eval.prompts=nope.jsonl",
                  "--out", str(tmp_path / "x.jsonl"))
     assert r.returncode == 2 and "prompt file nope.jsonl not found" in r.stderr

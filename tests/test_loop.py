@@ -6,7 +6,7 @@ import signal
 
 from oaif.records import read_jsonl
 
-from conftest import ROOT, run_oaif, versions_follow_training
+from conftest import ROOT, oaif_main, run_oaif, versions_follow_training
 
 METRICS = ["round", "pairs_kept", "generate/mean_length", "annotate/order_agreement", "annotate/invalid_rate",
            "round/seconds", "round/pairs_per_s"]
@@ -37,7 +37,7 @@ def test_rules_concise_run_makes_responses_shorter(concise_run, tiny_model):
 
 
 def test_vllm_judge_run_records_both_orders(tiny_model, tmp_path):
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
                  "name=judge", "rounds=2", "prompts_per_round=8", "annotate.backend=vllm",
                  "annotate.constitution=constitutions/helpful.yaml", f"annotate.cache={tmp_path}/cache.jsonl")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -96,7 +96,7 @@ annotate:
     - {{backend: rules, constitution: constitutions/concise.yaml, weight: 3.0}}
 train: {{learning_rate: 1.0e-4}}
 """)
-    r = run_oaif("run", str(config))
+    r = oaif_main("run", str(config))
     assert r.returncode == 0, r.stderr[-3000:]
     judgments = read_jsonl(tmp_path / "mix/rounds/000000/judgments.jsonl")
     judged = [j for j in judgments if j["verdict"] != "identical"]
@@ -143,7 +143,7 @@ annotate:
 def test_a_round_whose_prompts_are_all_too_long_is_recorded_not_fatal(tiny_model, tmp_path):
     """Regression: every prompt over policy.max_prompt_tokens leaves a round with no samples;
     it is counted and skipped (no training, no sync), and the run goes on."""
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
                  "name=long", "rounds=2", "prompts_per_round=4", "policy.max_prompt_tokens=3")
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = read_jsonl(tmp_path / "long/metrics.jsonl")
@@ -158,7 +158,7 @@ def test_async_rounds_sample_the_next_round_while_the_trainer_trains(tiny_model,
     still learns 'shorter'; evaluation waits for the next round's samples in flight."""
     common = [f"policy.model={tiny_model}", f"output_dir={tmp_path}"]
     evaluated = ["eval.every=4", "eval.max_prompts=4"]
-    r = run_oaif("run", "configs/tiny_cpu.yaml", *common, *evaluated, "name=async", "rounds=8", "async_rounds=1")
+    r = oaif_main("run", "configs/tiny_cpu.yaml", *common, *evaluated, "name=async", "rounds=8", "async_rounds=1")
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = read_jsonl(tmp_path / "async/metrics.jsonl")
     assert ["eval/win_rate_vs_ref" in m for m in metrics] == [False] * 3 + [True] + [False] * 3 + [True]
@@ -176,7 +176,7 @@ def test_async_rounds_sample_the_next_round_while_the_trainer_trains(tiny_model,
     killed = run_oaif("run", "configs/tiny_cpu.yaml", *common, *evaluated, "name=killed", "rounds=8", "async_rounds=1",
                       "train.checkpoint_every=1", env={**os.environ, "OAIF_CRASH_AT": "metrics:4"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    r = run_oaif("resume", str(tmp_path / "killed"))
+    r = oaif_main("resume", str(tmp_path / "killed"))
     assert r.returncode == 0 and "resuming" in r.stdout and "after round 2" in r.stdout, r.stderr[-3000:]
     for k in range(8):
         for name in ("samples", "judgments", "pairs"):
@@ -186,7 +186,7 @@ def test_async_rounds_sample_the_next_round_while_the_trainer_trains(tiny_model,
         assert read_jsonl(tmp_path / f"killed/eval/{name}.jsonl") == read_jsonl(tmp_path / f"async/eval/{name}.jsonl")
     # Round 0 is the starting policy with round 0's seeds in either mode: the engine process
     # samples exactly what the in-process engine does.
-    r = run_oaif("run", "configs/tiny_cpu.yaml", *common, "name=sync", "rounds=1")
+    r = oaif_main("run", "configs/tiny_cpu.yaml", *common, "name=sync", "rounds=1")
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "async/rounds/000000/samples.jsonl").read_bytes() == \
         (tmp_path / "sync/rounds/000000/samples.jsonl").read_bytes()

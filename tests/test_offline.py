@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 from oaif.offline import load_pairs
 from oaif.records import read_jsonl
 
-from conftest import oaif_main, run_oaif
+from conftest import oaif_main
 
 
 def write(path, rows):
@@ -58,7 +58,7 @@ def test_offline_run_through_the_cli_learns_its_pairs(tiny_model, tmp_path):
     rows = [{"prompt": f"Question {i}?", "chosen": "Yes.", "rejected": f"Well, about question {i}, it depends."}
             for i in range(12)]
     pairs = write(tmp_path / "pairs.jsonl", rows)
-    r = run_oaif("offline", str(pairs), "configs/tiny_cpu.yaml", f"policy.model={tiny_model}",
+    r = oaif_main("offline", str(pairs), "configs/tiny_cpu.yaml", f"policy.model={tiny_model}",
                  f"output_dir={tmp_path}", "name=offline", "rounds=3", "train.batch_size=4", "train.epochs_per_round=1")
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = read_jsonl(tmp_path / "offline/metrics.jsonl")

@@ -11,7 +11,7 @@ from oaif.annotate.rank import max_pairs_per_prompt, rank_groups
 from oaif.constitution import load_constitution
 from oaif.records import read_jsonl
 
-from conftest import ROOT, oaif_main, run_oaif
+from conftest import ROOT, oaif_main
 from test_judge import ScriptedJudge, sample
 
 
@@ -86,9 +86,9 @@ def test_best_of_n_pairs_have_a_larger_margin_than_random_pairs(tiny_model, tmp_
     (tmp_path / "graded.py").write_text(JUDGE_FILE)
     common = ["configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}", "rounds=1",
               "annotate.backend=python", f"annotate.python={tmp_path / 'graded.py'}:judge", "generate.enforce_eager=true"]
-    r = run_oaif("run", *common, "name=pairs")
+    r = oaif_main("run", *common, "name=pairs")
     assert r.returncode == 0, r.stderr
-    r = run_oaif("run", *common, "name=ranked", "generate.samples_per_prompt=4", "annotate.ranking=round_robin")
+    r = oaif_main("run", *common, "name=ranked", "generate.samples_per_prompt=4", "annotate.ranking=round_robin")
     assert r.returncode == 0, r.stderr
     pairs, ranked = (read_jsonl(tmp_path / name / "rounds/000000/pairs.jsonl") for name in ("pairs", "ranked"))
     margin = lambda ps: sum(p["p_chosen"] for p in ps) / len(ps)  # noqa: E731
@@ -110,7 +110,7 @@ def test_best_of_n_pairs_have_a_larger_margin_than_random_pairs(tiny_model, tmp_
 
     # oaif best-of-n: the same ranking as a command, each prompt's best response out.
     out = tmp_path / "best.jsonl"
-    r = run_oaif("best-of-n", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", "annotate.backend=python",
+    r = oaif_main("best-of-n", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", "annotate.backend=python",
                  f"annotate.python={tmp_path / 'graded.py'}:judge", "generate.samples_per_prompt=4",
                  "annotate.ranking=knockout", "generate.enforce_eager=true", "--out", str(out))
     assert r.returncode == 0, r.stderr

@@ -17,7 +17,7 @@ from matplotlib.image import imread
 from oaif.records import read_jsonl
 from oaif.report import PLOTS, make_plots, write_report
 
-from conftest import oaif_main, run_oaif
+from conftest import oaif_main
 
 NAME = "concise"   # the shared run's name (conftest.concise_run)
 # Chromium without these waits on connections the closed network never answers.
@@ -67,7 +67,7 @@ def not_blank(png: Path, min_width: int, min_height: int) -> None:
 
 
 def test_plots_hold_the_runs_metrics(run_dir, tmp_path):
-    r = run_oaif("report", str(run_dir))
+    r = oaif_main("report", str(run_dir))
     assert r.returncode == 0, r.stderr[-3000:]
     out = run_dir / "report"
     assert f"report: {out / 'report.html'}" in r.stdout
@@ -117,7 +117,7 @@ def test_missing_metrics_are_gaps_and_absent_plots_are_skipped(tmp_path):
 
 def test_page_in_headless_chromium(browser, run_dir, tmp_path):
     out = tmp_path / "report"
-    r = run_oaif("report", str(run_dir), "--out", str(out))
+    r = oaif_main("report", str(run_dir), "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     page = (out / "report.html").read_text(encoding="utf-8")
 

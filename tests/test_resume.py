@@ -11,7 +11,7 @@ from oaif.generate import load_tokenizer
 from oaif.loop import build_trainer
 from oaif.records import PreferencePair, read_jsonl
 
-from conftest import oaif_main, run_oaif, untimed, versions_follow_training
+from conftest import oaif_main, untimed, versions_follow_training
 
 
 def synthetic_pairs(n: int, seed: int) -> list[PreferencePair]:
@@ -64,7 +64,7 @@ def test_a_longer_run_continues_its_schedule_without_a_jump(tiny_model, tmp_path
 
 def test_resume_rewinds_to_a_checkpoint_then_extends_the_run(tiny_model, tmp_path):
     common = [f"policy.model={tiny_model}", "generate.enforce_eager=true"]
-    r = run_oaif("run", "configs/tiny_cpu.yaml", *common, f"output_dir={tmp_path}", "name=res", "rounds=4",
+    r = oaif_main("run", "configs/tiny_cpu.yaml", *common, f"output_dir={tmp_path}", "name=res", "rounds=4",
                  "train.checkpoint_every=2", "train.learning_rate=1e-3", "train.lr_schedule=linear")
     assert r.returncode == 0, r.stderr[-3000:]
     run_dir = tmp_path / "res"
@@ -73,7 +73,7 @@ def test_resume_rewinds_to_a_checkpoint_then_extends_the_run(tiny_model, tmp_pat
     first_time = {(k, name): (run_dir / f"rounds/{k:06d}/{name}.jsonl").read_bytes() for k in (2, 3) for name in records}
 
     # As if the run had died after round 1's checkpoint: rounds 2-3 are dropped and redone.
-    r = run_oaif("resume", str(run_dir), "--checkpoint", str(run_dir / "checkpoints/round_000001"))
+    r = oaif_main("resume", str(run_dir), "--checkpoint", str(run_dir / "checkpoints/round_000001"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "dropped what came later: 2 lines of metrics.jsonl, rounds/000002, rounds/000003" in r.stdout
     metrics = read_jsonl(run_dir / "metrics.jsonl")
@@ -91,7 +91,7 @@ def test_resume_rewinds_to_a_checkpoint_then_extends_the_run(tiny_model, tmp_pat
     r = oaif_main("resume", str(run_dir), "rounds=6")
     assert r.returncode == 2 and "more rounds would train nothing" in r.stderr, r.stderr[-2000:]
     # Extend it by two rounds at a constant rate.
-    r = run_oaif("resume", str(run_dir), "rounds=6", "train.lr_schedule=constant")
+    r = oaif_main("resume", str(run_dir), "rounds=6", "train.lr_schedule=constant")
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert [m["round"] for m in metrics] == [0, 1, 2, 3, 4, 5]
@@ -125,7 +125,7 @@ def test_a_resumed_round_takes_its_paid_judgments_from_the_cache(tiny_model, tmp
     """Round 1 redone after a resume from round 0's checkpoint asks the judge nothing: every
     judgment comes from the cache, and the records are the first run's."""
     cache = tmp_path / "cache.jsonl"
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}", "name=c",
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}", "name=c",
                  "rounds=2", "prompts_per_round=6", "train.checkpoint_every=1", "annotate.backend=transformers",
                  f"annotate.cache={cache}", "generate.enforce_eager=true")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -133,7 +133,7 @@ def test_a_resumed_round_takes_its_paid_judgments_from_the_cache(tiny_model, tmp
     before = read_jsonl(run_dir / "metrics.jsonl")[1]
     judgments = (run_dir / "rounds/000001/judgments.jsonl").read_bytes()
     assert before["annotate/cache_misses"] > 0
-    r = run_oaif("resume", str(run_dir), "--checkpoint", str(run_dir / "checkpoints/round_000000"))
+    r = oaif_main("resume", str(run_dir), "--checkpoint", str(run_dir / "checkpoints/round_000000"))
     assert r.returncode == 0, r.stderr[-3000:]
     after = read_jsonl(run_dir / "metrics.jsonl")[1]
     assert after["annotate/cache_misses"] == 0 and after["annotate/cache_hits"] == before["annotate/cache_misses"]
@@ -152,7 +152,7 @@ def test_a_full_weight_checkpoint_exports_to_a_plain_model(tiny_model, tmp_path)
     trainer.train_round(synthetic_pairs(4, 0))
     checkpoint = save_checkpoint(tmp_path / "run", 0, 1, trainer, tokenizer)
     dump_config(cfg, tmp_path / "run/config.yaml")   # export reads the run's config (its base model, dtype)
-    r = run_oaif("export", str(checkpoint), "--out", str(tmp_path / "exported"))
+    r = oaif_main("export", str(checkpoint), "--out", str(tmp_path / "exported"))
     assert r.returncode == 0, r.stderr[-2000:]
     exported = load_causal_lm(str(tmp_path / "exported"), "float32", trainable=False).state_dict()
     base = load_causal_lm(str(tiny_model), "float32", trainable=False).state_dict()

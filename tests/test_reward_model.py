@@ -21,7 +21,7 @@ from oaif.losses import bradley_terry_loss
 from oaif.reward_model import (encode, evaluate, load_reward_model, read_pairs, score, split,
                                train_reward_model)
 
-from conftest import oaif_main, run_oaif
+from conftest import oaif_main
 
 # The tiny policy has 0.5M parameters: it needs a far larger learning rate than Llama 2's 1e-5.
 RM_SETTINGS = ("reward_model.epochs=3", "reward_model.learning_rate=1e-3", "reward_model.batch_size=16",
@@ -34,7 +34,7 @@ def pair_run(tiny_model, tmp_path_factory):
     3 rounds of 16 prompts x 8 samples (4 pairs each), with a learning rate so small that
     every round samples the starting policy (varied lengths, few ties)."""
     out = tmp_path_factory.mktemp("rm")
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={out}", "name=pairs",
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={out}", "name=pairs",
                  "rounds=3", "generate.samples_per_prompt=8", "train.learning_rate=1e-9", "train.epochs_per_round=1",
                  "annotate.cache=")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -45,7 +45,7 @@ def pair_run(tiny_model, tmp_path_factory):
 def reward_model(pair_run, tiny_model):
     """A reward model on the tiny policy, trained through the CLI on the run directory's pairs."""
     out = pair_run.parent / "rm"
-    r = run_oaif("train-rm", str(pair_run), "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", *RM_SETTINGS,
+    r = oaif_main("train-rm", str(pair_run), "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", *RM_SETTINGS,
                  "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "held-out accuracy" in r.stdout
@@ -152,7 +152,7 @@ def test_backend_scores_each_response_once_with_exact_orders(reward_model, pair_
 
 
 def test_a_run_judged_by_the_reward_model_learns_shorter(reward_model, tiny_model, tmp_path):
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}", "name=rm",
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}", "name=rm",
                  "rounds=4", "annotate.backend=reward_model", f"annotate.model={reward_model}", "annotate.cache=")
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = read_jsonl(tmp_path / "rm/metrics.jsonl")
@@ -166,7 +166,7 @@ def test_a_run_judged_by_the_reward_model_learns_shorter(reward_model, tiny_mode
 
 def test_bad_input_is_a_clear_error_with_nothing_written(pair_run, reward_model, tiny_model, tmp_path):
     def train_rm(pairs, *overrides):
-        return run_oaif("train-rm", str(pairs), "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", *overrides,
+        return oaif_main("train-rm", str(pairs), "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", *overrides,
                         "--out", str(tmp_path / "out"))
 
     r = train_rm(tmp_path / "nope.jsonl")

@@ -177,9 +177,9 @@ def test_a_judge_built_without_a_config_file_checks_its_endpoint_too(monkeypatch
 
 
 def test_credentials_in_a_url_stop_the_run_before_anything_is_written(tmp_path):
-    from conftest import run_oaif
+    from conftest import oaif_main
 
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}", "annotate.backend=openai",
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}", "annotate.backend=openai",
                  "annotate.openai.base_url=https://oaif:sk-planted-in-url@judge.example.com/v1")
     assert r.returncode == 2 and "annotate.openai.base_url: holds credentials" in r.stderr, r.stderr[-2000:]
     assert "sk-planted-in-url" not in r.stdout + r.stderr and list(tmp_path.iterdir()) == []

@@ -3,7 +3,6 @@ the server's endpoints (pause -> reload_weights -> reset_prefix_cache -> resume)
 server shows that it answers only oaif's clients, and that it and the weights pushed into
 it leave nothing behind."""
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from oaif.generate import sample_seeds
 from oaif.records import load_prompts
 from oaif.server import ServerEngine, _tail, push_weights_to_server, server_key, start_server, stop_server
 
-from conftest import ROOT, train_push_and_compare_greedy
+from conftest import ROOT, oaif_main, train_push_and_compare_greedy, versions_follow_training
 
 
 def encode(tokenizer, messages) -> list[int]:
@@ -108,7 +107,6 @@ def test_loop_in_server_mode_through_the_cli(tiny_model, server, tmp_path):
     from oaif.records import read_jsonl
     from oaif.train import load_causal_lm
 
-    from conftest import run_oaif, versions_follow_training
 
     url, engine, _ = server
     base = load_causal_lm(str(tiny_model), "float32", trainable=False)
@@ -125,9 +123,9 @@ def test_loop_in_server_mode_through_the_cli(tiny_model, server, tmp_path):
 
     # A server this run did not start: its key comes from the variable the config names.
     key = server_key(url)
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
                  "name=server", "rounds=3", "prompts_per_round=8", f"generate.server_url={url}",
-                 "generate.server_api_key_env=OAIF_TEST_SERVER_KEY", env={**os.environ, "OAIF_TEST_SERVER_KEY": key})
+                 "generate.server_api_key_env=OAIF_TEST_SERVER_KEY", env={"OAIF_TEST_SERVER_KEY": key})
     assert r.returncode == 0, r.stderr[-3000:]
     assert key not in r.stdout + r.stderr and not [p for p in tmp_path.rglob("*") if p.is_file()
                                                    and key.encode() in p.read_bytes()]

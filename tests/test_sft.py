@@ -18,7 +18,7 @@ from oaif.records import Prompt, load_prompts, read_jsonl
 from oaif.sft import load_examples, response_nll, run_sft
 from oaif.tiny import init_tiny
 
-from conftest import ROOT, hf_greedy, oaif_main, run_oaif, untimed
+from conftest import ROOT, hf_greedy, oaif_main, untimed
 
 ANSWER = "The answer is marmalade."
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
@@ -103,7 +103,7 @@ def test_oaif_sft_moves_the_policy_toward_its_data(base, marker_data, tmp_path):
     assert not any("marmalade" in t for t in before), before
 
     out = tmp_path / "sft"
-    r = run_oaif("sft", str(marker_data), "configs/tiny_cpu.yaml", f"policy.model={base}", "sft.learning_rate=3e-3",
+    r = oaif_main("sft", str(marker_data), "configs/tiny_cpu.yaml", f"policy.model={base}", "sft.learning_rate=3e-3",
                  "sft.epochs=4", "sft.batch_size=8", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     steps = read_jsonl(out / "sft_metrics.jsonl")

@@ -7,7 +7,7 @@ from oaif.annotate.rules import RulesAnnotator
 from oaif.constitution import ConstitutionError, load_constitution
 from oaif.records import load_prompts, read_jsonl
 
-from conftest import ROOT, run_oaif
+from conftest import ROOT, oaif_main
 
 CONSTITUTION = ROOT / "constitutions/system_prompt.yaml"
 SYSTEM_RULES = load_constitution(CONSTITUTION).rules
@@ -119,7 +119,7 @@ def test_a_rules_run_learns_to_follow_the_system_prompt(tiny_model, tmp_path):
     70% of round 9's (96%, 50%); with seed=1: 12% (15%, 10%) -> 70% (97%, 31%)."""
     from transformers import AutoTokenizer
 
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
                  "name=system", "prompts=prompts/system_prompts.jsonl",
                  "annotate.constitution=constitutions/system_prompt.yaml", f"rounds={ROUNDS}", "prompts_per_round=32",
                  "train.learning_rate=1.5e-4")
@@ -200,7 +200,7 @@ def test_a_three_turn_run_samples_each_pair_at_the_last_turn_of_one_shared_conve
     from oaif.generate import encode_prompt, load_tokenizer
 
     turns = 3
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
                  "name=turns", "prompts=prompts/system_prompts.jsonl", "rounds=2", "prompts_per_round=8",
                  "annotate.constitution=constitutions/system_prompt.yaml", f"generate.turns={turns}",
                  "policy.max_prompt_tokens=384", "generate.max_new_tokens=32")

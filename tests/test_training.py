@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from oaif.records import PreferencePair, read_jsonl
 
-from conftest import ROOT, run_oaif, versions_follow_training
+from conftest import ROOT, oaif_main, versions_follow_training
 
 FAST = ["rounds=2", "prompts_per_round=8", "generate.enforce_eager=true"]  # FAST[2:]: eager only
 
@@ -19,7 +19,7 @@ def test_the_configured_loss_and_beta_are_what_a_cli_run_computes(tiny_model, tm
     that computation: a round of one step starts from policy == reference, where every pair's
     margin is 0, so IPO's loss is (0 - 1/(2β))² = 4 at β = 0.25 (DPO's would be log 2 = 0.69,
     SLiC's 1, and IPO's at its default β of 1, 0.25)."""
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}", "name=ipo",
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}", "name=ipo",
                  "train.loss=ipo", "train.beta=0.25", "rounds=1", "train.epochs_per_round=1", "train.warmup_steps=2",
                  "train.lr_schedule=cosine", *FAST[1:])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -37,7 +37,7 @@ def test_reference_free_losses_learn_shorter_through_the_cli(tiny_model, tmp_pat
     annotator's best response, learn the "prefer shorter" preference like DPO
     (tests/test_loop.py), with no reference model: no KL to a reference in training or in the
     evaluation after the last round."""
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
                  f"name={loss}", f"train.loss={loss}", "rounds=8", "eval.every=8", "eval.max_prompts=20", *extra)
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = read_jsonl(tmp_path / loss / "metrics.jsonl")
@@ -56,7 +56,7 @@ def test_lora_learns_shorter_then_resumes_from_its_adapter_and_exports(tiny_mode
     #    train.lora.sync=vllm_lora: the engine keeps the base weights and samples each round
     #    through the round's adapter. Its samples getting shorter is the proof that they came
     #    from the adapter (an engine still serving the base would sample base lengths).
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
                  "name=lora", "rounds=6", "train.lora.enabled=true", "train.learning_rate=2e-3",
                  "train.lora.sync=vllm_lora")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -74,7 +74,7 @@ def test_lora_learns_shorter_then_resumes_from_its_adapter_and_exports(tiny_mode
 
     # 2. Starting from that adapter, the reference is a frozen copy of base+adapter, not the base:
     #    before the first step the policy equals its reference, so the KL estimate is ~0.
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
                  "name=from-adapter", "rounds=1", "train.lora.enabled=true", f"train.lora.adapter={adapter}",
                  "train.epochs_per_round=1", "train.batch_size=64", *FAST[2:])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -85,7 +85,7 @@ def test_lora_learns_shorter_then_resumes_from_its_adapter_and_exports(tiny_mode
 
     # 3. Export: the adapter merged into the base, a plain model with the policy's outputs.
     out = tmp_path / "merged"
-    r = run_oaif("export", str(checkpoint), "--out", str(out))
+    r = oaif_main("export", str(checkpoint), "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     from peft import PeftModel
 
@@ -104,7 +104,7 @@ def test_bfloat16_run_keeps_float32_master_weights(tiny_model, tmp_path):
     of ~0.05) still land."""
     from safetensors.torch import load_file
 
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
                  "name=bf16", "policy.dtype=bfloat16", "train.learning_rate=1e-6", *FAST)
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = read_jsonl(tmp_path / "bf16/metrics.jsonl")
@@ -219,7 +219,7 @@ def test_policy_gradient_learns_shorter_with_its_kl_leash(tiny_model, tmp_path):
     clipped ratio (2 epochs per round, so the second pass is off the sampling policy) and the
     KL penalty. Mean length falls under the concise constitution, and the KL to the
     reference is measured."""
-    r = run_oaif("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
                  "name=rloo", "train.loss=rloo", "rounds=8", "train.epochs_per_round=2")
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = read_jsonl(tmp_path / "rloo" / "metrics.jsonl")
