@@ -62,30 +62,10 @@ def checkout_untouched():
                             f"gone {sorted(before - after)[:20]}"
 
 
-def pytest_itemcollected(item):
-    # Marks here, before any plugin's pytest_collection_modifyitems reads them (xdist's names
-    # each test after its group).
-    if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
-        item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
-    if group := xdist_group(item):
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 def pytest_collection_modifyitems(items):
-    # The groups, the largest units of work, go first (in their shuffled order); single tests
-    # then fill in, so no worker is left with a long group at the end while the other idles.
-    items.sort(key=lambda item: not item.get_closest_marker("xdist_group"))
-
-
-def xdist_group(item) -> str | None:
-    """Under xdist (--dist loadgroup) a group runs on one worker, its tests one after another:
-    the readers of the concise run share one build of it, and a module's tests that share a
-    module-scoped fixture (an engine, a server) share one of it. Other tests go wherever a
-    worker is free; session builds they share (the models) are built once (built_once)."""
-    if "concise_run" in item.fixturenames:
-        return "concise_run"
-    defs = item._fixtureinfo.name2fixturedefs.values()   # pytest's own record of the test's fixtures
-    return item.module.__name__ if any(d[-1].scope == "module" for d in defs) else None
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
 
 
 def built_once(tmp_path_factory, name: str, command: list[str]) -> Path:
