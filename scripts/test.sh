@@ -18,8 +18,9 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
 elif ! command -v chromium >/dev/null; then
   echo "oaif test: chromium not installed (as root: apt-get install chromium): the report page tests will skip"
 fi
-# One worker per core, two at most: the tests are mostly process start-ups, one core each
-# (tests/conftest.py keeps each worker to one thread and each module's tests on one worker).
-# OAIF_TEST_WORKERS=0 runs them in this process, in order.
+# Two workers (pytest-xdist) where there are two cores: each test goes to whichever is free,
+# each worker keeps to one thread (tests/conftest.py). A module-scoped engine or server is then
+# built by each worker that runs the module's tests; the models are built once for both.
+# OAIF_TEST_WORKERS=0 runs the tests in this one process.
 workers=${OAIF_TEST_WORKERS:-$(( $(nproc) >= 2 ? 2 : 0 ))}
-.venv/bin/python -m pytest -n "$workers" --dist loadgroup "$@"
+.venv/bin/python -m pytest -n "$workers" "$@"

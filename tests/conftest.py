@@ -98,8 +98,8 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def concise_run(tiny_model, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """The tiny policy's 8-round run under the concise constitution, evaluated after rounds 3
-    and 7 on 40 held-out prompts, and its output: one run for the loop, eval and report tests.
-    They only read it, or write where oaif writes beside a run (`oaif eval`: evals/; `oaif
+    and 7 on 40 held-out prompts, and its output: one run for the loop, eval and report tests
+    (per xdist worker that runs them). They only read it, or write where oaif writes beside a run (`oaif eval`: evals/; `oaif
     report`: report/), so their order does not matter."""
     out = tmp_path_factory.mktemp("concise")
     r = oaif_main("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={out}", "name=concise",
