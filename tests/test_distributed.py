@@ -1,9 +1,10 @@
 """Multi-process training under `accelerate launch` (2 processes, DDP on gloo, CPU).
 
 Rank 0 samples (from a vLLM server process it starts), judges and writes records; both
-ranks train on their share of every step. Checked: the run completes through the CLI and
-writes the same kinds of records as one process; the ranks' parameters are identical after
-every step; and 2-process training gives the weights 1-process training gives.
+ranks train on their share of every step. Checked: a run through the CLI, stopped by a
+signal to the launcher, writes one process's records; the ranks' parameters are identical
+after every step; 2-process training gives the weights 1-process training gives; a second
+signal stops every rank at once.
 """
 
 import dataclasses
@@ -34,15 +35,35 @@ def test_rank_share_pads_every_rank_to_the_same_passes():
     assert rank_share(list("abc"), 0, 1) == (list("abc"), [1.0] * 3)
 
 
-def test_two_process_loop_through_the_cli(tiny_model, tmp_path):
-    common = ["configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}", "rounds=3",
-              "prompts_per_round=8", "train.batch_size=4", "train.micro_batch_size=1"]
-    r = launch("run", *common, "name=two", "train.check_replicas=true", "generate.enforce_eager=true")
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert "(2 processes)" in r.stdout and r.stdout.count("run directory") == 1   # rank 0 alone prints
-    two_stdout = r.stdout
+def test_two_process_loop_through_the_cli_stops_on_sigterm_and_equals_one_process(tiny_model, tmp_path):
+    """A 2-process run under `accelerate launch`, stopped by SIGTERM to the launcher: the
+    launcher forwards it, the ranks agree (a reduce) to stop after the round in flight and
+    write its checkpoint together (the launcher itself exits non-zero: torch's agent raises
+    on the signal). Its records and printed rows are one process's, round for round."""
+    import os
+    import signal
+
+    common = ["configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",
+              "prompts_per_round=8", "train.batch_size=4", "train.micro_batch_size=1", "generate.enforce_eager=true"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs/accelerate/cpu_ddp_2proc.yaml"), "-m", "oaif.cli", "run", *common, "name=two",
+           "rounds=40", "train.check_replicas=true"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = []
+    for line in proc.stdout:   # round 2's row, then the signal
+        seen.append(line)
+        if line.split()[:1] == ["2"]:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=600)
+    two_stdout = "".join(seen) + out
+    assert "(2 processes)" in two_stdout and two_stdout.count("run directory") == 1, err[-4000:]   # rank 0 alone prints
     two = tmp_path / "two"
     metrics = read_jsonl(two / "metrics.jsonl")
+    last = metrics[-1]["round"]
+    assert 2 <= last < 39 and f"stopped by SIGTERM after round {last}, checkpoint written" in two_stdout
+    assert [p.name for p in (two / "checkpoints").iterdir()] == [f"round_{last:06d}"]
     versions = versions_follow_training(metrics, trained_at_least=2)
 
     # Both ranks' parameters were hashed after every optimizer step and are identical.
@@ -52,7 +73,7 @@ def test_two_process_loop_through_the_cli(tiny_model, tmp_path):
     assert len({r["hashes"][0] for r in replicas}) == len(replicas)   # and they change every step
 
     # The same kinds of records as a one-process run.
-    r = oaif_main("run", *common, "name=one", "generate.enforce_eager=true")
+    r = oaif_main("run", *common, "name=one", f"rounds={last + 1}")
     assert r.returncode == 0, r.stderr[-3000:]
     one = tmp_path / "one"
     files = lambda d: sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())  # noqa: E731
@@ -70,16 +91,17 @@ def test_two_process_loop_through_the_cli(tiny_model, tmp_path):
     # later round samples weights that differ from one process's only by the order of the
     # gradient sums (within 1e-4, test below), so the same tokens are drawn. A 2-process run
     # that pushed stale weights, or sampled other prompts, would draw others.
-    for k in range(3):
+    for k in range(last + 1):
         for name, keys in (("samples", ("prompt_id", "policy_version", "token_ids")),
                            ("pairs", ("prompt_id", "chosen", "rejected", "p_chosen"))):
             rows = [[tuple(row[key] for key in keys) for row in read_jsonl(d / f"rounds/{k:06d}/{name}.jsonl")]
                     for d in (one, two)]
             assert rows[0] and rows[0] == rows[1], f"round {k}: the 2-process {name} differ from one process's"
     # The README: "a 2-process run printed the same first rounds; the seconds vary".
-    table = lambda out: [line.split()[:5] for line in out.splitlines() if line.split()[:1] in (["0"], ["1"], ["2"])]  # noqa: E731
+    table = lambda out: [line.split()[:5] for line in out.splitlines()  # noqa: E731
+                         if line.split()[:1] in ([str(k)] for k in range(last + 1))]
     printed_one, printed_two = table(r.stdout), table(two_stdout)
-    assert len(printed_one) == 3 and [row[:4] for row in printed_one] == [row[:4] for row in printed_two]
+    assert len(printed_one) == last + 1 and [row[:4] for row in printed_one] == [row[:4] for row in printed_two]
     assert [float(row[4]) for row in printed_one] == pytest.approx([float(row[4]) for row in printed_two], abs=2e-4)
 
 
@@ -108,32 +130,6 @@ def test_two_process_training_gives_the_one_process_weights(tiny_model, tmp_path
     for a, b in zip(m_one, m_two):   # metrics are reduced over ranks: the same as one process's
         assert b["train/loss"] == pytest.approx(a["train/loss"], abs=1e-4)
         assert b["train/reward_accuracy"] == pytest.approx(a["train/reward_accuracy"], abs=1e-6)
-
-
-def test_sigterm_to_the_launcher_stops_every_rank_after_the_same_round_with_a_checkpoint(tiny_model, tmp_path):
-    """The launcher forwards SIGTERM to the ranks; they agree (a reduce) to stop after the
-    round in flight and write its checkpoint together (the launcher itself exits non-zero:
-    torch's agent raises on the signal)."""
-    import os
-    import signal
-
-
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs/accelerate/cpu_ddp_2proc.yaml"), "-m", "oaif.cli", "run", "configs/tiny_cpu.yaml",
-           f"policy.model={tiny_model}", f"output_dir={tmp_path}", "name=r", "rounds=40", "train.checkpoint_every=0"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.split()[:1] == ["1"]:
-            proc.send_signal(signal.SIGTERM)
-            break
-    out, _ = proc.communicate(timeout=600)
-    last = read_jsonl(tmp_path / "r/metrics.jsonl")[-1]["round"]
-    assert 1 <= last < 39
-    assert f"stopped by SIGTERM after round {last}, checkpoint written" in "".join(seen) + out
-    assert [p.name for p in (tmp_path / "r/checkpoints").iterdir()] == [f"round_{last:06d}"]
 
 
 def test_a_second_sigint_stops_every_rank_at_once_and_the_server_goes_with_them(tiny_model, tmp_path):
