@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 data=$(mktemp -d)   # not in the checkout: the suite fails if a test wrote there
 export COVERAGE_FILE="$data/.coverage"
-.venv/bin/python -m coverage run -m pytest "$@" || echo "oaif coverage: the suite failed; the table covers what ran"
+workers=${OAIF_TEST_WORKERS:-$(( $(nproc) >= 2 ? 2 : 0 ))}   # as scripts/test.sh
+.venv/bin/python -m coverage run -m pytest -n "$workers" "$@" || echo "oaif coverage: the suite failed; the table covers what ran"
 .venv/bin/python -m coverage combine --quiet "$data"
 .venv/bin/python -m coverage report --format=markdown --sort=cover
 rm -rf "$data"

@@ -66,9 +66,6 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
-    # The slow tier first (in its shuffled order): under xdist the longest tests then start
-    # early instead of running alone at the end while the other worker idles.
-    items.sort(key=lambda item: not item.get_closest_marker("slow"))
 
 
 def built_once(tmp_path_factory, name: str, command: list[str]) -> Path:
