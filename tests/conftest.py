@@ -1,6 +1,8 @@
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -158,6 +160,40 @@ def oaif_main(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -
             else:
                 os.environ[key] = value
     return subprocess.CompletedProcess(["oaif", *args], code, out.getvalue(), err.getvalue())
+
+
+class MarkedProcesses:
+    """A test's tree of processes, found by a variable in their environment, which every child
+    inherits (a server in a session of its own included): start them with `env`; `pids()` lists
+    the live ones; `gone_within(s)` waits until none is left; `kill()` ends what is left, for a
+    `finally` that must not leave a server or a launch running after a failed check."""
+
+    def __init__(self, name: str):
+        self.variable = f"{name}={os.getpid()}"
+        self.env = {**os.environ, name: str(os.getpid())}
+
+    def pids(self) -> list[int]:
+        pids = []
+        for d in Path("/proc").iterdir():
+            try:
+                if d.name.isdigit() and self.variable.encode() in (d / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(d.name))
+            except OSError:   # gone meanwhile, or not ours to read
+                pass
+        return pids
+
+    def gone_within(self, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while self.pids() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return not self.pids()
+
+    def kill(self) -> None:
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def untimed(metrics: dict) -> dict:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from oaif.records import Judgment, PreferencePair, Sample, read_jsonl
 from oaif.train import rank_share
 
-from conftest import ROOT, oaif_main, versions_follow_training
+from conftest import ROOT, MarkedProcesses, oaif_main, versions_follow_training
 
 
 def launch(*args: str) -> subprocess.CompletedProcess:
@@ -140,29 +140,18 @@ def test_a_second_sigint_stops_every_rank_at_once_and_the_server_goes_with_them(
     press count twice and hide the graceful stop this test waits for)."""
     import os
     import signal
-    import time
     from pathlib import Path
 
-    mark = f"OAIF_SIGINT_TEST={os.getpid()}"
+    marked = MarkedProcesses("OAIF_SIGINT_TEST")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "configs/accelerate/cpu_ddp_2proc.yaml"), "-m", "oaif.cli", "run", "configs/tiny_cpu.yaml",
            f"policy.model={tiny_model}", f"output_dir={tmp_path}", "name=r", "rounds=40", "train.checkpoint_every=0",
            "prompts_per_round=32", "generate.enforce_eager=true"]   # rounds long enough to stop one mid-way
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", mark.split("=")[0]: mark.split("=")[1]})
-
-    def marked() -> list[int]:
-        pids = []
-        for d in Path("/proc").iterdir():
-            try:
-                if d.name.isdigit() and mark.encode() in (d / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-        return pids
+                            env={**marked.env, "PYTHONUNBUFFERED": "1"})
 
     def ranks() -> list[int]:   # the launcher's children that run oaif
-        return [pid for pid in marked() if pid != proc.pid and b"oaif.cli" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return [pid for pid in marked.pids() if pid != proc.pid and b"oaif.cli" in Path(f"/proc/{pid}/cmdline").read_bytes()
                 and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)]
 
     try:
@@ -171,7 +160,7 @@ def test_a_second_sigint_stops_every_rank_at_once_and_the_server_goes_with_them(
             seen.append(line)
             if line.split()[:1] == ["0"]:
                 first = ranks()
-                assert len(first) == 2 and len(marked()) > 3, marked()   # launcher, 2 ranks, the server
+                assert len(first) == 2 and len(marked.pids()) > 3, marked.pids()   # launcher, 2 ranks, the server
                 for pid in first:
                     os.kill(pid, signal.SIGINT)
                 break
@@ -185,16 +174,9 @@ def test_a_second_sigint_stops_every_rank_at_once_and_the_server_goes_with_them(
         assert out.count("oaif: stopped at once; the last checkpoint is where `oaif resume` continues") == 2, out[-3000:]
         assert "checkpoint written" not in out and not (tmp_path / "r/checkpoints").exists()
         assert read_jsonl(tmp_path / "r/metrics.jsonl")[-1]["round"] == 0   # the round in flight never finished
-        deadline = time.monotonic() + 30
-        while marked() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert marked() == []   # no rank, no server left
+        assert marked.gone_within(30), marked.pids()   # no rank, no server left
     finally:   # a failed check must not leave the launch and its server running
-        for pid in [proc.pid, *marked()]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        marked.kill()
         proc.wait()
 
 

@@ -13,7 +13,7 @@ from oaif.generate import sample_seeds
 from oaif.records import load_prompts
 from oaif.server import ServerEngine, _tail, push_weights_to_server, server_key, start_server, stop_server
 
-from conftest import ROOT, oaif_main, train_push_and_compare_greedy, versions_follow_training
+from conftest import ROOT, MarkedProcesses, oaif_main, train_push_and_compare_greedy, versions_follow_training
 
 
 def encode(tokenizer, messages) -> list[int]:
@@ -180,43 +180,21 @@ def test_the_server_listens_on_loopback_and_answers_only_its_key(server):
 def test_a_server_ends_with_the_process_that_started_it(tiny_model):
     """SIGKILL of oaif runs no `finally`: the server (own session, so stop_server can end its
     group) must still end, through its parent-death signal, with every process it started."""
-    import os
     import signal
     import subprocess
     import sys
-    import time
-    from pathlib import Path
 
-    mark = f"OAIF_SERVER_TEST={os.getpid()}"
+    marked = MarkedProcesses("OAIF_SERVER_TEST")
     code = (f"from oaif.server import start_server\n"
             f"p = start_server({str(tiny_model)!r}, None, 'float32', 0, 256, 0.25, ['--enforce-eager'], timeout_s=400)\n"
             f"print(p.pid, flush=True)\nimport time; time.sleep(600)\n")
-    parent = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, mark.split("=")[0]: mark.split("=")[1]})
-
-    def marked() -> list[int]:
-        pids = []
-        for d in Path("/proc").iterdir():
-            try:
-                if d.name.isdigit() and mark.encode() in (d / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-        return pids
-
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True, env=marked.env)
     try:
         server_pid = int(parent.stdout.readline())       # the server is up and answering
-        assert server_pid in marked()
+        assert server_pid in marked.pids()
         parent.send_signal(signal.SIGKILL)
         parent.wait()
-        deadline = time.monotonic() + 60
-        while marked() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert marked() == []
+        assert marked.gone_within(60), marked.pids()
     finally:   # a failed check above must not leave the server up for the parent's 10 minutes
-        for pid in [parent.pid, *marked()]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        marked.kill()
         parent.wait()
