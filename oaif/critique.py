@@ -43,7 +43,8 @@ from typing import Callable
 from oaif.annotate.base import TAG, neutralise, render_inserted_conversation
 from oaif.config import ConfigError, CritiqueConfig, RunConfig
 from oaif.constitution import Constitution, load_constitution
-from oaif.records import Message, Prompt, load_prompts, write_jsonl
+from oaif.datasets_io import load_prompts
+from oaif.records import Message, Prompt, write_jsonl
 
 KIND = "critique output"
 PLACEHOLDERS = ("principle", "conversation", "response", "critique")

@@ -1,5 +1,5 @@
-"""Hugging Face `datasets` in and out: prompt sets and pair files read from datasets, and a
-run's kept pairs exported for TRL.
+"""Datasets in and out: prompt sets (`load_prompts`) and pair files (`load_pairs`) read from
+JSONL or Hugging Face `datasets`, and a run's kept pairs exported for TRL.
 
     oaif export-pairs runs/NAME --out exports/NAME [--overwrite]
 
@@ -21,11 +21,14 @@ The folders load with `datasets.load_from_disk`; `oaif offline OUT/preference` t
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 from oaif import outputs
 from oaif.faults import crash_point
-from oaif.records import read_jsonl
+from oaif.generate import encode_prompt
+from oaif.records import PreferencePair, Prompt, prompts_from_rows, read_jsonl
 from oaif.rundir import is_run_dir
 
 # Single data files read through `datasets`; any other file is read as JSONL, as always.
@@ -33,6 +36,127 @@ DATA_FILES = {".parquet": "parquet", ".csv": "csv"}
 EXPORT_NAMES = {"preference", "preference.parquet", "kto", "kto.parquet"}
 EXPORT = "pair export"
 PROVENANCE = ("backend", "model", "constitution", "constitution_hash", "template_hash")
+
+
+def load_prompts(path: str | Path, key: str = "run.prompts", column: str = "", split: str = "train") -> list[Prompt]:
+    """Prompt set: JSONL lines of {"messages": [...]} or {"prompt": "text"}, optional "id" and
+    "references" (accepted answers, for the `matches_reference` rule); or a dataset with such
+    columns (a .parquet or .csv file, a save_to_disk folder, a load_dataset folder or hub
+    name), its `split`. column: the one holding the prompt, text or chat messages (empty:
+    'messages' if there is one, else 'prompt')."""
+    setting = key.removeprefix("run.")   # the config key (messages call the prompt set run.prompts)
+    source = Path(path)
+    if source.is_file() and source.suffix not in DATA_FILES:
+        rows, where = read_jsonl(source), lambda n: f"{source}:{n}"
+        if column:
+            rows = [_prompt_column(row, column, where(n), setting) for n, row in enumerate(rows, 1)]
+    elif source.exists() or _hub_name(str(path)):
+        rows, columns = dataset_rows(path, setting, split, f"set {setting}_split")
+        where = lambda n: f"{path} row {n}"  # noqa: E731
+        if not ({column} if column else {"messages", "prompt"}) & set(columns):
+            wanted = f"column '{column}'" if column else "'messages' or 'prompt' column"
+            raise ValueError(f"{setting}: no {wanted} in {path} (columns: {', '.join(columns)}); set "
+                             f"{setting}_column to the column holding the prompt (text or chat messages)")
+        # Through the column even by default: a TRL 'prompt' column may hold chat messages.
+        rows = [_prompt_column(row, column or ("messages" if "messages" in row else "prompt"), where(n), setting)
+                for n, row in enumerate(rows, 1)]
+    else:
+        raise FileNotFoundError(f"prompt file {path} not found ({key})")
+    prompts = prompts_from_rows(rows, where)
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def _hub_name(text: str) -> bool:
+    """'name' or 'owner/name', worth asking load_dataset; a missing prompts/x.jsonl or ./data
+    is a local typo, answered at once instead of after the hub's retries."""
+    local = Path(text).suffix in (".jsonl", ".json", ".parquet", ".csv")
+    return not local and re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", text) is not None
+
+
+def _prompt_column(row: dict, column: str, where: str, setting: str) -> dict:
+    """A row whose prompt is in `column`, as the {"prompt"} or {"messages"} row of a prompt file."""
+    if not isinstance(row, dict) or column not in row:
+        raise ValueError(f"{where}: no '{column}' (the prompt's key, from {setting}_column)")
+    value = row[column]
+    if not isinstance(value, (str, list)):
+        raise ValueError(f"{where}: '{column}' must be a string or a list of chat messages ({setting}_column)")
+    kept = {k: row[k] for k in ("id", "references") if k in row}
+    return {**kept, "prompt" if isinstance(value, str) else "messages": value}
+
+
+PAIR_FIELDS = [f.name for f in dataclasses.fields(PreferencePair)]
+
+
+def row_messages(row: dict, where: str) -> list[dict]:
+    """A data row's prompt as chat messages ('messages', or 'prompt': a string or messages)."""
+    prompt = row.get("messages", row.get("prompt"))
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list) and prompt and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt):
+        return prompt
+    raise ValueError(f"{where}: 'prompt' must be a string or a list of {{role, content}} messages")
+
+
+def row_response(value):
+    """A response: a string, or TRL's conversational form, one assistant message."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) \
+            and value[0].get("role") == "assistant":
+        return value[0].get("content")
+    return value
+
+
+def load_pairs(path: str | Path, tokenizer, max_prompt_tokens: int) -> tuple[list[PreferencePair], dict]:
+    """(pairs, counts of skipped rows by reason); a malformed row is an error naming its line."""
+    path = Path(path)
+    if path.is_file() and path.suffix not in DATA_FILES:
+        rows, where_row = read_jsonl(path), lambda n: f"{path}:{n}"
+    elif path.exists():
+        rows, _ = dataset_rows(path, "oaif offline", "train", "give that split's own folder or file")
+        where_row = lambda n: f"{path} row {n}"  # noqa: E731
+    else:
+        raise FileNotFoundError(f"pair file {path} not found")
+    pairs, skipped = [], {"no_preference": 0, "prompt_too_long": 0}
+    for n, row in enumerate(rows, 1):
+        where = where_row(n)
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected an object")
+        if "chosen_token_ids" in row:   # oaif's own record: exact token ids
+            missing = [k for k in PAIR_FIELDS if k not in row]
+            if missing:
+                raise ValueError(f"{where}: an oaif pair record needs {', '.join(missing)}")
+            pairs.append(PreferencePair(**{k: row[k] for k in PAIR_FIELDS}))
+            continue
+        if "verdict" in row:            # `oaif annotate` output
+            if row["verdict"] not in ("a", "b"):
+                skipped["no_preference"] += 1
+                continue
+            first = row["verdict"] == "a"
+            chosen, rejected = (row.get("a"), row.get("b")) if first else (row.get("b"), row.get("a"))
+            p_chosen = row.get("p_a") if first else 1 - row.get("p_a", 0.0)
+        else:
+            chosen, rejected = row_response(row.get("chosen")), row_response(row.get("rejected"))
+            p_chosen = row.get("p_chosen", 1.0)
+        if not (isinstance(chosen, str) and isinstance(rejected, str)):
+            raise ValueError(f"{where}: expected 'chosen' and 'rejected' strings (or one assistant message each), "
+                             f"an oaif pair record, or `oaif annotate` output (a, b, verdict)")
+        if not isinstance(p_chosen, (int, float)) or not 0 <= p_chosen <= 1:
+            raise ValueError(f"{where}: 'p_chosen' must be a probability in [0, 1], got {p_chosen!r}")
+        messages = row_messages(row, where)
+        prompt_ids = encode_prompt(tokenizer, messages)
+        if len(prompt_ids) > max_prompt_tokens:
+            skipped["prompt_too_long"] += 1
+            continue
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in (chosen, rejected)]
+        pairs.append(PreferencePair(
+            round=0, policy_version=0, prompt_id=str(row.get("id", row.get("prompt_id", n - 1))), messages=messages,
+            chosen=chosen, rejected=rejected, p_chosen=float(p_chosen), prompt_token_ids=prompt_ids,
+            chosen_token_ids=ids[0], rejected_token_ids=ids[1]))
+    if not pairs:
+        raise ValueError(f"{path}: no usable pairs (skipped: {skipped})")
+    return pairs, skipped
 
 
 def _without_nulls(value):

@@ -32,7 +32,8 @@ from oaif.annotate.base import Annotator
 from oaif.annotate.judge import judge_pairs, judgment_metrics
 from oaif.config import ConfigError, RunConfig
 from oaif.faults import crash_point
-from oaif.records import Prompt, Sample, load_prompts, read_jsonl, write_jsonl
+from oaif.datasets_io import load_prompts
+from oaif.records import Prompt, Sample, read_jsonl, write_jsonl
 
 OUT_KIND = "eval output"   # oaif eval --out (oaif/outputs.py)
 OUTCOME = {"a": "win", "b": "loss", "tie": "tie", "disagree": "tie", "identical": "tie", "invalid": "invalid"}

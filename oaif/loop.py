@@ -32,7 +32,8 @@ from oaif.evaluation import TRAINING_JUDGE_WARNING, eval_annotator_config, eval_
 from oaif.evaluation import max_new_tokens as eval_max_new_tokens
 from oaif.faults import crash_point
 from oaif.generate import check_model, load_tokenizer
-from oaif.records import PreferencePair, Prompt, Sample, as_prompts, load_prompts, write_jsonl
+from oaif.datasets_io import load_prompts
+from oaif.records import PreferencePair, Prompt, Sample, as_prompts, write_jsonl
 from oaif.rundir import (RunComplete, RunLock, checkpoint_now, finish_round, prepare_run_dir, resume_config,
                          run_identity, start_resume)
 from oaif.tracking import Trackers, check_trackers, markdown_table, sample_table

@@ -18,88 +18,13 @@ repeats each). It writes the same run directory as `oaif run`, without per-round
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
 from pathlib import Path
 
 from oaif.config import RunConfig
-from oaif.generate import encode_prompt
-from oaif.records import PreferencePair, read_jsonl, write_jsonl
-
-PAIR_FIELDS = [f.name for f in dataclasses.fields(PreferencePair)]
-
-
-def row_messages(row: dict, where: str) -> list[dict]:
-    """A data row's prompt as chat messages ('messages', or 'prompt': a string or messages)."""
-    prompt = row.get("messages", row.get("prompt"))
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    if isinstance(prompt, list) and prompt and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt):
-        return prompt
-    raise ValueError(f"{where}: 'prompt' must be a string or a list of {{role, content}} messages")
-
-
-def row_response(value):
-    """A response: a string, or TRL's conversational form, one assistant message."""
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) \
-            and value[0].get("role") == "assistant":
-        return value[0].get("content")
-    return value
-
-
-def load_pairs(path: str | Path, tokenizer, max_prompt_tokens: int) -> tuple[list[PreferencePair], dict]:
-    """(pairs, counts of skipped rows by reason); a malformed row is an error naming its line."""
-    from oaif.datasets_io import DATA_FILES, dataset_rows
-
-    path = Path(path)
-    if path.is_file() and path.suffix not in DATA_FILES:
-        rows, where_row = read_jsonl(path), lambda n: f"{path}:{n}"
-    elif path.exists():
-        rows, _ = dataset_rows(path, "oaif offline", "train", "give that split's own folder or file")
-        where_row = lambda n: f"{path} row {n}"  # noqa: E731
-    else:
-        raise FileNotFoundError(f"pair file {path} not found")
-    pairs, skipped = [], {"no_preference": 0, "prompt_too_long": 0}
-    for n, row in enumerate(rows, 1):
-        where = where_row(n)
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected an object")
-        if "chosen_token_ids" in row:   # oaif's own record: exact token ids
-            missing = [k for k in PAIR_FIELDS if k not in row]
-            if missing:
-                raise ValueError(f"{where}: an oaif pair record needs {', '.join(missing)}")
-            pairs.append(PreferencePair(**{k: row[k] for k in PAIR_FIELDS}))
-            continue
-        if "verdict" in row:            # `oaif annotate` output
-            if row["verdict"] not in ("a", "b"):
-                skipped["no_preference"] += 1
-                continue
-            first = row["verdict"] == "a"
-            chosen, rejected = (row.get("a"), row.get("b")) if first else (row.get("b"), row.get("a"))
-            p_chosen = row.get("p_a") if first else 1 - row.get("p_a", 0.0)
-        else:
-            chosen, rejected = row_response(row.get("chosen")), row_response(row.get("rejected"))
-            p_chosen = row.get("p_chosen", 1.0)
-        if not (isinstance(chosen, str) and isinstance(rejected, str)):
-            raise ValueError(f"{where}: expected 'chosen' and 'rejected' strings (or one assistant message each), "
-                             f"an oaif pair record, or `oaif annotate` output (a, b, verdict)")
-        if not isinstance(p_chosen, (int, float)) or not 0 <= p_chosen <= 1:
-            raise ValueError(f"{where}: 'p_chosen' must be a probability in [0, 1], got {p_chosen!r}")
-        messages = row_messages(row, where)
-        prompt_ids = encode_prompt(tokenizer, messages)
-        if len(prompt_ids) > max_prompt_tokens:
-            skipped["prompt_too_long"] += 1
-            continue
-        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in (chosen, rejected)]
-        pairs.append(PreferencePair(
-            round=0, policy_version=0, prompt_id=str(row.get("id", row.get("prompt_id", n - 1))), messages=messages,
-            chosen=chosen, rejected=rejected, p_chosen=float(p_chosen), prompt_token_ids=prompt_ids,
-            chosen_token_ids=ids[0], rejected_token_ids=ids[1]))
-    if not pairs:
-        raise ValueError(f"{path}: no usable pairs (skipped: {skipped})")
-    return pairs, skipped
+from oaif.datasets_io import load_pairs
+from oaif.records import write_jsonl
 
 
 def run_offline(cfg: RunConfig, pairs_path: str | Path, log=print) -> Path:

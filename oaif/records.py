@@ -13,7 +13,6 @@ import errno
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -165,56 +164,6 @@ def read_jsonl(path: Path) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not a JSON record ({e.msg}); fix or remove that line") from None
     return out
-
-
-def load_prompts(path: str | Path, key: str = "run.prompts", column: str = "", split: str = "train") -> list[Prompt]:
-    """Prompt set: JSONL lines of {"messages": [...]} or {"prompt": "text"}, optional "id" and
-    "references" (accepted answers, for the `matches_reference` rule); or a dataset with such
-    columns (a .parquet or .csv file, a save_to_disk folder, a load_dataset folder or hub
-    name), its `split`. column: the one holding the prompt, text or chat messages (empty:
-    'messages' if there is one, else 'prompt')."""
-    from oaif.datasets_io import DATA_FILES, dataset_rows
-
-    setting = key.removeprefix("run.")   # the config key (messages call the prompt set run.prompts)
-    source = Path(path)
-    if source.is_file() and source.suffix not in DATA_FILES:
-        rows, where = read_jsonl(source), lambda n: f"{source}:{n}"
-        if column:
-            rows = [_prompt_column(row, column, where(n), setting) for n, row in enumerate(rows, 1)]
-    elif source.exists() or _hub_name(str(path)):
-        rows, columns = dataset_rows(path, setting, split, f"set {setting}_split")
-        where = lambda n: f"{path} row {n}"  # noqa: E731
-        if not ({column} if column else {"messages", "prompt"}) & set(columns):
-            wanted = f"column '{column}'" if column else "'messages' or 'prompt' column"
-            raise ValueError(f"{setting}: no {wanted} in {path} (columns: {', '.join(columns)}); set "
-                             f"{setting}_column to the column holding the prompt (text or chat messages)")
-        # Through the column even by default: a TRL 'prompt' column may hold chat messages.
-        rows = [_prompt_column(row, column or ("messages" if "messages" in row else "prompt"), where(n), setting)
-                for n, row in enumerate(rows, 1)]
-    else:
-        raise FileNotFoundError(f"prompt file {path} not found ({key})")
-    prompts = prompts_from_rows(rows, where)
-    if not prompts:
-        raise ValueError(f"{path}: no prompts")
-    return prompts
-
-
-def _hub_name(text: str) -> bool:
-    """'name' or 'owner/name', worth asking load_dataset; a missing prompts/x.jsonl or ./data
-    is a local typo, answered at once instead of after the hub's retries."""
-    local = Path(text).suffix in (".jsonl", ".json", ".parquet", ".csv")
-    return not local and re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", text) is not None
-
-
-def _prompt_column(row: dict, column: str, where: str, setting: str) -> dict:
-    """A row whose prompt is in `column`, as the {"prompt"} or {"messages"} row of a prompt file."""
-    if not isinstance(row, dict) or column not in row:
-        raise ValueError(f"{where}: no '{column}' (the prompt's key, from {setting}_column)")
-    value = row[column]
-    if not isinstance(value, (str, list)):
-        raise ValueError(f"{where}: '{column}' must be a string or a list of chat messages ({setting}_column)")
-    kept = {k: row[k] for k in ("id", "references") if k in row}
-    return {**kept, "prompt" if isinstance(value, str) else "messages": value}
 
 
 def prompts_from_rows(rows: list, where) -> list[Prompt]:

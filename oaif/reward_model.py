@@ -80,7 +80,7 @@ def load_reward_model(path: str, dtype: str, device: str, pad_id: int) -> torch.
 def read_pairs(source: str | Path, tokenizer, max_prompt_tokens: int) -> tuple[list[PreferencePair], dict]:
     """(pairs, skipped rows by reason) from a run directory's rounds or a pair file (`oaif offline`'s reader)."""
     from oaif.datasets_io import run_pairs
-    from oaif.offline import PAIR_FIELDS, load_pairs
+    from oaif.datasets_io import PAIR_FIELDS, load_pairs
     from oaif.rundir import is_run_dir
 
     source = Path(source)

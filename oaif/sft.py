@@ -33,7 +33,7 @@ import torch
 from oaif import outputs
 from oaif.config import RunConfig, SFTConfig
 from oaif.generate import check_model, encode_prompt, load_tokenizer
-from oaif.offline import row_messages, row_response
+from oaif.datasets_io import row_messages, row_response
 from oaif.records import read_jsonl, write_jsonl
 from oaif.train import DTYPES, batch_sequences, build_policy, sequence_logps
 

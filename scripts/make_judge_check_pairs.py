@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from oaif.constitution import matches_reference
-from oaif.records import load_prompts
+from oaif.datasets_io import load_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 N = 24

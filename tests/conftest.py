@@ -242,7 +242,7 @@ def train_push_and_compare_greedy(tiny_model: Path, engine, push) -> None:
     from oaif.config import GenerateConfig, TrainConfig
     from oaif.constitution import load_constitution
     from oaif.generate import Generator
-    from oaif.records import load_prompts
+    from oaif.datasets_io import load_prompts
     from oaif.train import DPOTrainer, load_causal_lm
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from oaif.actor import EngineProcessError, ProcessEngine
 from oaif.generate import sample_seeds
-from oaif.records import load_prompts
+from oaif.datasets_io import load_prompts
 from oaif.sync import hf_named_weights
 
 from conftest import ROOT, hf_greedy

@@ -109,7 +109,7 @@ def test_every_example_config_loads(path):
     """Every file an example config names exists and loads with oaif's loaders; its rules can judge its prompts."""
     from oaif.annotate.base import load_template
     from oaif.constitution import load_constitution
-    from oaif.records import load_prompts
+    from oaif.datasets_io import load_prompts
 
     cfg = load_config(path)
     for named in NAMED_FILE.findall(path.read_text()):

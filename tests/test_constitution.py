@@ -6,7 +6,8 @@ import pytest
 from oaif.annotate.base import JudgeRequest, load_template
 from oaif.annotate.rules import RulesAnnotator
 from oaif.constitution import ConstitutionError, load_constitution
-from oaif.records import load_prompts, read_jsonl
+from oaif.datasets_io import load_prompts
+from oaif.records import read_jsonl
 
 from conftest import ROOT
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from oaif.offline import load_pairs
-from oaif.records import load_prompts, read_jsonl
+from oaif.datasets_io import load_pairs
+from oaif.datasets_io import load_prompts
+from oaif.records import read_jsonl
 
 from conftest import ROOT, hf_greedy, oaif_main
 

@@ -5,7 +5,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from oaif.offline import load_pairs
+from oaif.datasets_io import load_pairs
 from oaif.records import read_jsonl
 
 from conftest import oaif_main

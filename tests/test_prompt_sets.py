@@ -4,7 +4,7 @@ every reference question can be graded."""
 import pytest
 
 from oaif.constitution import _words
-from oaif.records import load_prompts
+from oaif.datasets_io import load_prompts
 
 from conftest import ROOT
 

@@ -42,7 +42,7 @@ def test_lora_merge_sync_on_smollm2_equals_the_peft_policy(smollm2_model, closin
     from oaif.constitution import load_constitution
     from oaif.engines import build_llm
     from oaif.generate import Generator, InProcessEngine
-    from oaif.records import load_prompts
+    from oaif.datasets_io import load_prompts
     from oaif.sync import push_weights
     from oaif.train import DPOTrainer, build_policy
 

@@ -9,7 +9,7 @@ from oaif.config import GenerateConfig, LoraConfig, TrainConfig
 from oaif.constitution import load_constitution
 from oaif.engines import build_llm, shutdown_llm
 from oaif.generate import Generator, InProcessEngine
-from oaif.records import load_prompts
+from oaif.datasets_io import load_prompts
 from oaif.sync import push_weights
 from oaif.train import DPOTrainer
 
