@@ -19,8 +19,8 @@ _saved_env: dict[str, str | None] = {}
 
 
 # Under pytest-xdist (scripts/test.sh runs two workers on two cores) each worker and its
-# children keep to one thread: two processes of two OpenMP threads each on two cores run far
-# slower than two of one (docs: the machine notes on OpenMP's wait policy).
+# children keep to one thread: more threads than cores make OpenMP's spinning threads wait on
+# each other (the SmolLM2 run took 128 s with 2 threads beside the other worker, 77 s with 1).
 WORKER_ENV = {"OMP_NUM_THREADS": "1"}
 
 
