@@ -32,9 +32,9 @@ def best_of_n(cfg: RunConfig, out: str | Path, *, annotator=None, log=print, ove
     function or annotator object) in place of the config's."""
     from oaif.annotate.rank import rank_groups
     from oaif.annotate.select import build_annotator, check_inputs, with_python_annotator
+    from oaif.datasets_io import load_prompts
     from oaif.engines import build_llm, shutdown_llm
     from oaif.generate import Generator, InProcessEngine, check_model, load_tokenizer
-    from oaif.datasets_io import load_prompts
 
     a = cfg.annotate
     if a.ranking == "consecutive":

@@ -28,7 +28,7 @@ from pathlib import Path
 from oaif import outputs
 from oaif.faults import crash_point
 from oaif.generate import encode_prompt
-from oaif.records import PreferencePair, Prompt, prompts_from_rows, read_jsonl
+from oaif.records import PreferencePair, Prompt, is_chat, prompts_from_rows, read_jsonl
 from oaif.rundir import is_run_dir
 
 # Single data files read through `datasets`; any other file is read as JSONL, as always.
@@ -94,8 +94,7 @@ def row_messages(row: dict, where: str) -> list[dict]:
     prompt = row.get("messages", row.get("prompt"))
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
-    if isinstance(prompt, list) and prompt and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt):
+    if is_chat(prompt):
         return prompt
     raise ValueError(f"{where}: 'prompt' must be a string or a list of {{role, content}} messages")
 

@@ -31,8 +31,8 @@ from pathlib import Path
 from oaif.annotate.base import Annotator
 from oaif.annotate.judge import judge_pairs, judgment_metrics
 from oaif.config import ConfigError, RunConfig
-from oaif.faults import crash_point
 from oaif.datasets_io import load_prompts
+from oaif.faults import crash_point
 from oaif.records import Prompt, Sample, read_jsonl, write_jsonl
 
 OUT_KIND = "eval output"   # oaif eval --out (oaif/outputs.py)

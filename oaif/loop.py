@@ -26,13 +26,12 @@ from oaif.annotate.select import build_annotator, check_inputs, reload_constitut
 from oaif.checkpoint import read_trainer_state, restore_trainer, schedule_anchor
 from oaif.config import ConfigError, RunConfig, RunStopped
 from oaif.console import GracefulStop, LibraryLogs, Progress, format_row, header
-from oaif.datasets_io import export_pairs
+from oaif.datasets_io import export_pairs, load_prompts
 from oaif.distributed import stop_agreed
 from oaif.evaluation import TRAINING_JUDGE_WARNING, eval_annotator_config, eval_prompts, format_summary
 from oaif.evaluation import max_new_tokens as eval_max_new_tokens
 from oaif.faults import crash_point
 from oaif.generate import check_model, load_tokenizer
-from oaif.datasets_io import load_prompts
 from oaif.records import PreferencePair, Prompt, Sample, as_prompts, write_jsonl
 from oaif.rundir import (RunComplete, RunLock, checkpoint_now, finish_round, prepare_run_dir, resume_config,
                          run_identity, start_resume)

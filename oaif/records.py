@@ -166,6 +166,12 @@ def read_jsonl(path: Path) -> list[dict]:
     return out
 
 
+def is_chat(value) -> bool:
+    """A non-empty list of {role, content} messages with string values."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+
+
 def prompts_from_rows(rows: list, where) -> list[Prompt]:
     """Prompt-file rows as Prompts; where(n) names row n (1-based) in errors."""
     prompts = []
@@ -174,10 +180,7 @@ def prompts_from_rows(rows: list, where) -> list[Prompt]:
             raise ValueError(f"{where(n)}: expected an object with 'messages' or 'prompt'")
         if "messages" in row:
             messages = row["messages"]
-            ok = isinstance(messages, list) and messages and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages)
-            if not ok:
+            if not is_chat(messages):
                 raise ValueError(f"{where(n)}: 'messages' must be a non-empty list of {{role, content}} strings")
         elif isinstance(row.get("prompt"), str):
             messages = [{"role": "user", "content": row["prompt"]}]

@@ -3,8 +3,9 @@
 
 - `private_tempdir()`: for the `oaif` command, one temp folder `TMP/oaif-tmp-PID` for the
   process and every child it starts (vLLM's engine process, its file-store rendezvous
-  `vllm_dist_*`, multiprocessing's `pymp-*`): removed when the command ends, and swept by
-  the next command if the process was killed. Inductor's compile cache, which lives in the
+  `vllm_dist_*`, multiprocessing's `pymp-*`): removed when the command ends (at the
+  process's exit once multiprocessing uses it), and swept by the next command if the process
+  was killed. Inductor's compile cache, which lives in the
   temp folder to be reused from run to run, stays where it was.
 - `sweep_orphans(root, prefix)`: removes `prefix-PID*` entries whose process is gone (the
   temp folders above; server.py's weight copies in /dev/shm).
@@ -24,6 +25,7 @@ from pathlib import Path
 
 TEMP_PREFIX = "oaif-tmp"
 INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR"
+_REMOVED_AT_EXIT: set[Path] = set()   # this process's folders left to its exit (private_tempdir)
 
 
 def sweep_orphans(root: str | Path, prefix: str) -> None:
@@ -71,11 +73,13 @@ def private_tempdir() -> Iterator[Path]:
         if any(path.glob("pymp-*")):
             # multiprocessing keeps its folder, and the listener that passes tensors' file
             # descriptors, for the life of the process: a second command in this process (a
-            # script or a test calling cli.main again) uses them again. Removed at exit, after
-            # multiprocessing's own clean-up of its folder (finalizers run high to low).
-            import multiprocessing.util
+            # script or a test calling cli.main again) uses them again. Removed at exit (once),
+            # after multiprocessing's own clean-up of its folder (finalizers run high to low).
+            if path not in _REMOVED_AT_EXIT:
+                import multiprocessing.util
 
-            multiprocessing.util.Finalize(None, shutil.rmtree, args=(path,), kwargs={"ignore_errors": True},
-                                          exitpriority=-200)
+                multiprocessing.util.Finalize(None, shutil.rmtree, args=(path,), kwargs={"ignore_errors": True},
+                                              exitpriority=-200)
+                _REMOVED_AT_EXIT.add(path)
         else:
             shutil.rmtree(path, ignore_errors=True)

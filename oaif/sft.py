@@ -32,9 +32,9 @@ import torch
 
 from oaif import outputs
 from oaif.config import RunConfig, SFTConfig
-from oaif.generate import check_model, encode_prompt, load_tokenizer
 from oaif.datasets_io import row_messages, row_response
-from oaif.records import read_jsonl, write_jsonl
+from oaif.generate import check_model, encode_prompt, load_tokenizer
+from oaif.records import is_chat, read_jsonl, write_jsonl
 from oaif.train import DTYPES, batch_sequences, build_policy, sequence_logps
 
 Example = tuple[list[int], list[int]]   # (prompt token ids, response token ids ending with EOS)
@@ -98,9 +98,7 @@ def _example(row, where: str, tokenizer) -> Example:
         raise ValueError(f"{where}: expected an object with 'messages', or 'prompt' and 'completion'")
     if "messages" in row:
         messages = row["messages"]
-        if not (isinstance(messages, list) and len(messages) >= 2 and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages)):
+        if not (is_chat(messages) and len(messages) >= 2):
             raise ValueError(f"{where}: 'messages' must be a list of at least two {{role, content}} messages: "
                              f"the prompt, then the assistant's response")
         if messages[-1]["role"] != "assistant":

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SESSION_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING"}
 SLOW_TIMEOUT_S = 1800     # the slow tier (SmolLM2, whole experiments); every other test: pyproject's timeout
 FIXTURE_TIMEOUT_S = 900   # a process a fixture or test waits for (pytest-timeout times only test bodies)
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")   # set in a worker's process before it loads this file
 _saved_env: dict[str, str | None] = {}
 
 
@@ -24,21 +25,29 @@ _saved_env: dict[str, str | None] = {}
 WORKER_ENV = {"OMP_NUM_THREADS": "1"}
 
 
-def pytest_configure(config):
-    env = SESSION_ENV | (WORKER_ENV if os.environ.get("PYTEST_XDIST_WORKER") else {})
-    for key, value in env.items():
-        _saved_env[key] = os.environ.get(key)
-        os.environ[key] = value
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        torch.set_num_threads(1)
+def set_env(values: dict[str, str]) -> dict[str, str | None]:
+    """Set `values` in os.environ; returns what they replaced, for restore_env."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    return saved
 
 
-def pytest_unconfigure(config):
-    for key, value in _saved_env.items():
+def restore_env(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def pytest_configure(config):
+    _saved_env.update(set_env(SESSION_ENV | (WORKER_ENV if XDIST_WORKER else {})))
+    if XDIST_WORKER:
+        torch.set_num_threads(1)
+
+
+def pytest_unconfigure(config):
+    restore_env(_saved_env)
 
 
 def checkout_files() -> set[str]:
@@ -76,7 +85,7 @@ def built_once(tmp_path_factory, name: str, command: list[str]) -> Path:
     from filelock import FileLock
 
     root = tmp_path_factory.getbasetemp()
-    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root   # the session's, not the worker's
+    root = root.parent if XDIST_WORKER else root   # the session's, not the worker's
     out, done = root / "built" / name, root / "built" / f"{name}.done"
     out.parent.mkdir(exist_ok=True)
     with FileLock(str(out) + ".lock"):
@@ -101,8 +110,8 @@ def tiny_model(tmp_path_factory) -> Path:
 def concise_run(tiny_model, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """The tiny policy's 8-round run under the concise constitution, evaluated after rounds 3
     and 7 on 40 held-out prompts, and its output: one run for the loop, eval and report tests
-    (per xdist worker that runs them). They only read it, or write where oaif writes beside a run (`oaif eval`: evals/; `oaif
-    report`: report/), so their order does not matter."""
+    (per xdist worker that runs them). They only read it, or write where oaif writes beside a
+    run (`oaif eval`: evals/; `oaif report`: report/), so their order does not matter."""
     out = tmp_path_factory.mktemp("concise")
     r = oaif_main("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={out}", "name=concise",
                  "rounds=8", "eval.every=4", "eval.prompts=prompts/heldout.jsonl", "eval.max_prompts=40")
@@ -143,9 +152,8 @@ def oaif_main(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -
     from oaif.cli import main
 
     out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
-    saved = {key: os.environ.get(key) for key in env or {}}
     os.chdir(cwd)
-    os.environ.update(env or {})
+    saved = set_env(env or {})
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -154,12 +162,23 @@ def oaif_main(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -
                 code = e.code if isinstance(e.code, int) else 1
     finally:
         os.chdir(here)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore_env(saved)
     return subprocess.CompletedProcess(["oaif", *args], code, out.getvalue(), err.getvalue())
+
+
+def read_until(proc: subprocess.Popen, seen: list[str], done) -> bool:
+    """Append proc's stdout lines to `seen` until done(line) holds (True) or the output ends
+    (False): a test waits for a run to reach a round before it signals it."""
+    for line in proc.stdout:
+        seen.append(line)
+        if done(line):
+            return True
+    return False
+
+
+def round_row(k: int):
+    """done() for read_until: the printed row of round k."""
+    return lambda line: line.split()[:1] == [str(k)]
 
 
 class MarkedProcesses:
@@ -241,8 +260,8 @@ def train_push_and_compare_greedy(tiny_model: Path, engine, push) -> None:
     from oaif.annotate.rules import RulesAnnotator
     from oaif.config import GenerateConfig, TrainConfig
     from oaif.constitution import load_constitution
-    from oaif.generate import Generator
     from oaif.datasets_io import load_prompts
+    from oaif.generate import Generator
     from oaif.train import DPOTrainer, load_causal_lm
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)

@@ -15,8 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from oaif.actor import EngineProcessError, ProcessEngine
-from oaif.generate import sample_seeds
 from oaif.datasets_io import load_prompts
+from oaif.generate import sample_seeds
 from oaif.sync import hf_named_weights
 
 from conftest import ROOT, hf_greedy

@@ -10,8 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from oaif.datasets_io import load_pairs
-from oaif.datasets_io import load_prompts
+from oaif.datasets_io import load_pairs, load_prompts
 from oaif.records import read_jsonl
 
 from conftest import ROOT, hf_greedy, oaif_main

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from oaif.records import Judgment, PreferencePair, Sample, read_jsonl
 from oaif.train import rank_share
 
-from conftest import ROOT, MarkedProcesses, oaif_main, versions_follow_training
+from conftest import ROOT, MarkedProcesses, oaif_main, read_until, round_row, versions_follow_training
 
 
 def launch(*args: str) -> subprocess.CompletedProcess:
@@ -51,11 +51,8 @@ def test_two_process_loop_through_the_cli_stops_on_sigterm_and_equals_one_proces
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seen = []
-    for line in proc.stdout:   # round 2's row, then the signal
-        seen.append(line)
-        if line.split()[:1] == ["2"]:
-            proc.send_signal(signal.SIGTERM)
-            break
+    if read_until(proc, seen, round_row(2)):   # round 2's row, then the signal
+        proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=600)
     two_stdout = "".join(seen) + out
     assert "(2 processes)" in two_stdout and two_stdout.count("run directory") == 1, err[-4000:]   # rank 0 alone prints
@@ -156,20 +153,15 @@ def test_a_second_sigint_stops_every_rank_at_once_and_the_server_goes_with_them(
 
     try:
         seen = []
-        for line in proc.stdout:   # round 0's row, then the first press
-            seen.append(line)
-            if line.split()[:1] == ["0"]:
-                first = ranks()
-                assert len(first) == 2 and len(marked.pids()) > 3, marked.pids()   # launcher, 2 ranks, the server
-                for pid in first:
-                    os.kill(pid, signal.SIGINT)
-                break
-        for line in proc.stdout:   # both ranks took it (a second press before that would count once)
-            seen.append(line)
-            if "".join(seen).count("SIGINT: finishing this round") == 2:
-                for pid in first:
-                    os.kill(pid, signal.SIGINT)
-                break
+        assert read_until(proc, seen, round_row(0)), "".join(seen)[-3000:]   # round 0's row, then the first press
+        first = ranks()
+        assert len(first) == 2 and len(marked.pids()) > 3, marked.pids()   # launcher, 2 ranks, the server
+        for pid in first:
+            os.kill(pid, signal.SIGINT)
+        # Both ranks took it (a second press before that would count once), then the second.
+        if read_until(proc, seen, lambda line: "".join(seen).count("SIGINT: finishing this round") == 2):
+            for pid in first:
+                os.kill(pid, signal.SIGINT)
         out = "".join(seen) + proc.communicate(timeout=300)[0]
         assert out.count("oaif: stopped at once; the last checkpoint is where `oaif resume` continues") == 2, out[-3000:]
         assert "checkpoint written" not in out and not (tmp_path / "r/checkpoints").exists()

@@ -14,7 +14,7 @@ import pytest
 
 from oaif.records import read_jsonl
 
-from conftest import ROOT, oaif_main, run_oaif
+from conftest import ROOT, oaif_main, read_until, round_row, run_oaif
 from test_openai_faults import TOP, completion
 
 
@@ -24,11 +24,8 @@ def test_sigterm_finishes_the_round_checkpoints_and_the_run_resumes(tiny_model, 
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seen = []
-    for line in proc.stdout:          # wait for round 1's row, then ask the run to stop
-        seen.append(line)
-        if line.split()[:1] == ["1"]:
-            proc.send_signal(signal.SIGTERM)
-            break
+    if read_until(proc, seen, round_row(1)):   # round 1's row, then ask the run to stop
+        proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     out = "".join(seen) + out
     assert proc.returncode == 0, err[-3000:]

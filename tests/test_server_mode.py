@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from oaif.generate import sample_seeds
 from oaif.datasets_io import load_prompts
+from oaif.generate import sample_seeds
 from oaif.server import ServerEngine, _tail, push_weights_to_server, server_key, start_server, stop_server
 
 from conftest import ROOT, MarkedProcesses, oaif_main, train_push_and_compare_greedy, versions_follow_training

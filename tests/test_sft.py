@@ -13,8 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from oaif.config import ConfigError, GenerateConfig, SFTConfig, load_config
-from oaif.generate import Generator
 from oaif.datasets_io import load_prompts
+from oaif.generate import Generator
 from oaif.records import Prompt, read_jsonl
 from oaif.sft import load_examples, response_nll, run_sft
 from oaif.tiny import init_tiny

@@ -20,7 +20,7 @@ from oaif import outputs
 from oaif.annotate.judge import injection_attempts, judge_pairs, judgment_metrics, label_mass_warning
 from oaif.annotate.select import build_annotator, check_inputs, with_python_annotator
 from oaif.config import RunConfig
-from oaif.records import Sample, read_jsonl
+from oaif.records import Sample, is_chat, read_jsonl
 
 KIND = "annotate output"
 VERDICT = {"a": "a", "b": "b", "tie": "tie", "disagree": "tie", "identical": "tie", "invalid": "invalid"}
@@ -40,10 +40,7 @@ def check_pair_rows(rows: list[dict], where) -> None:
     """where(n) names row n (1-based) in the errors."""
     for n, row in enumerate(rows, 1):
         prompt = row.get("prompt") if isinstance(row, dict) else None
-        ok_prompt = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in prompt))
-        if not ok_prompt:
+        if not (isinstance(prompt, str) or is_chat(prompt)):
             raise ValueError(f"{where(n)}: 'prompt' must be a string or a list of {{role, content}} messages")
         for key in ("a", "b"):
             if not isinstance(row.get(key), str):
