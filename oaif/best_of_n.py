@@ -23,6 +23,7 @@ from pathlib import Path
 
 from oaif import outputs
 from oaif.config import ConfigError, RunConfig
+from oaif.engine import local_engine
 
 KIND = "best-of-n output"
 
@@ -33,8 +34,7 @@ def best_of_n(cfg: RunConfig, out: str | Path, *, annotator=None, log=print, ove
     from oaif.annotate.rank import rank_groups
     from oaif.annotate.select import build_annotator, check_inputs, with_python_annotator
     from oaif.datasets_io import load_prompts
-    from oaif.engines import build_llm, shutdown_llm
-    from oaif.generate import Generator, InProcessEngine, check_model, load_tokenizer
+    from oaif.generate import Generator, check_model, load_tokenizer
 
     a = cfg.annotate
     if a.ranking == "consecutive":
@@ -47,14 +47,12 @@ def best_of_n(cfg: RunConfig, out: str | Path, *, annotator=None, log=print, ove
     check_inputs(cfg, python=annotator)
     outputs.check(out, KIND, folder=False, overwrite=overwrite)
     g, t0 = cfg.generate, time.perf_counter()
-    llm = build_llm(cfg.policy.model, cfg.policy.dtype, cfg.seed, g.kv_cache_gib,
-                    cfg.policy.max_prompt_tokens + g.max_new_tokens, enforce_eager=g.enforce_eager)
+    engine = local_engine(cfg)
     try:
-        generator = Generator(InProcessEngine(llm), load_tokenizer(cfg.policy.model), g, cfg.policy.max_prompt_tokens,
-                              cfg.seed)
+        generator = Generator(engine, load_tokenizer(cfg.policy.model), g, cfg.policy.max_prompt_tokens, cfg.seed)
         groups, metrics = generator.sample(prompts, 0, 0)
     finally:
-        shutdown_llm(llm)
+        engine.close()
     judged, rankings = rank_groups(build_annotator(cfg, annotator), groups, a.ranking, "best_worst", 0, 0,
                                    a.missing_eos_penalty)
     rows = [{"prompt_id": r.prompt_id, "prompt": group[0].messages,

@@ -13,6 +13,7 @@ continues a run from its latest checkpoint (loop.py).
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import shutil
@@ -21,8 +22,13 @@ from pathlib import Path
 
 import torch
 
+from oaif import outputs
+from oaif.annotate.rank import max_pairs_per_prompt
+from oaif.config import RunConfig
+from oaif.distributed import sharded
 from oaif.faults import crash_point
 from oaif.records import fsync_path
+from oaif.train import DPOTrainer, build_policy, load_causal_lm, lr_lambda
 
 
 COMPLETE = "complete.json"   # written last: the files of the checkpoint and their sizes
@@ -44,8 +50,6 @@ def save_checkpoint(run_dir: Path, round: int, policy_version: int, trainer, tok
     trainer.policy.save_pretrained(tmp / "policy", state_dict=state_dict)   # peft: the adapter only (small)
     tokenizer.save_pretrained(tmp / "policy")
     crash_point("checkpoint")
-    from oaif.distributed import sharded
-
     # Sharded (FSDP, ZeRO): rank 0's optimizer state is one shard of it, wrong on any other
     # rank; it is not saved, and a resume starts AdamW's moments afresh (restore_trainer says so).
     optimizer = None if sharded(trainer.accelerator) else trainer.optimizer.state_dict()
@@ -76,9 +80,6 @@ def export_merged(checkpoint: Path, out: Path, base_model: str, dtype: str, over
     """A checkpoint as a plain HF model: full weights copied, or adapter merged into base.
     `out` is a new folder, or with overwrite an earlier oaif model (oaif/outputs.py)."""
     from transformers import AutoTokenizer
-
-    from oaif import outputs
-    from oaif.train import load_causal_lm
 
     policy_dir = checkpoint / "policy"
     if not policy_dir.is_dir():
@@ -165,8 +166,6 @@ def read_trainer_state(checkpoint: Path) -> dict:
 def schedule_anchor(cfg, state: dict, total_steps: int) -> tuple[int, float] | None:
     """The anchor (step, scale) of lr_lambda for a run resumed with `total_steps` (more
     rounds: a longer horizon) from a checkpoint's trainer state."""
-    from oaif.train import lr_lambda
-
     saved = state.get("schedule", {"total_steps": total_steps, "anchor": None})
     anchor = saved["anchor"] and tuple(saved["anchor"])
     if saved["total_steps"] == total_steps:
@@ -179,18 +178,38 @@ def restore_trainer(trainer, state: dict) -> None:
     """Optimizer, schedule position, step count and RNG states as they were saved. A run
     resumed with more rounds (a longer schedule) continues its learning rate from where it
     was, decaying to 0 over the new length, instead of jumping up."""
-    from oaif.distributed import sharded
-    from oaif.train import lr_lambda
-
     if state["optimizer"] is None or sharded(trainer.accelerator):
         print("oaif: the optimizer state of a sharded run (FSDP, ZeRO) is not checkpointed: AdamW's moments start "
               "afresh (weights, schedule position and RNG are restored)", file=sys.stderr)
     else:
         trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
-    trainer.steps = state["steps"]
+    trainer.steps, trainer.version = state["steps"], state["policy_version"]
     trainer.anchor = schedule_anchor(trainer.cfg, state, trainer.total_steps)
     # The anchored schedule gives the saved step the saved rate: the optimizer's lr stays as loaded.
     trainer.scheduler.lr_lambdas[0] = lr_lambda(trainer.cfg, trainer.total_steps, trainer.anchor)
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
+
+
+def build_trainer(cfg: RunConfig, pad_id: int, total_steps: int, accelerator=None,
+                  resume_from: Path | None = None) -> DPOTrainer:
+    """The config's policy, reference and trainer: shared by `oaif run` and `oaif offline`.
+    resume_from: a checkpoint to continue from (its weights and trainer state)."""
+    torch.manual_seed(cfg.seed)   # the same on every rank: LoRA adapters start identical
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = str(accelerator.device) if accelerator is not None else cfg.policy.device
+    policy, reference = build_policy(cfg.policy.model, cfg.policy.dtype, device, cfg.train,
+                                     str(resume_from / "policy") if resume_from else None)
+    trainer = DPOTrainer(policy, reference, cfg.train, pad_id, total_steps, accelerator, cfg.policy.dtype)
+    if resume_from:
+        restore_trainer(trainer, read_trainer_state(resume_from))
+    return trainer
+
+
+def schedule_steps(cfg: RunConfig) -> int:
+    """The learning-rate schedule's horizon: the most optimizer steps the run can take (every pair kept)."""
+    pairs_per_round = cfg.prompts_per_round * max_pairs_per_prompt(cfg.generate.samples_per_prompt,
+                                                                   cfg.annotate.ranking, cfg.annotate.pairs)
+    return cfg.rounds * cfg.train.epochs_per_round * math.ceil(pairs_per_round / cfg.train.batch_size)

@@ -178,3 +178,46 @@ class GracefulStop:
     def restore(self) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+class RunConsole:
+    """A run's own output, rank 0 only: its lines to the terminal (or a script's log function),
+    above the progress bars while rounds run, and to run.log; the libraries' records to
+    run.log alone; the round's metrics to the trackers."""
+
+    def __init__(self, log=print):
+        self.print, self.main = log, True
+        self.logs: LibraryLogs | None = None
+        self.progress = Progress(0, 0, enabled=False)
+        self.trackers = None   # tracking.Trackers once the run directory exists
+
+    def open(self, verbose: bool, main: bool) -> None:
+        self.logs, self.main = LibraryLogs(verbose), main
+
+    def line(self, text: str) -> None:
+        if not self.main:
+            return
+        if self.progress.enabled:
+            self.progress.write(text)
+        else:
+            self.print(text)
+        if self.logs is not None:
+            self.logs.handler.write(text)
+
+    def bars(self, first: int, rounds: int) -> None:
+        """Bars decorate the default terminal output; a script's own log function gets plain lines."""
+        self.progress = Progress(first, rounds, enabled=self.main and self.print is print and sys.stderr.isatty())
+
+    def end_bars(self) -> None:
+        self.progress.close()
+        self.progress = Progress(0, 0, enabled=False)
+
+    def close(self, error: BaseException | None = None) -> None:
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
+        if self.logs is not None:
+            if error is not None and self.main:   # the terminal gets it from the caller; the log keeps it
+                self.logs.handler.write(f"oaif: error: {type(error).__name__}: {error}")
+            self.logs.close()
+            self.logs = None

@@ -44,6 +44,8 @@ from oaif.annotate.base import TAG, neutralise, render_inserted_conversation
 from oaif.config import ConfigError, CritiqueConfig, RunConfig
 from oaif.constitution import Constitution, load_constitution
 from oaif.datasets_io import load_prompts
+from oaif.engine import local_engine
+from oaif.engine.vllm import InProcessEngine, build_llm
 from oaif.records import Message, Prompt, write_jsonl
 
 KIND = "critique output"
@@ -144,23 +146,18 @@ def chat_tokenizer(model: str, key: str):
     return tokenizer
 
 
-def policy_writer(cfg: RunConfig, llms: list) -> Writer:
+def policy_writer(cfg: RunConfig, engines: list) -> Writer:
     """The policy in a vLLM engine, built as the loop builds it; the engine is appended to
-    `llms` (the caller ends it)."""
-    from oaif.engines import build_llm
-    from oaif.generate import InProcessEngine
-
-    c, g = cfg.critique, cfg.generate
+    `engines` (the caller ends it)."""
+    c = cfg.critique
     tokenizer = chat_tokenizer(cfg.policy.model, "policy.model")
-    llms.append(build_llm(cfg.policy.model, cfg.policy.dtype, cfg.seed, g.kv_cache_gib,
-                          c.max_prompt_tokens + c.max_new_tokens, g.tensor_parallel_size, g.gpu_memory_utilization,
-                          enforce_eager=g.enforce_eager))
-    return local_writer(tokenizer, engine_generate(InProcessEngine(llms[-1]), c, cfg.seed), c.max_prompt_tokens)
+    engines.append(local_engine(cfg, max_model_len=c.max_prompt_tokens + c.max_new_tokens))
+    return local_writer(tokenizer, engine_generate(engines[-1], c, cfg.seed), c.max_prompt_tokens)
 
 
-def critic_writer(cfg: RunConfig, policy: Writer, llms: list) -> Writer:
+def critic_writer(cfg: RunConfig, policy: Writer, engines: list) -> Writer:
     """critique.critic: the policy's writer, or the critic model's (a vLLM engine of its own
-    is appended to `llms`, which the caller ends)."""
+    is appended to `engines`, which the caller ends)."""
     c, a = cfg.critique, cfg.annotate
     if c.critic == "policy":
         return policy
@@ -173,12 +170,11 @@ def critic_writer(cfg: RunConfig, policy: Writer, llms: list) -> Writer:
                                                          c.max_new_tokens, c.temperature)
     tokenizer = chat_tokenizer(c.critic_model, "critique.critic_model")
     if c.critic == "vllm":
-        from oaif.engines import build_llm
-        from oaif.generate import InProcessEngine
-
-        llms.append(build_llm(c.critic_model, a.dtype, cfg.seed, a.kv_cache_gib, c.max_prompt_tokens + c.max_new_tokens,
-                              gpu_memory_utilization=a.gpu_memory_utilization, enforce_eager=a.enforce_eager))
-        return local_writer(tokenizer, engine_generate(InProcessEngine(llms[-1]), c, cfg.seed), c.max_prompt_tokens)
+        engines.append(InProcessEngine(build_llm(c.critic_model, a.dtype, cfg.seed, a.kv_cache_gib,
+                                                 c.max_prompt_tokens + c.max_new_tokens,
+                                                 gpu_memory_utilization=a.gpu_memory_utilization,
+                                                 enforce_eager=a.enforce_eager)))
+        return local_writer(tokenizer, engine_generate(engines[-1], c, cfg.seed), c.max_prompt_tokens)
     from oaif.annotate.transformers_local import TransformersScorer
     from oaif.train import load_causal_lm
 
@@ -241,7 +237,6 @@ def training_rows(records: list[dict]) -> tuple[list[dict], list[dict]]:
 def run_critique(cfg: RunConfig, out: str | Path, overwrite: bool = False, log=print) -> dict:
     """The whole `oaif critique` command (module docstring); returns the summary."""
     from oaif import outputs
-    from oaif.engines import shutdown_llm
     from oaif.generate import check_model
 
     t0 = time.perf_counter()
@@ -260,16 +255,16 @@ def run_critique(cfg: RunConfig, out: str | Path, overwrite: bool = False, log=p
     critic_model = cfg.policy.model if c.critic == "policy" else c.critic_model
     log(f"critique: {len(prompts)} prompts of {source}, {c.revisions} revision(s) each by {cfg.policy.model}, "
         f"critic {c.critic} ({critic_model}), principles of {constitution.path}")
-    llms: list = []
+    engines: list = []
     try:
-        policy = policy_writer(cfg, llms)
-        critic = critic_writer(cfg, policy, llms)
+        policy = policy_writer(cfg, engines)
+        critic = critic_writer(cfg, policy, engines)
         startup = time.perf_counter() - t0
         principles = draw_principles(constitution, cfg.seed, len(prompts), c.revisions)
         records = critique_and_revise(prompts, principles, critique, revision, policy, critic, log)
     finally:
-        for llm in llms:
-            shutdown_llm(llm)
+        for engine in engines:
+            engine.close()
     provenance = {"policy": cfg.policy.model, "critic": c.critic, "critic_model": critic_model,
                   "constitution": constitution.name, "constitution_hash": constitution.hash}
     records = [{**r, **provenance} for r in records]

@@ -32,6 +32,8 @@ from oaif.annotate.base import Annotator
 from oaif.annotate.judge import judge_pairs, judgment_metrics
 from oaif.config import ConfigError, RunConfig
 from oaif.datasets_io import load_prompts
+from oaif.engine import local_engine
+from oaif.generate import check_model, load_tokenizer
 from oaif.faults import crash_point
 from oaif.records import Prompt, Sample, read_jsonl, write_jsonl
 
@@ -225,18 +227,13 @@ def baseline_responses(cfg: RunConfig, run_dir: Path, engine, tokenizer, fresh: 
 
 
 def generate_with(model: str, prompts: list[Prompt], cfg: RunConfig) -> list[Response]:
-    """Responses from `model` in a short-lived engine of its own."""
-    import gc
-
-    from oaif.engines import build_llm
-    from oaif.generate import InProcessEngine, load_tokenizer
-
-    llm = build_llm(model, cfg.policy.dtype, cfg.seed, cfg.generate.kv_cache_gib,
-                    cfg.policy.max_prompt_tokens + max_new_tokens(cfg), enforce_eager=True)
-    responses = respond(InProcessEngine(llm), load_tokenizer(model), prompts, cfg)
-    del llm
-    gc.collect()
-    return responses
+    """Responses from `model` in a short-lived engine of its own (eager: compiling it would
+    cost more than it saves)."""
+    engine = local_engine(cfg, model, cfg.policy.max_prompt_tokens + max_new_tokens(cfg), enforce_eager=True)
+    try:
+        return respond(engine, load_tokenizer(model), prompts, cfg)
+    finally:
+        engine.close()
 
 
 def resolve_policy(cfg: RunConfig, scratch: Path) -> tuple[str, Path | None]:
@@ -278,9 +275,6 @@ def run_eval(cfg: RunConfig, out: str | Path | None = None, *, annotator=None, l
     from oaif import outputs
     from oaif.annotate.select import build_annotator, check_inputs, with_python_annotator
     from oaif.checkpoint import read_trainer_state
-    from oaif.engines import build_llm
-    from oaif.generate import InProcessEngine, check_model, load_tokenizer
-    from oaif.sync import push_weights
     from oaif.train import load_causal_lm
 
     prompts = eval_prompts(cfg)           # bad input fails before any model loads
@@ -320,14 +314,15 @@ def run_eval(cfg: RunConfig, out: str | Path | None = None, *, annotator=None, l
         same = same_shape(reference, policy_model, tokenizer, policy_tokenizer)
         # One engine serves both sides when it can: the baseline answers, then the policy's
         # weights are pushed in place (no second engine start).
-        llm = build_llm(baseline_path, cfg.policy.dtype, cfg.seed, cfg.generate.kv_cache_gib,
-                        cfg.policy.max_prompt_tokens + max_new_tokens(cfg), enforce_eager=cfg.generate.enforce_eager)
-        baseline = respond(InProcessEngine(llm), tokenizer, prompts, cfg)
-        if same:
-            push_weights(llm, policy_model)
-            policy = respond(InProcessEngine(llm), policy_tokenizer, prompts, cfg)
-        else:
-            del llm
+        engine = local_engine(cfg, baseline_path, cfg.policy.max_prompt_tokens + max_new_tokens(cfg))
+        try:
+            baseline = respond(engine, tokenizer, prompts, cfg)
+            if same:
+                engine.load_weights(policy_model, 1)
+                policy = respond(engine, policy_tokenizer, prompts, cfg)
+        finally:
+            engine.close()
+        if not same:
             policy = generate_with(policy_path, prompts, cfg)
             log("note: policy and baseline differ in architecture or vocabulary: eval/kl_to_ref is not computed")
         answered = {b.prompt_id for b in baseline}

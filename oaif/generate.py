@@ -1,7 +1,7 @@
-"""Sampling from the current policy: an in-process vLLM engine, or a vLLM server (server.py).
+"""Sampling a round from the current policy: prompts in, groups of Samples out.
 
-Both engines offer the same two calls on prompt token ids and return the exact sampled
-token ids, so the trainer never re-tokenizes. Every sample has its own seed, drawn from the
+The engine (oaif/engine) takes prompt token ids and returns the exact sampled token ids, so
+the trainer never re-tokenizes. Every sample has its own seed, drawn from the
 run's seed, the round and its place in the round (`sample_seeds`): what a round samples does not
 depend on what the engine did before, so a resumed run samples what an uninterrupted one did.
 (vLLM's `n` with one request seed gives correlated, even repeated, samples: each sample is
@@ -10,56 +10,16 @@ its own n=1 request.)
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from oaif.config import GenerateConfig
+from oaif.engine.base import Completion, PolicyEngine
 from oaif.records import Prompt, Sample
-
-Completion = tuple[list[int], str, str]   # (token ids, text, finish_reason)
-
-
-class Engine(Protocol):
-    def sample(self, prompt_token_ids: list[list[int]], seeds: list[list[int]], temperature: float, top_p: float,
-               max_tokens: int) -> list[list[Completion]]:
-        """len(seeds[j]) samples of prompt j, sample k drawn with seed seeds[j][k]."""
-        ...
-
-    def greedy(self, prompt_token_ids: list[list[int]], max_tokens: int) -> list[list[int]]:
-        ...
-
-
-class InProcessEngine:
-    """A vllm.LLM in this process; `lora_request` is set by the sync when vLLM serves the
-    policy's LoRA adapter itself."""
-
-    def __init__(self, llm):
-        self.llm, self.lora_request = llm, None
-
-    def _generate(self, prompt_token_ids: list[list[int]], params):   # one SamplingParams, or one per prompt
-        from vllm import TokensPrompt
-
-        return self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids], params,
-                                 use_tqdm=False, lora_request=self.lora_request)
-
-    def sample(self, prompt_token_ids, seeds, temperature, top_p, max_tokens) -> list[list[Completion]]:
-        from vllm import SamplingParams
-
-        flat = [(ids, s) for ids, row in zip(prompt_token_ids, seeds) for s in row]
-        outs = self._generate([ids for ids, _ in flat], [
-            SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=s) for _, s in flat])
-        done = iter([(list(o.outputs[0].token_ids), o.outputs[0].text, o.outputs[0].finish_reason) for o in outs])
-        return [[next(done) for _ in row] for row in seeds]
-
-    def greedy(self, prompt_token_ids, max_tokens) -> list[list[int]]:
-        from vllm import SamplingParams
-
-        outs = self._generate(prompt_token_ids, SamplingParams(temperature=0.0, max_tokens=max_tokens))
-        return [list(o.outputs[0].token_ids) for o in outs]
 
 
 def check_model(model: str, key: str) -> None:
@@ -138,29 +98,57 @@ class Pending:
     t0: float                              # when the engine was asked
 
 
+@dataclass
+class Drawn:
+    """async_rounds: a round's samples already drawn (collected for a checkpoint, or read back
+    from one), so a resumed run trains on the very samples an uninterrupted one would."""
+    round: int
+    groups: list[list[Sample]]
+    metrics: dict
+
+    def saved(self) -> dict:
+        return {"round": self.round, "metrics": self.metrics,
+                "groups": [[dataclasses.asdict(s) for s in g] for g in self.groups]}
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "Drawn":
+        return cls(saved["round"], [[Sample(**s) for s in g] for g in saved["groups"]], saved["metrics"])
+
+
 class Generator:
-    def __init__(self, engine: Engine, tokenizer, cfg: GenerateConfig, max_prompt_tokens: int, seed: int = 0):
+    """A round's samples from the policy the engine holds. With async_rounds the next round's
+    are requested (`submit`) as soon as this round's are in, and drawn while the caller trains."""
+
+    def __init__(self, engine: PolicyEngine, tokenizer, cfg: GenerateConfig, max_prompt_tokens: int, seed: int = 0):
         self.engine, self.tokenizer, self.cfg = engine, tokenizer, cfg
         self.max_prompt_tokens, self.seed = max_prompt_tokens, seed
+        self.pending: Pending | Drawn | None = None   # a submitted round's request, or its samples
 
     def encode(self, prompt: Prompt) -> list[int]:
         return encode_prompt(self.tokenizer, prompt.messages)
 
     def sample(self, prompts: list[Prompt], round: int, policy_version: int) -> tuple[list[list[Sample]], dict]:
-        """samples_per_prompt samples per prompt; prompts over max_prompt_tokens are skipped."""
+        """samples_per_prompt samples per prompt; prompts over max_prompt_tokens are skipped.
+        The round's submitted samples if there are any (a request in flight is finished first,
+        whether this round uses it or not)."""
+        drawn, self.pending = self.drawn(), None
+        if drawn is not None and drawn.round == round:
+            return drawn.groups, drawn.metrics
         pending = self._pending(prompts, round, policy_version)
         return self._samples(pending, self.engine.sample(*self._request(pending)))
 
-    def submit(self, prompts: list[Prompt], round: int, policy_version: int) -> Pending:
-        """Asks an engine in its own process for a round's samples and returns at once: they
-        are drawn while the caller goes on (trains); collect() waits for them."""
-        pending = self._pending(prompts, round, policy_version)
-        self.engine.submit_sample(*self._request(pending))
-        return pending
+    def submit(self, prompts: list[Prompt], round: int, policy_version: int) -> None:
+        """Asks the engine for a round's samples; an engine in its own process returns at once
+        and draws them while the caller goes on (trains); sample() for that round takes them."""
+        self.pending = self._pending(prompts, round, policy_version)
+        self.engine.submit(*self._request(self.pending))
 
-    def collect(self, pending: Pending) -> tuple[list[list[Sample]], dict]:
-        """The samples of a submitted round (waiting for them if they are still being drawn)."""
-        return self._samples(pending, self.engine.result())
+    def drawn(self) -> Drawn | None:
+        """The submitted round's samples (waiting for them if they are still being drawn), kept
+        for their round; None if nothing was submitted."""
+        if isinstance(self.pending, Pending):
+            self.pending = Drawn(self.pending.round, *self._samples(self.pending, self.engine.collect()))
+        return self.pending
 
     def _pending(self, prompts: list[Prompt], round: int, policy_version: int) -> Pending:
         """The request for a round, made just before the engine is asked (its clock starts)."""

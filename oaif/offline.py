@@ -22,67 +22,43 @@ import random
 import time
 from pathlib import Path
 
+from oaif.checkpoint import build_trainer
 from oaif.config import RunConfig
+from oaif.console import format_row, header
 from oaif.datasets_io import load_pairs
-from oaif.records import write_jsonl
+from oaif.distributed import check_distributed, end, make_accelerator
+from oaif.generate import check_model, load_tokenizer
+from oaif.rundir import RunDir, resume_config, run_identity
 
 
 def run_offline(cfg: RunConfig, pairs_path: str | Path, log=print) -> Path:
     """Train on the pair file for cfg.rounds shuffled passes; returns the run directory."""
-    return _with_accelerator(log, lambda accelerator, log: _run_offline(cfg, pairs_path, accelerator, log))
+    return _train(cfg, pairs_path, RunDir(Path(cfg.output_dir) / cfg.name), log)
 
 
 def resume_offline(run_dir: Path, overrides: list[str] = (), *, checkpoint: Path | None = None, log=print) -> Path:
     """`oaif resume` of an offline run: the same passes over the pairs it saved, from its
     checkpoint (default: the newest whole one), in the order an uninterrupted run takes."""
-    from oaif.rundir import resume_config
-
     cfg = resume_config(run_dir, overrides)
-    return _with_accelerator(log, lambda accelerator, log: _run_offline(
-        cfg, run_dir / "pairs.jsonl", accelerator, log, resume_dir=run_dir, checkpoint=checkpoint))
+    return _train(cfg, run_dir / "pairs.jsonl", RunDir(run_dir, resume=True, checkpoint=checkpoint), log)
 
 
-def _with_accelerator(log, run):
-    from oaif.distributed import end, make_accelerator
-
-    accelerator = make_accelerator()
+def _train(cfg: RunConfig, pairs_path: str | Path, run: RunDir, log) -> Path:
+    run.accelerator = make_accelerator()
+    if not run.main:
+        log = lambda *_: None  # noqa: E731 (rank 0 alone prints)
     try:
-        return run(accelerator, log if accelerator is None or accelerator.is_main_process else (lambda *_: None))
-    finally:
-        end(accelerator)
-
-
-def _run_offline(cfg: RunConfig, pairs_path: str | Path, accelerator, log, resume_dir: Path | None = None,
-                 checkpoint: Path | None = None) -> Path:
-    from oaif.distributed import check_distributed, on_main
-    from oaif.generate import check_model, load_tokenizer
-    from oaif.console import format_row, header
-    from oaif.loop import build_trainer
-    from oaif.rundir import RunLock, finish_round, prepare_run_dir, run_identity, start_resume
-
-    check_distributed(cfg, accelerator, judge=False)
-    check_model(cfg.policy.model, "policy.model")
-    tokenizer = load_tokenizer(cfg.policy.model)
-    pairs, skipped = load_pairs(pairs_path, tokenizer, cfg.policy.max_prompt_tokens)  # every rank: same file
-    lock, state = None, None
-
-    def prepare() -> Path:
-        nonlocal lock
-        if resume_dir is not None:
-            lock = RunLock(resume_dir)
-            return resume_dir
-        run_dir, lock = prepare_run_dir(cfg)
-        write_jsonl(run_dir / "pairs.jsonl", pairs)   # what was trained on, as tokens (and what a resume reads)
-        return run_dir
-
-    try:
-        run_dir = on_main(accelerator, prepare)
-        identity = run_identity(cfg, data=str(run_dir / "pairs.jsonl"))
-        if resume_dir is not None:
-            checkpoint, state = start_resume(cfg, run_dir, checkpoint, identity, accelerator, log)
+        check_distributed(cfg, run.accelerator, judge=False)
+        check_model(cfg.policy.model, "policy.model")
+        tokenizer = load_tokenizer(cfg.policy.model)
+        pairs, skipped = load_pairs(pairs_path, tokenizer, cfg.policy.max_prompt_tokens)  # every rank: same file
+        # What was trained on, as tokens (and what a resume reads).
+        run.open(cfg, files={} if run.resume else {"pairs.jsonl": pairs})
+        run.identity = run_identity(cfg, data=str(run.path / "pairs.jsonl"))
+        state = run.rewind(cfg, log) if run.resume else None
         steps = cfg.rounds * cfg.train.epochs_per_round * -(-len(pairs) // cfg.train.batch_size)
-        trainer = build_trainer(cfg, tokenizer.pad_token_id, steps, accelerator, checkpoint if state else None)
-        log(f"run directory: {run_dir}; {len(pairs)} pairs from {pairs_path} (skipped: {skipped})")
+        trainer = build_trainer(cfg, tokenizer.pad_token_id, steps, run.accelerator, run.resume_from if state else None)
+        log(f"run directory: {run.path}; {len(pairs)} pairs from {pairs_path} (skipped: {skipped})")
         log(header())
         rng = random.Random(cfg.seed)
         first = state["round"] + 1 if state else 0
@@ -95,11 +71,10 @@ def _run_offline(cfg: RunConfig, pairs_path: str | Path, accelerator, log, resum
             metrics = {"round": index, "policy_version": index + 1, "pairs_kept": len(pairs),
                        **trainer.train_round(order)}
             metrics["round/seconds"] = time.perf_counter() - t0
-            finish_round(cfg, run_dir, trainer, tokenizer, accelerator, index, index + 1, metrics,
-                         last=index == cfg.rounds - 1, extra=lambda: {"identity": identity})
+            run.finish(cfg, index, trainer, tokenizer, index + 1, metrics, last=index == cfg.rounds - 1)
             log(format_row(metrics))
-        log(f"done: {cfg.rounds} passes over {len(pairs)} pairs; checkpoint in {run_dir / 'checkpoints'}")
-        return run_dir
+        log(f"done: {cfg.rounds} passes over {len(pairs)} pairs; checkpoint in {run.path / 'checkpoints'}")
+        return run.path
     finally:
-        if lock is not None:
-            lock.release()
+        run.close()
+        end(run.accelerator)

@@ -15,6 +15,7 @@ from pathlib import Path
 from oaif.checkpoint import (CHECKPOINT_NAME, incomplete_reason, latest_checkpoint, read_trainer_state,
                              save_checkpoint)
 from oaif.config import ConfigError, RunConfig, dump_config, load_config
+from oaif.distributed import gathered_state_dict, on_main
 from oaif.faults import crash_point
 from oaif.fingerprint import content_fingerprint, model_fingerprint
 from oaif.records import Prompt, append_jsonl, read_jsonl, write_jsonl
@@ -167,8 +168,6 @@ def start_resume(cfg: RunConfig, run_dir: Path, checkpoint: Path | None, identit
     the newest whole one) is checked against the run and the config, and everything recorded
     after it is dropped; returns (checkpoint, its trainer state), (None, None) when the run
     stopped before its first checkpoint (it starts again at round 0)."""
-    from oaif.distributed import on_main
-
     if checkpoint is not None:
         check_checkpoint(run_dir, checkpoint)
     else:
@@ -234,42 +233,97 @@ def rewind_run_dir(cfg: RunConfig, run_dir: Path, last_round: int, policy_versio
     return dropped, foreign
 
 
-def finish_round(cfg: RunConfig, run_dir: Path, trainer, tokenizer, accelerator, index: int, policy_version: int,
-                 metrics: dict, last: bool, extra=dict) -> bool:
-    """metrics.jsonl and replicas.jsonl, then the checkpoint when due (returns whether it
-    was); rank 0 writes. extra: a function giving what else the checkpoint keeps, called
-    only when one is written."""
-    from oaif.distributed import on_main
+class RunDir:
+    """The run directory as one rank sees it, and its only writer during a run: made whole
+    (`new`) or taken up for a resume (`existing`, then `rewind`), locked while the run lives,
+    and written in an order a crash cannot break: a round's records as each stage ends, then
+    its metrics line, then (when due) its checkpoint. Rank 0 writes; every rank calls (the
+    weights of a checkpoint may have to be gathered from shards)."""
 
-    def write() -> None:
-        append_jsonl(run_dir / "metrics.jsonl", metrics)
-        for step, hashes in trainer.replica_hashes:
-            append_jsonl(run_dir / "replicas.jsonl", {"round": index, "step": step, "hashes": hashes})
-        crash_point("metrics")
+    def __init__(self, path: Path, accelerator=None, *, resume: bool = False, checkpoint: Path | None = None,
+                 prompts: list[Prompt] | None = None):
+        """resume: `path` is a run to continue from `checkpoint` (None: its latest); else a new
+        run's, made by open(). prompts: a prompt set given in code, saved with a new run."""
+        self.path, self.accelerator, self.resume = path, accelerator, resume
+        self.resume_from = checkpoint if resume else None
+        self.prompts, self.given = prompts, prompts is not None   # the run's prompt set
+        self.lock: RunLock | None = None
+        self.identity: dict = {}   # what the run is (run_identity), kept in every checkpoint
 
-    # Records before the checkpoint: a crash between them leaves rows that the resume from the
-    # previous checkpoint drops, never a checkpoint whose round has no metrics.
-    on_main(accelerator, write)
-    trainer.replica_hashes.clear()
-    due = last or bool(cfg.train.checkpoint_every and (index + 1) % cfg.train.checkpoint_every == 0)
-    if due:
-        checkpoint_now(run_dir, trainer, tokenizer, accelerator, index, policy_version, extra())
-    return due
+    def open(self, cfg: RunConfig, files: dict[str, list] | None = None) -> None:
+        """Rank 0 makes a new run's directory whole (prepare_run_dir) and writes `files` (name ->
+        rows) in it, or locks the run to resume; every rank goes on once that is done."""
+        def make() -> None:   # the lock stays on rank 0 (on_main hands only results to the others)
+            if self.resume:
+                self.lock = RunLock(self.path)
+                return
+            self.path, self.lock = prepare_run_dir(cfg, self.prompts if self.given else None)
+            for name, rows in (files or {}).items():
+                write_jsonl(self.path / name, rows)
+
+        on_main(self.accelerator, make)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
+
+    def rewind(self, cfg: RunConfig, log) -> dict | None:
+        """start_resume: drops what came after the checkpoint (now `resume_from`: the given one or
+        the latest whole one) and returns its trainer state."""
+        self.resume_from, state = start_resume(cfg, self.path, self.resume_from, self.identity, self.accelerator, log)
+        return state
+
+    def write(self, index: int, name: str, rows: list) -> None:
+        """One of round `index`'s record files (rank 0 calls it)."""
+        write_jsonl(self.path / "rounds" / f"{index:06d}" / name, rows)
+
+    def finish(self, cfg: RunConfig, index: int, trainer, tokenizer, policy_version: int, metrics: dict, last: bool,
+               extra=dict) -> bool:
+        """metrics.jsonl and replicas.jsonl, then the checkpoint when due (returns whether it
+        was). extra: a function giving what else the checkpoint keeps, called only when one is written."""
+        def write() -> None:
+            append_jsonl(self.path / "metrics.jsonl", metrics)
+            for step, hashes in trainer.replica_hashes:
+                append_jsonl(self.path / "replicas.jsonl", {"round": index, "step": step, "hashes": hashes})
+            crash_point("metrics")
+
+        # Records before the checkpoint: a crash between them leaves rows that the resume from the
+        # previous checkpoint drops, never a checkpoint whose round has no metrics.
+        on_main(self.accelerator, write)
+        trainer.replica_hashes.clear()
+        due = last or bool(cfg.train.checkpoint_every and (index + 1) % cfg.train.checkpoint_every == 0)
+        if due:
+            self.checkpoint(index, trainer, tokenizer, policy_version, extra())
+        return due
+
+    def checkpoint(self, index: int, trainer, tokenizer, policy_version: int, extra: dict) -> None:
+        """A checkpoint after round `index` now, with the run's identity. Older vllm_lora
+        adapters go once it is whole: a resume starts from its weights."""
+        state = gathered_state_dict(self.accelerator, trainer.model)
+        keep = trainer.cfg.keep_checkpoints
+
+        def save() -> None:
+            save_checkpoint(self.path, index, policy_version, trainer, tokenizer, state, keep,
+                            {"identity": self.identity, **extra})
+            for d in sorted((self.path / "adapters").glob("v??????")):
+                if ADAPTER_DIR.fullmatch(d.name) and int(d.name[1:]) < policy_version:
+                    shutil.rmtree(d)
+
+        on_main(self.accelerator, save)
+
+    def close(self) -> None:
+        """Last: nothing of this process touches the run directory after it."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
-def checkpoint_now(run_dir: Path, trainer, tokenizer, accelerator, index: int, policy_version: int,
-                   extra: dict) -> None:
-    """Every rank calls it (the weights may have to be gathered from shards); rank 0 writes.
-    Older vllm_lora adapters go once it is whole: a resume starts from its weights."""
-    from oaif.distributed import gathered_state_dict, on_main
+def is_offline_run(run_dir: Path) -> bool:
+    """`oaif offline` keeps the pairs it trains on in the run directory itself."""
+    return (run_dir / "pairs.jsonl").is_file()
 
-    state = gathered_state_dict(accelerator, trainer.model)
-    keep = trainer.cfg.keep_checkpoints
 
-    def save() -> None:
-        save_checkpoint(run_dir, index, policy_version, trainer, tokenizer, state, keep, extra)
-        for d in sorted((run_dir / "adapters").glob("v??????")):
-            if ADAPTER_DIR.fullmatch(d.name) and int(d.name[1:]) < policy_version:
-                shutil.rmtree(d)
-
-    on_main(accelerator, save)
+def export_stale(run_dir: Path) -> bool:
+    """The end-of-run export is missing, or older than the last metrics line (cut short)."""
+    dataset, metrics = run_dir / "dataset", run_dir / "metrics.jsonl"
+    return not dataset.is_dir() or (metrics.is_file() and dataset.stat().st_mtime < metrics.stat().st_mtime)

@@ -259,6 +259,7 @@ class DPOTrainer:
         self.total_steps, self.anchor = total_steps, None   # the schedule's horizon (checkpointed)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
         self.steps = 0
+        self.version = 0   # rounds trained: the policy version the engine is told at a sync
         self.skipped_in_a_row = 0   # optimizer steps skipped for non-finite gradients, consecutively
         self.replica_hashes: list[tuple[int, list[str]]] = []   # (step, every rank's parameter_hash): check_replicas
         # id(pair) -> log-probs of (chosen, rejected) this round: under the reference, and (rloo)
@@ -407,6 +408,7 @@ class DPOTrainer:
                 if cfg.check_replicas:
                     self.check_replicas()
         self._reference_cache, self._start_cache = {}, {}
+        self.version += 1
         return {**{f"train/{k}": v for k, v in stats.means(acc).items()},
                 "train/grad_norm": sum(norms) / len(norms) if norms else None, "train/skipped_steps": skipped,
                 "train/steps": self.steps, "train/learning_rate": self.scheduler.get_last_lr()[0]}

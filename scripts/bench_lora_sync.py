@@ -68,9 +68,9 @@ def bench_size(name: str, shape: dict, args, work: Path) -> dict:
 
     from oaif.config import LoraConfig, TrainConfig
     from oaif.datasets_io import load_prompts
-    from oaif.engines import build_llm
+    from oaif.engine.vllm import build_llm
     from oaif.generate import encode_prompt
-    from oaif.sync import push_lora_adapter, push_weights
+    from oaif.engine.weights import push_lora_adapter, push_weights
     from oaif.tiny import init_tiny
     from oaif.train import build_policy
 

@@ -10,7 +10,7 @@ For each model size it times, on the same running engine:
             update pay per round)
   server    oaif's server mode: push_weights_to_server into a vLLM server process
             (save to /dev/shm + pause, reload_weights, reset prefix cache, resume over HTTP)
-  process   async_rounds' engine process (oaif/actor.py): copy into shared memory, then the
+  process   async_rounds' engine process (oaif/engine/process.py): copy into shared memory, then the
             process reloads; timed until loaded, and until `push` returns (what the trainer
             waits for: the load itself overlaps the next round's sampling)
   copy      the floor: one plain in-memory copy of the same weights
@@ -51,10 +51,10 @@ def main() -> None:
 
     import torch
 
-    from oaif.engines import build_llm
-    from oaif.server import push_weights_to_server, start_server, stop_server
-    from oaif.actor import ProcessEngine
-    from oaif.sync import hf_named_weights, push_weights
+    from oaif.engine.vllm import build_llm
+    from oaif.engine.server import push_weights_to_server, start_server, stop_server
+    from oaif.engine.process import ProcessEngine
+    from oaif.engine.weights import hf_named_weights, push_weights
     from oaif.tiny import init_tiny
     from oaif.train import load_causal_lm
 

@@ -23,7 +23,7 @@ goes to another point.
 The modes (MODES): `inprocess` (one process, the engine in it), `async` (async_rounds=1: the
 engine in a process of its own), `server` (generate.server_url: the drill starts a vLLM
 OpenAI server as a user would, `python -m vllm.entrypoints.openai.api_server` with
-VLLM_SERVER_DEV_MODE=1, through oaif.server.start_server; it lives through every kill and
+VLLM_SERVER_DEV_MODE=1, through oaif.engine.server.start_server; it lives through every kill and
 serves both runs), `lora` (a LoRA adapter handed to vLLM as a LoRARequest, train.lora.sync
 vllm_lora) and `two_process` (2 ranks under `accelerate launch`, gloo on CPUs; rank 0 starts
 and owns a vLLM server; no in-loop evaluation there).
@@ -398,17 +398,17 @@ class Drill:
             return self.drill()
         finally:
             if server is not None:
-                from oaif.server import stop_server
+                from oaif.engine.server import stop_server
 
                 stop_server(server)
             shutil.rmtree(self.weights_dir, ignore_errors=True)
 
     def start_server(self):
-        """Server mode: a vLLM OpenAI server as a user starts one (oaif.server.start_server:
+        """Server mode: a vLLM OpenAI server as a user starts one (oaif.engine.server.start_server:
         `python -m vllm.entrypoints.openai.api_server` with the weight endpoints on and a
         random key), for both runs; it lives through every kill."""
         from oaif.config import load_config
-        from oaif.server import server_key, start_server
+        from oaif.engine.server import server_key, start_server
 
         cfg = load_config(ROOT / "configs/tiny_cpu.yaml", self.common[1:])
         g = cfg.generate

@@ -11,7 +11,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 # The whole session, and every child it starts, sees the same environment whatever the test
 # order: no test asks the Hugging Face hub (CI must not depend on a network), and what
-# oaif.engines sets when imported is set before any test imports it. Undone at the end.
+# oaif.engine.vllm sets when imported is set before any test imports it. Undone at the end.
 SESSION_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING"}
 SLOW_TIMEOUT_S = 1800     # the slow tier (SmolLM2, whole experiments); every other test: pyproject's timeout
 FIXTURE_TIMEOUT_S = 900   # a process a fixture or test waits for (pytest-timeout times only test bodies)
@@ -122,8 +122,8 @@ def concise_run(tiny_model, tmp_path_factory) -> tuple[Path, subprocess.Complete
 @pytest.fixture
 def closing():
     """closing(llm) ends an in-process vLLM engine at the test's teardown, whatever its outcome,
-    rather than leaving it to the garbage collector (oaif.engines.shutdown_llm says why)."""
-    from oaif.engines import shutdown_llm
+    rather than leaving it to the garbage collector (oaif.engine.vllm.shutdown_llm says why)."""
+    from oaif.engine.vllm import shutdown_llm
 
     engines = []
     yield lambda llm: engines.append(llm) or llm

@@ -1,4 +1,4 @@
-"""Tier 2: the policy's vLLM engine in its own process (oaif.actor), real vLLM in real
+"""Tier 2: the policy's vLLM engine in its own process (oaif.engine.process), real vLLM in real
 processes. Compared with transformers, never with an in-process vllm.LLM: ending one tears
 down vLLM's process-wide state under any other engine in this pytest process."""
 
@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from oaif.actor import EngineProcessError, ProcessEngine
+from oaif.engine.process import EngineProcessError, ProcessEngine
 from oaif.datasets_io import load_prompts
 from oaif.generate import sample_seeds
-from oaif.sync import hf_named_weights
+from oaif.engine.weights import hf_named_weights
 
 from conftest import ROOT, hf_greedy
 
@@ -144,7 +144,7 @@ def test_submit_and_push_return_at_once_and_a_queued_sample_keeps_the_old_weight
     # (the push overwrites the shared buffers before the child even starts the sample).
     os.kill(engine.process.pid, signal.SIGSTOP)
     try:
-        submit = Call(engine.submit_sample, prompt_ids, seeds, 0.9, 1.0, 32)
+        submit = Call(engine.submit, prompt_ids, seeds, 0.9, 1.0, 32)
         assert submit.returned_within(30) and submit.error is None
         push = Call(engine.push, hf_named_weights(perturbed))
         assert push.returned_within(30) and push.error is None
@@ -158,7 +158,7 @@ def test_submit_and_push_return_at_once_and_a_queued_sample_keeps_the_old_weight
     finally:
         os.kill(engine.process.pid, signal.SIGCONT)
     assert second_push.returned_within(60) and second_push.error is None
-    assert engine.result() == expected, "the sample was queued before the push: it must see the old weights"
+    assert engine.collect() == expected, "the sample was queued before the push: it must see the old weights"
     engine.wait_loaded()
     assert engine.greedy(prompt_ids, 24) == transformers_greedy(policy, prompt_ids), "the last push wins"
 
@@ -201,7 +201,7 @@ def test_a_failed_load_or_a_dead_child_fails_every_call_after_it(tiny_model, pro
             engine.greedy(prompt_ids[:1], 4)
 
         os.kill(engine.process.pid, signal.SIGSTOP)   # so that the sample cannot be answered
-        engine.submit_sample(prompt_ids, sample_seeds(0, "round 0", len(prompt_ids), 2), 0.9, 1.0, 32)
+        engine.submit(prompt_ids, sample_seeds(0, "round 0", len(prompt_ids), 2), 0.9, 1.0, 32)
         os.kill(engine.process.pid, signal.SIGKILL)
         waiting = Call(engine.result)
         assert waiting.returned_within(60), "result() must notice the dead child, not wait forever"
@@ -217,7 +217,7 @@ def test_a_failed_load_or_a_dead_child_fails_every_call_after_it(tiny_model, pro
 
 PARENT = """
 import ast, sys, time
-from oaif.actor import ProcessEngine
+from oaif.engine.process import ProcessEngine
 engine = ProcessEngine(ast.literal_eval(sys.argv[1]))
 print("engine pid", engine.process.pid, flush=True)
 time.sleep(600)

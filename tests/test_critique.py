@@ -144,7 +144,7 @@ def test_a_vllm_critic_is_the_model_that_critiques(policy_run, tiny_model, criti
 def test_an_openai_critic_is_the_model_behind_the_endpoint(policy_run, tiny_model, critic_model, tmp_path):
     """The critic behind a vLLM OpenAI-compatible server (chat endpoint), reached through the
     openai annotator's client."""
-    from oaif.server import start_server, stop_server
+    from oaif.engine.server import start_server, stop_server
 
     server = start_server(str(critic_model), None, "float32", 0, 1100, 0.1, ["--enforce-eager"], timeout_s=300)
     try:

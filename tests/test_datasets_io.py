@@ -236,8 +236,8 @@ def test_merged_lora_export_in_vllm_generates_what_transformers_generates(tiny_m
     """`oaif export` of a LoRA run: vLLM serves the merged folder with transformers' greedy
     outputs, and they are the trained policy's, not the base model's."""
     from oaif.config import GenerateConfig
-    from oaif.engines import build_llm
-    from oaif.generate import Generator, InProcessEngine
+    from oaif.engine.vllm import InProcessEngine, build_llm
+    from oaif.generate import Generator
 
     r = oaif_main("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}", "name=lora",
                  "train.lora.enabled=true", "train.lora.r=8", "train.learning_rate=3e-3", *FAST)

@@ -201,8 +201,8 @@ def test_a_batch_larger_than_one_prefill_samples_with_every_seed(tiny_model):
 
     from oaif.config import GenerateConfig
     from oaif.datasets_io import load_prompts
-    from oaif.engines import build_llm, shutdown_llm
-    from oaif.generate import Generator, InProcessEngine
+    from oaif.engine.vllm import InProcessEngine, build_llm, shutdown_llm
+    from oaif.generate import Generator
 
     llm = build_llm(str(tiny_model), "float32", seed=0, kv_cache_gib=0.25, max_model_len=192, enforce_eager=True)
     try:

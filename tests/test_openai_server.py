@@ -14,7 +14,7 @@ from oaif.annotate.base import JudgeRequest, load_template
 from oaif.annotate.openai_api import OpenAIAnnotator
 from oaif.config import AnnotateConfig, OpenAIConfig
 from oaif.constitution import load_constitution
-from oaif.server import PortTaken, free_port, spawn_server, start_server, stop_server, wait_healthy
+from oaif.engine.server import PortTaken, free_port, spawn_server, start_server, stop_server, wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 BOOT_DEADLINE_S = 150

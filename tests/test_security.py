@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from oaif.checkpoint import read_trainer_state
-from oaif.server import stop_server
+from oaif.engine.server import stop_server
 
 
 class Planted:
@@ -225,10 +225,10 @@ def test_loop_close_closes_every_judge_and_the_server_client(tmp_path):
 
     train_judges, eval_judge, client = [Holder(), Holder()], Holder(), Holder()
     loop = Loop(load_config("configs/tiny_cpu.yaml"))
-    loop.annotator = MixAnnotator([(CachedAnnotator(train_judges[0], tmp_path / "cache.jsonl", {}), 1.0),
-                                   (train_judges[1], 1.0)])
+    loop.judge.annotator = MixAnnotator([(CachedAnnotator(train_judges[0], tmp_path / "cache.jsonl", {}), 1.0),
+                                         (train_judges[1], 1.0)])
     loop.evaluator = SimpleNamespace(annotator=eval_judge)   # eval.annotate: a judge of its own
-    loop.server_url, loop.generator = "http://127.0.0.1:1", SimpleNamespace(engine=client)
+    loop.generator = SimpleNamespace(engine=client)   # the policy's engine (here a server's client)
     loop.close()
     assert [j.closed for j in (*train_judges, eval_judge, client)] == [1, 1, 1, 1]
 

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from oaif.datasets_io import load_prompts
 from oaif.generate import sample_seeds
-from oaif.server import ServerEngine, _tail, push_weights_to_server, server_key, start_server, stop_server
+from oaif.engine.server import ServerEngine, _tail, push_weights_to_server, server_key, start_server, stop_server
 
 from conftest import ROOT, MarkedProcesses, oaif_main, train_push_and_compare_greedy, versions_follow_training
 
@@ -185,7 +185,7 @@ def test_a_server_ends_with_the_process_that_started_it(tiny_model):
     import sys
 
     marked = MarkedProcesses("OAIF_SERVER_TEST")
-    code = (f"from oaif.server import start_server\n"
+    code = (f"from oaif.engine.server import start_server\n"
             f"p = start_server({str(tiny_model)!r}, None, 'float32', 0, 256, 0.25, ['--enforce-eager'], timeout_s=400)\n"
             f"print(p.pid, flush=True)\nimport time; time.sleep(600)\n")
     parent = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True, env=marked.env)

@@ -118,7 +118,7 @@ def test_oaif_sft_moves_the_policy_toward_its_data(base, marker_data, tmp_path):
 
 
 def test_lora_sft_saves_a_merged_model_that_vllm_serves(base, marker_data, tmp_path):
-    from oaif.engines import build_llm, shutdown_llm
+    from oaif.engine.vllm import build_llm, shutdown_llm
 
     out = tmp_path / "lora"
     cfg = load_config("configs/tiny_cpu.yaml", [f"policy.model={base}", "train.lora.enabled=true",

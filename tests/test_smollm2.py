@@ -13,8 +13,7 @@ pytestmark = pytest.mark.slow
 def test_converted_gguf_loads_in_transformers_and_vllm_alike(smollm2_model, closing):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from oaif.engines import build_llm
-    from oaif.generate import InProcessEngine
+    from oaif.engine.vllm import InProcessEngine, build_llm
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_model)
     assert tokenizer.chat_template, "the chat template must come across"
@@ -40,10 +39,10 @@ def test_lora_merge_sync_on_smollm2_equals_the_peft_policy(smollm2_model, closin
     from oaif.annotate.rules import RulesAnnotator
     from oaif.config import GenerateConfig, LoraConfig, TrainConfig
     from oaif.constitution import load_constitution
-    from oaif.engines import build_llm
-    from oaif.generate import Generator, InProcessEngine
+    from oaif.engine.vllm import InProcessEngine, build_llm
+    from oaif.generate import Generator
     from oaif.datasets_io import load_prompts
-    from oaif.sync import push_weights
+    from oaif.engine.weights import push_weights
     from oaif.train import DPOTrainer, build_policy
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_model)

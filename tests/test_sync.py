@@ -7,10 +7,10 @@ from oaif.annotate.judge import judge_pairs
 from oaif.annotate.rules import RulesAnnotator
 from oaif.config import GenerateConfig, LoraConfig, TrainConfig
 from oaif.constitution import load_constitution
-from oaif.engines import build_llm, shutdown_llm
-from oaif.generate import Generator, InProcessEngine
+from oaif.engine.vllm import InProcessEngine, build_llm, shutdown_llm
+from oaif.generate import Generator
 from oaif.datasets_io import load_prompts
-from oaif.sync import push_weights
+from oaif.engine.weights import push_weights
 from oaif.train import DPOTrainer
 
 from conftest import ROOT, hf_greedy, train_push_and_compare_greedy
@@ -102,7 +102,7 @@ def test_lora_sync_matches_the_peft_policy(tiny_model, engine, lora_engine, tmp_
     new adapter id per version) in a LoRA-enabled engine. Either way vLLM then generates what
     the peft model generates (and something else than before training), and the adapter
     stays unmerged for training."""
-    from oaif.sync import push_lora_adapter
+    from oaif.engine.weights import push_lora_adapter
     from oaif.train import build_policy
 
     llm = engine if sync == "merge" else lora_engine
@@ -145,7 +145,7 @@ def test_lora_merge_leaves_a_bf16_base_untouched_and_rounds_once(tiny_model):
     each pushed weight is the float32 sum rounded once."""
     import torch
 
-    from oaif.sync import hf_named_weights
+    from oaif.engine.weights import hf_named_weights
     from oaif.train import build_policy
 
     policy, _ = build_policy(str(tiny_model), "bfloat16", "cpu", TrainConfig(lora=LoraConfig(enabled=True, r=4)))

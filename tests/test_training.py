@@ -147,7 +147,7 @@ def test_bfloat16_policy_dtype_reaches_the_engine_the_reference_and_the_forward_
     def build_llm(model, dtype, *args, **kwargs):   # stands in for vLLM: record the dtype, stop setup
         raise EngineBuilt(dtype)
 
-    monkeypatch.setattr("oaif.engines.build_llm", build_llm)
+    monkeypatch.setattr("oaif.engine.vllm.build_llm", build_llm)
     monkeypatch.chdir(ROOT)   # the default prompt set and constitution are relative paths
     with pytest.raises(EngineBuilt) as built:
         with Loop(cfg):

@@ -108,7 +108,7 @@ class OpenAIAnnotator:
     @contextlib.asynccontextmanager
     async def _client(self):
         """(client, key) for one batch of requests."""
-        from oaif.server import server_key
+        from oaif.engine.server import server_key
 
         key = server_key(self.api.base_url) or os.environ.get(self.api.api_key_env) or NO_KEY
         self.secret = key if key != NO_KEY else None

@@ -38,7 +38,7 @@ class VLLMScorer:
 class VLLMJudge(LocalJudge):
     def close(self) -> None:
         """End the judge's engine now (engines.shutdown_llm says why not at collection); safe twice."""
-        from oaif.engines import shutdown_llm
+        from oaif.engine.vllm import shutdown_llm
 
         if self.scorer.llm is not None:
             shutdown_llm(self.scorer.llm)
@@ -50,7 +50,7 @@ def VLLMAnnotator(cfg: AnnotateConfig, model: str, constitution: Constitution, t
     """A judge in its own engine."""
     from transformers import AutoTokenizer
 
-    from oaif.engines import build_llm
+    from oaif.engine.vllm import build_llm
 
     llm = build_llm(model, cfg.dtype, seed=seed, kv_cache_gib=cfg.kv_cache_gib,
                     max_model_len=cfg.max_prompt_tokens + 1, gpu_memory_utilization=cfg.gpu_memory_utilization,

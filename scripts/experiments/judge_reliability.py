@@ -79,22 +79,20 @@ def parse_args() -> argparse.Namespace:
 def sample_pairs(cfg) -> list[dict]:
     """Two samples per held-out prompt from the policy, as `oaif annotate` input rows."""
     from oaif.constitution import matches_reference
-    from oaif.engines import build_llm, shutdown_llm
+    from oaif.engine import local_engine
     from oaif.evaluation import eval_prompts
-    from oaif.generate import Generator, InProcessEngine, load_tokenizer
+    from oaif.generate import Generator, load_tokenizer
 
     g = cfg.generate
     if g.samples_per_prompt != 2:
         raise SystemExit(f"error: generate.samples_per_prompt is {g.samples_per_prompt}; the pairs need 2")
     prompts = eval_prompts(cfg)
-    llm = build_llm(cfg.policy.model, cfg.policy.dtype, cfg.seed, g.kv_cache_gib,
-                    cfg.policy.max_prompt_tokens + g.max_new_tokens, enforce_eager=g.enforce_eager)
+    engine = local_engine(cfg)
     try:
-        generator = Generator(InProcessEngine(llm), load_tokenizer(cfg.policy.model), g, cfg.policy.max_prompt_tokens,
-                              cfg.seed)
+        generator = Generator(engine, load_tokenizer(cfg.policy.model), g, cfg.policy.max_prompt_tokens, cfg.seed)
         groups, _ = generator.sample(prompts, round=0, policy_version=0)
     finally:
-        shutdown_llm(llm)
+        engine.close()
     rows = []
     for a, b in groups:
         row = {"id": a.prompt_id, "prompt": a.messages, "a": a.text, "b": b.text, "references": list(a.references),
@@ -111,8 +109,8 @@ def sample_pairs(cfg) -> list[dict]:
 @contextlib.contextmanager
 def served(cfg, model: str):
     """A vLLM OpenAI-compatible server for `model` on a free local port; yields its /v1 URL."""
-    from oaif.engines import resolve_eager
-    from oaif.server import start_server, stop_server
+    from oaif.engine.vllm import resolve_eager
+    from oaif.engine.server import start_server, stop_server
 
     a = cfg.annotate
     cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))))

