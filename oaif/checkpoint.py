@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from oaif import outputs
-from oaif.annotate.rank import max_pairs_per_prompt
+from oaif.annotate.ranking import max_pairs_per_prompt
 from oaif.config import RunConfig
 from oaif.distributed import sharded
 from oaif.faults import crash_point

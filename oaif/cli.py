@@ -143,12 +143,12 @@ def main(argv: list[str] | None = None) -> int:
 def command(args: argparse.Namespace) -> int:
     try:
         if args.command == "init-tiny":
-            from oaif.tiny import init_tiny
+            from oaif.pipeline.tiny import init_tiny
 
             init_tiny(args.out, steps=args.steps, seed=args.seed, overwrite=args.overwrite)
             return 0
         if args.command == "convert-gguf":
-            from oaif.gguf import convert_gguf
+            from oaif.pipeline.gguf import convert_gguf
 
             print(f"converted {args.gguf} -> {convert_gguf(args.gguf, args.out, args.dtype, args.overwrite)}")
             return 0
@@ -161,7 +161,7 @@ def command(args: argparse.Namespace) -> int:
             print(f"exported {out}")
             return 0
         if args.command == "report":
-            from oaif.report import write_report
+            from oaif.pipeline.report import write_report
 
             print(f"report: {write_report(args.run_dir, args.out, args.pairs, args.overwrite)}")
             return 0
@@ -172,7 +172,7 @@ def command(args: argparse.Namespace) -> int:
             print(f"exported the pairs of {args.run_dir} -> {out}/preference (+ .parquet), {out}/kto (+ .parquet)")
             return 0
         if args.command == "resume":
-            from oaif.loop import resume
+            from oaif import resume
 
             resume(args.run_dir, args.overrides, checkpoint=args.checkpoint)
             return 0
@@ -182,31 +182,31 @@ def command(args: argparse.Namespace) -> int:
 
             run_eval(cfg, args.out, overwrite=args.overwrite)
         elif args.command == "annotate":
-            from oaif.annotate.offline import annotate_file
+            from oaif.annotate.files import annotate_file
 
             annotate_file(cfg, args.input, args.out, overwrite=args.overwrite)
         elif args.command == "best-of-n":
-            from oaif.best_of_n import best_of_n
+            from oaif.pipeline.best_of_n import best_of_n
 
             best_of_n(cfg, args.out, overwrite=args.overwrite)
         elif args.command == "train-rm":
-            from oaif.reward_model import train_reward_model
+            from oaif.pipeline.train_rm import train_reward_model
 
             train_reward_model(cfg, args.pairs, args.out, overwrite=args.overwrite)
         elif args.command == "critique":
-            from oaif.critique import run_critique
+            from oaif.pipeline.critique import run_critique
 
             run_critique(cfg, args.out, overwrite=args.overwrite)
         elif args.command == "sft":
-            from oaif.sft import run_sft
+            from oaif.pipeline.sft import run_sft
 
             run_sft(cfg, args.data, args.out, overwrite=args.overwrite)
         elif args.command == "offline":
-            from oaif.offline import run_offline
+            from oaif.pipeline.offline import run_offline
 
             run_offline(cfg, args.pairs)
         else:
-            from oaif.loop import run
+            from oaif import run
 
             run(cfg)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RunStopped) as e:

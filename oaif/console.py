@@ -155,6 +155,15 @@ def header() -> str:
     return "  ".join(f"{title:>{max(len(title), 6)}}" for _, title, _ in COLUMNS)
 
 
+def done_line(rounds: int, first: int, policy_version: int, lengths: list, run_dir: Path) -> str:
+    """The line a finished run ends with. lengths: each round's mean response length (None:
+    every prompt of a round was too long)."""
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    return (f"done: {rounds} rounds" + (f" (resumed after round {first - 1})" if first else "")
+            + f", policy version {policy_version}; mean response length {fmt(lengths[0])} -> "
+            f"{fmt(lengths[-1])} tokens; records and metrics.jsonl in {run_dir}")
+
+
 class GracefulStop:
     """SIGINT / SIGTERM: finish the round in flight, checkpoint it, stop cleanly (exit 0) with
     a resume line; a second signal stops at once (the engines and servers are still closed).
@@ -211,6 +220,15 @@ class RunConsole:
     def end_bars(self) -> None:
         self.progress.close()
         self.progress = Progress(0, 0, enabled=False)
+
+    def round_done(self, metrics: dict, table: list[list[str]], notes: list[str]) -> None:
+        """A finished round: its metrics and sample table to the trackers, its row and notes
+        to the terminal."""
+        if self.trackers is not None:
+            self.trackers.log(metrics, table)
+        self.progress.round_done()
+        for line in [format_row(metrics), *notes]:
+            self.line(line)
 
     def close(self, error: BaseException | None = None) -> None:
         if self.trackers is not None:

@@ -28,14 +28,18 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from oaif import outputs
 from oaif.annotate.base import Annotator
 from oaif.annotate.judge import judge_pairs, judgment_metrics
+from oaif.annotate.backends import build_annotator, check_inputs, with_python_annotator
+from oaif.checkpoint import export_merged, latest_checkpoint, read_trainer_state
 from oaif.config import ConfigError, RunConfig
 from oaif.datasets_io import load_prompts
 from oaif.engine import local_engine
-from oaif.generate import check_model, load_tokenizer
 from oaif.faults import crash_point
+from oaif.generate import check_model, encode_prompts, load_tokenizer, sample_seeds
 from oaif.records import Prompt, Sample, read_jsonl, write_jsonl
+from oaif.train import load_causal_lm, response_kl
 
 OUT_KIND = "eval output"   # oaif eval --out (oaif/outputs.py)
 OUTCOME = {"a": "win", "b": "loss", "tie": "tie", "disagree": "tie", "identical": "tie", "invalid": "invalid"}
@@ -73,8 +77,6 @@ def eval_annotator_config(cfg: RunConfig) -> RunConfig:
 def respond(engine, tokenizer, prompts: list[Prompt], cfg: RunConfig) -> list[Response]:
     """One response per prompt (greedy, or sampled at eval.temperature); prompts over
     policy.max_prompt_tokens are left out, the same ones for every model with this tokenizer."""
-    from oaif.generate import encode_prompts, sample_seeds
-
     kept, _ = encode_prompts(tokenizer, prompts, cfg.policy.max_prompt_tokens)
     # The same seeds for every model compared: a sampled answer differs by the model alone.
     seeds = sample_seeds(cfg.seed, "eval", len(kept), 1)
@@ -178,10 +180,13 @@ def format_summary(m: dict) -> str:
 class Evaluator:
     """In-loop evaluation: the baseline's responses are made once; every evaluation samples
     the policy from the running engine (which holds the last sync) and judges both orders."""
-
     def __init__(self, cfg: RunConfig, run_dir: Path, annotator: Annotator, baseline: list[Response]):
         self.cfg, self.run_dir, self.annotator, self.baseline = cfg, run_dir, annotator, baseline
         self.prompts = [p for p in eval_prompts(cfg) if p.id in {r.prompt_id for r in baseline}]
+
+    def due(self, round: int) -> bool:
+        """Every eval.every rounds, and after the last."""
+        return (round + 1) % self.cfg.eval.every == 0 or round == self.cfg.rounds - 1
 
     def __call__(self, engine, tokenizer, trainer, round: int, policy_version: int) -> dict:
         policy = respond(engine, tokenizer, self.prompts, self.cfg)
@@ -195,8 +200,6 @@ class Evaluator:
 
 
 def response_kl_of(policy, reference, responses: list[Response], pad_id: int) -> list[float]:
-    from oaif.train import response_kl
-
     was_training = policy.training
     policy.eval()
     try:
@@ -239,8 +242,6 @@ def generate_with(model: str, prompts: list[Prompt], cfg: RunConfig) -> list[Res
 def resolve_policy(cfg: RunConfig, scratch: Path) -> tuple[str, Path | None]:
     """(model path for from_pretrained / vLLM, the checkpoint it came from or None). A
     checkpoint holding a LoRA adapter is merged into its base in `scratch`."""
-    from oaif.checkpoint import export_merged, latest_checkpoint
-
     policy = cfg.eval.policy
     if not policy:
         run_dir = Path(cfg.output_dir) / cfg.name
@@ -272,11 +273,6 @@ def run_eval(cfg: RunConfig, out: str | Path | None = None, *, annotator=None, l
     judge (a function or annotator object) in place of the config's eval judge. An explicit
     `out` and its summary are new files, or with overwrite earlier ones oaif wrote
     (oaif/outputs.py), checked before any model loads."""
-    from oaif import outputs
-    from oaif.annotate.select import build_annotator, check_inputs, with_python_annotator
-    from oaif.checkpoint import read_trainer_state
-    from oaif.train import load_causal_lm
-
     prompts = eval_prompts(cfg)           # bad input fails before any model loads
     judge_cfg = eval_annotator_config(cfg)
     if annotator is not None:

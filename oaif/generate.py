@@ -13,11 +13,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from oaif.config import GenerateConfig
+from oaif.config import ConfigError, GenerateConfig
 from oaif.engine.base import Completion, PolicyEngine
 from oaif.records import Prompt, Sample
 
@@ -26,8 +27,6 @@ def check_model(model: str, key: str) -> None:
     """Fail fast, naming the config key, on a model reference that is neither a model folder
     nor plausibly a hub id: from_pretrained would otherwise retry the hub for a minute and end
     in a traceback. A hub id is `name` or `org/name` whose `org` is not a local folder."""
-    from oaif.config import ConfigError
-
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -77,6 +76,22 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
+def round_prompts(prompts: list[Prompt], per_round: int, seed: int, skip: int = 0):
+    """Endless stream of a run's prompt batches: each pass over the set in a new seeded order.
+    skip: the batches of rounds already done (a resume)."""
+    rng, queue, done = random.Random(seed), [], 0
+    while True:
+        batch = []
+        while len(batch) < per_round:
+            if not queue:
+                queue = prompts[:]
+                rng.shuffle(queue)
+            batch.append(queue.pop())
+        if done >= skip:
+            yield batch
+        done += 1
+
+
 def sample_seeds(seed: int, stage: str, prompts: int, n: int) -> list[list[int]]:
     """n seeds per prompt for one stage of a run (a round, an evaluation): a hash of the run's
     seed, the stage and the sample's place, so no two samples share one and a rerun repeats them."""
@@ -118,7 +133,6 @@ class Drawn:
 class Generator:
     """A round's samples from the policy the engine holds. With async_rounds the next round's
     are requested (`submit`) as soon as this round's are in, and drawn while the caller trains."""
-
     def __init__(self, engine: PolicyEngine, tokenizer, cfg: GenerateConfig, max_prompt_tokens: int, seed: int = 0):
         self.engine, self.tokenizer, self.cfg = engine, tokenizer, cfg
         self.max_prompt_tokens, self.seed = max_prompt_tokens, seed
@@ -149,6 +163,13 @@ class Generator:
         if isinstance(self.pending, Pending):
             self.pending = Drawn(self.pending.round, *self._samples(self.pending, self.engine.collect()))
         return self.pending
+
+    def saved(self) -> dict:
+        """What a checkpoint keeps of the generator: async_rounds' next round's samples. They
+        were drawn from the weights before this round's update; a resume could not draw them
+        again (the checkpoint holds the newer weights), so they are collected now and saved."""
+        drawn = self.drawn()
+        return {"next_round": drawn.saved()} if drawn is not None else {}
 
     def _pending(self, prompts: list[Prompt], round: int, policy_version: int) -> Pending:
         """The request for a round, made just before the engine is asked (its clock starts)."""

@@ -12,13 +12,15 @@ import re
 import shutil
 from pathlib import Path
 
+from oaif.annotate.judge import Judged
 from oaif.checkpoint import (CHECKPOINT_NAME, incomplete_reason, latest_checkpoint, read_trainer_state,
                              save_checkpoint)
 from oaif.config import ConfigError, RunConfig, dump_config, load_config
 from oaif.distributed import gathered_state_dict, on_main
 from oaif.faults import crash_point
 from oaif.fingerprint import content_fingerprint, model_fingerprint
-from oaif.records import Prompt, append_jsonl, read_jsonl, write_jsonl
+from oaif.records import Prompt, Sample, append_jsonl, as_prompts, read_jsonl, write_jsonl
+from oaif.tracking import markdown_table
 
 
 class RunDirExists(FileExistsError):
@@ -249,6 +251,20 @@ class RunDir:
         self.prompts, self.given = prompts, prompts is not None   # the run's prompt set
         self.lock: RunLock | None = None
         self.identity: dict = {}   # what the run is (run_identity), kept in every checkpoint
+        self.tokenizer = None      # the policy's, saved with it in every checkpoint
+
+    @classmethod
+    def planned(cls, cfg: RunConfig, resume_dir: Path | None, checkpoint: Path | None, prompts
+                ) -> tuple[RunConfig, "RunDir"]:
+        """The run directory a Loop will open: a new one for cfg, or resume_dir's. prompts: a
+        prompt set given in code (strings, message lists or rows), saved with a new run, whose
+        config then names the saved copy so that a resume finds it."""
+        given = as_prompts(prompts) if prompts is not None else None
+        if given is not None and resume_dir is None:
+            cfg = dataclasses.replace(cfg, prompts=str(Path(cfg.output_dir) / cfg.name / "prompts.jsonl"),
+                                      prompts_column="", prompts_split="train")
+        return cfg, cls(resume_dir or Path(cfg.output_dir) / cfg.name, resume=resume_dir is not None,
+                        checkpoint=checkpoint, prompts=given)
 
     def open(self, cfg: RunConfig, files: dict[str, list] | None = None) -> None:
         """Rank 0 makes a new run's directory whole (prepare_run_dir) and writes `files` (name ->
@@ -273,11 +289,23 @@ class RunDir:
         self.resume_from, state = start_resume(cfg, self.path, self.resume_from, self.identity, self.accelerator, log)
         return state
 
-    def write(self, index: int, name: str, rows: list) -> None:
-        """One of round `index`'s record files (rank 0 calls it)."""
-        write_jsonl(self.path / "rounds" / f"{index:06d}" / name, rows)
+    def samples(self, index: int, samples: list[Sample]) -> None:
+        """Round `index`'s samples, as soon as they are drawn (rank 0)."""
+        write_jsonl(self.path / "rounds" / f"{index:06d}" / "samples.jsonl", samples)
+        crash_point("generate")
 
-    def finish(self, cfg: RunConfig, index: int, trainer, tokenizer, policy_version: int, metrics: dict, last: bool,
+    def judged(self, index: int, judged: Judged, rankings: list, table: list[list[str]]) -> None:
+        """Round `index`'s judgments, then the pairs it keeps, its rankings and the table of
+        its first judged pairs (samples.md), as soon as they are judged (rank 0)."""
+        out = self.path / "rounds" / f"{index:06d}"
+        write_jsonl(out / "judgments.jsonl", judged.judgments)
+        crash_point("annotate")
+        write_jsonl(out / "pairs.jsonl", judged.pairs)
+        if rankings:
+            write_jsonl(out / "rankings.jsonl", rankings)
+        (out / "samples.md").write_text(markdown_table(table))
+
+    def finish(self, cfg: RunConfig, index: int, trainer, policy_version: int, metrics: dict, last: bool,
                extra=dict) -> bool:
         """metrics.jsonl and replicas.jsonl, then the checkpoint when due (returns whether it
         was). extra: a function giving what else the checkpoint keeps, called only when one is written."""
@@ -293,17 +321,17 @@ class RunDir:
         trainer.replica_hashes.clear()
         due = last or bool(cfg.train.checkpoint_every and (index + 1) % cfg.train.checkpoint_every == 0)
         if due:
-            self.checkpoint(index, trainer, tokenizer, policy_version, extra())
+            self.checkpoint(index, trainer, policy_version, extra())
         return due
 
-    def checkpoint(self, index: int, trainer, tokenizer, policy_version: int, extra: dict) -> None:
+    def checkpoint(self, index: int, trainer, policy_version: int, extra: dict) -> None:
         """A checkpoint after round `index` now, with the run's identity. Older vllm_lora
         adapters go once it is whole: a resume starts from its weights."""
         state = gathered_state_dict(self.accelerator, trainer.model)
         keep = trainer.cfg.keep_checkpoints
 
         def save() -> None:
-            save_checkpoint(self.path, index, policy_version, trainer, tokenizer, state, keep,
+            save_checkpoint(self.path, index, policy_version, trainer, self.tokenizer, state, keep,
                             {"identity": self.identity, **extra})
             for d in sorted((self.path / "adapters").glob("v??????")):
                 if ADAPTER_DIR.fullmatch(d.name) and int(d.name[1:]) < policy_version:

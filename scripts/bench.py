@@ -83,7 +83,7 @@ def model_for(size: str) -> Path | None:
         return spec["path"]
     path = spec.get("path") or MODELS / f"tiny-h{spec['hidden']}-l{spec['layers']}-s{spec['warmup_steps']}"
     if not (path / "config.json").is_file():
-        from oaif.tiny import init_tiny
+        from oaif.pipeline.tiny import init_tiny
 
         print(f"building {size} into {path}")
         init_tiny(path, steps=spec["warmup_steps"], hidden=spec["hidden"], layers=spec["layers"])

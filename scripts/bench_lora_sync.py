@@ -71,7 +71,7 @@ def bench_size(name: str, shape: dict, args, work: Path) -> dict:
     from oaif.engine.vllm import build_llm
     from oaif.generate import encode_prompt
     from oaif.engine.weights import push_lora_adapter, push_weights
-    from oaif.tiny import init_tiny
+    from oaif.pipeline.tiny import init_tiny
     from oaif.train import build_policy
 
     model_dir = init_tiny(work / name, steps=0, log=lambda _: None, **shape)

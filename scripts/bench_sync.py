@@ -55,7 +55,7 @@ def main() -> None:
     from oaif.engine.server import push_weights_to_server, start_server, stop_server
     from oaif.engine.process import ProcessEngine
     from oaif.engine.weights import hf_named_weights, push_weights
-    from oaif.tiny import init_tiny
+    from oaif.pipeline.tiny import init_tiny
     from oaif.train import load_causal_lm
 
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),

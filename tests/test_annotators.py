@@ -8,7 +8,7 @@ from oaif.annotate.base import JudgeRequest, load_template, parse_text_answer, r
 from oaif.annotate.cache import CachedAnnotator
 from oaif.annotate.mix import MixAnnotator
 from oaif.annotate.rules import RulesAnnotator
-from oaif.annotate.transformers_local import TransformersAnnotator
+from oaif.annotate.transformers_local import transformers_judge
 from oaif.config import AnnotateConfig
 from oaif.constitution import ConstitutionError, load_constitution
 from oaif.records import read_jsonl
@@ -100,7 +100,7 @@ def judge_cfg():
 def test_transformers_judge_with_chain_of_thought(tiny_model, judge_cfg):
     constitution = load_constitution(HELPFUL)
     cfg = AnnotateConfig(max_prompt_tokens=1024, chain_of_thought=True, rationale_tokens=12)
-    judge = TransformersAnnotator(cfg, str(tiny_model), constitution, load_template(TEMPLATE, constitution))
+    judge = transformers_judge(cfg, str(tiny_model), constitution, load_template(TEMPLATE, constitution))
     answers = judge.judge([request("Cats purr.", "Cats are pets."), request("Cats are pets.", "Cats purr.")])
     for a in answers:
         assert 0.0 < a.p_first < 1.0
@@ -111,7 +111,7 @@ def test_transformers_judge_with_chain_of_thought(tiny_model, judge_cfg):
 def test_cache_answers_repeats_without_asking_and_skips_invalid(tiny_model, judge_cfg, tmp_path):
     constitution = load_constitution(HELPFUL)
     template = load_template(TEMPLATE, constitution)
-    inner = TransformersAnnotator(judge_cfg, str(tiny_model), constitution, template)
+    inner = transformers_judge(judge_cfg, str(tiny_model), constitution, template)
     path = tmp_path / "cache.jsonl"
     reqs = [request("Cats purr.", "Cats are pets."), request("Cats are pets.", "Cats purr."),
             request("x " * 600, "y")]  # the last is too long for max_prompt_tokens: invalid
@@ -197,7 +197,7 @@ def test_an_invalid_member_makes_the_mix_answer_invalid():
 def openai_judge(tmp_path, constitution, template, *overrides):
     """The openai annotator as `oaif run` builds it (cache included), its requests answered by a stub, not a server."""
     from oaif.annotate.base import Answer
-    from oaif.annotate.select import build_annotator
+    from oaif.annotate.backends import build_annotator
     from oaif.config import load_config
 
     annotator = build_annotator(load_config(None, [

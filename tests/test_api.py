@@ -157,7 +157,7 @@ def test_every_kind_of_bad_answer_is_invalid_with_its_reason():
 
 def test_python_members_mix_and_the_cache_is_opt_in(tmp_path):
     from oaif.annotate.cache import CachedAnnotator
-    from oaif.annotate.select import build_annotator
+    from oaif.annotate.backends import build_annotator
 
     (tmp_path / "myjudge.py").write_text("def judge(m, a, b):\n    return 0.2\n")
     spec = f"{tmp_path / 'myjudge.py'}:judge"

@@ -108,7 +108,7 @@ KEY_SETTINGS = [("annotate.chat_template", "never"), ("annotate.dtype", "bfloat1
 def test_every_judging_setting_is_part_of_the_cache_key(backend, tiny_model, tmp_path):
     """A cached verdict is reused only by the same judge asked the same way: changing any
     setting that changes what the judge is sent (or how its answer is read) changes the key."""
-    from oaif.annotate.select import build_annotator
+    from oaif.annotate.backends import build_annotator
     from oaif.config import load_config
 
     base = [f"policy.model={tiny_model}", f"annotate.backend={backend}", f"annotate.cache={tmp_path / 'cache.jsonl'}",

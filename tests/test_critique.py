@@ -12,11 +12,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from oaif.config import ConfigError, load_config
 from oaif.constitution import ConstitutionError, load_constitution
-from oaif.critique import (critic_writer, critique_and_revise, draw_principles, load_template, local_writer,
+from oaif.pipeline.critique import (critic_writer, critique_and_revise, draw_principles, load_template, local_writer,
                            run_critique, training_rows)
 from oaif.generate import encode_prompt
 from oaif.records import Prompt, read_jsonl
-from oaif.tiny import init_tiny
+from oaif.pipeline.tiny import init_tiny
 
 from conftest import ROOT, hf_greedy, oaif_main
 

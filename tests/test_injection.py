@@ -23,11 +23,11 @@ from oaif.annotate.base import (JudgeRequest, has_markers, load_template, neutra
                                 rationale_prompt, render_judge_prompt)
 from oaif.annotate.judge import injection_attempts
 from oaif.annotate.local import LocalJudge, special_tokens
-from oaif.annotate.offline import annotate_pairs
+from oaif.annotate.files import annotate_pairs
 from oaif.annotate.openai_api import OpenAIAnnotator
 from oaif.config import AnnotateConfig, OpenAIConfig, load_config
 from oaif.constitution import Example, load_constitution
-from oaif.critique import load_template as load_critique_template
+from oaif.pipeline.critique import load_template as load_critique_template
 
 from conftest import ROOT
 
@@ -163,7 +163,7 @@ def test_openai_request_bodies_keep_their_structure(endpoint, mode, judge_setup)
 def tokenizer(request, tiny_model):
     if request.param == "tiny":
         return AutoTokenizer.from_pretrained(tiny_model)
-    from oaif.gguf import packaged_gguf
+    from oaif.pipeline.gguf import packaged_gguf
 
     try:
         gguf = packaged_gguf()

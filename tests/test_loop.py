@@ -115,8 +115,8 @@ train: {{learning_rate: 1.0e-4}}
 def test_principles_sample_reaches_every_member_with_a_constitution(tiny_model, tmp_path):
     """`annotate.principles: sample` is handed to each member's constitution, in a mix as
     alone (one principle per comparison, drawn alike in both orders: tests/test_annotators.py)."""
-    from oaif.annotate.base import judges
-    from oaif.annotate.select import build_annotator
+    from oaif.annotate.base import leaf_annotators
+    from oaif.annotate.backends import build_annotator
     from oaif.config import load_config
 
     config = tmp_path / "mix.yaml"
@@ -132,7 +132,7 @@ annotate:
     - {{backend: rules, constitution: constitutions/concise.yaml}}
     - {{backend: transformers, constitution: constitutions/helpful.yaml}}
 """)
-        members = list(judges(build_annotator(load_config(config))))
+        members = list(leaf_annotators(build_annotator(load_config(config))))
         assert [m.constitution.name for m in members] == ["harmless", "concise", "helpful"]
         assert [m.constitution.sample_principles for m in members] == [principles == "sample"] * 3
         single = load_config(None, [f"policy.model={tiny_model}", "annotate.backend=transformers",

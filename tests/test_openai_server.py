@@ -66,18 +66,18 @@ def server(server_process) -> str:
 @pytest.fixture(scope="module")
 def local_probs(server_process, tiny_model, inputs) -> dict[str, list[float | None]]:
     """P(first better) from the two in-process backends (computed while the server boots)."""
-    from oaif.annotate.transformers_local import TransformersAnnotator
-    from oaif.annotate.vllm_local import VLLMAnnotator
+    from oaif.annotate.transformers_local import transformers_judge
+    from oaif.annotate.vllm_local import vllm_judge
 
     constitution, template, requests = inputs
     probs = {}
     for mode in ("never", "always"):   # the raw prompt (completions), the chat template (chat)
         # Eager engine: torch.compile's warm-up would add ~20 s here.
         cfg = AnnotateConfig(enforce_eager=True, kv_cache_gib=0.25, chat_template=mode)
-        judge = VLLMAnnotator(cfg, str(tiny_model), constitution, template)
+        judge = vllm_judge(cfg, str(tiny_model), constitution, template)
         probs["vllm", mode] = [(a.p_first, a.label_mass) for a in judge.judge(requests)]
         del judge  # frees the engine before the next model loads
-        judge = TransformersAnnotator(cfg, str(tiny_model), constitution, template)
+        judge = transformers_judge(cfg, str(tiny_model), constitution, template)
         probs["transformers", mode] = [(a.p_first, a.label_mass) for a in judge.judge(requests)]
     return probs
 

@@ -36,7 +36,7 @@ def users_folder(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    from oaif.tiny import init_tiny
+    from oaif.pipeline.tiny import init_tiny
 
     return init_tiny(tmp_path_factory.mktemp("outputs") / "tiny", steps=0, log=lambda _: None)
 
@@ -254,7 +254,7 @@ def test_the_runs_own_dataset_from_before_markers_is_still_replaced_elsewhere_no
 
 
 def test_init_tiny_makes_missing_parents_and_refuses_before_training(tmp_path, capsys):
-    from oaif.tiny import init_tiny
+    from oaif.pipeline.tiny import init_tiny
 
     taken = users_folder(tmp_path / "taken")
     with pytest.raises(FileExistsError, match="exists: pass --overwrite"):

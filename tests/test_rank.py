@@ -7,7 +7,7 @@ import math
 import pytest
 
 from oaif.annotate.python_fn import FunctionAnnotator
-from oaif.annotate.rank import max_pairs_per_prompt, rank_groups
+from oaif.annotate.ranking import max_pairs_per_prompt, rank_groups
 from oaif.constitution import load_constitution
 from oaif.records import read_jsonl
 

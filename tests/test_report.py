@@ -15,7 +15,7 @@ import pytest
 from matplotlib.image import imread
 
 from oaif.records import read_jsonl
-from oaif.report import PLOTS, make_plots, write_report
+from oaif.pipeline.report import PLOTS, make_plots, write_report
 
 from conftest import oaif_main
 
@@ -192,7 +192,7 @@ def test_errors_name_the_folder_and_the_report_is_replaced_whole(tmp_path, monke
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "entries": ["length.png", "report.html",
                                                                               "stale.png"]}))
     before = report.read_text()
-    monkeypatch.setattr("oaif.report.page", lambda *a: 1 / 0)
+    monkeypatch.setattr("oaif.pipeline.report.page", lambda *a: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         write_report(run)
     assert report.read_text() == before and sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl",

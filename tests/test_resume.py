@@ -8,7 +8,7 @@ import torch
 from oaif.checkpoint import save_checkpoint
 from oaif.config import LoraConfig, PolicyConfig, RunConfig, TrainConfig, dump_config
 from oaif.generate import load_tokenizer
-from oaif.loop import build_trainer
+from oaif.checkpoint import build_trainer
 from oaif.records import PreferencePair, read_jsonl
 
 from conftest import oaif_main, untimed, versions_follow_training

@@ -13,13 +13,13 @@ from transformers import PreTrainedModel
 from oaif.annotate.base import JudgeRequest
 from oaif.annotate.judge import judge_pairs
 from oaif.annotate.reward_model import preference
-from oaif.annotate.select import build_annotator
+from oaif.annotate.backends import build_annotator
 from oaif.config import ConfigError, load_config
 from oaif.generate import load_tokenizer
 from oaif.records import PreferencePair, Sample, read_jsonl
 from oaif.losses import bradley_terry_loss
-from oaif.reward_model import (encode, evaluate, load_reward_model, read_pairs, score, split,
-                               train_reward_model)
+from oaif.annotate.reward_model import encode, load_reward_model, score
+from oaif.pipeline.train_rm import evaluate, read_pairs, split, train_reward_model
 
 from conftest import oaif_main
 

@@ -189,7 +189,7 @@ def test_a_config_built_in_code_gets_the_same_check_before_a_run_writes_anything
     """Loop, eval and best-of-n call check_inputs before they write; load_config was skipped."""
     import dataclasses
 
-    from oaif.annotate.select import check_inputs
+    from oaif.annotate.backends import check_inputs
     from oaif.config import ConfigError, load_config
 
     cfg = load_config("configs/tiny_cpu.yaml", ["annotate.backend=openai"])

@@ -16,8 +16,8 @@ from oaif.config import ConfigError, GenerateConfig, SFTConfig, load_config
 from oaif.datasets_io import load_prompts
 from oaif.generate import Generator
 from oaif.records import Prompt, read_jsonl
-from oaif.sft import load_examples, response_nll, run_sft
-from oaif.tiny import init_tiny
+from oaif.pipeline.sft import load_examples, response_nll, run_sft
+from oaif.pipeline.tiny import init_tiny
 
 from conftest import ROOT, hf_greedy, oaif_main, untimed
 
@@ -201,7 +201,7 @@ def test_init_tiny_builds_the_same_bytes_every_time(tmp_path):
     """`oaif init-tiny` twice gives the same files, byte for byte: seeded data, seeded init and
     a deterministic training (here 10 of its steps, so that training is part of what is
     compared: the default build takes minutes)."""
-    from oaif.tiny import init_tiny
+    from oaif.pipeline.tiny import init_tiny
 
     builds = [init_tiny(tmp_path / name, steps=10, log=lambda _: None) for name in ("a", "b")]
     files = sorted(p.relative_to(builds[0]) for p in builds[0].rglob("*") if p.is_file())

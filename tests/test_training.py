@@ -126,7 +126,8 @@ def test_bfloat16_policy_dtype_reaches_the_engine_the_reference_and_the_forward_
     reference's weights are bfloat16, the trained weights float32, and the training forward
     passes of both models compute in bfloat16 (autocast), seen at their output layers."""
     from oaif.config import PolicyConfig, RunConfig, TrainConfig
-    from oaif.loop import Loop, build_trainer
+    from oaif.checkpoint import build_trainer
+    from oaif.loop import Loop
 
     cfg = RunConfig(policy=PolicyConfig(model=str(tiny_model), dtype="bfloat16"), output_dir=str(tmp_path),
                     train=TrainConfig(learning_rate=1e-3, batch_size=2, micro_batch_size=2))
@@ -147,7 +148,7 @@ def test_bfloat16_policy_dtype_reaches_the_engine_the_reference_and_the_forward_
     def build_llm(model, dtype, *args, **kwargs):   # stands in for vLLM: record the dtype, stop setup
         raise EngineBuilt(dtype)
 
-    monkeypatch.setattr("oaif.engine.vllm.build_llm", build_llm)
+    monkeypatch.setattr("oaif.engine.build_llm", build_llm)   # where the factory finds it
     monkeypatch.chdir(ROOT)   # the default prompt set and constitution are relative paths
     with pytest.raises(EngineBuilt) as built:
         with Loop(cfg):

@@ -230,13 +230,13 @@ def render_examples(template: JudgeTemplate, constitution: Constitution, labels:
     return "\n\n".join(blocks)
 
 
-def judges(annotator: Annotator):
+def leaf_annotators(annotator: Annotator):
     """The annotators that judge: a mix's members and a cache's inner judge, unwrapped."""
     if hasattr(annotator, "members"):
         for member, _ in annotator.members:
-            yield from judges(member)
+            yield from leaf_annotators(member)
     elif hasattr(annotator, "inner"):
-        yield from judges(annotator.inner)
+        yield from leaf_annotators(annotator.inner)
     else:
         yield annotator
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from oaif.annotate.base import Annotator, JudgeRequest, has_markers, judges, principles_for
+from oaif.annotate.base import Annotator, JudgeRequest, has_markers, leaf_annotators, principles_for
 from oaif.records import Judgment, OrderResult, PreferencePair, Sample, Verdict
 
 
@@ -73,7 +73,7 @@ def judge_pairs(annotator: Annotator, pairs: list[tuple[Sample, Sample]], round:
     asked = {i: requests[2 * k] for k, i in enumerate(todo)}   # the a-first request of each judged pair
 
     who = annotator.identity
-    sampling = [j.constitution for j in judges(annotator)
+    sampling = [j.constitution for j in leaf_annotators(annotator)
                 if getattr(getattr(j, "constitution", None), "sample_principles", False)]
     judgments, kept = [], []
     for i, (a, b) in enumerate(pairs):
@@ -126,13 +126,13 @@ def injection_attempts(annotator: Annotator, texts: list[str]) -> int:
     judge templates, a label pattern (`preferred response: 1`, in any case or look-alike) or
     chat special tokens: a policy learning to attack its judge shows as a rising count. They
     reach the judge neutralised; this counts the attempts."""
-    markers = tuple(dict.fromkeys(m for j in judges(annotator) if getattr(j, "template", None)
+    markers = tuple(dict.fromkeys(m for j in leaf_annotators(annotator) if getattr(j, "template", None)
                                   for m in j.template.markers))
     return sum(has_markers(t, markers) for t in texts)
 
 
 def judgment_metrics(judgments: list[Judgment]) -> dict[str, float | None]:
-    """annotate/* metrics of one round (DESIGN §6 names)."""
+    """annotate/* metrics of one round."""
     judged = [j for j in judgments if j.verdict != "identical"]
     valid = [j for j in judged if j.verdict != "invalid"]
     agreed = [j for j in valid if j.verdict in ("a", "b", "tie")]

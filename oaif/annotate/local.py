@@ -21,10 +21,11 @@ import dataclasses
 import math
 from typing import Protocol
 
-from oaif.annotate.base import (Answer, Identity, JudgeRequest, JudgeTemplate, rationale_prompt,
-                                render_judge_prompt, two_label_probability)
+from oaif.annotate.base import (Answer, Identity, JudgeRequest, JudgeTemplate, rationale_prompt, render_judge_prompt,
+                                two_label_probability)
 from oaif.config import AnnotateConfig
 from oaif.constitution import Constitution
+from oaif.generate import load_tokenizer
 
 
 class LabelScorer(Protocol):
@@ -58,8 +59,6 @@ def label_token_id(tokenize, prefix_ids: list[int], prompt: str, label: str) -> 
 def check_labels(cfg: AnnotateConfig, model: str, constitution: Constitution, template: JudgeTemplate) -> None:
     """Each label is one token right after a judge prompt for this model's tokenizer (a
     ValueError naming annotate.labels if not): checked before the run, not at its first judgment."""
-    from oaif.generate import load_tokenizer
-
     judge = LocalJudge(None, load_tokenizer(model), cfg, constitution, template, "check", model)
     request = JudgeRequest([{"role": "user", "content": "Name a colour."}], "Blue.", "Red.")
     text = judge.as_text(render_judge_prompt(judge.template, constitution, request, cfg.labels,

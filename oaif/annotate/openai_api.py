@@ -27,6 +27,7 @@ from oaif.annotate.base import (Answer, Identity, JudgeRequest, JudgeTemplate, p
                                 render_body, render_judge_prompt, text_answer_instruction, two_label_probability)
 from oaif.config import AnnotateConfig, ConfigError, OpenAIConfig, key_env_problem, url_problem
 from oaif.constitution import Constitution
+from oaif.engine.server import server_key
 
 NO_KEY = "EMPTY"  # local servers need no key, but the client insists on one (never sent: see _judge)
 # Statuses worth retrying: request timeout, rate limit, and every 5xx. Other 4xx would fail again.
@@ -108,8 +109,6 @@ class OpenAIAnnotator:
     @contextlib.asynccontextmanager
     async def _client(self):
         """(client, key) for one batch of requests."""
-        from oaif.engine.server import server_key
-
         key = server_key(self.api.base_url) or os.environ.get(self.api.api_key_env) or NO_KEY
         self.secret = key if key != NO_KEY else None
         # No key: no Authorization header at all (the client insists on a key; the request omits it).

@@ -15,7 +15,13 @@ from __future__ import annotations
 import json
 import math
 
-from oaif.annotate.base import Answer, Identity, JudgeRequest
+import torch
+
+from oaif.annotate.base import Answer, Identity, JudgeRequest, render_conversation
+from oaif.config import ConfigError
+from oaif.generate import check_model, load_tokenizer
+from oaif.records import Message
+from oaif.train import DTYPES, batch_sequences, disable_dropout, resolve_device
 
 
 def preference(r1: float, r2: float) -> float | None:
@@ -35,9 +41,6 @@ def check_reward_model(path: str, key: str) -> None:
     (e.g. the policy: its new score head would judge at random)."""
     from transformers import AutoConfig
 
-    from oaif.config import ConfigError
-    from oaif.generate import check_model
-
     check_model(path, key)
     config = AutoConfig.from_pretrained(path)
     if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []) or config.num_labels != 1:
@@ -45,11 +48,48 @@ def check_reward_model(path: str, key: str) -> None:
                           f"train one with: oaif train-rm PAIRS CONFIG --out DIR")
 
 
+def encode(tokenizer, messages: list[Message], response: str) -> list[int]:
+    """The token ids the reward model reads for (conversation, response), in training and in
+    scoring alike: the response as the assistant's turn of the tokenizer's chat template, or,
+    for a tokenizer without one, the plain conversation text ('User: ...\\nAssistant: ...')."""
+    turns = messages + [{"role": "assistant", "content": response}]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]   # the template writes its own
+    return tokenizer(render_conversation(turns))["input_ids"]
+
+
+def rewards(model: torch.nn.Module, sequences: list[list[int]], pad_id: int) -> torch.Tensor:
+    """r of each sequence, shape (B,). Right-padded: the head reads the last token that is not
+    padding (the model's config.pad_token_id, set to pad_id when the model is built)."""
+    # batch_sequences pads prompt+response pairs; here the whole sequence is the "prompt".
+    ids, mask, _ = batch_sequences(sequences, [[] for _ in sequences], pad_id)
+    device = next(model.parameters()).device
+    return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float()
+
+
+@torch.no_grad()
+def score(model: torch.nn.Module, sequences: list[list[int]], pad_id: int, batch_size: int) -> list[float]:
+    """r of each sequence, batch_size sequences per forward pass."""
+    out = []
+    for s in range(0, len(sequences), batch_size):
+        out += rewards(model, sequences[s:s + batch_size], pad_id).tolist()
+    return out
+
+
+def load_reward_model(path: str, dtype: str, device: str, pad_id: int) -> torch.nn.Module:
+    """A one-output sequence-classification model: a trained reward model, or a causal LM whose
+    new score head starts at random. Dropout off, so training and scoring see one function."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
+    model.config.pad_token_id = pad_id   # how the head finds each sequence's last token
+    disable_dropout(model)
+    return model.to(resolve_device(device))
+
+
 class RewardModelAnnotator:
     def __init__(self, model: str, dtype: str, device: str, batch_size: int, max_tokens: int):
-        from oaif.generate import load_tokenizer
-        from oaif.reward_model import load_reward_model
-
         self.path, self.batch_size, self.max_tokens = model, batch_size, max_tokens
         self.tokenizer = load_tokenizer(model)
         self.model = load_reward_model(model, dtype, device, self.tokenizer.pad_token_id)
@@ -60,8 +100,6 @@ class RewardModelAnnotator:
         return Identity("reward_model", self.path, "", "", "")
 
     def judge(self, requests: list[JudgeRequest]) -> list[Answer]:
-        from oaif.reward_model import encode, score
-
         # Each distinct (conversation, response) once: the b-first order reuses the a-first scores.
         keys = list(dict.fromkeys((json.dumps(r.messages), text) for r in requests for text in (r.first, r.second)))
         ids = {k: encode(self.tokenizer, json.loads(k[0]), k[1]) for k in keys}

@@ -9,10 +9,14 @@ from pathlib import Path
 
 from oaif.annotate.base import Annotator, close_annotator
 from oaif.annotate.judge import Judged, injection_attempts, judgment_metrics
-from oaif.annotate.rank import Ranking, rank_groups
-from oaif.annotate.select import build_annotator, reload_constitutions
-from oaif.config import AnnotateConfig, RunConfig
+from oaif.annotate.ranking import Ranking, rank_groups
+from oaif.annotate.backends import build_annotator, reload_constitutions
+from oaif.config import AnnotateConfig, RunConfig, RunStopped
 from oaif.records import Sample
+
+
+class TooManyInvalid(RunStopped):
+    """annotate.max_invalid_rate: a round's judgments were mostly invalid (see too_many_invalid)."""
 
 
 class AnnotateStage:
@@ -51,6 +55,15 @@ class AnnotateStage:
                    **{f"annotate/{k}": v - self.totals.get(k, 0) for k, v in totals.items()}}
         self.totals = totals   # the next call counts from here: the metrics are this call's share
         return judged, rankings, metrics
+
+    def too_many_invalid(self, metrics: dict, index: int, run_dir: Path) -> str | None:
+        """annotate.max_invalid_rate: why round `index` must not be trained on, or None."""
+        invalid, ceiling = metrics.get("annotate/invalid_rate"), self.cfg.max_invalid_rate
+        if invalid is None or invalid <= ceiling:
+            return None
+        return (f"round {index}: {invalid:.0%} of the judged pairs got an invalid judgment (> annotate.max_invalid_rate "
+                f"{ceiling:g}), so the round was not trained on; the judge's raw answers are in "
+                f"{run_dir / 'rounds' / f'{index:06d}' / 'judgments.jsonl'}")
 
     def close(self) -> None:
         if self.annotator is not None:

@@ -12,6 +12,7 @@ from oaif.annotate.base import JudgeTemplate
 from oaif.annotate.local import LocalJudge
 from oaif.config import AnnotateConfig
 from oaif.constitution import Constitution
+from oaif.train import load_causal_lm
 
 
 class TransformersScorer:
@@ -55,11 +56,10 @@ class TransformersScorer:
         return result
 
 
-def TransformersAnnotator(cfg: AnnotateConfig, model: str, constitution: Constitution, template: JudgeTemplate,
+def transformers_judge(cfg: AnnotateConfig, model: str, constitution: Constitution, template: JudgeTemplate,
                           device: str = "cpu") -> LocalJudge:
     from transformers import AutoTokenizer
 
-    from oaif.train import load_causal_lm
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     scorer = TransformersScorer(load_causal_lm(model, cfg.dtype, trainable=False, device=device), tokenizer,

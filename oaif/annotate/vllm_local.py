@@ -10,6 +10,7 @@ from oaif.annotate.base import JudgeTemplate
 from oaif.annotate.local import LocalJudge
 from oaif.config import AnnotateConfig
 from oaif.constitution import Constitution
+from oaif.engine.vllm import build_llm, shutdown_llm
 
 
 class VLLMScorer:
@@ -38,19 +39,16 @@ class VLLMScorer:
 class VLLMJudge(LocalJudge):
     def close(self) -> None:
         """End the judge's engine now (engines.shutdown_llm says why not at collection); safe twice."""
-        from oaif.engine.vllm import shutdown_llm
-
         if self.scorer.llm is not None:
             shutdown_llm(self.scorer.llm)
             self.scorer.llm = None
 
 
-def VLLMAnnotator(cfg: AnnotateConfig, model: str, constitution: Constitution, template: JudgeTemplate,
+def vllm_judge(cfg: AnnotateConfig, model: str, constitution: Constitution, template: JudgeTemplate,
                   seed: int = 0) -> VLLMJudge:
     """A judge in its own engine."""
     from transformers import AutoTokenizer
 
-    from oaif.engine.vllm import build_llm
 
     llm = build_llm(model, cfg.dtype, seed=seed, kv_cache_gib=cfg.kv_cache_gib,
                     max_model_len=cfg.max_prompt_tokens + 1, gpu_memory_utilization=cfg.gpu_memory_utilization,

@@ -223,7 +223,7 @@ def _serve(conn, build_kwargs: dict, threads: int | None, cpu_bind: str | None, 
                 os.sched_setaffinity(int(thread_id), _cpu_ids(cpu_bind))
         if threads is not None:
             torch.set_num_threads(threads)   # before the build: vLLM's CPU worker then disables it
-        # Weights load as tensors only into an engine core in this process (DESIGN §8).
+        # Weights load as tensors only into an engine core in this process (not a vLLM engine subprocess).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         # Started from a rank of a torchrun / accelerate launch, the engine must not wait for
         # the launcher's other ranks: it is a world of its own.

@@ -35,7 +35,7 @@ from results import ROOT, Results, check_model, mean_sd, mean_spread, table  # n
 
 import oaif  # noqa: E402
 from oaif.evaluation import eval_annotator_config  # noqa: E402
-from oaif.loop import round_prompts  # noqa: E402
+from oaif.generate import round_prompts  # noqa: E402
 from oaif.records import read_jsonl, write_jsonl  # noqa: E402
 
 ARMS = ("online", "offline", "offline, repeated")
@@ -53,7 +53,7 @@ def quiet(line: str) -> None:
 def distil_reward_model(cfg: oaif.RunConfig, out: Path) -> dict:
     """The training annotator: a Bradley-Terry model of eval.annotate's preferences, learnt
     from the starting policy's samples of the training prompts (every pair of RM_SAMPLES)."""
-    from oaif.reward_model import train_reward_model
+    from oaif.pipeline.train_rm import train_reward_model
 
     judge = eval_annotator_config(cfg).annotate
     data_cfg = dataclasses.replace(

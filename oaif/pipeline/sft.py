@@ -32,7 +32,7 @@ import torch
 
 from oaif import outputs
 from oaif.config import RunConfig, SFTConfig
-from oaif.datasets_io import row_messages, row_response
+from oaif.datasets_io import DATA_FILES, dataset_rows, row_messages, row_response
 from oaif.generate import check_model, encode_prompt, load_tokenizer
 from oaif.records import is_chat, read_jsonl, write_jsonl
 from oaif.train import DTYPES, batch_sequences, build_policy, sequence_logps
@@ -65,8 +65,6 @@ def run_sft(cfg: RunConfig, data: str | Path, out: str | Path, log=print, overwr
 def load_examples(data: str | Path, tokenizer, cfg: SFTConfig, log=print) -> list[Example]:
     """The rows of `data` as token ids; rows over cfg.max_tokens are left out (counted). A bad
     row is an error naming it, and so is a set with no row to train on."""
-    from oaif.datasets_io import DATA_FILES, dataset_rows
-
     path = Path(data)
     if path.is_file() and path.suffix not in DATA_FILES:
         rows, where = read_jsonl(path), lambda n: f"{path}:{n}"
@@ -188,7 +186,6 @@ def save_sft(model: torch.nn.Module, tokenizer, out: str | Path, history: list[d
     """The model and tokenizer in Hugging Face format with sft_metrics.jsonl, written whole:
     built in a folder beside `out`, then renamed, so a crash leaves no half model
     (oaif/outputs.py; parents: make missing parent folders)."""
-
     def fill(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

@@ -40,13 +40,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from oaif import outputs
 from oaif.annotate.base import TAG, neutralise, render_inserted_conversation
+from oaif.annotate.openai_api import OpenAIAnnotator
+from oaif.annotate.transformers_local import TransformersScorer
 from oaif.config import ConfigError, CritiqueConfig, RunConfig
 from oaif.constitution import Constitution, load_constitution
 from oaif.datasets_io import load_prompts
 from oaif.engine import local_engine
 from oaif.engine.vllm import InProcessEngine, build_llm
+from oaif.generate import check_model, encode_prompt, load_tokenizer, sample_seeds
 from oaif.records import Message, Prompt, write_jsonl
+from oaif.train import load_causal_lm
 
 KIND = "critique output"
 PLACEHOLDERS = ("principle", "conversation", "response", "critique")
@@ -103,8 +108,6 @@ def load_principles(cfg: RunConfig) -> Constitution:
 def draw_principles(constitution: Constitution, seed: int, prompts: int, revisions: int) -> list[list[str]]:
     """principles[j][step] of prompt j: a hash of the seed, the prompt's place and the step
     (generate.sample_seeds), so a rerun draws the same ones and each step draws afresh."""
-    from oaif.generate import sample_seeds
-
     p = constitution.principles
     return [[p[s % len(p)] for s in row] for row in sample_seeds(seed, "critique principles", prompts, revisions)]
 
@@ -113,8 +116,6 @@ def local_writer(tokenizer, generate, limit: int) -> Writer:
     """A local model's replies: each conversation through its chat template as the loop
     renders prompts, then generate(token ids, stage) -> texts. A prompt over `limit` tokens
     gets no reply (never truncated)."""
-    from oaif.generate import encode_prompt
-
     def write(conversations: list[list[Message]], stage: str) -> list[Reply]:
         ids = [encode_prompt(tokenizer, c) for c in conversations]
         fits = [i for i, x in enumerate(ids) if len(x) <= limit]
@@ -128,8 +129,6 @@ def local_writer(tokenizer, generate, limit: int) -> Writer:
 def engine_generate(engine, cfg: CritiqueConfig, seed: int):
     """generate() for local_writer from a vLLM engine: one sample per prompt (greedy at
     temperature 0), each seeded from the run's seed, the stage and its place."""
-    from oaif.generate import sample_seeds
-
     def generate(ids: list[list[int]], stage: str) -> list[str]:
         outs = engine.sample(ids, sample_seeds(seed, stage, len(ids), 1), cfg.temperature, 1.0, cfg.max_new_tokens)
         return [text for [(_, text, _)] in outs]
@@ -137,8 +136,6 @@ def engine_generate(engine, cfg: CritiqueConfig, seed: int):
 
 
 def chat_tokenizer(model: str, key: str):
-    from oaif.generate import load_tokenizer
-
     tokenizer = load_tokenizer(model)
     if not tokenizer.chat_template:
         raise ConfigError(f"{key}: {model} has no chat template; critique and revision prompts reach it as a user "
@@ -162,8 +159,6 @@ def critic_writer(cfg: RunConfig, policy: Writer, engines: list) -> Writer:
     if c.critic == "policy":
         return policy
     if c.critic == "openai":
-        from oaif.annotate.openai_api import OpenAIAnnotator
-
         api = OpenAIAnnotator(a, c.critic_model, constitution=None, template=None)   # complete() reads neither
         # A critic's conversation is one user turn, the critique prompt: sent as the API's user message.
         return lambda conversations, stage: api.complete([m[-1]["content"] for m in conversations],
@@ -175,8 +170,6 @@ def critic_writer(cfg: RunConfig, policy: Writer, engines: list) -> Writer:
                                                  gpu_memory_utilization=a.gpu_memory_utilization,
                                                  enforce_eager=a.enforce_eager)))
         return local_writer(tokenizer, engine_generate(engines[-1], c, cfg.seed), c.max_prompt_tokens)
-    from oaif.annotate.transformers_local import TransformersScorer
-    from oaif.train import load_causal_lm
 
     scorer = TransformersScorer(load_causal_lm(c.critic_model, a.dtype, trainable=False, device=cfg.policy.device),
                                 tokenizer, a.batch_size)
@@ -236,9 +229,6 @@ def training_rows(records: list[dict]) -> tuple[list[dict], list[dict]]:
 
 def run_critique(cfg: RunConfig, out: str | Path, overwrite: bool = False, log=print) -> dict:
     """The whole `oaif critique` command (module docstring); returns the summary."""
-    from oaif import outputs
-    from oaif.generate import check_model
-
     t0 = time.perf_counter()
     c, out = cfg.critique, Path(out)
     # Every input is checked before a model loads.

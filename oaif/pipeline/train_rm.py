@@ -30,59 +30,18 @@ from pathlib import Path
 import torch
 
 from oaif import outputs
-from oaif.annotate.base import render_conversation
+from oaif.annotate.reward_model import encode, load_reward_model, rewards, score
 from oaif.config import RunConfig, to_dict
+from oaif.datasets_io import PAIR_FIELDS, load_pairs, run_pairs
+from oaif.generate import check_model, load_tokenizer
 from oaif.losses import bradley_terry_loss
-from oaif.records import Message, PreferencePair
-from oaif.train import DTYPES, batch_sequences, disable_dropout, lora_model, resolve_device
-
-
-def encode(tokenizer, messages: list[Message], response: str) -> list[int]:
-    """The token ids the reward model reads for (conversation, response), in training and in
-    scoring alike: the response as the assistant's turn of the tokenizer's chat template, or,
-    for a tokenizer without one, the plain conversation text ('User: ...\\nAssistant: ...')."""
-    turns = messages + [{"role": "assistant", "content": response}]
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(turns, tokenize=False)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]   # the template writes its own
-    return tokenizer(render_conversation(turns))["input_ids"]
-
-
-def rewards(model: torch.nn.Module, sequences: list[list[int]], pad_id: int) -> torch.Tensor:
-    """r of each sequence, shape (B,). Right-padded: the head reads the last token that is not
-    padding (the model's config.pad_token_id, set to pad_id when the model is built)."""
-    # batch_sequences pads prompt+response pairs; here the whole sequence is the "prompt".
-    ids, mask, _ = batch_sequences(sequences, [[] for _ in sequences], pad_id)
-    device = next(model.parameters()).device
-    return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float()
-
-
-@torch.no_grad()
-def score(model: torch.nn.Module, sequences: list[list[int]], pad_id: int, batch_size: int) -> list[float]:
-    """r of each sequence, batch_size sequences per forward pass."""
-    out = []
-    for s in range(0, len(sequences), batch_size):
-        out += rewards(model, sequences[s:s + batch_size], pad_id).tolist()
-    return out
-
-
-def load_reward_model(path: str, dtype: str, device: str, pad_id: int) -> torch.nn.Module:
-    """A one-output sequence-classification model: a trained reward model, or a causal LM whose
-    new score head starts at random. Dropout off, so training and scoring see one function."""
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
-    model.config.pad_token_id = pad_id   # how the head finds each sequence's last token
-    disable_dropout(model)
-    return model.to(resolve_device(device))
+from oaif.records import PreferencePair
+from oaif.rundir import is_run_dir
+from oaif.train import lora_model
 
 
 def read_pairs(source: str | Path, tokenizer, max_prompt_tokens: int) -> tuple[list[PreferencePair], dict]:
     """(pairs, skipped rows by reason) from a run directory's rounds or a pair file (`oaif offline`'s reader)."""
-    from oaif.datasets_io import run_pairs
-    from oaif.datasets_io import PAIR_FIELDS, load_pairs
-    from oaif.rundir import is_run_dir
-
     source = Path(source)
     if not is_run_dir(source):
         return load_pairs(source, tokenizer, max_prompt_tokens)
@@ -117,8 +76,6 @@ def train_reward_model(cfg: RunConfig, source: str | Path, out: str | Path, log=
                        overwrite: bool = False) -> dict:
     """Train on the pairs of `source`, save the model and metrics.json into `out` (a new
     folder, or with overwrite an earlier oaif model: oaif/outputs.py); the metrics."""
-    from oaif.generate import check_model, load_tokenizer
-
     rm, out, t0 = cfg.reward_model, Path(out), time.perf_counter()
     outputs.check(out, "model", folder=True, overwrite=overwrite)   # before any work
     base = rm.model or cfg.policy.model

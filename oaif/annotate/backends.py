@@ -7,52 +7,50 @@ import hashlib
 from pathlib import Path
 from typing import Callable
 
-from oaif.annotate.base import PROMPT_FORMAT, Annotator, JudgeTemplate, judges, load_template
-from oaif.config import AnnotateConfig, RunConfig
+from oaif.annotate.base import PROMPT_FORMAT, Annotator, JudgeTemplate, leaf_annotators, load_template
+from oaif.annotate.cache import CachedAnnotator
+from oaif.annotate.local import check_labels
+from oaif.annotate.mix import MixAnnotator
+from oaif.annotate.openai_api import OpenAIAnnotator, check_endpoint
+from oaif.annotate.python_fn import FunctionAnnotator, load_target, name_of
+from oaif.annotate.reward_model import RewardModelAnnotator, check_reward_model
+from oaif.annotate.rules import RulesAnnotator
+from oaif.annotate.transformers_local import transformers_judge
+from oaif.annotate.vllm_local import vllm_judge
+from oaif.config import AnnotateConfig, ConfigError, RunConfig
 from oaif.constitution import Constitution, load_constitution
 from oaif.fingerprint import model_fingerprint
+from oaif.generate import check_model
 
 
 def _rules(cfg: RunConfig, a: AnnotateConfig, model: str, constitution: Constitution,
            template: JudgeTemplate) -> Annotator:
-    from oaif.annotate.rules import RulesAnnotator
-
     return RulesAnnotator(constitution)
 
 
 def _vllm(cfg: RunConfig, a: AnnotateConfig, model: str, constitution: Constitution,
           template: JudgeTemplate) -> Annotator:
-    from oaif.annotate.vllm_local import VLLMAnnotator
-
-    return VLLMAnnotator(a, model, constitution, template, seed=cfg.seed + 1)
+    return vllm_judge(a, model, constitution, template, seed=cfg.seed + 1)
 
 
 def _transformers(cfg: RunConfig, a: AnnotateConfig, model: str, constitution: Constitution,
                   template: JudgeTemplate) -> Annotator:
-    from oaif.annotate.transformers_local import TransformersAnnotator
-
-    return TransformersAnnotator(a, model, constitution, template, device=cfg.policy.device)
+    return transformers_judge(a, model, constitution, template, device=cfg.policy.device)
 
 
 def _openai(cfg: RunConfig, a: AnnotateConfig, model: str, constitution: Constitution,
             template: JudgeTemplate) -> Annotator:
-    from oaif.annotate.openai_api import OpenAIAnnotator
-
     return OpenAIAnnotator(a, model, constitution, template)
 
 
 def _python(cfg: RunConfig, a: AnnotateConfig, model: str, constitution: Constitution,
             template: JudgeTemplate, target=None) -> Annotator:
-    from oaif.annotate.python_fn import FunctionAnnotator
-
     # An object with the annotator Protocol is used as it is; a function is wrapped.
     return target if callable(getattr(target, "judge", None)) else FunctionAnnotator(target, constitution)
 
 
 def _reward_model(cfg: RunConfig, a: AnnotateConfig, model: str, constitution: Constitution,
                   template: JudgeTemplate) -> Annotator:
-    from oaif.annotate.reward_model import RewardModelAnnotator
-
     # The constitution and template are not read: the model learned its preference from pairs.
     return RewardModelAnnotator(model, a.dtype, cfg.policy.device, a.batch_size, a.max_prompt_tokens)
 
@@ -77,8 +75,6 @@ def _single(cfg: RunConfig, backend: str, constitution_path: str, model: str, ta
     annotator = BACKENDS[backend](cfg, a, model or a.model or cfg.policy.model, constitution, template, **extra)
     # rules cost nothing to re-run; a user function is cached only when asked (python_cache).
     if a.cache and backend != "rules" and (backend != "python" or a.python_cache):
-        from oaif.annotate.cache import CachedAnnotator
-
         settings = {k: v for k, v in dataclasses.asdict(a).items()
                     if k in ("labels", "principles", "chain_of_thought", "rationale_tokens", "chat_template",
                               "dtype", "max_prompt_tokens")}
@@ -95,13 +91,10 @@ def build_annotator(cfg: RunConfig, python=None) -> Annotator:
     """python: the judge function or annotator object of backend 'python' when the caller has
     it in hand (oaif.run(annotator=...)); else annotate.python (and each python mix member's)
     is imported."""
-    from oaif.annotate.python_fn import load_target
-
     a = cfg.annotate
     if a.backend != "mix":
         target = (python or load_target(a.python, "annotate.python")) if a.backend == "python" else None
         return _single(cfg, a.backend, a.constitution, "", target)
-    from oaif.annotate.mix import MixAnnotator
 
     return MixAnnotator([(_single(cfg, m.backend, m.constitution or a.constitution, m.model,
                                   load_target(m.python, f"annotate.mix[{i}].python") if m.backend == "python" else None),
@@ -115,7 +108,7 @@ def reload_constitutions(annotator: Annotator, a: AnnotateConfig, refused: dict[
     has; `refused` (path -> hashes, kept by the caller) makes each refusal said once.
     Returns what changed, for the log."""
     said = []
-    for judge in judges(annotator):
+    for judge in leaf_annotators(annotator):
         old = getattr(judge, "constitution", None)
         if old is None or not hasattr(judge, "use_constitution"):
             continue   # a user annotator object without use_constitution keeps its own
@@ -139,9 +132,6 @@ def reload_constitutions(annotator: Annotator, a: AnnotateConfig, refused: dict[
 def with_python_annotator(cfg: RunConfig, annotator) -> RunConfig:
     """cfg judged by `annotator` (backend python), named in the saved config by its
     'module:qualname' so that a resume can import it (or be given it again)."""
-    from oaif.annotate.python_fn import name_of
-    from oaif.config import ConfigError
-
     if cfg.annotate.backend == "mix":
         raise ConfigError("annotator=: the config's annotate.backend is 'mix'; name your function in the mix instead "
                           "(annotate.mix[i] = {backend: python, python: 'module:function', weight: ...})")
@@ -156,9 +146,6 @@ def check_inputs(cfg: RunConfig, where: str = "annotate", python=None) -> None:
     the judge's tokenizer cannot read as one token each, before any engine starts or file is
     written. where: the config section `cfg.annotate` came from (named in the errors);
     python: as for build_annotator (then annotate.python is not imported)."""
-    from oaif.annotate.python_fn import load_target
-    from oaif.generate import check_model
-
     a = cfg.annotate
     members = [(f"{where}.mix[{i}]", m.backend, m.constitution or a.constitution, m.model, m.python)
                for i, m in enumerate(a.mix)] if a.backend == "mix" else [(where, a.backend, a.constitution, "", a.python)]
@@ -167,16 +154,12 @@ def check_inputs(cfg: RunConfig, where: str = "annotate", python=None) -> None:
         if backend == "python" and not (python and key == where):
             load_target(spec, f"{key}.python")
         if backend == "openai":   # a config built in code skipped load_config's check: before anything is written
-            from oaif.annotate.openai_api import check_endpoint
 
             check_endpoint(a.openai, where)
         if backend in ("vllm", "transformers"):
-            from oaif.annotate.local import check_labels
-
             if model or a.model:   # else the policy's model, checked as policy.model
                 check_model(model or a.model, f"{key}.model" if model else f"{where}.model")
             check_labels(a, model or a.model or cfg.policy.model, constitution, template)
         if backend == "reward_model":   # annotate.model is required for it (config validation)
-            from oaif.annotate.reward_model import check_reward_model
 
             check_reward_model(model or a.model, f"{key}.model" if model else f"{where}.model")

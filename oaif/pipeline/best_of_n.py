@@ -22,8 +22,12 @@ import time
 from pathlib import Path
 
 from oaif import outputs
+from oaif.annotate.ranking import rank_groups
+from oaif.annotate.backends import build_annotator, check_inputs, with_python_annotator
 from oaif.config import ConfigError, RunConfig
+from oaif.datasets_io import load_prompts
 from oaif.engine import local_engine
+from oaif.generate import Generator, check_model, load_tokenizer
 
 KIND = "best-of-n output"
 
@@ -31,11 +35,6 @@ KIND = "best-of-n output"
 def best_of_n(cfg: RunConfig, out: str | Path, *, annotator=None, log=print, overwrite: bool = False) -> Path:
     """Writes `out` (see the module docstring); returns its path. annotator: your judge (a
     function or annotator object) in place of the config's."""
-    from oaif.annotate.rank import rank_groups
-    from oaif.annotate.select import build_annotator, check_inputs, with_python_annotator
-    from oaif.datasets_io import load_prompts
-    from oaif.generate import Generator, check_model, load_tokenizer
-
     a = cfg.annotate
     if a.ranking == "consecutive":
         raise ConfigError("annotate.ranking: best-of-n ranks all of a prompt's responses; set "
