@@ -36,6 +36,7 @@ from oaif.records import PreferencePair, Prompt, Sample, as_prompts, write_jsonl
 from oaif.rundir import (RunComplete, RunLock, checkpoint_now, finish_round, prepare_run_dir, resume_config,
                          run_identity, start_resume)
 from oaif.tracking import Trackers, check_trackers, markdown_table, sample_table
+from oaif.train import PreferenceTrainer, build_policy
 
 
 class TooManyInvalid(RunStopped):
@@ -666,18 +667,16 @@ def export_stale(run_dir: Path) -> bool:
 
 
 def build_trainer(cfg: RunConfig, pad_id: int, total_steps: int, accelerator=None,
-                  resume_from: Path | None = None) -> "DPOTrainer":
+                  resume_from: Path | None = None) -> PreferenceTrainer:
     """The config's policy, reference and trainer: shared by `oaif run` and `oaif offline`.
     resume_from: a checkpoint to continue from (its weights and trainer state)."""
-    from oaif.train import DPOTrainer, build_policy
-
     torch.manual_seed(cfg.seed)   # the same on every rank: LoRA adapters start identical
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = str(accelerator.device) if accelerator is not None else cfg.policy.device
     policy, reference = build_policy(cfg.policy.model, cfg.policy.dtype, device, cfg.train,
                                      str(resume_from / "policy") if resume_from else None)
-    trainer = DPOTrainer(policy, reference, cfg.train, pad_id, total_steps, accelerator, cfg.policy.dtype)
+    trainer = PreferenceTrainer(policy, reference, cfg.train, pad_id, total_steps, accelerator, cfg.policy.dtype)
     if resume_from:
         restore_trainer(trainer, read_trainer_state(resume_from))
     return trainer
