@@ -28,7 +28,7 @@ from oaif.config import RunConfig
 from oaif.distributed import sharded
 from oaif.faults import crash_point
 from oaif.records import fsync_path
-from oaif.train import DPOTrainer, build_policy, load_causal_lm, lr_lambda
+from oaif.train import PreferenceTrainer, build_policy, load_causal_lm, lr_lambda
 
 
 COMPLETE = "complete.json"   # written last: the files of the checkpoint and their sizes
@@ -193,7 +193,7 @@ def restore_trainer(trainer, state: dict) -> None:
 
 
 def build_trainer(cfg: RunConfig, pad_id: int, total_steps: int, accelerator=None,
-                  resume_from: Path | None = None) -> DPOTrainer:
+                  resume_from: Path | None = None) -> PreferenceTrainer:
     """The config's policy, reference and trainer: shared by `oaif run` and `oaif offline`.
     resume_from: a checkpoint to continue from (its weights and trainer state)."""
     torch.manual_seed(cfg.seed)   # the same on every rank: LoRA adapters start identical
@@ -202,7 +202,7 @@ def build_trainer(cfg: RunConfig, pad_id: int, total_steps: int, accelerator=Non
     device = str(accelerator.device) if accelerator is not None else cfg.policy.device
     policy, reference = build_policy(cfg.policy.model, cfg.policy.dtype, device, cfg.train,
                                      str(resume_from / "policy") if resume_from else None)
-    trainer = DPOTrainer(policy, reference, cfg.train, pad_id, total_steps, accelerator, cfg.policy.dtype)
+    trainer = PreferenceTrainer(policy, reference, cfg.train, pad_id, total_steps, accelerator, cfg.policy.dtype)
     if resume_from:
         restore_trainer(trainer, read_trainer_state(resume_from))
     return trainer

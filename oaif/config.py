@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from oaif.objectives import SETTING_OWNERS
+
 
 def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
@@ -295,20 +297,6 @@ class RunStopped(RuntimeError):
     training diverged); the CLI prints it in one line, like a ConfigError."""
 
 
-# Per-loss defaults from the OAIF paper (Guo et al. 2024, §4): DPO 0.1, IPO 1.0, SLiC 0.002.
-# cDPO, the soft-label loss and KTO are DPO-shaped and keep DPO's 0.1. ORPO's β is its λ,
-# the odds-ratio term's weight (Hong et al. 2024: 0.1); SimPO 2.0 (Meng et al. 2024).
-# sft has no β: 1.0 only scales its logged rewards. rloo's β is the KL penalty's coefficient.
-PAPER_BETA = {"dpo": 0.1, "cdpo": 0.1, "soft": 0.1, "kto": 0.1, "ipo": 1.0, "slic": 0.002, "orpo": 0.1, "simpo": 2.0,
-              "sft": 1.0, "rloo": 0.05}
-# Losses of the policy's log-probs alone: no reference model is built or run for them.
-REFERENCE_FREE_LOSSES = ("orpo", "simpo", "sft")
-
-
-def beta_for(train: TrainConfig) -> float:
-    return PAPER_BETA[train.loss] if train.beta is None else train.beta
-
-
 def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
     """Check (and lightly convert) one leaf value against its annotation."""
     if dataclasses.is_dataclass(tp):
@@ -409,15 +397,9 @@ def _validate(cfg: RunConfig) -> list[str]:
     if not 0 < cfg.generate.top_p <= 1:
         errors.append(f"generate.top_p: must be in (0, 1], got {cfg.generate.top_p}")
     # Settings of one loss given to another would silently do nothing.
-    t = cfg.train
-    if t.margin_scale and t.loss not in ("dpo", "cdpo", "soft"):
-        errors.append(f"train.margin_scale: applies to dpo, cdpo and soft only, not {t.loss}; remove it or set 0")
-    if (t.kto_desirable_weight, t.kto_undesirable_weight) != (1.0, 1.0) and t.loss != "kto":
-        errors.append(f"train.kto_desirable_weight / kto_undesirable_weight: apply to loss kto only, not {t.loss}")
-    if t.simpo_gamma != 1.0 and t.loss != "simpo":
-        errors.append(f"train.simpo_gamma: applies to loss simpo only, not {t.loss}")
-    if t.ppo_clip != 0.2 and t.loss != "rloo":
-        errors.append(f"train.ppo_clip: applies to loss rloo only, not {t.loss}")
+    t, unset = cfg.train, TrainConfig()
+    errors += [setting.error(owners, t.loss) for setting, owners in SETTING_OWNERS.items()
+               if t.loss not in owners and any(getattr(t, k) != getattr(unset, k) for k in setting.keys)]
     if not 0 < t.ppo_clip < 1:
         errors.append(f"train.ppo_clip: must be in (0, 1), got {t.ppo_clip}")
     if t.simpo_gamma < 0:

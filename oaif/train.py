@@ -25,11 +25,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM
 
-from oaif.config import REFERENCE_FREE_LOSSES, RunStopped, TrainConfig, beta_for
+from oaif.config import RunStopped, TrainConfig
 from oaif.faults import crash_point
-from oaif.losses import dpo_loss, ipo_loss, kto_loss, orpo_loss, rewards, rloo_loss, sft_loss, simpo_loss, slic_loss
+from oaif.losses import rewards
+from oaif.objectives import LOSSES, PairLogps
 from oaif.records import PreferencePair
 
 MAX_SKIPPED_IN_A_ROW = 3
@@ -45,6 +45,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_causal_lm(path: str, dtype: str, trainable: bool, device: str = "cpu") -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(resolve_device(device))
     model.train(trainable)  # the frozen reference stays in eval mode (no dropout)
     model.requires_grad_(trainable)
@@ -87,7 +89,7 @@ def build_policy(path: str, dtype: str, device: str, cfg: TrainConfig,
                            device=device)
     if cfg.disable_dropout:
         disable_dropout(model)
-    reference_free = cfg.loss in REFERENCE_FREE_LOSSES
+    reference_free = not LOSSES[cfg.loss].needs_reference
     if not lora.enabled:
         return model, None if reference_free else load_causal_lm(path, dtype, trainable=False, device=device)
     from peft import PeftModel
@@ -233,12 +235,16 @@ def parameter_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-class DPOTrainer:
+class PreferenceTrainer:
+    """Trains the policy on judged pairs with the configured loss (train.loss, an
+    oaif.objectives.Loss), which says which log-probs it needs beside the policy's."""
+
     def __init__(self, policy: torch.nn.Module, reference: torch.nn.Module | None, cfg: TrainConfig, pad_id: int,
                  total_steps: int = 0, accelerator=None, compute_dtype: str = "float32"):
         self.cfg, self.pad_id, self.accelerator = cfg, pad_id, accelerator
         self.compute_dtype = DTYPES[compute_dtype]
-        self.beta = beta_for(cfg)
+        self.objective = LOSSES[cfg.loss]
+        self.beta = self.objective.default_beta if cfg.beta is None else cfg.beta
         optimizer = torch.optim.AdamW(
             [p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         # `policy` is the plain model (saved, synced); `model` runs the training passes
@@ -253,9 +259,8 @@ class DPOTrainer:
             self.model, self.optimizer = accelerator.prepare(policy, optimizer)
             self.policy = accelerator.unwrap_model(self.model)
         self.reference = reference
-        # orpo, simpo: no reference pass, and log-probs are per-token means (their equations).
-        self.reference_free = cfg.loss in REFERENCE_FREE_LOSSES
-        self.length_normalize = cfg.length_normalize or self.reference_free
+        self.reference_free = not self.objective.needs_reference   # no reference pass
+        self.length_normalize = cfg.length_normalize or self.objective.mean_logps
         self.total_steps, self.anchor = total_steps, None   # the schedule's horizon (checkpointed)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
         self.steps = 0
@@ -281,8 +286,8 @@ class DPOTrainer:
     def _fixed_logps(self, cache: dict, model, pairs: list[PreferencePair], batch=None) -> torch.Tensor:
         """Log-probs of (chosen..., rejected...) under a model that does not change while they
         are used (the frozen reference; the policy as the round began): computed once per pair
-        and round (later epochs and KTO's z0 pass reuse them). The plain model runs it, outside
-        the engine's wrapper (no gradient, nothing to synchronise)."""
+        and round (later epochs and KTO's z0 pass, reference_point, reuse them). The plain model
+        runs it, outside the engine's wrapper (no gradient, nothing to synchronise)."""
         if all(id(p) in cache for p in pairs):
             cached = [cache[id(p)] for p in pairs]
             return torch.stack([c for c, _ in cached] + [r for _, r in cached])
@@ -314,36 +319,9 @@ class DPOTrainer:
     def loss(self, pc, pr, rc, rr, p_chosen: torch.Tensor, weights: torch.Tensor | None = None,
              z0: torch.Tensor | None = None, start: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Per-pair losses (B,) for the configured loss. KTO: z0, the step's reference point
-        (kto_reference_point); None: these pairs' own weighted mean log-ratio. rloo: start,
+        (reference_point); None: these pairs' own weighted mean log-ratio. rloo: start,
         the (chosen, rejected) log-probs under the policy as the round began."""
-        cfg, beta = self.cfg, self.beta
-        margin = cfg.margin_scale * (2 * p_chosen - 1)
-        if cfg.loss == "dpo":
-            return dpo_loss(pc, pr, rc, rr, beta, margin=margin)
-        if cfg.loss == "cdpo":
-            return dpo_loss(pc, pr, rc, rr, beta, smoothing=cfg.label_smoothing, margin=margin)
-        if cfg.loss == "soft":
-            return dpo_loss(pc, pr, rc, rr, beta, smoothing=1 - p_chosen, margin=margin)
-        if cfg.loss == "ipo":
-            return ipo_loss(pc, pr, rc, rr, beta)
-        if cfg.loss == "slic":
-            return slic_loss(pc, pr, rc, rr, beta)
-        if cfg.loss == "orpo":   # β is ORPO's λ
-            return orpo_loss(pc, pr, beta)
-        if cfg.loss == "simpo":
-            return simpo_loss(pc, pr, beta, cfg.simpo_gamma)
-        if cfg.loss == "sft":
-            return sft_loss(pc)
-        if cfg.loss == "rloo":
-            return rloo_loss(pc, pr, *start, rc, rr, p_chosen, beta, cfg.ppo_clip)
-        # KTO: chosen responses are desirable, rejected undesirable; the reference point is
-        # the mean log-ratio (both were sampled from the policy: a KL estimate).
-        policy, ref = torch.cat([pc, pr]), torch.cat([rc, rr])
-        w = torch.ones_like(policy) if weights is None else torch.cat([weights, weights])
-        desirable = torch.arange(len(policy), device=policy.device) < len(pc)
-        z0 = ((policy - ref) * w).sum() / w.sum().clamp(min=1) if z0 is None else z0
-        per_response = kto_loss(policy, ref, desirable, beta, z0, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
-        return (per_response[:len(pc)] + per_response[len(pc):]) / 2
+        return self.objective(PairLogps(pc, pr, rc, rr, p_chosen, weights, z0, start), self.beta, self.cfg)
 
     def train_round(self, pairs: list[PreferencePair], on_step=None) -> dict[str, float]:
         """epochs_per_round passes over the pairs, in optimizer steps of batch_size pairs.
@@ -353,7 +331,8 @@ class DPOTrainer:
         norms, skipped = [], 0
         self._reference_cache, self._start_cache = {}, {}
         rank, world = (acc.process_index, acc.num_processes) if acc else (0, 1)
-        if cfg.loss == "rloo":   # before any step: PPO's ratio is taken against the policy that sampled
+        # rloo, before any step: PPO's ratio is taken against the policy that sampled.
+        if self.objective.needs_start_logps:
             for m in range(0, len(pairs), cfg.micro_batch_size):
                 self._start_logps(pairs[m:m + cfg.micro_batch_size])
         for _ in range(cfg.epochs_per_round):
@@ -361,7 +340,7 @@ class DPOTrainer:
                 batch = pairs[start:start + cfg.batch_size]
                 share, weights = rank_share(batch, rank, world)
                 self.optimizer.zero_grad(set_to_none=True)
-                z0 = self.kto_reference_point(share, weights) if cfg.loss == "kto" else None
+                z0 = self.reference_point(share, weights) if self.objective.needs_reference_point else None
                 micros = range(0, len(share), cfg.micro_batch_size)
                 for m in micros:
                     micro = share[m:m + cfg.micro_batch_size]
@@ -371,7 +350,7 @@ class DPOTrainer:
                         pc, pr, rc, rr = self._forward(micro)
                         w = torch.tensor(weights[m:m + cfg.micro_batch_size], device=pc.device)
                         p_chosen = torch.tensor([p.p_chosen for p in micro], device=pc.device)
-                        start = self._start_logps(micro) if cfg.loss == "rloo" else None
+                        start = self._start_logps(micro) if self.objective.needs_start_logps else None
                         losses = self.loss(pc, pr, rc, rr, p_chosen, w, z0, start)
                         # Scaled so the rank-averaged, accumulated gradient is the mean over the step's pairs.
                         loss = (losses * w).sum() * world / len(batch)
@@ -414,7 +393,7 @@ class DPOTrainer:
                 "train/steps": self.steps, "train/learning_rate": self.scheduler.get_last_lr()[0]}
 
     @torch.no_grad()
-    def kto_reference_point(self, share: list[PreferencePair], weights: list[float]) -> torch.Tensor:
+    def reference_point(self, share: list[PreferencePair], weights: list[float]) -> torch.Tensor:
         """KTO's z0 for one optimizer step: the weighted mean log-ratio over every response of
         the step on every rank, from a forward pass without gradients before the step's
         passes, so it depends neither on micro_batch_size nor on the number of processes."""

@@ -262,15 +262,15 @@ def train_push_and_compare_greedy(tiny_model: Path, engine, push) -> None:
     from oaif.constitution import load_constitution
     from oaif.datasets_io import load_prompts
     from oaif.generate import Generator
-    from oaif.train import DPOTrainer, load_causal_lm
+    from oaif.train import PreferenceTrainer, load_causal_lm
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     gen = Generator(engine, tokenizer, GenerateConfig(max_new_tokens=64), max_prompt_tokens=128)
     policy = load_causal_lm(str(tiny_model), "float32", trainable=True)
     reference = load_causal_lm(str(tiny_model), "float32", trainable=False)
     # A large learning rate so that a few steps visibly change greedy outputs.
-    trainer = DPOTrainer(policy, reference, TrainConfig(learning_rate=3e-3, batch_size=8, micro_batch_size=4),
-                         tokenizer.pad_token_id)
+    trainer = PreferenceTrainer(policy, reference, TrainConfig(learning_rate=3e-3, batch_size=8, micro_batch_size=4),
+                                tokenizer.pad_token_id)
     judge = RulesAnnotator(load_constitution(ROOT / "constitutions/concise.yaml"))
     prompts = load_prompts(ROOT / "prompts/tiny_prompts.jsonl")
     check_ids = [gen.encode(p) for p in prompts[:8]]

@@ -50,6 +50,7 @@ def test_values_are_checked(override, message):
      "soft"),
     (["train.loss=dpo", "train.kto_desirable_weight=2"], "apply to loss kto only, not dpo", "kto"),
     (["train.loss=orpo", "train.simpo_gamma=0.5"], "train.simpo_gamma: applies to loss simpo only, not orpo", "simpo"),
+    (["train.loss=kto", "train.ppo_clip=0.3"], "train.ppo_clip: applies to loss rloo only, not kto", "rloo"),
 ])
 def test_a_setting_that_would_do_nothing_is_refused(overrides, message, applies_to):
     with pytest.raises(ConfigError) as e:

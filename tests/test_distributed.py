@@ -202,20 +202,20 @@ import sys, types
 import torch
 from accelerate import Accelerator
 from oaif.config import RunStopped
-from oaif.train import DPOTrainer, load_causal_lm
+from oaif.train import PreferenceTrainer, load_causal_lm
 
 accelerator = Accelerator(cpu=True)
 rank = accelerator.process_index
 policy = load_causal_lm(sys.argv[1], "float32", trainable=True)
 trainer = types.SimpleNamespace(policy=policy, accelerator=accelerator, replica_hashes=[], steps=1)
-DPOTrainer.check_replicas(trainer)               # step 1, equal replicas: recorded, no stop
+PreferenceTrainer.check_replicas(trainer)               # step 1, equal replicas: recorded, no stop
 print(f"rank {rank} equal {trainer.replica_hashes}", flush=True)
 if rank == 1:
     with torch.no_grad():
         next(policy.parameters()).view(-1)[0] += 1e-6   # one weight on one rank, as a lost all-reduce would leave
 trainer.steps = 2
 try:
-    DPOTrainer.check_replicas(trainer)
+    PreferenceTrainer.check_replicas(trainer)
     print(f"rank {rank} went on", flush=True)
 except RunStopped as e:
     print(f"rank {rank} stopped: {e}", flush=True)

@@ -43,7 +43,7 @@ def test_lora_merge_sync_on_smollm2_equals_the_peft_policy(smollm2_model, closin
     from oaif.generate import Generator
     from oaif.datasets_io import load_prompts
     from oaif.engine.weights import push_weights
-    from oaif.train import DPOTrainer, build_policy
+    from oaif.train import PreferenceTrainer, build_policy
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_model)
     llm = closing(build_llm(str(smollm2_model), "float32", seed=0, kv_cache_gib=0.25, max_model_len=256,
@@ -51,7 +51,7 @@ def test_lora_merge_sync_on_smollm2_equals_the_peft_policy(smollm2_model, closin
     gen = Generator(InProcessEngine(llm), tokenizer, GenerateConfig(max_new_tokens=24), max_prompt_tokens=128)
     cfg = TrainConfig(learning_rate=5e-3, batch_size=8, micro_batch_size=4, lora=LoraConfig(enabled=True, r=8, alpha=16))
     policy, reference = build_policy(str(smollm2_model), "float32", "cpu", cfg)
-    trainer = DPOTrainer(policy, reference, cfg, tokenizer.pad_token_id)
+    trainer = PreferenceTrainer(policy, reference, cfg, tokenizer.pad_token_id)
     judge = RulesAnnotator(load_constitution(ROOT / "constitutions/concise.yaml"))
     prompts = load_prompts(ROOT / "prompts/train.jsonl")
     check_ids = [gen.encode(p) for p in prompts[:4]]

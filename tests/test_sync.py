@@ -11,7 +11,7 @@ from oaif.engine.vllm import InProcessEngine, build_llm, shutdown_llm
 from oaif.generate import Generator
 from oaif.datasets_io import load_prompts
 from oaif.engine.weights import push_weights
-from oaif.train import DPOTrainer
+from oaif.train import PreferenceTrainer
 
 from conftest import ROOT, hf_greedy, train_push_and_compare_greedy
 
@@ -113,7 +113,7 @@ def test_lora_sync_matches_the_peft_policy(tiny_model, engine, lora_engine, tmp_
                       lora=LoraConfig(enabled=True, r=8, alpha=16))
     policy, reference = build_policy(str(tiny_model), "float32", "cpu", cfg)
     assert reference is None  # fresh adapter: the reference is the base with the adapter disabled
-    trainer = DPOTrainer(policy, reference, cfg, tokenizer.pad_token_id)
+    trainer = PreferenceTrainer(policy, reference, cfg, tokenizer.pad_token_id)
     judge = RulesAnnotator(load_constitution(ROOT / "constitutions/concise.yaml"))
     prompts = load_prompts(ROOT / "prompts/tiny_prompts.jsonl")
 

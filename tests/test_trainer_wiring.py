@@ -1,4 +1,4 @@
-"""What DPOTrainer does with its config: which loss and β it uses, how margin, label
+"""What PreferenceTrainer does with its config: which loss and β it uses, how margin, label
 smoothing, soft labels and KTO's reference point reach the loss, gradient accumulation,
 gradient clipping and dropout. The loss formulas themselves are checked in test_losses.py;
 these tests check that the trainer calls them with the right arguments."""
@@ -6,14 +6,16 @@ these tests check that the trainer calls them with the right arguments."""
 import json
 import math
 import shutil
+import typing
 
 import pytest
 import torch
 
 from oaif.config import TrainConfig
 from oaif.losses import dpo_loss, ipo_loss, kto_loss, orpo_loss, simpo_loss, slic_loss
+from oaif.objectives import LOSSES
 from oaif.records import PreferencePair
-from oaif.train import DPOTrainer, batch_sequences, build_policy, load_causal_lm, sequence_logps
+from oaif.train import PreferenceTrainer, batch_sequences, build_policy, load_causal_lm, sequence_logps
 
 # Three pairs of fixed log-probs: policy chosen/rejected (PC, PR), reference (RC, RR).
 # Log-ratios: chosen [1, −0.5, 0.5], rejected [−1, 1, −0.8]; h = [2, −1.5, 1.3].
@@ -26,9 +28,9 @@ P_CHOSEN = torch.tensor([0.9, 0.6, 0.75])
 PAPER_BETA = {"dpo": 0.1, "cdpo": 0.1, "soft": 0.1, "ipo": 1.0, "slic": 0.002, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}
 
 
-def trainer_for(**cfg) -> DPOTrainer:
+def trainer_for(**cfg) -> PreferenceTrainer:
     """A trainer whose loss() can be called on fixed tensors (the policy is a stand-in)."""
-    return DPOTrainer(torch.nn.Linear(1, 1), None, TrainConfig(**cfg), pad_id=0)
+    return PreferenceTrainer(torch.nn.Linear(1, 1), None, TrainConfig(**cfg), pad_id=0)
 
 
 def expected_loss(loss: str, beta: float, margin_scale: float, smoothing: float, wd: float, wu: float, z0,
@@ -73,6 +75,12 @@ def test_trainer_uses_the_configured_loss_with_its_paper_beta_and_settings(loss)
     assert torch.allclose(got, expected_loss(loss, 0.37, 0.5, 0.2, 1.5, 0.5, 0.3), rtol=1e-6, atol=0)
 
 
+def test_every_train_loss_choice_is_registered():
+    """train.loss's choices and oaif.objectives.LOSSES name the same losses, in the same order
+    (the order of the config's errors)."""
+    assert list(LOSSES) == list(typing.get_args(typing.get_type_hints(TrainConfig)["loss"]))
+
+
 def test_the_losses_differ_on_the_fixed_tensors():
     """Guard for the test above: on these tensors no two losses (nor margin on/off) give the same
     numbers, so a name that fell through to another loss, or a setting ignored, would show."""
@@ -100,7 +108,7 @@ def pairs_of(n: int) -> list[PreferencePair]:
 
 
 def test_kto_reference_point_is_the_steps_weighted_mean_log_ratio(tiny_model):
-    """kto_reference_point: the mean of log πθ(y|x) − log π0(y|x) over every chosen and
+    """reference_point (KTO's z0): the mean of log πθ(y|x) − log π0(y|x) over every chosen and
     rejected response of the step, padding pairs (weight 0) left out, across micro-batches;
     computed here one sequence at a time."""
     policy = load_causal_lm(str(tiny_model), "float32", trainable=True)
@@ -109,7 +117,7 @@ def test_kto_reference_point_is_the_steps_weighted_mean_log_ratio(tiny_model):
     with torch.no_grad():   # move the policy away from the reference: log-ratios of order 1
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    trainer = DPOTrainer(policy, reference, TrainConfig(loss="kto", micro_batch_size=2), pad_id=0)
+    trainer = PreferenceTrainer(policy, reference, TrainConfig(loss="kto", micro_batch_size=2), pad_id=0)
     pairs, weights = pairs_of(3), [1.0, 1.0, 0.0]
 
     def log_ratio(prompt, response):
@@ -121,7 +129,7 @@ def test_kto_reference_point_is_the_steps_weighted_mean_log_ratio(tiny_model):
     want = sum(w * (c + r) for w, (c, r) in zip(weights, ratios)) / (2 * sum(weights))
     unweighted = sum(c + r for c, r in ratios) / 6
     assert abs(want - unweighted) > 0.05   # the padding pair would show
-    assert math.isclose(trainer.kto_reference_point(pairs, weights).item(), want, abs_tol=1e-4)
+    assert math.isclose(trainer.reference_point(pairs, weights).item(), want, abs_tol=1e-4)
 
 
 def trained(tiny_model, pairs, **cfg) -> tuple[dict, dict, list[dict]]:
@@ -129,7 +137,7 @@ def trained(tiny_model, pairs, **cfg) -> tuple[dict, dict, list[dict]]:
     optimizer step was taken with (after any clipping)."""
     policy = load_causal_lm(str(tiny_model), "float32", trainable=True)
     reference = load_causal_lm(str(tiny_model), "float32", trainable=False)
-    trainer = DPOTrainer(policy, reference, TrainConfig(**cfg), pad_id=0)
+    trainer = PreferenceTrainer(policy, reference, TrainConfig(**cfg), pad_id=0)
     stepped = []
     trainer.optimizer.register_step_pre_hook(lambda *_: stepped.append(
         {k: p.grad.clone() for k, p in policy.named_parameters() if p.grad is not None}))
@@ -252,8 +260,8 @@ def test_reference_free_losses_build_and_run_no_reference(loss, start, tiny_mode
         raise AssertionError("a reference-free loss ran a reference pass")
 
     monkeypatch.setattr(oaif.train, "reference_model", no_reference)
-    monkeypatch.setattr(DPOTrainer, "_fixed_logps", no_reference)   # the reference (and rloo's start) pass
-    trainer = DPOTrainer(policy, reference, cfg, pad_id=0)
+    monkeypatch.setattr(PreferenceTrainer, "_fixed_logps", no_reference)   # the reference (and rloo's start) pass
+    trainer = PreferenceTrainer(policy, reference, cfg, pad_id=0)
     metrics = trainer.train_round(pairs)
     assert metrics["train/steps"] == 1 and "train/kl_to_ref" not in metrics
     assert math.isclose(metrics["train/logps_chosen"], sum(means) / 4, rel_tol=1e-5)
@@ -282,5 +290,5 @@ def test_reference_free_losses_load_no_reference_and_run_no_reference_pass(tiny_
         policy, reference = build_policy(str(tiny_model), "float32", "cpu", cfg)
         assert reference is None or (loss == "dpo" and not lora), (loss, lora)
         passes.clear()
-        assert DPOTrainer(policy, reference, cfg, pad_id=0).train_round(pairs)["train/steps"] == 1
+        assert PreferenceTrainer(policy, reference, cfg, pad_id=0).train_round(pairs)["train/steps"] == 1
         assert (len(passes) > 0) == (loss == "dpo"), (loss, lora, len(passes))

@@ -163,11 +163,11 @@ def test_a_step_with_non_finite_gradients_is_skipped_and_repeated_ones_stop_the_
     import copy
 
     from oaif.config import RunStopped, TrainConfig
-    from oaif.train import DPOTrainer, load_causal_lm
+    from oaif.train import PreferenceTrainer, load_causal_lm
 
     policy = load_causal_lm(str(tiny_model), "float32", trainable=True)
     reference = load_causal_lm(str(tiny_model), "float32", trainable=False)
-    trainer = DPOTrainer(policy, reference, TrainConfig(learning_rate=1e-3, batch_size=2, micro_batch_size=2), 0)
+    trainer = PreferenceTrainer(policy, reference, TrainConfig(learning_rate=1e-3, batch_size=2, micro_batch_size=2), 0)
     pairs = [PreferencePair(0, 0, str(i), [], "a", "b", 0.9, [1, 2, 3], [4 + i, 5], [6, 7 + i, 8]) for i in range(4)]
     poison = {"left": 1}
     weight = policy.get_input_embeddings().weight
@@ -196,7 +196,7 @@ def test_kto_reference_point_does_not_depend_on_the_micro_batch_size(tiny_model)
     """KTO's z0 is the whole step's mean log-ratio, not each micro-batch's: gradient
     accumulation in passes of 1 pair gives the weights of one pass of 4."""
     from oaif.config import TrainConfig
-    from oaif.train import DPOTrainer, load_causal_lm
+    from oaif.train import PreferenceTrainer, load_causal_lm
 
     pairs = [PreferencePair(0, 0, str(i), [], "a", "b", 0.9, [1, 2, 3], [4 + i, 5, 2], [6, 7 + 3 * i, 8, 9, 2])
              for i in range(4)]
@@ -205,7 +205,7 @@ def test_kto_reference_point_does_not_depend_on_the_micro_batch_size(tiny_model)
         policy = load_causal_lm(str(tiny_model), "float32", trainable=True)
         reference = load_causal_lm(str(tiny_model), "float32", trainable=False)
         cfg = TrainConfig(loss="kto", learning_rate=1e-2, batch_size=4, micro_batch_size=micro)
-        trainer = DPOTrainer(policy, reference, cfg, 0)
+        trainer = PreferenceTrainer(policy, reference, cfg, 0)
         for _ in range(3):   # after the first step the policy differs from the reference: z0 > 0
             trainer.train_round(pairs)
         weights.append({k: v.clone() for k, v in policy.state_dict().items()})
