@@ -28,7 +28,8 @@ from oaif.config import RunConfig
 from oaif.distributed import sharded
 from oaif.faults import crash_point
 from oaif.records import fsync_path
-from oaif.train import PreferenceTrainer, build_policy, load_causal_lm, lr_lambda
+from oaif.train import PreferenceTrainer, build_policy, lr_lambda
+from oaif.models import load_causal_lm
 
 
 COMPLETE = "complete.json"   # written last: the files of the checkpoint and their sizes

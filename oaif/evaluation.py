@@ -37,9 +37,10 @@ from oaif.config import ConfigError, RunConfig
 from oaif.datasets_io import load_prompts
 from oaif.engine import local_engine
 from oaif.faults import crash_point
-from oaif.generate import check_model, encode_prompts, load_tokenizer, sample_seeds
+from oaif.generate import encode_prompts, sample_seeds
+from oaif.models import check_model, load_causal_lm, load_tokenizer
 from oaif.records import Prompt, Sample, read_jsonl, write_jsonl
-from oaif.train import load_causal_lm, response_kl
+from oaif.train import response_kl
 
 OUT_KIND = "eval output"   # oaif eval --out (oaif/outputs.py)
 OUTCOME = {"a": "win", "b": "loss", "tie": "tie", "disagree": "tie", "identical": "tie", "invalid": "invalid"}

@@ -12,43 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from oaif.config import ConfigError, GenerateConfig
+from oaif.config import GenerateConfig
 from oaif.engine.base import Completion, PolicyEngine
 from oaif.records import Prompt, Sample
-
-
-def check_model(model: str, key: str) -> None:
-    """Fail fast, naming the config key, on a model reference that is neither a model folder
-    nor plausibly a hub id: from_pretrained would otherwise retry the hub for a minute and end
-    in a traceback. A hub id is `name` or `org/name` whose `org` is not a local folder."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{key}: {model} is a folder without config.json, not a Hugging Face model folder")
-        return
-    missing = (f"{key}: model folder {model!r} not found; give a model folder (oaif init-tiny models/tiny "
-               f"or oaif convert-gguf FILE --out DIR make one) or a hub id (org/name)")
-    local = model.startswith((".", "/", "~")) or model.count("/") > 1 or (model.count("/") == 1 and path.parent.is_dir())
-    if local or path.exists() or not model.strip():
-        raise ConfigError(missing)
-    # A hub id: fine if cached; otherwise ask the hub once, briefly, so that `models/tiny` before
-    # `init-tiny` (which reads as org/name until models/ exists) is named here, not in a traceback.
-    from huggingface_hub import HfApi, try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(model, "config.json"), str):
-        return
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise ConfigError(f"{missing}; HF_HUB_OFFLINE is set and the hub cache does not hold it")
-    try:
-        HfApi().model_info(model, timeout=10)
-    except Exception as e:   # not found, gated, or no network: every one ends the run here
-        raise ConfigError(f"{missing}; the hub did not give it either ({type(e).__name__}: {str(e)[:200]})") from e
 
 
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
@@ -65,15 +35,6 @@ def encode_prompts(tokenizer, prompts: list[Prompt], max_prompt_tokens: int
     encoded = [(p, encode_prompt(tokenizer, p.messages)) for p in prompts]
     kept = [(p, ids) for p, ids in encoded if len(ids) <= max_prompt_tokens]
     return kept, len(encoded) - len(kept)
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def round_prompts(prompts: list[Prompt], per_round: int, seed: int, skip: int = 0):

@@ -17,7 +17,8 @@ from oaif.engine import open_policy_engine
 from oaif.evaluation import (TRAINING_JUDGE_WARNING, Evaluator, baseline_responses, eval_annotator_config,
                              eval_prompts, max_new_tokens)
 from oaif.console import RunConsole
-from oaif.generate import Drawn, Generator, check_model, load_tokenizer
+from oaif.generate import Drawn, Generator
+from oaif.models import check_model, load_tokenizer
 from oaif.rundir import RunComplete, RunDir, export_stale, run_identity
 from oaif.tracking import Trackers, check_trackers
 

@@ -28,47 +28,12 @@ import torch
 
 from oaif.config import RunStopped, TrainConfig
 from oaif.faults import crash_point
+from oaif.models import DTYPES, disable_dropout, load_causal_lm
 from oaif.losses import rewards
 from oaif.objectives import LOSSES, PairLogps
 from oaif.records import PreferencePair
 
 MAX_SKIPPED_IN_A_ROW = 3
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_causal_lm(path: str, dtype: str, trainable: bool, device: str = "cpu") -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(resolve_device(device))
-    model.train(trainable)  # the frozen reference stays in eval mode (no dropout)
-    model.requires_grad_(trainable)
-    return model
-
-
-DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Every dropout to 0: nn.Dropout modules, and the float rates that attention modules
-    copy from the config when built (Llama's `self.attention_dropout`), which a change to the
-    config alone would not reach."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        for key in DROPOUT_KEYS:
-            if isinstance(getattr(module, key, None), float):
-                setattr(module, key, 0.0)
-    for key in DROPOUT_KEYS:
-        if hasattr(model.config, key):
-            setattr(model.config, key, 0.0)
 
 
 def build_policy(path: str, dtype: str, device: str, cfg: TrainConfig,

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from oaif.train import batch_sequences, load_causal_lm, sequence_logps
+from oaif.train import batch_sequences, sequence_logps
+from oaif.models import load_causal_lm
 
 ROOT = Path(__file__).resolve().parent.parent
 # model folder -> (prompt tokens, response tokens), each drawn between half and all of it.

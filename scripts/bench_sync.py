@@ -56,7 +56,7 @@ def main() -> None:
     from oaif.engine.process import ProcessEngine
     from oaif.engine.weights import hf_named_weights, push_weights
     from oaif.pipeline.tiny import init_tiny
-    from oaif.train import load_causal_lm
+    from oaif.models import load_causal_lm
 
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                            "torch_threads": torch.get_num_threads(),

@@ -262,7 +262,8 @@ def train_push_and_compare_greedy(tiny_model: Path, engine, push) -> None:
     from oaif.constitution import load_constitution
     from oaif.datasets_io import load_prompts
     from oaif.generate import Generator
-    from oaif.train import PreferenceTrainer, load_causal_lm
+    from oaif.train import PreferenceTrainer
+    from oaif.models import load_causal_lm
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     gen = Generator(engine, tokenizer, GenerateConfig(max_new_tokens=64), max_prompt_tokens=128)

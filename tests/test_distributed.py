@@ -202,7 +202,8 @@ import sys, types
 import torch
 from accelerate import Accelerator
 from oaif.config import RunStopped
-from oaif.train import PreferenceTrainer, load_causal_lm
+from oaif.train import PreferenceTrainer
+from oaif.models import load_causal_lm
 
 accelerator = Accelerator(cpu=True)
 rank = accelerator.process_index

@@ -154,7 +154,7 @@ def test_annotate_output_stays_plain_jsonl_for_offline_and_datasets(model, tmp_p
     import datasets
 
     from oaif.datasets_io import load_pairs
-    from oaif.generate import load_tokenizer
+    from oaif.models import load_tokenizer
 
     out = tmp_path / "judged.jsonl"
     assert annotate(tmp_path, out) == 0   # its marker is the hidden sidecar beside it, not a row

@@ -7,7 +7,7 @@ import torch
 
 from oaif.checkpoint import save_checkpoint
 from oaif.config import LoraConfig, PolicyConfig, RunConfig, TrainConfig, dump_config
-from oaif.generate import load_tokenizer
+from oaif.models import load_tokenizer
 from oaif.checkpoint import build_trainer
 from oaif.records import PreferencePair, read_jsonl
 
@@ -143,7 +143,7 @@ def test_a_resumed_round_takes_its_paid_judgments_from_the_cache(tiny_model, tmp
 def test_a_full_weight_checkpoint_exports_to_a_plain_model(tiny_model, tmp_path):
     """`oaif export` of a full-weight checkpoint: a folder from_pretrained loads, holding the
     trained weights (not the base's) and the tokenizer."""
-    from oaif.train import load_causal_lm
+    from oaif.models import load_causal_lm
 
     cfg = RunConfig(policy=PolicyConfig(model=str(tiny_model), device="cpu"),
                     train=TrainConfig(learning_rate=1e-2, batch_size=4, micro_batch_size=4))

@@ -15,7 +15,7 @@ from oaif.annotate.judge import judge_pairs
 from oaif.annotate.reward_model import preference
 from oaif.annotate.backends import build_annotator
 from oaif.config import ConfigError, load_config
-from oaif.generate import load_tokenizer
+from oaif.models import load_tokenizer
 from oaif.records import PreferencePair, Sample, read_jsonl
 from oaif.losses import bradley_terry_loss
 from oaif.annotate.reward_model import encode, load_reward_model, score

@@ -15,7 +15,7 @@ import pytest
 from oaif.checkpoint import COMPLETE, latest_checkpoint, read_trainer_state, save_checkpoint
 from oaif.cli import main
 from oaif.config import load_config
-from oaif.generate import load_tokenizer
+from oaif.models import load_tokenizer
 from oaif.checkpoint import build_trainer
 from oaif.records import append_jsonl, read_jsonl, write_jsonl
 from oaif.rundir import (RunDirInUse, RunLock, checkpoint_now, prepare_run_dir, run_identity,

@@ -58,7 +58,7 @@ def server(tiny_model):
 
 
 def test_server_samples_carry_exact_tokens_and_eos(tiny_model, server):
-    from oaif.train import load_causal_lm
+    from oaif.models import load_causal_lm
 
     base_url, engine, _ = server
     push_weights_to_server(base_url, load_causal_lm(str(tiny_model), "float32", trainable=False))   # whatever ran before
@@ -105,7 +105,7 @@ def test_loop_in_server_mode_through_the_cli(tiny_model, server, tmp_path):
     import torch
 
     from oaif.records import read_jsonl
-    from oaif.train import load_causal_lm
+    from oaif.models import load_causal_lm
 
 
     url, engine, _ = server

@@ -36,7 +36,7 @@ def lora_engine(tiny_model):
 
 
 def test_samples_carry_exact_tokens_and_eos(tiny_model, engine):
-    from oaif.train import load_causal_lm
+    from oaif.models import load_causal_lm
 
     push_weights(engine, load_causal_lm(str(tiny_model), "float32", trainable=False))   # whatever ran before
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
@@ -72,7 +72,7 @@ def test_the_sync_loads_in_place_with_no_restart_and_no_disk_write(tiny_model, e
     import torch
     import transformers
 
-    from oaif.train import load_causal_lm
+    from oaif.models import load_causal_lm
 
     policy = load_causal_lm(str(tiny_model), "float32", trainable=False)
     push_weights(engine, policy)   # whatever ran before

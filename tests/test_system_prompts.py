@@ -140,7 +140,8 @@ def test_a_rules_run_learns_to_follow_the_system_prompt(tiny_model, tmp_path):
 @pytest.mark.slow
 def test_smollm2_chat_template_keeps_the_system_prompt(smollm2_model):
     """SmolLM2's template puts a given system message first, in place of its default one."""
-    from oaif.generate import encode_prompt, load_tokenizer
+    from oaif.generate import encode_prompt
+    from oaif.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(smollm2_model))
     messages = [{"role": "system", "content": "Answer in at most 5 words."}, {"role": "user", "content": "Hi."}]
@@ -166,7 +167,8 @@ class EchoEngine:
 def test_conversations_grow_by_alternating_turns_and_outgrown_ones_are_counted(tiny_model, tmp_path):
     from oaif.config import GenerateConfig
     from oaif.conversation import extend_conversations
-    from oaif.generate import Generator, load_tokenizer
+    from oaif.generate import Generator
+    from oaif.models import load_tokenizer
     from oaif.records import Prompt
 
     template = tmp_path / "simulator.txt"
@@ -198,7 +200,8 @@ def test_conversations_grow_by_alternating_turns_and_outgrown_ones_are_counted(t
 
 
 def test_a_three_turn_run_samples_each_pair_at_the_last_turn_of_one_shared_conversation(tiny_model, tmp_path):
-    from oaif.generate import encode_prompt, load_tokenizer
+    from oaif.generate import encode_prompt
+    from oaif.models import load_tokenizer
 
     turns = 3
     r = oaif_main("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}",

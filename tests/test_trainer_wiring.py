@@ -15,7 +15,8 @@ from oaif.config import TrainConfig
 from oaif.losses import dpo_loss, ipo_loss, kto_loss, orpo_loss, simpo_loss, slic_loss
 from oaif.objectives import LOSSES
 from oaif.records import PreferencePair
-from oaif.train import PreferenceTrainer, batch_sequences, build_policy, load_causal_lm, sequence_logps
+from oaif.train import PreferenceTrainer, batch_sequences, build_policy, sequence_logps
+from oaif.models import load_causal_lm
 
 # Three pairs of fixed log-probs: policy chosen/rejected (PC, PR), reference (RC, RR).
 # Log-ratios: chosen [1, −0.5, 0.5], rejected [−1, 1, −0.8]; h = [2, −1.5, 1.3].

@@ -163,7 +163,8 @@ def test_a_step_with_non_finite_gradients_is_skipped_and_repeated_ones_stop_the_
     import copy
 
     from oaif.config import RunStopped, TrainConfig
-    from oaif.train import PreferenceTrainer, load_causal_lm
+    from oaif.train import PreferenceTrainer
+    from oaif.models import load_causal_lm
 
     policy = load_causal_lm(str(tiny_model), "float32", trainable=True)
     reference = load_causal_lm(str(tiny_model), "float32", trainable=False)
@@ -196,7 +197,8 @@ def test_kto_reference_point_does_not_depend_on_the_micro_batch_size(tiny_model)
     """KTO's z0 is the whole step's mean log-ratio, not each micro-batch's: gradient
     accumulation in passes of 1 pair gives the weights of one pass of 4."""
     from oaif.config import TrainConfig
-    from oaif.train import PreferenceTrainer, load_causal_lm
+    from oaif.train import PreferenceTrainer
+    from oaif.models import load_causal_lm
 
     pairs = [PreferencePair(0, 0, str(i), [], "a", "b", 0.9, [1, 2, 3], [4 + i, 5, 2], [6, 7 + 3 * i, 8, 9, 2])
              for i in range(4)]

@@ -20,7 +20,7 @@ from oaif.annotate.vllm_local import vllm_judge
 from oaif.config import AnnotateConfig, ConfigError, RunConfig
 from oaif.constitution import Constitution, load_constitution
 from oaif.fingerprint import model_fingerprint
-from oaif.generate import check_model
+from oaif.models import check_model
 
 
 def _rules(cfg: RunConfig, a: AnnotateConfig, model: str, constitution: Constitution,

@@ -25,7 +25,7 @@ from oaif.annotate.base import (Answer, Identity, JudgeRequest, JudgeTemplate, r
                                 two_label_probability)
 from oaif.config import AnnotateConfig
 from oaif.constitution import Constitution
-from oaif.generate import load_tokenizer
+from oaif.models import load_tokenizer
 
 
 class LabelScorer(Protocol):

@@ -19,9 +19,9 @@ import torch
 
 from oaif.annotate.base import Answer, Identity, JudgeRequest, render_conversation
 from oaif.config import ConfigError
-from oaif.generate import check_model, load_tokenizer
+from oaif.models import DTYPES, check_model, disable_dropout, load_tokenizer, resolve_device
 from oaif.records import Message
-from oaif.train import DTYPES, batch_sequences, disable_dropout, resolve_device
+from oaif.train import batch_sequences
 
 
 def preference(r1: float, r2: float) -> float | None:

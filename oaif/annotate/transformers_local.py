@@ -12,7 +12,7 @@ from oaif.annotate.base import JudgeTemplate
 from oaif.annotate.local import LocalJudge
 from oaif.config import AnnotateConfig
 from oaif.constitution import Constitution
-from oaif.train import load_causal_lm
+from oaif.models import load_causal_lm
 
 
 class TransformersScorer:

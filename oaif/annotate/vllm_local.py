@@ -38,19 +38,23 @@ class VLLMScorer:
 
 class VLLMJudge(LocalJudge):
     def close(self) -> None:
-        """End the judge's engine now (engines.shutdown_llm says why not at collection); safe twice."""
+        """End the judge's engine now (engine/vllm.py's shutdown_llm says why not at collection); safe twice."""
         if self.scorer.llm is not None:
             shutdown_llm(self.scorer.llm)
             self.scorer.llm = None
 
 
+def judge_llm(cfg: AnnotateConfig, model: str, seed: int, max_model_len: int):
+    """A vLLM engine for a judge model (or Constitutional AI's critic), built with the annotate
+    section's dtype and memory settings."""
+    return build_llm(model, cfg.dtype, seed=seed, kv_cache_gib=cfg.kv_cache_gib, max_model_len=max_model_len,
+                     gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager)
+
+
 def vllm_judge(cfg: AnnotateConfig, model: str, constitution: Constitution, template: JudgeTemplate,
-                  seed: int = 0) -> VLLMJudge:
+               seed: int = 0) -> VLLMJudge:
     """A judge in its own engine."""
     from transformers import AutoTokenizer
 
-
-    llm = build_llm(model, cfg.dtype, seed=seed, kv_cache_gib=cfg.kv_cache_gib,
-                    max_model_len=cfg.max_prompt_tokens + 1, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                    enforce_eager=cfg.enforce_eager)
+    llm = judge_llm(cfg, model, seed, cfg.max_prompt_tokens + 1)
     return VLLMJudge(VLLMScorer(llm), AutoTokenizer.from_pretrained(model), cfg, constitution, template, "vllm", model)

@@ -27,7 +27,8 @@ from oaif.annotate.backends import build_annotator, check_inputs, with_python_an
 from oaif.config import ConfigError, RunConfig
 from oaif.datasets_io import load_prompts
 from oaif.engine import local_engine
-from oaif.generate import Generator, check_model, load_tokenizer
+from oaif.generate import Generator
+from oaif.models import check_model, load_tokenizer
 
 KIND = "best-of-n output"
 

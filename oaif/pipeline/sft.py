@@ -33,9 +33,10 @@ import torch
 from oaif import outputs
 from oaif.config import RunConfig, SFTConfig
 from oaif.datasets_io import DATA_FILES, dataset_rows, row_messages, row_response
-from oaif.generate import check_model, encode_prompt, load_tokenizer
+from oaif.generate import encode_prompt
+from oaif.models import DTYPES, check_model, load_tokenizer
 from oaif.records import is_chat, read_jsonl, write_jsonl
-from oaif.train import DTYPES, batch_sequences, build_policy, sequence_logps
+from oaif.train import batch_sequences, build_policy, sequence_logps
 
 Example = tuple[list[int], list[int]]   # (prompt token ids, response token ids ending with EOS)
 

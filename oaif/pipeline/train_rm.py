@@ -33,7 +33,7 @@ from oaif import outputs
 from oaif.annotate.reward_model import encode, load_reward_model, rewards, score
 from oaif.config import RunConfig, to_dict
 from oaif.datasets_io import PAIR_FIELDS, load_pairs, run_pairs
-from oaif.generate import check_model, load_tokenizer
+from oaif.models import check_model, load_tokenizer
 from oaif.losses import bradley_terry_loss
 from oaif.records import PreferencePair
 from oaif.rundir import is_run_dir

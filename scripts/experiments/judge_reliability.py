@@ -81,7 +81,8 @@ def sample_pairs(cfg) -> list[dict]:
     from oaif.constitution import matches_reference
     from oaif.engine import local_engine
     from oaif.evaluation import eval_prompts
-    from oaif.generate import Generator, load_tokenizer
+    from oaif.generate import Generator
+    from oaif.models import load_tokenizer
 
     g = cfg.generate
     if g.samples_per_prompt != 2:

@@ -20,7 +20,7 @@ def check_model(model: str, key: str) -> None:
     """oaif's own check of a model reference, before anything is written, with the command
     that builds the bundled models: an experiment fails here, not minutes into its first arm."""
     from oaif.config import ConfigError
-    from oaif.generate import check_model as check
+    from oaif.models import check_model as check
 
     try:
         check(model, key)

@@ -1,0 +1,84 @@
+"""Loading the models a run uses: the policy and its reference, local judges, reward models
+and their tokenizers, each named in the config by a model folder or a hub id.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from oaif.config import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_causal_lm(path: str, dtype: str, trainable: bool, device: str = "cpu") -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(resolve_device(device))
+    model.train(trainable)  # the frozen reference stays in eval mode (no dropout)
+    model.requires_grad_(trainable)
+    return model
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_model(model: str, key: str) -> None:
+    """Fail fast, naming the config key, on a model reference that is neither a model folder
+    nor plausibly a hub id: from_pretrained would otherwise retry the hub for a minute and end
+    in a traceback. A hub id is `name` or `org/name` whose `org` is not a local folder."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{key}: {model} is a folder without config.json, not a Hugging Face model folder")
+        return
+    missing = (f"{key}: model folder {model!r} not found; give a model folder (oaif init-tiny models/tiny "
+               f"or oaif convert-gguf FILE --out DIR make one) or a hub id (org/name)")
+    local = model.startswith((".", "/", "~")) or model.count("/") > 1 or (model.count("/") == 1 and path.parent.is_dir())
+    if local or path.exists() or not model.strip():
+        raise ConfigError(missing)
+    # A hub id: fine if cached; otherwise ask the hub once, briefly, so that `models/tiny` before
+    # `init-tiny` (which reads as org/name until models/ exists) is named here, not in a traceback.
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model, "config.json"), str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ConfigError(f"{missing}; HF_HUB_OFFLINE is set and the hub cache does not hold it")
+    try:
+        HfApi().model_info(model, timeout=10)
+    except Exception as e:   # not found, gated, or no network: every one ends the run here
+        raise ConfigError(f"{missing}; the hub did not give it either ({type(e).__name__}: {str(e)[:200]})") from e
+
+
+DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every dropout to 0: nn.Dropout modules, and the float rates that attention modules
+    copy from the config when built (Llama's `self.attention_dropout`), which a change to the
+    config alone would not reach."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for key in DROPOUT_KEYS:
+            if isinstance(getattr(module, key, None), float):
+                setattr(module, key, 0.0)
+    for key in DROPOUT_KEYS:
+        if hasattr(model.config, key):
+            setattr(model.config, key, 0.0)
