@@ -25,7 +25,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from oaif.config import REFERENCE_FREE_LOSSES, RunStopped, TrainConfig, beta_for
 from oaif.faults import crash_point
@@ -45,6 +44,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_causal_lm(path: str, dtype: str, trainable: bool, device: str = "cpu") -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM   # not at the top: `oaif --help` imports this module
+
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(resolve_device(device))
     model.train(trainable)  # the frozen reference stays in eval mode (no dropout)
     model.requires_grad_(trainable)
