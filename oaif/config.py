@@ -37,6 +37,11 @@ class PolicyConfig:
     max_prompt_tokens: int = _f(256, "Prompts longer than this (after the chat template) are skipped, with a count.")
     device: str = _f("auto", "Training device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
 
+    def problems(self) -> list[str]:
+        if self.max_prompt_tokens <= 0:
+            return [f"policy.max_prompt_tokens: must be > 0, got {self.max_prompt_tokens}"]
+        return []
+
 
 @dataclass(frozen=True)
 class GenerateConfig:
@@ -54,6 +59,20 @@ class GenerateConfig:
     turns: int = _f(1, "Conversation turns per prompt. N > 1: before the pair is sampled, N-1 times the policy answers the conversation (one seeded sample) and generate.user_simulator writes the user's next message; the pair then answers turn N with the earlier turns as shared context, kept in each record's messages (oaif/conversation.py). A conversation that outgrows policy.max_prompt_tokens on the way is dropped, counted in generate/conversations_skipped. 1: the prompt as it is.")
     user_simulator: Literal["policy"] = _f("policy", "turns > 1: who writes the user's next messages: 'policy' (the policy itself, given generate.user_simulator_template).")
     user_simulator_template: str = _f("prompts/user_simulator.txt", "turns > 1: the user simulator's instruction, a text file; {conversation} in it is replaced by the conversation so far (its user and assistant turns: the system prompt is the assistant's alone).")
+
+    def problems(self) -> list[str]:
+        # samples_per_prompt is checked by RunConfig: what it may be depends on annotate.ranking.
+        errors = [f"generate.{k}: must be > 0, got {v}" for k, v in
+                  {"max_new_tokens": self.max_new_tokens, "kv_cache_gib": self.kv_cache_gib, "turns": self.turns}.items()
+                  if v <= 0]
+        if not 0 < self.top_p <= 1:
+            errors.append(f"generate.top_p: must be in (0, 1], got {self.top_p}")
+        if self.temperature <= 0:
+            errors.append("generate.temperature: must be > 0 (vLLM allows only one greedy sample per prompt)")
+        errors += [e for e in (key_env_problem(self.server_api_key_env, "generate.server_api_key_env"),
+                               url_problem(self.server_url, "generate.server_url", self.server_api_key_env,
+                                           "generate.server_api_key_env")) if e]
+        return errors
 
 
 @dataclass(frozen=True)
@@ -112,6 +131,39 @@ class AnnotateConfig:
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
     mix: tuple[MixMember, ...] = _f((), "backend 'mix': the members, e.g. [{backend: vllm, constitution: constitutions/helpful.yaml, weight: 0.7}, {backend: rules, constitution: constitutions/code.yaml, weight: 0.3}]. P(first better) is the weighted mean of the members'; any invalid member makes the answer invalid.")
 
+    def problems(self, where: str = "annotate") -> list[str]:
+        """`where`: the section's dotted path, 'annotate' or 'eval.annotate' (the same keys)."""
+        errors = []
+        if not 0 <= self.max_invalid_rate <= 1:
+            errors.append(f"{where}.max_invalid_rate: must be in [0, 1], got {self.max_invalid_rate}")
+        if self.missing_eos_penalty < 0:
+            errors.append(f"{where}.missing_eos_penalty: must be >= 0, got {self.missing_eos_penalty}")
+        if self.labels[0] == self.labels[1]:
+            errors.append(f"{where}.labels: the two labels must differ")
+        if self.backend == "python" and not self.python:
+            errors.append(f"{where}.python: backend 'python' needs your judge as 'module:function' or "
+                          f"'file.py:function' (or pass annotator= to oaif.run)")
+        errors += [f"{where}.mix[{i}].python: backend 'python' needs 'module:function'"
+                   for i, m in enumerate(self.mix) if m.backend == "python" and not m.python]
+        if self.backend == "reward_model" and not self.model:
+            errors.append(f"{where}.model: backend 'reward_model' needs the folder `oaif train-rm` wrote")
+        errors += [f"{where}.mix[{i}].model: backend 'reward_model' needs the folder `oaif train-rm` wrote "
+                   f"(or set {where}.model)" for i, m in enumerate(self.mix)
+                   if m.backend == "reward_model" and not (m.model or self.model)]
+        if self.backend == "mix" and not self.mix:
+            errors.append(f"{where}.mix: backend 'mix' needs at least one member")
+        errors += [f"{where}.mix[{i}].weight: must be > 0" for i, m in enumerate(self.mix) if m.weight <= 0]
+        o = self.openai
+        errors += [f"{where}.openai.{k}: must be > 0" for k, v in
+                   {"max_concurrency": o.max_concurrency, "timeout_s": o.timeout_s, "top_logprobs": o.top_logprobs,
+                    "max_tokens": o.max_tokens}.items() if v <= 0]
+        if o.max_retries < 0:
+            errors.append(f"{where}.openai.max_retries: must be >= 0")
+        errors += [e for e in (key_env_problem(o.api_key_env, f"{where}.openai.api_key_env"),
+                               url_problem(o.base_url, f"{where}.openai.base_url", o.api_key_env,
+                                           f"{where}.openai.api_key_env")) if e]
+        return errors
+
 
 @dataclass(frozen=True)
 class LoraConfig:
@@ -123,6 +175,14 @@ class LoraConfig:
                                          "Module names that get adapters.")
     adapter: str = _f("", "Start from this trained adapter (path). The reference is then a frozen copy of base+adapter; with a fresh adapter it is the base with the adapter disabled.")
     sync: Literal["merge", "vllm_lora"] = _f("merge", "How LoRA weights reach vLLM: 'merge' (merge, push the merged weights, unmerge; measured faster here) or 'vllm_lora' (vLLM's own LoRA loading, a new adapter id per round).")
+
+    def problems(self) -> list[str]:
+        errors = []
+        if self.r <= 0:
+            errors.append(f"train.lora.r: must be > 0, got {self.r}")
+        if self.adapter and not self.enabled:
+            errors.append("train.lora.adapter: set train.lora.enabled=true to start from an adapter")
+        return errors
 
 
 @dataclass(frozen=True)
@@ -151,6 +211,28 @@ class TrainConfig:
     keep_checkpoints: int = _f(3, "Keep the newest N checkpoints; older ones are deleted once a newer one is whole (0: keep all).")
     lora: LoraConfig = field(default_factory=LoraConfig)
 
+    def problems(self) -> list[str]:
+        errors = [f"train.{k}: must be > 0, got {v}" for k, v in
+                  {"batch_size": self.batch_size, "micro_batch_size": self.micro_batch_size,
+                   "epochs_per_round": self.epochs_per_round}.items() if v <= 0]
+        # Settings of one loss given to another would silently do nothing (objectives.py says whose they are).
+        unset = TrainConfig()
+        errors += [setting.error(owners, self.loss) for setting, owners in SETTING_OWNERS.items()
+                   if self.loss not in owners and any(getattr(self, k) != getattr(unset, k) for k in setting.keys)]
+        if not 0 < self.ppo_clip < 1:
+            errors.append(f"train.ppo_clip: must be in (0, 1), got {self.ppo_clip}")
+        if self.simpo_gamma < 0:
+            errors.append(f"train.simpo_gamma: must be >= 0 (a target margin), got {self.simpo_gamma}")
+        if self.keep_checkpoints < 0 or self.checkpoint_every < 0:
+            errors.append("train.keep_checkpoints, train.checkpoint_every: must be >= 0")
+        if self.learning_rate <= 0:
+            errors.append(f"train.learning_rate: must be > 0, got {self.learning_rate}")
+        if not 0 <= self.label_smoothing < 0.5:
+            errors.append(f"train.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        if self.beta is not None and self.beta <= 0:
+            errors.append(f"train.beta: must be > 0, got {self.beta}")
+        return errors + self.lora.problems()
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -166,6 +248,16 @@ class EvalConfig:
     bootstrap: int = _f(1000, "Bootstrap resamples for the win rate's 95% confidence interval.")
     annotate: AnnotateConfig | None = _f(
         None, "The evaluation annotator: the keys of `annotate` (e.g. {backend: rules, constitution: constitutions/correct.yaml}); keys left out are taken from `annotate`. Unset: the training annotator, with a warning: the policy is then graded by the judge it was trained to please.")
+
+    def problems(self) -> list[str]:
+        errors = [f"eval.{k}: must be >= 0, got {v}" for k, v in
+                  {"every": self.every, "max_prompts": self.max_prompts, "temperature": self.temperature,
+                   "max_new_tokens": self.max_new_tokens}.items() if v < 0]
+        if self.bootstrap < 1:
+            errors.append(f"eval.bootstrap: must be >= 1, got {self.bootstrap}")
+        if self.annotate is not None:
+            errors += self.annotate.problems("eval.annotate")
+        return errors
 
 
 @dataclass(frozen=True)
@@ -183,6 +275,16 @@ class RewardModelConfig:
     lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r).")
     lora_target_modules: tuple[str, ...] = _f(LoraConfig().target_modules, "Module names that get adapters (as train.lora.target_modules).")
 
+    def problems(self) -> list[str]:
+        errors = [f"reward_model.{k}: must be > 0, got {v}" for k, v in
+                  {"epochs": self.epochs, "learning_rate": self.learning_rate, "batch_size": self.batch_size,
+                   "max_tokens": self.max_tokens, "lora_r": self.lora_r}.items() if v <= 0]
+        if not 0 < self.heldout_fraction < 1:
+            errors.append(f"reward_model.heldout_fraction: must be in (0, 1), got {self.heldout_fraction}")
+        if self.margin_scale < 0:
+            errors.append(f"reward_model.margin_scale: must be >= 0, got {self.margin_scale}")
+        return errors
+
 
 @dataclass(frozen=True)
 class SFTConfig:
@@ -197,6 +299,17 @@ class SFTConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     max_tokens: int = _f(1024, "Rows longer than this (prompt after the chat template + response + EOS) are left out, counted; never truncated.")
     split: str = _f("train", "The split of a dataset with splits (as prompts_split).")
+
+    def problems(self) -> list[str]:
+        errors = [f"sft.{k}: must be > 0, got {v}" for k, v in
+                  {"epochs": self.epochs, "learning_rate": self.learning_rate, "batch_size": self.batch_size,
+                   "micro_batch_size": self.micro_batch_size, "max_tokens": self.max_tokens}.items() if v <= 0]
+        errors += [f"sft.{k}: must be >= 0, got {v}" for k, v in
+                   {"max_steps": self.max_steps or 0, "weight_decay": self.weight_decay,
+                    "warmup_steps": self.warmup_steps, "max_grad_norm": self.max_grad_norm}.items() if v < 0]
+        if not 0 <= self.min_lr_ratio <= 1:
+            errors.append(f"sft.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        return errors
 
 
 @dataclass(frozen=True)
@@ -213,6 +326,20 @@ class CritiqueConfig:
     max_prompt_tokens: int = _f(1024, "A prompt (the user's, or a rendered critique or revision prompt, after the chat template) longer than this ends that prompt's critique early: recorded as `dropped`, left out of sft.jsonl and pairs.jsonl; never truncated.")
     critique_template: str = _f("prompts/critique.txt", "The critic's prompt. Placeholders: {principle} {conversation} {response} (all required); the template's <tags> are neutralised in the inserted text.")
     revision_template: str = _f("prompts/revision.txt", "The policy's revision prompt. Placeholders: {conversation} {response} {critique} (required), {principle}.")
+
+    def problems(self) -> list[str]:
+        errors = [f"critique.{k}: must be > 0, got {v}" for k, v in
+                  {"revisions": self.revisions, "max_new_tokens": self.max_new_tokens,
+                   "max_prompt_tokens": self.max_prompt_tokens}.items() if v <= 0]
+        errors += [f"critique.{k}: must be >= 0, got {v}" for k, v in
+                   {"max_prompts": self.max_prompts, "temperature": self.temperature}.items() if v < 0]
+        if self.critic != "policy" and not self.critic_model:
+            errors.append(f"critique.critic_model: critic '{self.critic}' needs a model: a model folder or hub id "
+                          f"(vllm, transformers) or the API's model name (openai); or set critique.critic=policy")
+        if self.critic == "policy" and self.critic_model:
+            errors.append("critique.critic_model: the 'policy' critic is policy.model; set critique.critic (vllm, "
+                          "transformers, openai) to use another model, or remove critique.critic_model")
+        return errors
 
 
 @dataclass(frozen=True)
@@ -241,6 +368,40 @@ class RunConfig:
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     critique: CritiqueConfig = field(default_factory=CritiqueConfig)
+
+    def problems(self) -> list[str]:
+        """Every problem of the config: the run's own keys, those that span sections, then each section's."""
+        errors = [f"{k}: must be > 0, got {v}" for k, v in
+                  {"rounds": self.rounds, "prompts_per_round": self.prompts_per_round}.items() if v <= 0]
+        # The run directory <output_dir>/<name> may be replaced (overwrite): a name that is not one
+        # plain folder ('', '.', '..', 'a/b') would point it at a parent or another folder.
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", self.name) or self.name in (".", ".."):
+            errors.append(f"name: {self.name!r} is not a plain folder name (letters, digits, '.', '-', '_'; "
+                          f"no '/', not empty); the run directory is <output_dir>/<name>")
+        if not self.output_dir.strip():
+            errors.append("output_dir: must not be empty (e.g. runs)")
+        n = self.generate.samples_per_prompt
+        if self.annotate.ranking == "consecutive" and (n < 2 or n % 2):
+            errors.append(f"generate.samples_per_prompt: must be even and >= 2 with annotate.ranking consecutive "
+                          f"(samples are paired 0-1, 2-3, ...), got {n}; more than 2 can be ranked: "
+                          f"annotate.ranking=round_robin or knockout")
+        elif n < 2:
+            errors.append(f"generate.samples_per_prompt: must be >= 2 to compare responses, got {n}")
+        lora = self.train.lora
+        if self.async_rounds not in (0, 1):
+            errors.append(f"async_rounds: 0 (sample, then train) or 1 (sample the next round while training), "
+                          f"got {self.async_rounds}")
+        elif self.async_rounds and (self.generate.server_url or (lora.enabled and lora.sync == "vllm_lora")):
+            errors.append("async_rounds: needs oaif's own engine process; unset generate.server_url and use "
+                          "train.lora.sync=merge")
+        if self.async_rounds and self.generate.turns > 1:   # the next round's pair would be asked before its conversation grew
+            errors.append("generate.turns: conversations of more than 1 turn need async_rounds: 0")
+        if self.generate.server_url and lora.sync == "vllm_lora":
+            errors.append("train.lora.sync: 'vllm_lora' needs the in-process engine; server mode syncs by merge")
+        for section in (self.policy, self.generate, self.train, self.annotate, self.eval, self.reward_model, self.sft,
+                        self.critique):
+            errors += section.problems()
+        return errors
 
 
 class ConfigError(ValueError):
@@ -370,139 +531,6 @@ def _build(cls: type, data: Any, path: str, errors: list[str]) -> Any:
     return cls(**kwargs)
 
 
-def _validate(cfg: RunConfig) -> list[str]:
-    errors = []
-    positive = {
-        "rounds": cfg.rounds, "prompts_per_round": cfg.prompts_per_round,
-        "generate.max_new_tokens": cfg.generate.max_new_tokens,
-        "train.batch_size": cfg.train.batch_size, "train.micro_batch_size": cfg.train.micro_batch_size,
-        "train.epochs_per_round": cfg.train.epochs_per_round, "train.lora.r": cfg.train.lora.r, "generate.kv_cache_gib": cfg.generate.kv_cache_gib,
-        "policy.max_prompt_tokens": cfg.policy.max_prompt_tokens, "generate.turns": cfg.generate.turns,
-    }
-    errors += [f"{k}: must be > 0, got {v}" for k, v in positive.items() if v <= 0]
-    # The run directory <output_dir>/<name> may be replaced (overwrite): a name that is not one
-    # plain folder ('', '.', '..', 'a/b') would point it at a parent or another folder.
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", cfg.name) or cfg.name in (".", ".."):
-        errors.append(f"name: {cfg.name!r} is not a plain folder name (letters, digits, '.', '-', '_'; "
-                      f"no '/', not empty); the run directory is <output_dir>/<name>")
-    if not cfg.output_dir.strip():
-        errors.append("output_dir: must not be empty (e.g. runs)")
-    n = cfg.generate.samples_per_prompt
-    if cfg.annotate.ranking == "consecutive" and (n < 2 or n % 2):
-        errors.append(f"generate.samples_per_prompt: must be even and >= 2 with annotate.ranking consecutive "
-                      f"(samples are paired 0-1, 2-3, ...), got {n}; more than 2 can be ranked: "
-                      f"annotate.ranking=round_robin or knockout")
-    elif n < 2:
-        errors.append(f"generate.samples_per_prompt: must be >= 2 to compare responses, got {n}")
-    if not 0 < cfg.generate.top_p <= 1:
-        errors.append(f"generate.top_p: must be in (0, 1], got {cfg.generate.top_p}")
-    # Settings of one loss given to another would silently do nothing.
-    t, unset = cfg.train, TrainConfig()
-    errors += [setting.error(owners, t.loss) for setting, owners in SETTING_OWNERS.items()
-               if t.loss not in owners and any(getattr(t, k) != getattr(unset, k) for k in setting.keys)]
-    if not 0 < t.ppo_clip < 1:
-        errors.append(f"train.ppo_clip: must be in (0, 1), got {t.ppo_clip}")
-    if t.simpo_gamma < 0:
-        errors.append(f"train.simpo_gamma: must be >= 0 (a target margin), got {t.simpo_gamma}")
-    if cfg.generate.temperature <= 0:
-        errors.append("generate.temperature: must be > 0 (vLLM allows only one greedy sample per prompt)")
-    if cfg.train.keep_checkpoints < 0 or cfg.train.checkpoint_every < 0:
-        errors.append("train.keep_checkpoints, train.checkpoint_every: must be >= 0")
-    if cfg.async_rounds not in (0, 1):
-        errors.append(f"async_rounds: 0 (sample, then train) or 1 (sample the next round while training), "
-                      f"got {cfg.async_rounds}")
-    elif cfg.async_rounds and (cfg.generate.server_url or (cfg.train.lora.enabled and cfg.train.lora.sync == "vllm_lora")):
-        errors.append("async_rounds: needs oaif's own engine process; unset generate.server_url and use "
-                      "train.lora.sync=merge")
-    if cfg.async_rounds and cfg.generate.turns > 1:   # the next round's pair would be asked before its conversation grew
-        errors.append("generate.turns: conversations of more than 1 turn need async_rounds: 0")
-    if cfg.train.learning_rate <= 0:
-        errors.append(f"train.learning_rate: must be > 0, got {cfg.train.learning_rate}")
-    if not 0 <= cfg.train.label_smoothing < 0.5:
-        errors.append(f"train.label_smoothing: must be in [0, 0.5), got {cfg.train.label_smoothing}")
-    g = cfg.generate
-    errors += [e for e in (key_env_problem(g.server_api_key_env, "generate.server_api_key_env"),
-                           url_problem(g.server_url, "generate.server_url", g.server_api_key_env,
-                                       "generate.server_api_key_env")) if e]
-    if cfg.generate.server_url and cfg.train.lora.sync == "vllm_lora":
-        errors.append("train.lora.sync: 'vllm_lora' needs the in-process engine; server mode syncs by merge")
-    if cfg.train.lora.adapter and not cfg.train.lora.enabled:
-        errors.append("train.lora.adapter: set train.lora.enabled=true to start from an adapter")
-    if cfg.train.beta is not None and cfg.train.beta <= 0:
-        errors.append(f"train.beta: must be > 0, got {cfg.train.beta}")
-    errors += _validate_annotate(cfg.annotate, "annotate")
-    e = cfg.eval
-    errors += [f"eval.{k}: must be >= 0, got {v}" for k, v in
-               {"every": e.every, "max_prompts": e.max_prompts, "temperature": e.temperature,
-                "max_new_tokens": e.max_new_tokens}.items() if v < 0]
-    if e.bootstrap < 1:
-        errors.append(f"eval.bootstrap: must be >= 1, got {e.bootstrap}")
-    if e.annotate is not None:
-        errors += _validate_annotate(e.annotate, "eval.annotate")
-    rm = cfg.reward_model
-    errors += [f"reward_model.{k}: must be > 0, got {v}" for k, v in
-               {"epochs": rm.epochs, "learning_rate": rm.learning_rate, "batch_size": rm.batch_size,
-                "max_tokens": rm.max_tokens, "lora_r": rm.lora_r}.items() if v <= 0]
-    if not 0 < rm.heldout_fraction < 1:
-        errors.append(f"reward_model.heldout_fraction: must be in (0, 1), got {rm.heldout_fraction}")
-    if rm.margin_scale < 0:
-        errors.append(f"reward_model.margin_scale: must be >= 0, got {rm.margin_scale}")
-    s = cfg.sft
-    errors += [f"sft.{k}: must be > 0, got {v}" for k, v in
-               {"epochs": s.epochs, "learning_rate": s.learning_rate, "batch_size": s.batch_size,
-                "micro_batch_size": s.micro_batch_size, "max_tokens": s.max_tokens}.items() if v <= 0]
-    errors += [f"sft.{k}: must be >= 0, got {v}" for k, v in
-               {"max_steps": s.max_steps or 0, "weight_decay": s.weight_decay, "warmup_steps": s.warmup_steps,
-                "max_grad_norm": s.max_grad_norm}.items() if v < 0]
-    if not 0 <= s.min_lr_ratio <= 1:
-        errors.append(f"sft.min_lr_ratio: must be in [0, 1], got {s.min_lr_ratio}")
-    c = cfg.critique
-    errors += [f"critique.{k}: must be > 0, got {v}" for k, v in
-               {"revisions": c.revisions, "max_new_tokens": c.max_new_tokens,
-                "max_prompt_tokens": c.max_prompt_tokens}.items() if v <= 0]
-    errors += [f"critique.{k}: must be >= 0, got {v}" for k, v in
-               {"max_prompts": c.max_prompts, "temperature": c.temperature}.items() if v < 0]
-    if c.critic != "policy" and not c.critic_model:
-        errors.append(f"critique.critic_model: critic '{c.critic}' needs a model: a model folder or hub id (vllm, "
-                      f"transformers) or the API's model name (openai); or set critique.critic=policy")
-    if c.critic == "policy" and c.critic_model:
-        errors.append("critique.critic_model: the 'policy' critic is policy.model; set critique.critic (vllm, "
-                      "transformers, openai) to use another model, or remove critique.critic_model")
-    return errors
-
-
-def _validate_annotate(a: AnnotateConfig, where: str) -> list[str]:
-    errors = []
-    if not 0 <= a.max_invalid_rate <= 1:
-        errors.append(f"{where}.max_invalid_rate: must be in [0, 1], got {a.max_invalid_rate}")
-    if a.missing_eos_penalty < 0:
-        errors.append(f"{where}.missing_eos_penalty: must be >= 0, got {a.missing_eos_penalty}")
-    if a.labels[0] == a.labels[1]:
-        errors.append(f"{where}.labels: the two labels must differ")
-    if a.backend == "python" and not a.python:
-        errors.append(f"{where}.python: backend 'python' needs your judge as 'module:function' or 'file.py:function' "
-                      f"(or pass annotator= to oaif.run)")
-    errors += [f"{where}.mix[{i}].python: backend 'python' needs 'module:function'"
-               for i, m in enumerate(a.mix) if m.backend == "python" and not m.python]
-    if a.backend == "reward_model" and not a.model:
-        errors.append(f"{where}.model: backend 'reward_model' needs the folder `oaif train-rm` wrote")
-    errors += [f"{where}.mix[{i}].model: backend 'reward_model' needs the folder `oaif train-rm` wrote "
-               f"(or set {where}.model)" for i, m in enumerate(a.mix) if m.backend == "reward_model" and not (m.model or a.model)]
-    if a.backend == "mix" and not a.mix:
-        errors.append(f"{where}.mix: backend 'mix' needs at least one member")
-    errors += [f"{where}.mix[{i}].weight: must be > 0" for i, m in enumerate(a.mix) if m.weight <= 0]
-    o = a.openai
-    errors += [f"{where}.openai.{k}: must be > 0" for k, v in
-               {"max_concurrency": o.max_concurrency, "timeout_s": o.timeout_s, "top_logprobs": o.top_logprobs,
-                "max_tokens": o.max_tokens}.items() if v <= 0]
-    if o.max_retries < 0:
-        errors.append(f"{where}.openai.max_retries: must be >= 0")
-    errors += [e for e in (key_env_problem(o.api_key_env, f"{where}.openai.api_key_env"),
-                           url_problem(o.base_url, f"{where}.openai.base_url", o.api_key_env,
-                                       f"{where}.openai.api_key_env")) if e]
-    return errors
-
-
 def _merged(base: dict, over: dict) -> dict:
     """`over` on top of `base`, section by section (lists and values replace)."""
     out = dict(base)
@@ -552,7 +580,7 @@ def load_config(path: str | Path | dict | None = None, overrides: list[str] = ()
     errors: list[str] = []
     cfg = _build(RunConfig, data, "", errors)
     if not errors:
-        errors = _validate(cfg)
+        errors = cfg.problems()
     if errors:
         where = f" in {path}" if path else ""
         raise ConfigError(f"{len(errors)} problem(s){where}:\n  " + "\n  ".join(errors))

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from oaif import outputs
 from oaif.config import RunConfig, SFTConfig
@@ -34,7 +33,9 @@ CHAT_TEMPLATE = (
 DATA = Path(__file__).resolve().parent.parent / "prompts" / "tiny_sft.jsonl"
 
 
-def build_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def build_tokenizer(texts: list[str], vocab_size: int):
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -47,6 +48,8 @@ def build_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
 
 def init_tiny(out: str | Path, steps: int = 300, seed: int = 0, hidden: int = 128, layers: int = 2,
               vocab_size: int = 1024, log=print, overwrite: bool = False) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     outputs.check(out, "model", folder=True, overwrite=overwrite, parents=True)   # before the warm-up
     torch.manual_seed(seed)
     rows = read_jsonl(DATA)
