@@ -203,8 +203,8 @@ def test_a_failed_load_or_a_dead_child_fails_every_call_after_it(tiny_model, pro
         os.kill(engine.process.pid, signal.SIGSTOP)   # so that the sample cannot be answered
         engine.submit(prompt_ids, sample_seeds(0, "round 0", len(prompt_ids), 2), 0.9, 1.0, 32)
         os.kill(engine.process.pid, signal.SIGKILL)
-        waiting = Call(engine.result)
-        assert waiting.returned_within(60), "result() must notice the dead child, not wait forever"
+        waiting = Call(engine.collect)
+        assert waiting.returned_within(60), "collect() must notice the dead child, not wait forever"
         assert isinstance(waiting.error, EngineProcessError) and "is gone" in str(waiting.error)
         with pytest.raises(EngineProcessError, match="is gone"):
             engine.greedy(prompt_ids[:1], 4)

@@ -162,7 +162,7 @@ def test_an_openai_critic_is_the_model_behind_the_endpoint(policy_run, tiny_mode
 def test_a_transformers_critic_writes_its_models_greedy_replies(tiny_model):
     cfg = load_config(ROOT / "configs/tiny_cpu.yaml", overrides(
         tiny_model, **{"critique.critic": "transformers", "critique.critic_model": tiny_model}))
-    critic = critic_writer(cfg, policy=None, llms=[])
+    critic = critic_writer(cfg, policy=None, engines=[])
     prompts = ["Say something about cats.", "What is wrong with this long answer about dogs and their walks?"]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()

@@ -18,8 +18,7 @@ from oaif.config import load_config
 from oaif.models import load_tokenizer
 from oaif.checkpoint import build_trainer
 from oaif.records import append_jsonl, read_jsonl, write_jsonl
-from oaif.rundir import (RunDirInUse, RunLock, checkpoint_now, prepare_run_dir, run_identity,
-                         start_resume)
+from oaif.rundir import RunDir, RunDirInUse, RunLock, prepare_run_dir, run_identity, start_resume
 
 from conftest import ROOT
 
@@ -200,7 +199,9 @@ def test_vllm_lora_adapters_are_pruned_by_checkpoints_and_rewound(run, made):
     for v in range(1, 6):
         (run / "adapters" / f"v{v:06d}").mkdir(parents=True)
     (run / "adapters/keep-me").mkdir()
-    checkpoint_now(run, trainer, tokenizer, None, 3, 4, {"identity": run_identity(cfg)})
+    run_dir = RunDir(run)
+    run_dir.identity, run_dir.tokenizer = run_identity(cfg), tokenizer
+    run_dir.checkpoint(3, trainer, 4, {})
     assert sorted(p.name for p in (run / "adapters").iterdir()) == ["keep-me", "v000004", "v000005"]
     lines = []
     start_resume(cfg, run, run / "checkpoints/round_000002", run_identity(cfg), None, lines.append)

@@ -30,7 +30,7 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-DATA = Path(__file__).resolve().parent.parent / "prompts" / "tiny_sft.jsonl"
+DATA = Path(__file__).resolve().parents[2] / "prompts" / "tiny_sft.jsonl"
 
 
 def build_tokenizer(texts: list[str], vocab_size: int):
