@@ -1,5 +1,7 @@
 """The `oaif` command.
 
+    oaif init DIR [--overwrite]             a project folder of your own (config, constitution, prompts, script)
+    oaif constitutions                      the bundled constitutions, by name
     oaif init-tiny DIR [--overwrite]        build the embedded tiny policy
     oaif export CHECKPOINT --out DIR [--overwrite]
                                             a checkpoint as a plain HF model (LoRA merged)
@@ -40,8 +42,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from oaif import resume, run
 from oaif.annotate.files import annotate_file
+from oaif.bundled import bundled
 from oaif.checkpoint import export_merged
 from oaif.config import ConfigError, RunStopped, describe, load_config
 from oaif.datasets_io import export_pairs
@@ -50,6 +55,7 @@ from oaif.pipeline.best_of_n import best_of_n
 from oaif.pipeline.critique import run_critique
 from oaif.pipeline.gguf import convert_gguf
 from oaif.pipeline.offline import run_offline
+from oaif.pipeline.project import init_project
 from oaif.pipeline.report import write_report
 from oaif.pipeline.sft import run_sft
 from oaif.pipeline.tiny import init_tiny
@@ -60,6 +66,25 @@ from oaif.scratch import private_tempdir
 def add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help=f"replace an earlier {what} that oaif wrote there (never anything else)")
+
+
+def init_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="the project folder to create (missing parent folders are made)")
+    add_overwrite(p, "project")
+
+
+def init_command(args: argparse.Namespace) -> None:
+    out = init_project(args.out, overwrite=args.overwrite)
+    print(f"project: {out}; run it with: cd {out} && oaif run config.yaml policy.model=YOUR_MODEL")
+
+
+def constitutions_arguments(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def constitutions_command(args: argparse.Namespace) -> None:
+    for path in bundled("constitutions"):
+        print(f"{path.stem:<16} {yaml.safe_load(path.read_text()).get('description', '')}")
 
 
 def run_arguments(p: argparse.ArgumentParser) -> None:
@@ -245,6 +270,8 @@ class Command:
 
 # In the order `oaif --help` lists them.
 COMMANDS = (
+    Command("init", "a project folder of your own: a config for your model, a constitution, prompts, a script",
+            init_arguments, init_command, loads_models=False),
     Command("run", "run the loop from a YAML config", run_arguments, run_command),
     Command("resume", "continue a run from its latest (or a chosen) checkpoint", resume_arguments, resume_command),
     Command("offline", "train on a fixed file of preference pairs (no generation)", offline_arguments,
@@ -269,6 +296,8 @@ COMMANDS = (
             export_pairs_arguments, export_pairs_command),
     Command("init-tiny", "build the tiny local policy (no hub needed)", init_tiny_arguments, init_tiny_command),
     Command("report", "plots and a self-contained HTML page from a run directory", report_arguments, report_command),
+    Command("constitutions", "list the bundled constitutions (annotate.constitution: NAME)", constitutions_arguments,
+            constitutions_command, loads_models=False),
     Command("config-help", "list every config key", config_help_arguments, config_help_command, loads_models=False),
 )
 
@@ -281,8 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = {c.name: c for c in COMMANDS}[args.command]
     if not command.loads_models:
-        command.run(args)
-        return 0
+        return run_reporting_errors(command, args)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()   # per-save "Writing model shards" bars would break up the round table

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from oaif.bundled import resolve_against
 from oaif.objectives import SETTING_OWNERS
 
 
@@ -58,7 +59,7 @@ class GenerateConfig:
     gpu_memory_utilization: float = _f(0.4, "GPU only: share of GPU memory for the policy engine (the trainer needs the rest).")
     turns: int = _f(1, "Conversation turns per prompt. N > 1: before the pair is sampled, N-1 times the policy answers the conversation (one seeded sample) and generate.user_simulator writes the user's next message; the pair then answers turn N with the earlier turns as shared context, kept in each record's messages (oaif/conversation.py). A conversation that outgrows policy.max_prompt_tokens on the way is dropped, counted in generate/conversations_skipped. 1: the prompt as it is.")
     user_simulator: Literal["policy"] = _f("policy", "turns > 1: who writes the user's next messages: 'policy' (the policy itself, given generate.user_simulator_template).")
-    user_simulator_template: str = _f("prompts/user_simulator.txt", "turns > 1: the user simulator's instruction, a text file; {conversation} in it is replaced by the conversation so far (its user and assistant turns: the system prompt is the assistant's alone).")
+    user_simulator_template: str = _f("user_simulator", "turns > 1: the user simulator's instruction, a text file; {conversation} in it is replaced by the conversation so far (its user and assistant turns: the system prompt is the assistant's alone).")
 
     def problems(self) -> list[str]:
         # samples_per_prompt is checked by RunConfig: what it may be depends on annotate.ranking.
@@ -106,8 +107,8 @@ class AnnotateConfig:
     python: str = _f("", "backend 'python': your judge, 'module:function' (importable, or from the working directory) or 'path/to/file.py:function'. judge(prompt_messages, response_1, response_2) -> P(response 1 better) in [0, 1], or None for 'cannot judge'; decorate with @oaif.batched for judge(prompts, responses_1, responses_2) -> list. An object with the annotator Protocol (judge(requests) -> answers) also works.")
     python_cache: bool = _f(False, "backend 'python': keep your judge's answers in annotate.cache too. Off by default: a function can change without its source changing (e.g. it calls a service).")
     reload_constitution: bool = _f(False, "oaif run: re-read the constitution file(s) at the start of every round and judge with an edited one from that round on (recorded by hash in every judgment). A broken edit is refused with a warning and the previous version stays in use.")
-    constitution: str = _f("constitutions/concise.yaml", "Constitution file: the principles (and rule checks) that define 'better'.")
-    template: str = _f("prompts/judge.txt", "Judge prompt template for LLM backends. Placeholders: {preamble} {principles} {examples} {prompt} {response_1} {response_2}; its last line is the answer prefix.")
+    constitution: str = _f("concise", "Constitution: a bundled one by name (oaif constitutions lists them) or a file of yours: the principles (and rule checks) that define 'better'.")
+    template: str = _f("judge", "Judge prompt template for LLM backends. Placeholders: {preamble} {principles} {examples} {prompt} {response_1} {response_2}; its last line is the answer prefix.")
     model: str = _f("", "Judge model: a local path or hub id (vllm, transformers) or the API's model name (openai). Empty: the policy's starting model. backend 'reward_model': the folder `oaif train-rm` wrote (required).")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "Local judge model dtype.")
     labels: tuple[str, str] = _f(("1", "2"), "The two answer labels, first then second; the judge's answer is read as one of them.")
@@ -237,7 +238,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = _f(0, "oaif run: evaluate the policy every N rounds and after the last round (0: off).")
-    prompts: str = _f("prompts/heldout.jsonl", "Held-out prompt set (same formats as `prompts`); never trained on.")
+    prompts: str = _f("heldout", "Held-out prompt set (same formats as `prompts`); never trained on.")
     prompts_column: str = _f("", "The column of eval.prompts holding the prompt (as prompts_column).")
     prompts_split: str = _f("train", "The split of eval.prompts (as prompts_split).")
     max_prompts: int = _f(0, "Use the first N prompts of the set (0: all).")
@@ -324,8 +325,8 @@ class CritiqueConfig:
     max_new_tokens: int = _f(128, "Token limit of each answer, critique and revision.")
     temperature: float = _f(0.0, "Sampling temperature of answers, critiques and revisions (each sample seeded from `seed`); 0: greedy.")
     max_prompt_tokens: int = _f(1024, "A prompt (the user's, or a rendered critique or revision prompt, after the chat template) longer than this ends that prompt's critique early: recorded as `dropped`, left out of sft.jsonl and pairs.jsonl; never truncated.")
-    critique_template: str = _f("prompts/critique.txt", "The critic's prompt. Placeholders: {principle} {conversation} {response} (all required); the template's <tags> are neutralised in the inserted text.")
-    revision_template: str = _f("prompts/revision.txt", "The policy's revision prompt. Placeholders: {conversation} {response} {critique} (required), {principle}.")
+    critique_template: str = _f("critique", "The critic's prompt. Placeholders: {principle} {conversation} {response} (all required); the template's <tags> are neutralised in the inserted text.")
+    revision_template: str = _f("revision", "The policy's revision prompt. Placeholders: {conversation} {response} {critique} (required), {principle}.")
 
     def problems(self) -> list[str]:
         errors = [f"critique.{k}: must be > 0, got {v}" for k, v in
@@ -347,7 +348,7 @@ class RunConfig:
     name: str = _f("tiny", "Run name; the run directory is <output_dir>/<name>. One plain folder name: letters, digits, '.', '-', '_'.")
     output_dir: str = _f("runs", "Parent folder of run directories.")
     overwrite: bool = _f(False, "Replace an existing run directory of the same name (otherwise it is an error). Only a folder that oaif made as a run directory is ever replaced.")
-    prompts: str = _f("prompts/tiny_prompts.jsonl", "Prompt set: JSONL, one {'messages': [...]} (or {'prompt': str}) per line, optional 'id' and 'references' (accepted answers, for the matches_reference rule). Or a dataset with such columns: a .parquet or .csv file, a folder written by datasets' save_to_disk, a folder of data files or a hub dataset name (datasets.load_dataset).")
+    prompts: str = _f("tiny_prompts", "Prompt set: JSONL, one {'messages': [...]} (or {'prompt': str}) per line, optional 'id' and 'references' (accepted answers, for the matches_reference rule). Or a dataset with such columns: a .parquet or .csv file, a folder written by datasets' save_to_disk, a folder of data files or a hub dataset name (datasets.load_dataset).")
     prompts_column: str = _f("", "The column of the prompt set holding the prompt, a string or chat messages (e.g. question); in a JSONL file, that key of each line. Empty: 'messages' where present, else 'prompt'.")
     prompts_split: str = _f("train", "The split of a prompt set with splits (load_dataset, a save_to_disk DatasetDict; a .parquet or .csv file is one split, 'train'). A JSONL file has none: ignored.")
     rounds: int = _f(8, "Rounds of generate → annotate → train → sync.")
@@ -547,6 +548,27 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
+# Keys naming files or folders: relative to the config file's folder when they are there.
+PATH_KEYS = ("prompts", "eval.prompts", "eval.baseline", "eval.policy", "policy.model", "train.lora.adapter",
+             "annotate.constitution", "annotate.template", "annotate.model", "eval.annotate.constitution",
+             "eval.annotate.template", "eval.annotate.model", "generate.user_simulator_template",
+             "critique.critique_template", "critique.revision_template", "critique.prompts", "reward_model.model")
+
+
+def _resolve_paths(data: dict, folder: Path) -> None:
+    for key in PATH_KEYS:
+        *sections, name = key.split(".")
+        node = data
+        for k in sections:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(name), str):
+            node[name] = resolve_against(folder, node[name])
+    for member in (data.get("annotate") or {}).get("mix") or []:
+        for name in ("constitution", "model"):
+            if isinstance(member, dict) and isinstance(member.get(name), str):
+                member[name] = resolve_against(folder, member[name])
+
+
 def load_config(path: str | Path | dict | None = None, overrides: list[str] = ()) -> RunConfig:
     """The typed config from a YAML file (or a dict of the same shape, or None: every
     default), with key=value overrides on top; every problem named at once (ConfigError)."""
@@ -565,11 +587,14 @@ def load_config(path: str | Path | dict | None = None, overrides: list[str] = ()
             raise ConfigError(f"{path}: the file is empty; start from configs/tiny_cpu.yaml")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys")
+        _resolve_paths(data, path.parent)
     for text in overrides:
         keys, value = parse_override(text)
         node = data
         for k in keys[:-1]:
-            node = node.setdefault(k, {})
+            if node.get(k) is None:   # absent, or an optional section left empty (eval.annotate: null)
+                node[k] = {}
+            node = node[k]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {k} is not a section")
         node[keys[-1]] = value

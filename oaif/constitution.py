@@ -49,6 +49,8 @@ from pathlib import Path
 
 import yaml
 
+from oaif.bundled import data_path
+
 RULE_FIELDS = {
     "shorter": set(), "longer": set(), "contains": {"text"}, "not_contains": {"text"},
     "regex": {"pattern"}, "max_chars": {"limit"}, "matches_reference": set(),
@@ -220,7 +222,7 @@ def _rule(path: Path, i: int, raw: object) -> Rule:
 
 
 def load_constitution(path: str | Path, sample_principles: bool = False) -> Constitution:
-    path = Path(path)
+    path = data_path(path)
     if not path.is_file():
         raise ConstitutionError(f"constitution file {path} not found (annotate.constitution)")
     data = path.read_bytes()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from oaif.annotate.base import render_conversation
+from oaif.bundled import data_path
 from oaif.generate import Generator, encode_prompt, sample_seeds
 from oaif.records import Message, Prompt
 
@@ -30,7 +31,7 @@ PLACEHOLDER = "{conversation}"
 
 
 def load_simulator_template(path: str | Path) -> str:
-    path = Path(path)
+    path = data_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"user simulator template {path} not found (generate.user_simulator_template)")
     text = path.read_text()

@@ -26,6 +26,7 @@ import re
 from pathlib import Path
 
 from oaif import outputs
+from oaif.bundled import data_path
 from oaif.faults import crash_point
 from oaif.generate import encode_prompt
 from oaif.records import PreferencePair, Prompt, is_chat, prompts_from_rows, read_jsonl
@@ -45,7 +46,7 @@ def load_prompts(path: str | Path, key: str = "run.prompts", column: str = "", s
     name), its `split`. column: the one holding the prompt, text or chat messages (empty:
     'messages' if there is one, else 'prompt')."""
     setting = key.removeprefix("run.")   # the config key (messages call the prompt set run.prompts)
-    source = Path(path)
+    source = path = data_path(path)
     if source.is_file() and source.suffix not in DATA_FILES:
         rows, where = read_jsonl(source), lambda n: f"{source}:{n}"
         if column:

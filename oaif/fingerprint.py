@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from oaif.bundled import data_path
+
 
 def model_fingerprint(model: str) -> str:
     """What a local judge model folder holds, cheaply: its config and, per weight file, the
@@ -29,7 +31,7 @@ def model_fingerprint(model: str) -> str:
 
 def content_fingerprint(path: str) -> str:
     """sha256 of a file, or of a folder's files (a saved dataset); a hub name is itself."""
-    p = Path(path)
+    p = data_path(path)
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
     if not files:
         return path

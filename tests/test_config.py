@@ -106,8 +106,9 @@ RUN_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerat
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
-def test_every_example_config_loads(path):
+def test_every_example_config_loads(path, monkeypatch):
     """Every file an example config names exists and loads with oaif's loaders; its rules can judge its prompts."""
+    monkeypatch.chdir(ROOT)   # the configs' paths are the checkout's; names are the bundled files
     from oaif.annotate.base import load_template
     from oaif.constitution import load_constitution
     from oaif.datasets_io import load_prompts
@@ -117,13 +118,13 @@ def test_every_example_config_loads(path):
         assert (ROOT / named).is_file(), f"{path.name} names {named}, which does not exist"
     # The training judge on the training prompts; the evaluation judge (default: the training one) on eval.prompts.
     for a, prompts in ((cfg.annotate, cfg.prompts), (cfg.eval.annotate or cfg.annotate, cfg.eval.prompts)):
-        loaded = load_prompts(ROOT / prompts)
+        loaded = load_prompts(prompts)
         members = [(m.backend, m.constitution or a.constitution) for m in a.mix] if a.backend == "mix" else \
             [(a.backend, a.constitution)]
         assert members, f"{path.name}: backend mix without members"
         for backend, constitution_path in members:
-            constitution = load_constitution(ROOT / constitution_path)
-            load_template(ROOT / a.template, constitution)
+            constitution = load_constitution(constitution_path)
+            load_template(a.template, constitution)
             if backend == "rules":
                 assert constitution.rules, f"{path.name}: the rules backend needs rules in {constitution_path}"
                 if any(r.check == "matches_reference" for r in constitution.rules):   # else every pair is invalid

@@ -28,6 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
+from oaif.bundled import data_path
 from oaif.constitution import Constitution
 from oaif.records import Message
 
@@ -97,7 +98,7 @@ class JudgeTemplate:
 
 
 def load_template(path: str | Path, constitution: Constitution | None = None) -> JudgeTemplate:
-    path = Path(path)
+    path = data_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"judge template {path} not found (annotate.template)")
     text = path.read_text().rstrip("\n")

@@ -45,6 +45,7 @@ from oaif.annotate.base import TAG, neutralise, render_inserted_conversation
 from oaif.annotate.openai_api import OpenAIAnnotator
 from oaif.annotate.transformers_local import TransformersScorer
 from oaif.annotate.vllm_local import judge_llm
+from oaif.bundled import data_path
 from oaif.config import ConfigError, CritiqueConfig, RunConfig
 from oaif.constitution import Constitution, load_constitution
 from oaif.datasets_io import load_prompts
@@ -78,7 +79,7 @@ class Template:
 
 def load_template(cfg: CritiqueConfig, key: str) -> Template:
     """critique.<key>, checked: the file exists, has its required placeholders and no others."""
-    path = Path(getattr(cfg, key))
+    path = data_path(getattr(cfg, key))
     if not path.is_file():
         raise FileNotFoundError(f"critique.{key}: template {path} not found; set critique.{key} to a template file "
                                 f"(the default is {getattr(CritiqueConfig(), key)})")

@@ -20,6 +20,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from oaif import outputs
+from oaif.bundled import data_path
 from oaif.config import RunConfig, SFTConfig
 from oaif.records import read_jsonl
 from oaif.pipeline.sft import load_examples, save_sft, train_sft
@@ -30,7 +31,7 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-DATA = Path(__file__).resolve().parents[2] / "prompts" / "tiny_sft.jsonl"
+DATA = data_path("tiny_sft")
 
 
 def build_tokenizer(texts: list[str], vocab_size: int):
