@@ -92,10 +92,11 @@ def test_cli_names_a_missing_prompt_file(tmp_path):
     assert r.returncode == 2 and "prompt file nope.jsonl not found (run.prompts)" in r.stderr
 
 
-def test_readme_config_reference_matches_the_code():
+def test_the_docs_config_reference_matches_the_code():
     r = oaif_main("config-help", "--markdown")
     assert r.returncode == 0
-    assert r.stdout.strip() in (ROOT / "README.md").read_text(), "regenerate with: oaif config-help --markdown"
+    assert r.stdout.strip() in (ROOT / "docs/reference/config.md").read_text(), \
+        "regenerate docs/reference/config.md's table with: oaif config-help --markdown"
 
 
 # Repository files a config or its comments point at (commands to run, other configs).
