@@ -37,6 +37,7 @@ class PolicyConfig:
         "float32", "Dtype of the vLLM engine, the frozen reference and the training forward passes (autocast). Trained weights stay float32 (master weights) so small updates are not rounded away. bfloat16 on GPUs; both run on CPUs.")
     max_prompt_tokens: int = _f(256, "Prompts longer than this (after the chat template) are skipped, with a count.")
     device: str = _f("auto", "Training device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    chat_template: str = _f("", "For a model without a chat template (a base model): a Jinja chat template file, or the bundled 'plain' ('User: ...' / 'Assistant: ...' turns). Empty: the tokenizer's own. Saved with every checkpoint's tokenizer.")
 
     def problems(self) -> list[str]:
         if self.max_prompt_tokens <= 0:
@@ -549,7 +550,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 # Keys naming files or folders: relative to the config file's folder when they are there.
-PATH_KEYS = ("prompts", "eval.prompts", "eval.baseline", "eval.policy", "policy.model", "train.lora.adapter",
+PATH_KEYS = ("prompts", "eval.prompts", "eval.baseline", "eval.policy", "policy.model", "policy.chat_template",
+             "train.lora.adapter",
              "annotate.constitution", "annotate.template", "annotate.model", "eval.annotate.constitution",
              "eval.annotate.template", "eval.annotate.model", "generate.user_simulator_template",
              "critique.critique_template", "critique.revision_template", "critique.prompts", "reward_model.model")

@@ -38,7 +38,7 @@ from oaif.datasets_io import load_prompts
 from oaif.engine import local_engine
 from oaif.faults import crash_point
 from oaif.generate import encode_prompts, sample_seeds
-from oaif.models import check_model, load_causal_lm, load_tokenizer
+from oaif.models import check_model, load_causal_lm, policy_tokenizer
 from oaif.records import Prompt, Sample, read_jsonl, write_jsonl
 from oaif.train import response_kl
 
@@ -235,7 +235,7 @@ def generate_with(model: str, prompts: list[Prompt], cfg: RunConfig) -> list[Res
     cost more than it saves)."""
     engine = local_engine(cfg, model, cfg.policy.max_prompt_tokens + max_new_tokens(cfg), enforce_eager=True)
     try:
-        return respond(engine, load_tokenizer(model), prompts, cfg)
+        return respond(engine, policy_tokenizer(cfg.policy, model), prompts, cfg)
     finally:
         engine.close()
 
@@ -307,8 +307,8 @@ def run_eval(cfg: RunConfig, out: str | Path | None = None, *, annotator=None, l
         log(f"evaluating {policy_path} against {baseline_path} on {len(prompts)} prompts from {cfg.eval.prompts}")
         policy_model = load_causal_lm(policy_path, cfg.policy.dtype, trainable=False)
         reference = load_causal_lm(baseline_path, cfg.policy.dtype, trainable=False)
-        tokenizer, policy_tokenizer = load_tokenizer(baseline_path), load_tokenizer(policy_path)
-        same = same_shape(reference, policy_model, tokenizer, policy_tokenizer)
+        tokenizer, policy_tok = policy_tokenizer(cfg.policy, baseline_path), policy_tokenizer(cfg.policy, policy_path)
+        same = same_shape(reference, policy_model, tokenizer, policy_tok)
         # One engine serves both sides when it can: the baseline answers, then the policy's
         # weights are pushed in place (no second engine start).
         engine = local_engine(cfg, baseline_path, cfg.policy.max_prompt_tokens + max_new_tokens(cfg))
@@ -316,7 +316,7 @@ def run_eval(cfg: RunConfig, out: str | Path | None = None, *, annotator=None, l
             baseline = respond(engine, tokenizer, prompts, cfg)
             if same:
                 engine.load_weights(policy_model, 1)
-                policy = respond(engine, policy_tokenizer, prompts, cfg)
+                policy = respond(engine, policy_tok, prompts, cfg)
         finally:
             engine.close()
         if not same:
@@ -324,7 +324,7 @@ def run_eval(cfg: RunConfig, out: str | Path | None = None, *, annotator=None, l
             log("note: policy and baseline differ in architecture or vocabulary: eval/kl_to_ref is not computed")
         answered = {b.prompt_id for b in baseline}
         policy = [r for r in policy if r.prompt_id in answered]
-        kl = response_kl_of(policy_model, reference, policy, policy_tokenizer.pad_token_id) if same else None
+        kl = response_kl_of(policy_model, reference, policy, policy_tok.pad_token_id) if same else None
         records, metrics = compare(build_annotator(judge_cfg, annotator), policy, baseline, kl, round, -1,
                                    judge_cfg.annotate.missing_eos_penalty)
     metrics = summarize(records, cfg.eval.bootstrap, cfg.seed) | metrics

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from oaif.config import ConfigError
+from oaif.bundled import data_path
+from oaif.config import ConfigError, PolicyConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -29,12 +30,33 @@ def load_causal_lm(path: str, dtype: str, trainable: bool, device: str = "cpu") 
     return model
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, chat_template: str = ""):
+    """The model's tokenizer; chat_template: a template file (or a bundled one by name) in place
+    of the tokenizer's own, for a model that has none."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:
+        template = data_path(chat_template)
+        if not template.is_file():
+            raise ConfigError(f"policy.chat_template: {chat_template} not found; give a Jinja template file or "
+                              f"'plain' (the bundled one)")
+        tokenizer.chat_template = template.read_text()
+    return tokenizer
+
+
+def policy_tokenizer(cfg: PolicyConfig, model: str = ""):
+    """The policy's tokenizer (or `model`'s, a baseline of the same family) with policy.chat_template.
+    Prompts reach the policy through its chat template: a model without one (a base model) is
+    refused here, before anything starts, with the fix."""
+    model = model or cfg.model
+    tokenizer = load_tokenizer(model, cfg.chat_template)
+    if not tokenizer.chat_template:
+        raise ConfigError(f"policy.model: {model} has no chat template (a base model?), and prompts reach the "
+                          f"policy through one; set policy.chat_template=plain (the bundled 'User: ...' / "
+                          f"'Assistant: ...' turns) or a Jinja template file of yours")
     return tokenizer
 
 

@@ -18,7 +18,7 @@ from oaif.evaluation import (TRAINING_JUDGE_WARNING, Evaluator, baseline_respons
                              eval_prompts, max_new_tokens)
 from oaif.console import RunConsole
 from oaif.generate import Drawn, Generator
-from oaif.models import check_model, load_tokenizer
+from oaif.models import check_model, policy_tokenizer
 from oaif.rundir import RunComplete, RunDir, export_stale, run_identity
 from oaif.tracking import Trackers, check_trackers
 
@@ -42,6 +42,7 @@ def check_run(cfg: RunConfig, run: RunDir, python, log) -> None:
     if run.prompts is None:
         run.prompts = load_prompts(cfg.prompts, "run.prompts", cfg.prompts_column, cfg.prompts_split)
     check_model(cfg.policy.model, "policy.model")
+    policy_tokenizer(cfg.policy)   # a model without a chat template is named now, with the fix
     if cfg.eval.every and cfg.eval.baseline:
         check_model(cfg.eval.baseline, "eval.baseline")
     check_inputs(cfg, python=python)
@@ -86,7 +87,7 @@ def start_parts(cfg: RunConfig, run: RunDir, judge: AnnotateStage, state: dict |
         engines.append(open_policy_engine(cfg, max_model_len, run.path / "adapters", launched, wait=False))
     try:
         t0 = time.perf_counter()
-        tokenizer = run.tokenizer = load_tokenizer(cfg.policy.model)
+        tokenizer = run.tokenizer = policy_tokenizer(cfg.policy)
         trainer = build_trainer(cfg, tokenizer.pad_token_id, schedule_steps(cfg), run.accelerator, run.resume_from)
         startup = {"startup/trainer_seconds": time.perf_counter() - t0}
         t0 = time.perf_counter()

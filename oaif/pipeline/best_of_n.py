@@ -28,7 +28,7 @@ from oaif.config import ConfigError, RunConfig
 from oaif.datasets_io import load_prompts
 from oaif.engine import local_engine
 from oaif.generate import Generator
-from oaif.models import check_model, load_tokenizer
+from oaif.models import check_model, policy_tokenizer
 
 KIND = "best-of-n output"
 
@@ -49,7 +49,7 @@ def best_of_n(cfg: RunConfig, out: str | Path, *, annotator=None, log=print, ove
     g, t0 = cfg.generate, time.perf_counter()
     engine = local_engine(cfg)
     try:
-        generator = Generator(engine, load_tokenizer(cfg.policy.model), g, cfg.policy.max_prompt_tokens, cfg.seed)
+        generator = Generator(engine, policy_tokenizer(cfg.policy), g, cfg.policy.max_prompt_tokens, cfg.seed)
         groups, metrics = generator.sample(prompts, 0, 0)
     finally:
         engine.close()

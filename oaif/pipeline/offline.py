@@ -27,7 +27,7 @@ from oaif.config import RunConfig
 from oaif.console import format_row, header
 from oaif.datasets_io import load_pairs
 from oaif.distributed import check_distributed, end, make_accelerator
-from oaif.models import check_model, load_tokenizer
+from oaif.models import check_model, policy_tokenizer
 from oaif.rundir import RunDir, resume_config, run_identity
 
 
@@ -50,7 +50,7 @@ def _train(cfg: RunConfig, pairs_path: str | Path, run: RunDir, log) -> Path:
     try:
         check_distributed(cfg, run.accelerator, judge=False)
         check_model(cfg.policy.model, "policy.model")
-        tokenizer = run.tokenizer = load_tokenizer(cfg.policy.model)
+        tokenizer = run.tokenizer = policy_tokenizer(cfg.policy)
         pairs, skipped = load_pairs(pairs_path, tokenizer, cfg.policy.max_prompt_tokens)  # every rank: same file
         # What was trained on, as tokens (and what a resume reads).
         run.open(cfg, files={} if run.resume else {"pairs.jsonl": pairs})

@@ -46,7 +46,7 @@ def run_sft(cfg: RunConfig, data: str | Path, out: str | Path, log=print, overwr
     out = Path(out)
     outputs.check(out, "model", folder=True, overwrite=overwrite)   # before any work: a mistaken --out is named at once
     check_model(cfg.policy.model, "policy.model")
-    tokenizer = load_tokenizer(cfg.policy.model)
+    tokenizer = load_tokenizer(cfg.policy.model, cfg.policy.chat_template)   # a base model may go without one
     examples = load_examples(data, tokenizer, cfg.sft, log)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
