@@ -302,12 +302,17 @@ COMMANDS = (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="oaif", description="Online AI feedback: align a policy with an LLM judge.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def parser() -> argparse.ArgumentParser:
+    """The `oaif` command line, built from the table."""
+    top = argparse.ArgumentParser(prog="oaif", description="Online AI feedback: align a policy with an LLM judge.")
+    sub = top.add_subparsers(dest="command", required=True)
     for c in COMMANDS:
         c.add_arguments(sub.add_parser(c.name, help=c.help))
-    args = parser.parse_args(argv)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     command = {c.name: c for c in COMMANDS}[args.command]
     if not command.loads_models:
         return run_reporting_errors(command, args)

@@ -2,7 +2,7 @@
 # The main job on the embedded default: set up .venv (idempotent), build the tiny local
 # policy and the real SmolLM2-135M-Instruct folder once, then run a few rounds of the OAIF
 # loop on the tiny policy under the "concise" constitution.
-#   bash scripts/demo.sh [key=value ...]      e.g. rounds=20 annotate.backend=vllm
+#   bash scripts/demo.sh [key=value ...]      e.g. rounds=20 annotate.constitution=detailed
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

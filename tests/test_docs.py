@@ -3,10 +3,16 @@ mode (every link, anchor and API name resolves) with references that match the c
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 
+import pytest
+
 import oaif
+from oaif.bundled import DATA
+from oaif.cli import parser
+from oaif.config import dump_config, load_config
 
 from conftest import ROOT
 
@@ -35,3 +41,48 @@ def test_the_docs_site_builds_in_strict_mode(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     api = (tmp_path / "site/reference/api/index.html").read_text()
     assert "Loop" in api and "load_config" in api
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """(where, argv) of every `oaif ...` command in the README's and the docs' shell blocks."""
+    found = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        for block in re.findall(r"```(?:bash|sh)\n(.*?)```", page.read_text(), re.S):
+            for line in block.replace("\\\n", " ").split("\n"):
+                if not re.search(r"(^|&&|;)\s*(\.venv/bin/)?oaif\s", line):
+                    continue   # another program's line (it may hold a multi-line quote)
+                lexer = shlex.shlex(line, posix=True, punctuation_chars=True)   # '#' starts a comment
+                lexer.whitespace_split = True
+                words, command = list(lexer), []
+                for word in words + [";"]:
+                    if word in ("&&", ";", "|", "||"):
+                        if command and command[0] in ("oaif", ".venv/bin/oaif"):
+                            found.append((f"{page.relative_to(ROOT)}: {' '.join(command)}", command[1:]))
+                        command = []
+                    else:
+                        command.append(word)
+    return found
+
+
+DOCUMENTED = documented_commands()
+
+
+@pytest.mark.parametrize("where, argv", DOCUMENTED, ids=[w for w, _ in DOCUMENTED])
+def test_every_documented_command_parses_and_its_config_loads(where, argv, tmp_path):
+    """Each command the README and the docs show is a real subcommand with real flags, and its
+    config with its overrides loads: a bundled or checkout config as it is, a run's saved
+    config (runs/NAME/config.yaml) as a run saves one, an `oaif init` project's as init writes it.
+    (Not run: most need a model, a judge or a run that the page makes first.)"""
+    args = parser().parse_args(argv)   # an unknown subcommand or flag exits here
+    config = getattr(args, "config", None)
+    if config is None:
+        return
+    if (ROOT / config).is_file():
+        source = ROOT / config
+    elif config.startswith("runs/"):
+        source = tmp_path / "config.yaml"
+        dump_config(load_config(ROOT / "configs/tiny_cpu.yaml"), source)   # what a run saves: every key
+    else:
+        assert config == "config.yaml", f"{where}: which config is {config}?"
+        source = DATA / "project/config.yaml"
+    load_config(source, args.overrides)
