@@ -32,6 +32,12 @@ def test_the_api_reference_documents_every_public_name():
     assert sorted(documented) == sorted(oaif.__all__)
 
 
+def test_the_command_line_reference_matches_the_parser():
+    r = subprocess.run([sys.executable, "scripts/cli_reference.py", "--check"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+
 def test_the_docs_site_builds_in_strict_mode(tmp_path):
     """mkdocs.yml sets strict and turns every link, anchor and reference problem into a warning,
     so a broken one fails here."""
