@@ -92,3 +92,22 @@ def test_every_documented_command_parses_and_its_config_loads(where, argv, tmp_p
         assert config == "config.yaml", f"{where}: which config is {config}?"
         source = DATA / "project/config.yaml"
     load_config(source, args.overrides)
+
+
+RUNNABLE = [(page, code) for page in sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]
+            for code in re.findall(r"<!-- runnable[^>]*-->\n```python\n(.*?)```", page.read_text(), re.S)]
+
+
+@pytest.mark.parametrize("page, code", RUNNABLE, ids=[str(p.relative_to(ROOT)) for p, _ in RUNNABLE])
+def test_the_snippets_marked_runnable_run(page, code, tiny_model, tmp_path):
+    """As a reader runs them: a Python process in a folder of theirs with the checkout's configs
+    and a built tiny model beside them."""
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models/tiny").symlink_to(tiny_model)
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_some_snippets_are_marked_runnable():
+    assert RUNNABLE
