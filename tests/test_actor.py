@@ -245,3 +245,21 @@ def test_child_dies_with_its_parent(tiny_model):
     watcher = subprocess.run([sys.executable, "-c", WATCHER, PARENT, repr(build_kwargs(tiny_model))], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
     assert watcher.stdout.splitlines()[-1:] == [f"signal {signal.SIGTERM.value}"], watcher.stderr[-2000:]
+
+
+def test_an_engine_that_samples_in_the_callers_thread_holds_one_submitted_request():
+    """engine/base.Submitted: submit answers at once and collect hands that answer over, once;
+    a second submit before collect, or a collect without a submit, is a caller's mistake."""
+    from oaif.engine.base import Submitted
+
+    class Echo(Submitted):
+        def sample(self, prompt_token_ids, seeds, temperature, top_p, max_tokens):
+            return [[(ids, f"seed {s}", "stop") for s in row] for ids, row in zip(prompt_token_ids, seeds)]
+
+    engine = Echo()
+    engine.submit([[1, 2]], [[7, 8]], 1.0, 1.0, 4)
+    with pytest.raises(RuntimeError, match="still outstanding"):
+        engine.submit([[3]], [[9]], 1.0, 1.0, 4)
+    assert engine.collect() == [[([1, 2], "seed 7", "stop"), ([1, 2], "seed 8", "stop")]]
+    with pytest.raises(RuntimeError, match="without a submitted sample"):
+        engine.collect()
