@@ -21,11 +21,17 @@ def bundled(kind: str) -> list[Path]:
     return sorted(p for p in (DATA / kind).iterdir() if p.is_file() and p.name != "README.md")
 
 
+def is_name(path: str | Path) -> bool:
+    """A bundled file's name: no folder, no suffix ('concise', not 'concise.yaml')."""
+    p = Path(path)
+    return p.name == str(path) and not p.suffix
+
+
 def data_path(path: str | Path) -> Path:
     """The file a config names (see the module docstring); a name or path that matches nothing
     comes back as it is, for its reader to say it is missing."""
     p = Path(path)
-    if p.name == str(path) and not p.suffix:   # a name: the bundled file
+    if is_name(path):   # the bundled file
         found = [f for kind in KINDS for f in bundled(kind) if f.stem == p.name]
         if len(found) == 1:
             return found[0]
@@ -40,6 +46,6 @@ def resolve_against(folder: Path, path: str) -> str:
     """A path in a config file, relative to the file's folder when it is there; a name or a
     path found nowhere there is left for data_path (and the working folder)."""
     p = Path(path)
-    if not path or p.is_absolute() or (p.name == path and not p.suffix):
+    if not path or p.is_absolute() or is_name(path):
         return path
     return str(folder / p) if (folder / p).exists() else path

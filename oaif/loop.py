@@ -23,6 +23,7 @@ from oaif.console import GracefulStop, RunConsole, done_line, header
 from oaif.conversation import extend_conversations
 from oaif.datasets_io import export_pairs
 from oaif.distributed import end, gathered_state_dict, make_accelerator, on_main, stop_agreed
+from oaif.engine import on_server
 from oaif.evaluation import Evaluator, format_summary
 from oaif.faults import crash_point
 from oaif.generate import Generator, round_prompts
@@ -93,7 +94,7 @@ class Loop:
             # The first round must sample from the policy as it starts: an in-process engine holds
             # the base weights (wrong when starting from an adapter or resuming); a server may hold
             # anything (an earlier run's).
-            if cfg.train.lora.adapter or run.resume_from or cfg.generate.server_url or run.accelerator is not None:
+            if cfg.train.lora.adapter or run.resume_from or on_server(cfg, run.accelerator is not None):
                 self.sync()
             if cfg.eval.every:   # single process (check_distributed refuses it under a launcher)
                 self.evaluator = start_evaluator(cfg, run, self.generator, self.judge, startup)
@@ -163,19 +164,19 @@ class Loop:
         crash_point("sync")
         trainer, accelerator, t0 = self.trainer, self.run.accelerator, time.perf_counter()
         with self._stage("sync", 1, "push"):
-            to_server = self.cfg.generate.server_url or accelerator is not None
             state = gathered_state_dict(accelerator, trainer.model) \
-                if to_server and not self.cfg.train.lora.enabled else None
+                if on_server(self.cfg, accelerator is not None) and not self.cfg.train.lora.enabled else None
             on_main(accelerator, lambda: self.generator.engine.load_weights(trainer.policy, trainer.version, state))
             self.out.progress.advance()
         return time.perf_counter() - t0
 
     def evaluate(self, index: int) -> dict:
         """eval/* metrics of the policy the engine holds now (one process)."""
-        with self._stage("eval", 1, "evaluation"):
-            self.generator.drawn()   # async_rounds: the engine answers in order; the next round's samples first
-            metrics = self.evaluator(self.generator.engine, self.tokenizer, self.trainer, index, self.policy_version)
-        return metrics | {"eval/seconds": self.metrics.pop("eval/seconds")}
+        self.out.progress.start("eval", 1, "evaluation")
+        t0 = time.perf_counter()
+        self.generator.drawn()   # async_rounds: the engine answers in order; the next round's samples first
+        metrics = self.evaluator(self.generator.engine, self.tokenizer, self.trainer, index, self.policy_version)
+        return metrics | {"eval/seconds": time.perf_counter() - t0}
 
     @contextlib.contextmanager
     def _stage(self, name: str, total: int, unit: str):
@@ -211,8 +212,8 @@ class Loop:
                 metrics = result.metrics
                 wanted = self.callbacks.stop_wanted(metrics, self)
                 stopping = stop_agreed(bool(stop) or wanted, run.accelerator)
-                checkpointed = run.finish(cfg, index, self.trainer, self.policy_version, metrics,
-                                          last=index == cfg.rounds - 1 or stopping, extra=self._extra)
+                checkpointed = run.finish(cfg, index, self.trainer, metrics, last=index == cfg.rounds - 1 or stopping,
+                                          extra=self._extra)
                 self.out.round_done(metrics, result.table, [
                     *([f"  eval after round {index}: {format_summary(metrics)}"] if "eval/win_rate_vs_ref" in metrics
                       else []),
@@ -225,7 +226,7 @@ class Loop:
                     break
         except GeneratorExit:   # the script left its for loop: the round it saw last is kept
             if not checkpointed:
-                run.checkpoint(self.index - 1, self.trainer, self.policy_version, self._extra())
+                run.checkpoint(self.index - 1, self.trainer, self._extra())
                 self._stopped("the script")
             raise
         finally:
@@ -292,6 +293,6 @@ class Loop:
         if index == 0:
             raise TooManyInvalid(f"{why}. Fix the judge, then `oaif resume {self.run.path}` starts again")
         if not (self.run.path / "checkpoints" / f"round_{index - 1:06d}").is_dir():
-            self.run.checkpoint(index - 1, self.trainer, self.policy_version, self._extra())
+            self.run.checkpoint(index - 1, self.trainer, self._extra())
         raise TooManyInvalid(f"{why}. Checkpoint after round {index - 1} is written; fix the judge, then "
                              f"`oaif resume {self.run.path}`")

@@ -237,7 +237,7 @@ def rewind_run_dir(cfg: RunConfig, run_dir: Path, last_round: int, policy_versio
 
 class RunDir:
     """The run directory as one rank sees it, and its only writer during a run: made whole
-    (`new`) or taken up for a resume (`existing`, then `rewind`), locked while the run lives,
+    or taken up for a resume (`open`, then `rewind`), locked while the run lives,
     and written in an order a crash cannot break: a round's records as each stage ends, then
     its metrics line, then (when due) its checkpoint. Rank 0 writes; every rank calls (the
     weights of a checkpoint may have to be gathered from shards)."""
@@ -305,8 +305,7 @@ class RunDir:
             write_jsonl(out / "rankings.jsonl", rankings)
         (out / "samples.md").write_text(markdown_table(table))
 
-    def finish(self, cfg: RunConfig, index: int, trainer, policy_version: int, metrics: dict, last: bool,
-               extra=dict) -> bool:
+    def finish(self, cfg: RunConfig, index: int, trainer, metrics: dict, last: bool, extra=dict) -> bool:
         """metrics.jsonl and replicas.jsonl, then the checkpoint when due (returns whether it
         was). extra: a function giving what else the checkpoint keeps, called only when one is written."""
         def write() -> None:
@@ -321,14 +320,15 @@ class RunDir:
         trainer.replica_hashes.clear()
         due = last or bool(cfg.train.checkpoint_every and (index + 1) % cfg.train.checkpoint_every == 0)
         if due:
-            self.checkpoint(index, trainer, policy_version, extra())
+            self.checkpoint(index, trainer, extra())
         return due
 
-    def checkpoint(self, index: int, trainer, policy_version: int, extra: dict) -> None:
-        """A checkpoint after round `index` now, with the run's identity. Older vllm_lora
-        adapters go once it is whole: a resume starts from its weights."""
+    def checkpoint(self, index: int, trainer, extra: dict) -> None:
+        """A checkpoint after round `index` now (of the policy at trainer.version), with the
+        run's identity. Older vllm_lora adapters go once it is whole: a resume starts from its
+        weights."""
         state = gathered_state_dict(self.accelerator, trainer.model)
-        keep = trainer.cfg.keep_checkpoints
+        keep, policy_version = trainer.cfg.keep_checkpoints, trainer.version
 
         def save() -> None:
             save_checkpoint(self.path, index, policy_version, trainer, self.tokenizer, state, keep,

@@ -37,12 +37,13 @@ def open_run(cfg: RunConfig, run: RunDir, python, out: RunConsole) -> dict | Non
 
 
 def check_run(cfg: RunConfig, run: RunDir, python, log) -> None:
-    """Bad input fails here, before any engine starts or any file is written. python: the
-    user's judge given in code (annotate.python is then not imported)."""
+    """Bad input fails here, before any engine starts or any file is written; the prompt set and
+    the policy's tokenizer it reads are kept in `run`. python: the user's judge given in code
+    (annotate.python is then not imported)."""
     if run.prompts is None:
         run.prompts = load_prompts(cfg.prompts, "run.prompts", cfg.prompts_column, cfg.prompts_split)
     check_model(cfg.policy.model, "policy.model")
-    policy_tokenizer(cfg.policy)   # a model without a chat template is named now, with the fix
+    run.tokenizer = policy_tokenizer(cfg.policy)   # a model without a chat template is named now, with the fix
     if cfg.eval.every and cfg.eval.baseline:
         check_model(cfg.eval.baseline, "eval.baseline")
     check_inputs(cfg, python=python)
@@ -87,7 +88,7 @@ def start_parts(cfg: RunConfig, run: RunDir, judge: AnnotateStage, state: dict |
         engines.append(open_policy_engine(cfg, max_model_len, run.path / "adapters", launched, wait=False))
     try:
         t0 = time.perf_counter()
-        tokenizer = run.tokenizer = policy_tokenizer(cfg.policy)
+        tokenizer = run.tokenizer   # loaded (and checked) by check_run
         trainer = build_trainer(cfg, tokenizer.pad_token_id, schedule_steps(cfg), run.accelerator, run.resume_from)
         startup = {"startup/trainer_seconds": time.perf_counter() - t0}
         t0 = time.perf_counter()

@@ -200,8 +200,8 @@ def test_vllm_lora_adapters_are_pruned_by_checkpoints_and_rewound(run, made):
         (run / "adapters" / f"v{v:06d}").mkdir(parents=True)
     (run / "adapters/keep-me").mkdir()
     run_dir = RunDir(run)
-    run_dir.identity, run_dir.tokenizer = run_identity(cfg), tokenizer
-    run_dir.checkpoint(3, trainer, 4, {})
+    run_dir.identity, run_dir.tokenizer, trainer.version = run_identity(cfg), tokenizer, 4
+    run_dir.checkpoint(3, trainer, {})
     assert sorted(p.name for p in (run / "adapters").iterdir()) == ["keep-me", "v000004", "v000005"]
     lines = []
     start_resume(cfg, run, run / "checkpoints/round_000002", run_identity(cfg), None, lines.append)

@@ -37,6 +37,13 @@ def local_engine(cfg: RunConfig, model: str | None = None, max_model_len: int | 
     return InProcessEngine(build_llm(**engine_args(cfg, model, max_model_len, enforce_eager)))
 
 
+def on_server(cfg: RunConfig, launched: bool) -> bool:
+    """Whether open_policy_engine gives the loop a vLLM server (generate.server_url, or the one
+    rank 0 starts under a launcher): it loads a saved copy of the weights, and may hold anything
+    at first. Every rank can tell, with or without the engine."""
+    return bool(cfg.generate.server_url) or launched
+
+
 def open_policy_engine(cfg: RunConfig, max_model_len: int, adapters: Path, launched: bool,
                        wait: bool = True) -> PolicyEngine:
     """The loop's engine, as the config asks: the server at generate.server_url; under a
@@ -44,7 +51,7 @@ def open_policy_engine(cfg: RunConfig, max_model_len: int, adapters: Path, launc
     its own (wait=False: built while the caller goes on); else in this process, LoRA merged
     in or (train.lora.sync vllm_lora) served as an adapter saved under `adapters`."""
     g, lora = cfg.generate, cfg.train.lora
-    if g.server_url:
+    if g.server_url:   # the two cases of on_server
         return ServerEngine(g.server_url, key_env=g.server_api_key_env, weights_dir=g.server_weights_dir)
     if launched:
         return start_local_server(cfg)

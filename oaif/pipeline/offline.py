@@ -71,7 +71,7 @@ def _train(cfg: RunConfig, pairs_path: str | Path, run: RunDir, log) -> Path:
             metrics = {"round": index, "policy_version": index + 1, "pairs_kept": len(pairs),
                        **trainer.train_round(order)}
             metrics["round/seconds"] = time.perf_counter() - t0
-            run.finish(cfg, index, trainer, index + 1, metrics, last=index == cfg.rounds - 1)
+            run.finish(cfg, index, trainer, metrics, last=index == cfg.rounds - 1)
             log(format_row(metrics))
         log(f"done: {cfg.rounds} passes over {len(pairs)} pairs; checkpoint in {run.path / 'checkpoints'}")
         return run.path
