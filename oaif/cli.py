@@ -49,6 +49,7 @@ from oaif.annotate.files import annotate_file
 from oaif.bundled import bundled
 from oaif.checkpoint import export_merged
 from oaif.config import ConfigError, RunStopped, describe, load_config
+from oaif.console import STOPPED_AT_ONCE, StoppedAtOnce
 from oaif.datasets_io import export_pairs
 from oaif.evaluation import run_eval
 from oaif.pipeline.best_of_n import best_of_n
@@ -339,8 +340,10 @@ def run_reporting_errors(command: Command, args: argparse.Namespace) -> int:
             print(f"oaif: error: cannot write {e.filename or ''}: {e.strerror}; free space or pick a writable "
                   f"output_dir, then run again (a run directory that exists: oaif resume it)", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:   # a second SIGINT/SIGTERM (the first stops after the round, cleanly)
-        print("oaif: stopped at once; the last checkpoint is where `oaif resume` continues", file=sys.stderr)
+    except StoppedAtOnce:   # a second SIGINT/SIGTERM during rounds (the first stops after the round, cleanly)
+        return 130
+    except KeyboardInterrupt:   # Ctrl-C outside the rounds (loading, the final evaluation)
+        print(STOPPED_AT_ONCE, file=sys.stderr)
         return 130
     return 0
 

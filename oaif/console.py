@@ -164,6 +164,14 @@ def done_line(rounds: int, first: int, policy_version: int, lengths: list, run_d
             f"{fmt(lengths[-1])} tokens; records and metrics.jsonl in {run_dir}")
 
 
+STOPPED_AT_ONCE = "oaif: stopped at once; the last checkpoint is where `oaif resume` continues"
+
+
+class StoppedAtOnce(KeyboardInterrupt):
+    """The second signal; its line is already printed (at the signal, not after the engines and
+    servers close: a launcher may kill this process while it closes them)."""
+
+
 class GracefulStop:
     """SIGINT / SIGTERM: finish the round in flight, checkpoint it, stop cleanly (exit 0) with
     a resume line; a second signal stops at once (the engines and servers are still closed).
@@ -176,7 +184,8 @@ class GracefulStop:
 
     def handle(self, signum, frame) -> None:
         if self.signal is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+            print(STOPPED_AT_ONCE, file=sys.stderr, flush=True)
+            raise StoppedAtOnce(f"second {signal.Signals(signum).name}")
         self.signal = signal.Signals(signum).name
         print(f"\n{self.signal}: finishing this round, then a checkpoint; send it again to stop at once",
               file=sys.stderr, flush=True)
