@@ -54,9 +54,12 @@ class GenerateConfig:
     kv_cache_gib: float = _f(1.0, "KV cache reserved by the policy's vLLM engine (GiB). vLLM's CPU default takes most of RAM.")
     tensor_parallel_size: int = _f(1, "vLLM tensor parallelism for the policy engine (GPUs only).")
     enforce_eager: bool | None = _f(None, "Skip vLLM's graph compilation/capture: faster engine start, slower generation. Unset: skipped on a CPU, where compiling costs ~12 s for the tiny model and minutes for SmolLM2 and gains ~20% generation speed (README benchmarks), done on a GPU.")
-    server_url: str = _f("", "Server mode: sample from a running vLLM OpenAI-compatible server at this URL (started with VLLM_SERVER_DEV_MODE=1) instead of an in-process engine; weights reach it through its reload endpoints.")
-    server_api_key_env: str = _f("", "Server mode with generate.server_url: NAME of the environment variable holding that server's key (started with VLLM_API_KEY and --middleware oaif.engine.server.RequireKey: see README), sent with every request, weight pushes included; the key never enters config, logs or records. Same naming rule as annotate.openai.api_key_env. Empty: no key sent. A server oaif starts itself gets a random key of its own.")
-    server_weights_dir: str = _f("/dev/shm", "Server mode: where each round's weights are saved for the server to reload (must be readable by the server).")
+    server_url: str = _f("", "Server mode: sample from the running vLLM OpenAI-compatible server at this URL instead of an in-process engine (one server; several: generate.server_urls). Start it as docs/guides/multi-node.md shows.")
+    server_urls: tuple[str, ...] = _f((), "Server mode with several servers: prompts are split across them and each gets the same weights every round (not with server_url).")
+    server_api_key_env: str = _f("", "Server mode: NAME of the environment variable holding the servers' key (started with VLLM_API_KEY and --middleware oaif.engine.server.RequireKey: see docs/guides/multi-node.md), sent with every request, weight pushes included; the key never enters config, logs or records. Same naming rule as annotate.openai.api_key_env. Empty: no key sent. A server oaif starts itself gets a random key of its own.")
+    server_weight_sync: Literal["wire", "path"] = _f("wire", "Server mode: how each round's weights reach the servers. 'wire': over the network through vLLM's weight-transfer API (NCCL on GPUs, oaif's gloo engine on CPUs; each server started with --weight-transfer-config and reachable back from it, see docs/guides/multi-node.md); the server reads no file of the trainer. 'path': the fallback for a server that cannot be started so: the weights are saved in server_weights_dir and the server reloads them from there (same node, or a shared filesystem).")
+    server_weights_dir: str = _f("/dev/shm", "Server mode with server_weight_sync 'path': where each round's weights are saved for the servers to reload (must be readable by them).")
+    server_drop_dead: bool = _f(False, "Server mode with several servers: a server that stops answering is dropped (a line on the terminal; generate/servers counts those left) and the run goes on with the others. false: the run stops with a checkpoint, to be resumed once the server is back.")
     gpu_memory_utilization: float = _f(0.4, "GPU only: share of GPU memory for the policy engine (the trainer needs the rest).")
     turns: int = _f(1, "Conversation turns per prompt. N > 1: before the pair is sampled, N-1 times the policy answers the conversation (one seeded sample) and generate.user_simulator writes the user's next message; the pair then answers turn N with the earlier turns as shared context, kept in each record's messages (oaif/conversation.py). A conversation that outgrows policy.max_prompt_tokens on the way is dropped, counted in generate/conversations_skipped. 1: the prompt as it is.")
     user_simulator: Literal["policy"] = _f("policy", "turns > 1: who writes the user's next messages: 'policy' (the policy itself, given generate.user_simulator_template).")
@@ -72,9 +75,20 @@ class GenerateConfig:
         if self.temperature <= 0:
             errors.append("generate.temperature: must be > 0 (vLLM allows only one greedy sample per prompt)")
         errors += [e for e in (key_env_problem(self.server_api_key_env, "generate.server_api_key_env"),
-                               url_problem(self.server_url, "generate.server_url", self.server_api_key_env,
-                                           "generate.server_api_key_env")) if e]
+                               *(url_problem(url, f"generate.{key}", self.server_api_key_env,
+                                             "generate.server_api_key_env") for key, url in self._urls())) if e]
+        if self.server_url and self.server_urls:
+            errors.append("generate.server_urls: set server_url (one server) or server_urls (several), not both")
+        if len(set(self.servers())) < len(self.servers()):
+            errors.append("generate.server_urls: a server is listed twice")
         return errors
+
+    def _urls(self) -> list[tuple[str, str]]:
+        return [("server_url", self.server_url)] * bool(self.server_url) + [("server_urls", u) for u in self.server_urls]
+
+    def servers(self) -> list[str]:
+        """The URLs of the servers the policy is sampled from (none: oaif's own engine)."""
+        return [url for _, url in self._urls()]
 
 
 @dataclass(frozen=True)
@@ -393,12 +407,12 @@ class RunConfig:
         if self.async_rounds not in (0, 1):
             errors.append(f"async_rounds: 0 (sample, then train) or 1 (sample the next round while training), "
                           f"got {self.async_rounds}")
-        elif self.async_rounds and (self.generate.server_url or (lora.enabled and lora.sync == "vllm_lora")):
-            errors.append("async_rounds: needs oaif's own engine process; unset generate.server_url and use "
+        elif self.async_rounds and (self.generate.servers() or (lora.enabled and lora.sync == "vllm_lora")):
+            errors.append("async_rounds: needs oaif's own engine process; unset generate.server_url(s) and use "
                           "train.lora.sync=merge")
         if self.async_rounds and self.generate.turns > 1:   # the next round's pair would be asked before its conversation grew
             errors.append("generate.turns: conversations of more than 1 turn need async_rounds: 0")
-        if self.generate.server_url and lora.sync == "vllm_lora":
+        if self.generate.servers() and lora.sync == "vllm_lora":
             errors.append("train.lora.sync: 'vllm_lora' needs the in-process engine; server mode syncs by merge")
         for section in (self.policy, self.generate, self.train, self.annotate, self.eval, self.reward_model, self.sft,
                         self.critique):

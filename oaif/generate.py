@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from oaif.config import GenerateConfig
 from oaif.engine.base import Completion, PolicyEngine
+from oaif.engine.server import ServerEngine
 from oaif.records import Prompt, Sample
 
 
@@ -159,6 +160,8 @@ class Generator:
             "generate/truncated_rate": (sum(s.finish_reason == "length" for g in groups for s in g) / len(lengths)
                                         if lengths else None),
             "generate/prompts_skipped": pending.skipped,
+            # Servers still answering (generate.server_drop_dead drops the others).
+            **({"generate/servers": len(self.engine.servers)} if isinstance(self.engine, ServerEngine) else {}),
         }
         return groups, metrics
 

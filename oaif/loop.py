@@ -18,12 +18,13 @@ from oaif.annotate.base import close_annotator
 from oaif.annotate.judge import Judged, label_mass_warning
 from oaif.annotate.stage import AnnotateStage, TooManyInvalid
 from oaif.callbacks import Callbacks
-from oaif.config import RunConfig
+from oaif.config import RunConfig, RunStopped
 from oaif.console import GracefulStop, RunConsole, done_line, header
 from oaif.conversation import extend_conversations
 from oaif.datasets_io import export_pairs
 from oaif.distributed import end, gathered_state_dict, make_accelerator, on_main, stop_agreed
 from oaif.engine import on_server
+from oaif.engine.server import ServerGone
 from oaif.evaluation import Evaluator, format_summary
 from oaif.faults import crash_point
 from oaif.generate import Generator, round_prompts
@@ -63,6 +64,7 @@ class Loop:
         self.evaluator: Evaluator | None = None   # eval.every > 0: the policy against its start, held out
         self.index = 0        # the round in progress, or the next one
         self.metrics: dict = {}   # the stages' metrics of the round in progress (scripts calling them)
+        self.lost: ServerGone | None = None   # a server lost at the sync: the run stops after that round
         self._rounds = None
 
     @property
@@ -211,7 +213,7 @@ class Loop:
                 result = self._round(index, prompts, upcoming if index + 1 < cfg.rounds else None)
                 metrics = result.metrics
                 wanted = self.callbacks.stop_wanted(metrics, self)
-                stopping = stop_agreed(bool(stop) or wanted, run.accelerator)
+                stopping = stop_agreed(bool(stop) or wanted, run.accelerator) or self.lost is not None
                 checkpointed = run.finish(cfg, index, self.trainer, metrics, last=index == cfg.rounds - 1 or stopping,
                                           extra=self._extra)
                 self.out.round_done(metrics, result.table, [
@@ -220,6 +222,9 @@ class Loop:
                     *([f"  {w}"] if index == first and (w := label_mass_warning(metrics)) else [])])
                 lengths.append(metrics["generate/mean_length"])
                 self.index, self.metrics = index + 1, {}
+                if self.lost is not None:
+                    raise ServerGone(f"{self.lost}. Round {index} is trained and its checkpoint written; start the "
+                                     f"server again, then `oaif resume {run.path}`")
                 yield metrics
                 if stopping and index < cfg.rounds - 1:
                     self._stopped(stop.signal or ("a callback (oaif.STOP)" if wanted else "a signal to another rank"))
@@ -249,12 +254,18 @@ class Loop:
         t0 = time.perf_counter()
         startup = {k: v for k, v in self.metrics.items() if k.startswith("startup/")}   # the first round's
         self.index, self.metrics = index, {}
-        result = on_main(self.run.accelerator, lambda: self._sample_and_judge(index, prompts, upcoming))
+        try:
+            result = on_main(self.run.accelerator, lambda: self._sample_and_judge(index, prompts, upcoming))
+        except ServerGone as e:
+            raise self._stopped_before(index, e, "start the server again")
         self.metrics = result.metrics   # every rank sees rank 0's
         self._stop_if_mostly_invalid(index)
         if result.judged.pairs:
             self.train(result.judged.pairs)
-            self.sync()
+            try:
+                self.sync()
+            except ServerGone as e:   # the round is trained: _run_rounds ends it (checkpoint), then stops
+                self.lost = e
         seconds = time.perf_counter() - t0
         # Time in no stage: writing the round's records, moving pairs between ranks.
         overhead = seconds - sum(self.metrics.get(f"{s}/seconds", 0.0) for s in ("generate", "annotate", "train",
@@ -285,14 +296,18 @@ class Loop:
         return self.generator.saved() if self.generator is not None else {}
 
     def _stop_if_mostly_invalid(self, index: int) -> None:
-        """annotate.max_invalid_rate: stop before training on what is left, with the last round's
-        checkpoint (nothing of this round was trained); every rank sees rank 0's metrics."""
+        """annotate.max_invalid_rate: stop before training on what is left; every rank sees rank
+        0's metrics."""
         why = self.judge.too_many_invalid(self.metrics, index, self.run.path)
-        if why is None:
-            return
+        if why is not None:
+            raise self._stopped_before(index, TooManyInvalid(why), "fix the judge")
+
+    def _stopped_before(self, index: int, error: RunStopped, fix: str) -> RunStopped:
+        """`error`, saying how to go on: nothing of round `index` was trained, so the last
+        round's checkpoint (written now if it was not due) is where a resume starts. Every rank."""
         if index == 0:
-            raise TooManyInvalid(f"{why}. Fix the judge, then `oaif resume {self.run.path}` starts again")
+            return type(error)(f"{error}. {fix[0].upper()}{fix[1:]}, then `oaif resume {self.run.path}` starts again")
         if not (self.run.path / "checkpoints" / f"round_{index - 1:06d}").is_dir():
             self.run.checkpoint(index - 1, self.trainer, self._extra())
-        raise TooManyInvalid(f"{why}. Checkpoint after round {index - 1} is written; fix the judge, then "
-                             f"`oaif resume {self.run.path}`")
+        return type(error)(f"{error}. Checkpoint after round {index - 1} is written; {fix}, then "
+                           f"`oaif resume {self.run.path}`")

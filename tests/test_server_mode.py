@@ -1,7 +1,8 @@
-"""Tier 2, server mode: a real vLLM server process, real DPO steps, weights pushed through
-the server's endpoints (pause -> reload_weights -> reset_prefix_cache -> resume). The same
+"""Tier 2, server mode: a real vLLM server process, real DPO steps, weights pushed over the
+wire (vLLM's weight-transfer API, oaif's gloo engine) and through the path fallback (a saved
+copy the server reloads: pause -> reload_weights -> reset_prefix_cache -> resume). The same
 server shows that it answers only oaif's clients, and that it and the weights pushed into
-it leave nothing behind."""
+it leave nothing behind. Servers on other nodes: test_weight_transfer.py."""
 
 import tempfile
 from pathlib import Path
@@ -11,7 +12,8 @@ from transformers import AutoTokenizer
 
 from oaif.datasets_io import load_prompts
 from oaif.generate import sample_seeds
-from oaif.engine.server import ServerEngine, _tail, push_weights_to_server, server_key, start_server, stop_server
+from oaif.engine.server import (ServerEngine, _tail, push_weights_to_server, server_key, start_server, stop_server,
+                                transfer_args)
 
 from conftest import ROOT, MarkedProcesses, oaif_main, train_push_and_compare_greedy, versions_follow_training
 
@@ -44,8 +46,8 @@ def server(tiny_model):
     before = pushed_weights()
     # Generous deadline: another vLLM test may be sharing the 2 cores.
     proc = start_server(str(tiny_model), None, "float32", seed=0, max_model_len=512, kv_cache_gib=0.25,
-                        extra_args=["--enforce-eager"], timeout_s=400)
-    engine = ServerEngine(f"http://127.0.0.1:{proc.port}")
+                        extra_args=["--enforce-eager", *transfer_args("wire")], timeout_s=400)
+    engine = ServerEngine([f"http://127.0.0.1:{proc.port}"])
     yield f"http://127.0.0.1:{proc.port}", engine, proc
     engine.close()
     assert len(group_of(proc.pid)) >= 2   # the server and its engine core
@@ -79,9 +81,12 @@ def test_server_samples_carry_exact_tokens_and_eos(tiny_model, server):
     assert engine.sample(ids[::-1], seeds[::-1], temperature=0.9, top_p=1.0, max_tokens=64) == groups[::-1]
 
 
-def test_after_dpo_steps_and_push_server_greedy_equals_transformers(tiny_model, server):
+@pytest.mark.parametrize("sync", ["wire", "path"])
+def test_after_dpo_steps_and_push_server_greedy_equals_transformers(tiny_model, server, sync):
     base_url, engine, _ = server
-    train_push_and_compare_greedy(tiny_model, engine, lambda policy: push_weights_to_server(base_url, policy))
+    push = {"wire": lambda policy: engine.load_weights(policy, 0),
+            "path": lambda policy: push_weights_to_server(base_url, policy)}[sync]
+    train_push_and_compare_greedy(tiny_model, engine, push)
 
 
 def mean_token_logprob(model, samples: list[dict]) -> float:
@@ -163,7 +168,8 @@ def test_the_server_listens_on_loopback_and_answers_only_its_key(server):
     paths = [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
              ("POST", "/tokenize"), ("POST", "/invocations"), ("GET", "/metrics"), ("GET", "/server_info"),
              ("POST", "/pause"), ("POST", "/resume"), ("POST", "/collective_rpc"), ("POST", "/reset_prefix_cache"),
-             ("POST", "/sleep"), ("POST", "/update_weights")]
+             ("POST", "/sleep"), ("POST", "/init_weight_transfer_engine"), ("POST", "/start_weight_update"),
+             ("POST", "/update_weights"), ("POST", "/finish_weight_update")]
     for headers in ({}, {"Authorization": "Bearer not-the-key"}, {"Authorization": key}):
         for method, path in paths:
             r = httpx.request(method, url + path, headers=headers, json={"method": "reload_weights"})

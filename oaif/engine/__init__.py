@@ -38,21 +38,22 @@ def local_engine(cfg: RunConfig, model: str | None = None, max_model_len: int | 
 
 
 def on_server(cfg: RunConfig, launched: bool) -> bool:
-    """Whether open_policy_engine gives the loop a vLLM server (generate.server_url, or the one
-    rank 0 starts under a launcher): it loads a saved copy of the weights, and may hold anything
-    at first. Every rank can tell, with or without the engine."""
-    return bool(cfg.generate.server_url) or launched
+    """Whether open_policy_engine gives the loop vLLM servers (generate.server_url(s), or the one
+    rank 0 starts under a launcher): they load the full weights (gathered from sharded ranks
+    first), and may hold anything at first. Every rank can tell, with or without the engine."""
+    return bool(cfg.generate.servers()) or launched
 
 
 def open_policy_engine(cfg: RunConfig, max_model_len: int, adapters: Path, launched: bool,
                        wait: bool = True) -> PolicyEngine:
-    """The loop's engine, as the config asks: the server at generate.server_url; under a
+    """The loop's engine, as the config asks: the servers at generate.server_url(s); under a
     launcher, a server of its own (rank 0 samples for every rank); async_rounds, a process of
     its own (wait=False: built while the caller goes on); else in this process, LoRA merged
     in or (train.lora.sync vllm_lora) served as an adapter saved under `adapters`."""
     g, lora = cfg.generate, cfg.train.lora
-    if g.server_url:   # the two cases of on_server
-        return ServerEngine(g.server_url, key_env=g.server_api_key_env, weights_dir=g.server_weights_dir)
+    if g.servers():   # the two cases of on_server
+        return ServerEngine(g.servers(), key_env=g.server_api_key_env, sync=g.server_weight_sync,
+                            weights_dir=g.server_weights_dir, drop_dead=g.server_drop_dead)
     if launched:
         return start_local_server(cfg)
     args = engine_args(cfg, max_model_len=max_model_len)

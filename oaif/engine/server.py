@@ -1,26 +1,29 @@
-"""Server mode: the policy is served by a separate vLLM OpenAI-compatible server process.
+"""Server mode: the policy is served by vLLM OpenAI-compatible server processes, on this node
+or others.
 
 For setups where generation runs on other GPUs or nodes than training. Sampling goes
-through `/v1/completions` with the prompt given as token ids; each round's weights reach
-the server through its own development endpoints (pause -> collective_rpc reload_weights
--> reset_prefix_cache -> resume). The engine runs in the server's subprocess, so weights
-travel by path: a `save_pretrained` into `tmp_root`, which the server must be able to
-read (same node: /dev/shm; another node: a shared filesystem).
+through `/v1/completions` with the prompt given as token ids, prompts split across the
+servers. Each round's weights reach every server over the wire, through vLLM's weight-transfer
+API (engine/wire.py: NCCL on GPUs, oaif's gloo engine on CPUs), so a server never reads the
+trainer's files; the fallback (server_weight_sync=path) saves them into a folder the server
+reloads from (same node: /dev/shm; another node: a shared filesystem).
 
 A server oaif starts listens on 127.0.0.1 only and answers nothing but /health without its
 own random key (RequireKey); this process's clients (ServerEngine, push_weights_to_server,
 the openai judge) send it (server_key). stop_server ends the server's whole process group
 and removes its log.
 
-    proc = start_server("models/tiny", 8000, "float32", seed=0, max_model_len=512, kv_cache_gib=1)
-    engine = ServerEngine("http://127.0.0.1:8000")
-    ...; push_weights_to_server("http://127.0.0.1:8000", policy); ...; stop_server(proc)
+    proc = start_server("models/tiny", 8000, "float32", 0, 512, 1, transfer_args("wire"))
+    engine = ServerEngine(["http://127.0.0.1:8000"])
+    ...; engine.load_weights(policy, version); ...; engine.close(); stop_server(proc)
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import json
 import os
 import secrets
 import shutil
@@ -36,10 +39,11 @@ from urllib.parse import urlsplit
 import httpx
 import torch
 
-from oaif.config import RunConfig
+from oaif.config import RunConfig, RunStopped
 from oaif.engine.base import Completion, Submitted
 from oaif.engine.vllm import on_cpu, resolve_eager
-from oaif.engine.weights import merged_copy
+from oaif.engine.weights import hf_named_weights, merged_copy
+from oaif.engine.wire import BACKEND, GlooTrainerInit, NamedWeights, local_address, register
 from oaif.faults import crash_point
 from oaif.scratch import sweep_orphans
 
@@ -280,34 +284,67 @@ def _post(client: httpx.Client, path: str, **kwargs) -> httpx.Response:
     return r
 
 
-class ServerEngine(Submitted):
-    """A running vLLM server as a PolicyEngine (engine/base.py); returns the engine's exact
-    token ids.
+@contextlib.contextmanager
+def paused(client: httpx.Client):
+    """The server paused while its weights change (requests in flight finish on the old
+    weights: mode=wait), its prefix cache reset after them, then resumed, also on failure."""
+    _post(client, "/pause", params={"mode": "wait"})
+    crash_point("sync_push")
+    try:
+        yield
+        # Cached KV blocks were computed with the old weights. The server answers
+        # success=false (HTTP 200) when blocks are still held, so check the body.
+        if not _post(client, "/reset_prefix_cache").json().get("success"):
+            raise ServerError("POST /reset_prefix_cache returned success=false (blocks still in use)")
+    except Exception:
+        try:
+            _post(client, "/resume")   # leave the server usable; the first error is the one to report
+        except ServerError:
+            pass
+        raise
+    _post(client, "/resume")
 
-    Token ids come from the completions API's `return_token_ids` field: the engine's output
-    ids verbatim (`CompletionResponseChoice.token_ids`), never a re-tokenization of the text,
-    which can differ from what was sampled. EOS is kept there (vLLM strips it only from the
-    text), so a "stop" sample ends with EOS exactly as with the in-process engine."""
 
-    def __init__(self, base_url: str, max_concurrency: int = 8, timeout_s: float = 600.0, key_env: str = "",
-                 weights_dir: str = "/dev/shm", process: subprocess.Popen | None = None):
-        """key_env: the environment variable with the key of a server this process did not start;
-        weights_dir: where load_weights saves the weights for the server to read; process: the
-        server this process started for the run (close stops it)."""
-        self.base_url, self.key_env, self.weights_dir, self.process = base_url, key_env, weights_dir, process
-        self.client = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s,
-                                   headers=auth_headers(client_key(base_url, key_env)))
-        self.pool = ThreadPoolExecutor(max_concurrency)  # one request per prompt; the server batches them
+class WeightSyncClient:
+    """vLLM's weight-sync control plane (its VLLMWeightSyncClient protocol) over a server's RL
+    routes, with this server's key (vLLM's own HTTP client sends none)."""
+
+    def __init__(self, client: httpx.Client):
+        self.client = client
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        _post(self.client, "/init_weight_transfer_engine", json={"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        _post(self.client, "/start_weight_update")
+
+    def update_weights(self, update_info: dict) -> None:
+        _post(self.client, "/update_weights", json={"update_info": update_info})
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        _post(self.client, "/finish_weight_update", json={"weight_version": weight_version})
+
+
+class Server:
+    """One vLLM server: completions by token ids, and the weights it samples from."""
+
+    def __init__(self, url: str, timeout_s: float, key_env: str = "", process: subprocess.Popen | None = None):
+        self.url, self.process, self.transfer = url, process, None
+        self.client = httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s,
+                                   headers=auth_headers(client_key(url, key_env)))
         try:
             r = self.client.get("/v1/models")
             if r.status_code != 200:
-                raise ServerError(f"GET /v1/models returned HTTP {r.status_code}: {r.text[:500]}")
+                raise ServerError(f"{url}: GET /v1/models returned HTTP {r.status_code}: {r.text[:500]}")
             self.model = r.json()["data"][0]["id"]  # the served name: requests must name it
+        except httpx.HTTPError as e:
+            self.close()
+            raise ServerError(f"no vLLM server answers at {url} ({e!r})") from e
         except BaseException:
             self.close()
             raise
 
-    def _complete(self, ids: list[int], **params) -> list[dict]:
+    def complete(self, ids: list[int], **params) -> list[dict]:
         body = {"model": self.model, "prompt": ids, "return_token_ids": True, **params}
         choices = _post(self.client, "/v1/completions", json=body).json()["choices"]
         for c in choices:
@@ -317,35 +354,166 @@ class ServerEngine(Submitted):
                 raise ServerError(f"sample ended with finish_reason {c['finish_reason']!r} (aborted by a pause?)")
         return sorted(choices, key=lambda c: c["index"])
 
-    def sample(self, prompt_token_ids: list[list[int]], seeds: list[list[int]], temperature: float, top_p: float,
-               max_tokens: int) -> list[list[Completion]]:
-        """(token_ids, text, finish_reason) per seed: one n=1 request per sample."""
-        params = dict(n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
-        flat = [(ids, s) for ids, row in zip(prompt_token_ids, seeds) for s in row]
-        done = iter(self.pool.map(lambda job: self._complete(job[0], seed=job[1], **params)[0], flat))
-        return [[(c["token_ids"], c["text"], c["finish_reason"]) for c in (next(done) for _ in row)] for row in seeds]
+    def alive(self) -> bool:
+        try:
+            return self.client.get("/health", timeout=10).status_code == 200
+        except httpx.HTTPError:
+            return False
 
-    def greedy(self, prompt_token_ids: list[list[int]], max_tokens: int) -> list[list[int]]:
-        results = self.pool.map(lambda ids: self._complete(ids, n=1, temperature=0.0, max_tokens=max_tokens),
-                                prompt_token_ids)
-        return [choices[0]["token_ids"] for choices in results]
+    def send(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        """The weights over the wire (vLLM's weight-transfer API); the group is opened at the first."""
+        if self.transfer is None:
+            self.transfer = open_transfer(self.url, self._server_config(), WeightSyncClient(self.client))
+        self.transfer.source.weights = weights
+        with paused(self.client):
+            try:
+                self.transfer.send_weights()
+            except BaseException:
+                self.transfer = None   # a transfer broken halfway leaves the group unusable: open a new one
+                raise
 
-    def load_weights(self, policy: torch.nn.Module, version: int, state_dict: dict | None = None) -> None:
-        push_weights_to_server(self.base_url, merged_copy(policy), self.weights_dir, state_dict=state_dict,
-                               key_env=self.key_env)
+    def _server_config(self) -> dict:
+        r = self.client.get("/server_info", params={"config_format": "json"})
+        if r.status_code != 200:
+            raise ServerError(f"{self.url}: GET /server_info returned HTTP {r.status_code} (start the server with "
+                              f"VLLM_SERVER_DEV_MODE=1, docs/guides/multi-node.md)")
+        return r.json()["vllm_config"]
 
     def close(self) -> None:
-        self.pool.shutdown()
         self.client.close()
         if self.process is not None:
             stop_server(self.process)
             self.process = None
 
 
+class ServerEngine(Submitted):
+    """One or more running vLLM servers as a PolicyEngine (engine/base.py): prompts are split
+    across them, each gets the same weights at every sync; returns the engine's exact token ids.
+
+    Token ids come from the completions API's `return_token_ids` field: the engine's output
+    ids verbatim (`CompletionResponseChoice.token_ids`), never a re-tokenization of the text,
+    which can differ from what was sampled. EOS is kept there (vLLM strips it only from the
+    text), so a "stop" sample ends with EOS exactly as with the in-process engine.
+
+    A server that stops answering ends the run (ServerGone, which the loop turns into a
+    checkpoint and a resume line), or with drop_dead is dropped while others are left."""
+
+    def __init__(self, urls: list[str], max_concurrency: int = 8, timeout_s: float = 600.0, key_env: str = "",
+                 sync: str = "wire", weights_dir: str = "/dev/shm", drop_dead: bool = False,
+                 process: subprocess.Popen | None = None):
+        """key_env: the environment variable with the key of servers this process did not start;
+        sync: 'wire' (vLLM's weight-transfer API) or 'path' (a save into weights_dir that the
+        servers reload); process: the one server this process started for the run (close stops it)."""
+        self.sync, self.weights_dir, self.key_env, self.drop_dead = sync, weights_dir, key_env, drop_dead
+        self.servers: list[Server] = []
+        try:
+            for i, url in enumerate(urls):
+                self.servers.append(Server(url, timeout_s, key_env, process if i == 0 else None))
+        except BaseException:
+            self.close()
+            raise
+        # One request per sample, max_concurrency per server at once; each server batches its own.
+        self.pool = ThreadPoolExecutor(max_concurrency * len(urls))
+
+    def _each(self, fn, jobs: list, server_of) -> list:
+        """fn(server, job) for every job, job i on the server server_of(i) picks among those alive;
+        the jobs of a server that stopped answering go to the others when it may be dropped."""
+        results, todo = [None] * len(jobs), list(range(len(jobs)))
+        while todo:
+            servers = list(self.servers)
+            futures = {i: (s := servers[server_of(i) % len(servers)], self.pool.submit(fn, s, jobs[i])) for i in todo}
+            failed = {}
+            for i, (server, future) in futures.items():
+                try:
+                    results[i] = future.result()
+                except Exception as e:   # noqa: BLE001 (a live server's error is raised again in _lost)
+                    failed.setdefault(server, e)
+            self._lost(failed)
+            todo = [i for i, (server, _) in futures.items() if server in failed]
+        return results
+
+    def _lost(self, failed: dict[Server, Exception]) -> None:
+        """Servers whose call failed: an error of a server still up is raised as it is; one that
+        is down is dropped (drop_dead, others left) or ends the run."""
+        for server, error in failed.items():
+            if server.alive():
+                raise error
+            left = [s for s in self.servers if s is not server]
+            if not self.drop_dead or not left:
+                raise ServerGone(f"the vLLM server at {server.url} stopped answering ({error})"
+                                 + ("" if self.drop_dead else " (generate.server_drop_dead=true would go on with "
+                                                             "the others)" * bool(left)))
+            print(f"oaif: the vLLM server at {server.url} stopped answering ({error}); dropped, going on with "
+                  f"{len(left)} server(s)", file=sys.stderr, flush=True)
+            server.close()
+            self.servers = left
+
+    def sample(self, prompt_token_ids: list[list[int]], seeds: list[list[int]], temperature: float, top_p: float,
+               max_tokens: int) -> list[list[Completion]]:
+        """(token_ids, text, finish_reason) per seed: one n=1 request per sample; prompt j's
+        samples on server j (modulo the servers alive): its prefix is cached there."""
+        params = dict(n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+        flat = [(j, ids, s) for j, (ids, row) in enumerate(zip(prompt_token_ids, seeds)) for s in row]
+        done = iter(self._each(lambda server, job: server.complete(job[1], seed=job[2], **params)[0], flat,
+                               lambda i: flat[i][0]))
+        return [[(c["token_ids"], c["text"], c["finish_reason"]) for c in (next(done) for _ in row)] for row in seeds]
+
+    def greedy(self, prompt_token_ids: list[list[int]], max_tokens: int) -> list[list[int]]:
+        results = self._each(lambda server, ids: server.complete(ids, n=1, temperature=0.0, max_tokens=max_tokens),
+                             prompt_token_ids, lambda i: i)
+        return [choices[0]["token_ids"] for choices in results]
+
+    def load_weights(self, policy: torch.nn.Module, version: int, state_dict: dict | None = None) -> None:
+        """Every server gets the weights, at once (each its own transfer)."""
+        if self.sync == "path":
+            model = merged_copy(policy)
+            self._each(lambda server, _: push_weights_to_server(server.url, model, self.weights_dir,
+                                                                state_dict=state_dict, key_env=self.key_env),
+                       list(range(len(self.servers))), lambda i: i)
+            return
+        weights = list(state_dict.items()) if state_dict is not None else hf_named_weights(policy)
+        self._each(lambda server, _: server.send(weights), list(range(len(self.servers))), lambda i: i)
+
+    def close(self) -> None:
+        if hasattr(self, "pool"):
+            self.pool.shutdown()
+        for server in self.servers:
+            server.close()
+
+
+class ServerGone(RunStopped):
+    """A server the run samples from stopped answering."""
+
+
+def open_transfer(url: str, server: dict, client: WeightSyncClient):
+    """The trainer's end of a weight transfer (vLLM's TrainerWeightTransferEngine) to the server
+    whose vLLM config is `server`: the backend it was started with (nccl: this process's GPU;
+    gloo: TCP), a group of this process (rank 0) and the server's workers, rendezvous on this
+    host's address toward the server."""
+    from vllm.distributed.weight_transfer import WeightTransferTrainerFactory   # vLLM loads in seconds: here only
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+    register()
+    inits = {"nccl": NCCLTrainerInitInfo, BACKEND: GlooTrainerInit}
+    backend = (server.get("weight_transfer_config") or {}).get("backend")
+    if backend not in inits:
+        raise ServerError(f"{url}: the server was started without --weight-transfer-config "
+                          f"'{{\"backend\": \"{'nccl' if torch.cuda.is_available() else BACKEND}\"}}' (got {backend!r}); "
+                          f"restart it so (docs/guides/multi-node.md), or set generate.server_weight_sync=path, the "
+                          f"fallback through a shared folder")
+    p = server["parallel_config"]
+    workers = p["world_size"] * p["data_parallel_size"]
+    init = inits[backend](master_address=local_address(urlsplit(url).hostname), master_port=free_port(),
+                                  world_size=1 + workers, rank=0)
+    source = NamedWeights("cuda" if backend == "nccl" else "cpu")
+    return WeightTransferTrainerFactory.trainer_init(init, client=client, source=source)
+
+
 def push_weights_to_server(base_url: str, model: torch.nn.Module, tmp_root: str = "/dev/shm",
                            timeout_s: float = 600.0, state_dict: dict | None = None, key_env: str = "") -> float:
-    """Load `model`'s weights (or `state_dict`, gathered from sharded ranks) into the server
-    in place; returns the seconds it took (save included).
+    """The fallback sync (server_weight_sync=path): load `model`'s weights (or `state_dict`,
+    gathered from sharded ranks) into the server from a saved copy; returns the seconds it took
+    (save included).
 
     One save and one RPC per sync, not one HTTP call per tensor. `tmp_root` must be readable
     by the server's engine process; the folder saved there is removed when the push ends,
@@ -356,27 +524,18 @@ def push_weights_to_server(base_url: str, model: torch.nn.Module, tmp_root: str 
     try:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         with httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s,
-                          headers=auth_headers(client_key(base_url, key_env))) as client:
-            # mode=wait: requests in flight finish on the old weights rather than being aborted.
-            _post(client, "/pause", params={"mode": "wait"})
-            crash_point("sync_push")
-            try:
-                _post(client, "/collective_rpc",
-                      json={"method": "reload_weights", "kwargs": {"weights_path": tmp}})
-                # Cached KV blocks were computed with the old weights. The server answers
-                # success=false (HTTP 200) when blocks are still held, so check the body.
-                if not _post(client, "/reset_prefix_cache").json().get("success"):
-                    raise ServerError("POST /reset_prefix_cache returned success=false (blocks still in use)")
-            except Exception:
-                try:
-                    _post(client, "/resume")  # leave the server usable; the first error is the one to report
-                except ServerError:
-                    pass
-                raise
-            _post(client, "/resume")
+                          headers=auth_headers(client_key(base_url, key_env))) as client, paused(client):
+            _post(client, "/collective_rpc", json={"method": "reload_weights", "kwargs": {"weights_path": tmp}})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return time.perf_counter() - t0
+
+
+def transfer_args(sync: str) -> list[str]:
+    """The server arguments that let it receive weights over the wire (none for the path fallback)."""
+    if sync == "path":
+        return []
+    return ["--weight-transfer-config", json.dumps({"backend": "nccl" if torch.cuda.is_available() else BACKEND})]
 
 
 def start_local_server(cfg: RunConfig) -> ServerEngine:
@@ -384,7 +543,9 @@ def start_local_server(cfg: RunConfig) -> ServerEngine:
     an engine that stops the server when closed."""
     g = cfg.generate
     extra = ["--tensor-parallel-size", str(g.tensor_parallel_size), "--gpu-memory-utilization",
-             str(g.gpu_memory_utilization), *(["--enforce-eager"] if resolve_eager(g.enforce_eager) else [])]
+             str(g.gpu_memory_utilization), *(["--enforce-eager"] if resolve_eager(g.enforce_eager) else []),
+             *transfer_args(g.server_weight_sync)]
     proc = start_server(cfg.policy.model, None, cfg.policy.dtype, cfg.seed,
                         cfg.policy.max_prompt_tokens + g.max_new_tokens, g.kv_cache_gib, extra)
-    return ServerEngine(f"http://127.0.0.1:{proc.port}", weights_dir=g.server_weights_dir, process=proc)
+    return ServerEngine([f"http://127.0.0.1:{proc.port}"], sync=g.server_weight_sync, weights_dir=g.server_weights_dir,
+                        process=proc)
