@@ -176,7 +176,7 @@ def test_the_server_listens_on_loopback_and_answers_only_its_key(server):
             assert r.status_code == 401, (path, headers, r.status_code, r.text[:200])
     assert httpx.get(url + "/health").status_code == 200
     tokens = httpx.post(url + "/tokenize", headers={"Authorization": f"Bearer {key}"},
-                        json={"model": engine.model, "prompt": "Hi"})
+                        json={"model": engine.servers[0].model, "prompt": "Hi"})
     assert tokens.status_code == 200 and tokens.json()["tokens"]
     assert key.encode() not in Path(f"/proc/{proc.pid}/cmdline").read_bytes()
     log = _tail(proc, 10 ** 6)
