@@ -405,15 +405,17 @@ class Drill:
 
     def start_server(self):
         """Server mode: a vLLM OpenAI server as a user starts one (oaif.engine.server.start_server:
-        `python -m vllm.entrypoints.openai.api_server` with the weight endpoints on and a
-        random key), for both runs; it lives through every kill."""
+        `python -m vllm.entrypoints.openai.api_server` with the weight endpoints on, the
+        weight-transfer setting of the config's server_weight_sync and a random key), for both
+        runs; it lives through every kill."""
         from oaif.config import load_config
-        from oaif.engine.server import server_key, start_server
+        from oaif.engine.server import server_key, start_server, transfer_args
 
         cfg = load_config(ROOT / "configs/tiny_cpu.yaml", self.common[1:])
         g = cfg.generate
         server = start_server(self.args.model, None, cfg.policy.dtype, cfg.seed,
-                              cfg.policy.max_prompt_tokens + g.max_new_tokens, g.kv_cache_gib, ["--enforce-eager"])
+                              cfg.policy.max_prompt_tokens + g.max_new_tokens, g.kv_cache_gib,
+                              ["--enforce-eager", *transfer_args(g.server_weight_sync)])
         url = f"http://127.0.0.1:{server.port}"
         self.common += [f"generate.server_url={url}", f"generate.server_api_key_env={SERVER_KEY}"]
         self.env[SERVER_KEY] = server_key(url)
