@@ -18,7 +18,8 @@ POINTS = (
     "sync",        # loop.py: before the weight sync
     "sync_push",   # half-way through the push: sync.py (in-process engine: loaded, prefix cache not reset;
                    # vllm_lora: adapter saved, not handed over), actor.py (weights in shared memory, the
-                   # engine process not told to load them), server.py (saved and the server paused, no reload)
+                   # engine process not told to load them), server.py (path: saved and the server paused, no
+                   # reload), transfer.py (wire: the server paused and a first chunk of the weights sent)
     "metrics",     # rundir.py: after the metrics line
     "checkpoint",  # checkpoint.py: half-way through a checkpoint's save
     "prune",       # checkpoint.py: the new checkpoint renamed into place, the older ones not yet deleted

@@ -23,7 +23,7 @@ import pytest
 from oaif.engine.server import ServerEngine, free_port
 from oaif.records import read_jsonl
 
-from conftest import ROOT, hf_greedy, oaif_main, read_until, round_row, train_push_and_compare_greedy
+from conftest import ROOT, hf_greedy, oaif_main, read_until, round_row, run_oaif, train_push_and_compare_greedy
 
 KEY_VAR = "OAIF_TEST_NODE_KEY"
 KEY = "node-key-for-the-weight-transfer-tests"
@@ -218,3 +218,18 @@ def test_a_server_killed_mid_run_stops_it_with_a_checkpoint_and_resume_goes_on(t
     r = oaif_main("resume", str(run), f"rounds={last + 3}", env={KEY_VAR: KEY})
     assert r.returncode == 0, r.stderr[-3000:]
     assert [m["round"] for m in read_jsonl(run / "metrics.jsonl")] == list(range(last + 3))
+
+
+def test_a_trainer_killed_halfway_through_a_transfer_leaves_a_server_the_resumed_run_can_use(tiny_model, nodes,
+                                                                                              tmp_path):
+    """SIGKILL after the first chunk of a sync (OAIF_CRASH_AT): the server is left paused with
+    its update open; the resumed run ends that update, sends every weight again and goes on."""
+    _, two = nodes
+    args = ["configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}", "name=killed",
+            "rounds=4", "prompts_per_round=4", "generate.max_new_tokens=32", f"generate.server_url={two[0].url}",
+            f"generate.server_api_key_env={KEY_VAR}"]
+    r = run_oaif("run", *args, env={**os.environ, KEY_VAR: KEY, "OAIF_CRASH_AT": "sync_push:2"})   # 2nd: after training
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    r = oaif_main("resume", str(tmp_path / "killed"), env={KEY_VAR: KEY})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [m["round"] for m in read_jsonl(tmp_path / "killed/metrics.jsonl")] == [0, 1, 2, 3]

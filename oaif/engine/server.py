@@ -58,8 +58,8 @@ OPEN_PATHS = ("/health",)  # what RequireKey lets through without the key: a liv
 _keys: dict[str, str] = {}  # "127.0.0.1:PORT" -> key, for each server this process started and has not stopped
 
 
-class ServerError(RuntimeError):
-    pass
+class ServerError(RunStopped):
+    """A server failed or refused: one line for the user, who can act on it."""
 
 
 class RequireKey:
@@ -289,7 +289,6 @@ def paused(client: httpx.Client):
     """The server paused while its weights change (requests in flight finish on the old
     weights: mode=wait), its prefix cache reset after them, then resumed, also on failure."""
     _post(client, "/pause", params={"mode": "wait"})
-    crash_point("sync_push")
     try:
         yield
         # Cached KV blocks were computed with the old weights. The server answers
@@ -330,8 +329,10 @@ class Server:
 
     def __init__(self, url: str, timeout_s: float, key_env: str = "", process: subprocess.Popen | None = None):
         self.url, self.process, self.transfer = url, process, None
-        self.client = httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s,
-                                   headers=auth_headers(client_key(url, key_env)))
+        args = dict(base_url=url.rstrip("/"), timeout=timeout_s, headers=auth_headers(client_key(url, key_env)))
+        self.client = httpx.Client(**args)
+        # A new connection per call: the server may drop one after a weight route's HTTP 500.
+        self.weight_client = WeightSyncClient(httpx.Client(**args, limits=httpx.Limits(max_keepalive_connections=0)))
         try:
             r = self.client.get("/v1/models")
             if r.status_code != 200:
@@ -363,13 +364,21 @@ class Server:
     def send(self, weights: list[tuple[str, torch.Tensor]]) -> None:
         """The weights over the wire (vLLM's weight-transfer API); the group is opened at the first."""
         if self.transfer is None:
-            self.transfer = open_transfer(self.url, self._server_config(), WeightSyncClient(self.client))
+            self.transfer = open_transfer(self.url, self._server_config(), self.weight_client)
         self.transfer.source.weights = weights
         with paused(self.client):
             try:
                 self.transfer.send_weights()
+            except ServerError as e:
+                if "already active" not in str(e):
+                    self.transfer = None   # a transfer broken halfway leaves the group unusable: open a new one
+                    raise
+                # A trainer killed during a sync left the server's update open (and its model
+                # half reloaded): end it, then send every weight again.
+                self.weight_client.finish_weight_update()
+                self.transfer.send_weights()
             except BaseException:
-                self.transfer = None   # a transfer broken halfway leaves the group unusable: open a new one
+                self.transfer = None
                 raise
 
     def _server_config(self) -> dict:
@@ -381,6 +390,7 @@ class Server:
 
     def close(self) -> None:
         self.client.close()
+        self.weight_client.client.close()
         if self.process is not None:
             stop_server(self.process)
             self.process = None
@@ -525,6 +535,7 @@ def push_weights_to_server(base_url: str, model: torch.nn.Module, tmp_root: str 
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         with httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s,
                           headers=auth_headers(client_key(base_url, key_env))) as client, paused(client):
+            crash_point("sync_push")
             _post(client, "/collective_rpc", json={"method": "reload_weights", "kwargs": {"weights_path": tmp}})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -11,6 +11,7 @@ import torch
 from vllm.distributed.weight_transfer.base import (TrainerWeightTransferEngine, WeightTransferEngine,
                                                    WeightTransferInitInfo, WeightTransferUpdateInfo)
 
+from oaif.faults import crash_point
 from oaif.engine.wire import CHUNK_BYTES, GlooTrainerInit, broadcast, chunks, gloo_group, nbytes
 
 
@@ -116,6 +117,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             received = pool.submit(self.client.update_weights, asdict(info))
             for chunk in chunks([f.numel() for f in flat], self.chunk_bytes):
                 broadcast(self.group, torch.cat([flat[i] for i in chunk]))
+                crash_point("sync_push")
             received.result()
         self.client.finish_weight_update()
 
