@@ -28,6 +28,7 @@ Prompts, seeds, and the sampled token ids and texts are pickled: they are small.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import queue
 import threading
@@ -36,6 +37,7 @@ import traceback
 import torch
 import torch.multiprocessing
 
+from oaif.config import ConfigError
 from oaif.faults import crash_point
 from oaif.engine.base import Completion
 from oaif.engine.server import LAUNCHER_VARS, end_with_parent
@@ -90,7 +92,7 @@ class ProcessEngine:
             return
         try:
             self._claim(1, f"building the vLLM engine for model {self.model!r}")
-        except EngineProcessError:
+        except (EngineProcessError, ConfigError):
             self.close()
             raise
         self._built = True
@@ -181,6 +183,8 @@ class ProcessEngine:
             self._received += 1
             self._held[self._received] = reply
         ok, value = self._held.pop(ticket)
+        if not ok and isinstance(value, ConfigError):
+            raise value
         if not ok:
             raise EngineProcessError(f"{what} failed in the engine process (pid {self.process.pid}):\n{value}")
         return value
@@ -214,10 +218,15 @@ def _serve(conn, build_kwargs: dict, threads: int | None, cpu_bind: str | None, 
     end_with_parent()   # SIGTERM when the parent dies, even by SIGKILL
     if os.getppid() != parent_pid:
         return   # the parent died before the signal was armed
+    # The parent's Process object is daemonic (the parent's exit ends this process); the copy of
+    # the flag here would forbid children, and a tensor-parallel engine starts a worker process
+    # per shard (they end with this process).
+    multiprocessing.current_process().daemon = False
     try:
         # vLLM reads VLLM_CPU_OMP_THREADS_BIND only in its multiprocessing executor, which this
-        # in-process engine does not use: the process pins itself. Every thread that exists now
-        # is pinned (imports start a few); the engine's compute threads, started later, inherit it.
+        # in-process engine uses only for tensor parallel (build_llm then splits this process's
+        # cores between the workers): the process pins itself. Every thread that exists now is
+        # pinned (imports start a few); the engine's compute threads, started later, inherit it.
         if cpu_bind is not None:
             for thread_id in os.listdir("/proc/self/task"):
                 os.sched_setaffinity(int(thread_id), _cpu_ids(cpu_bind))
@@ -234,6 +243,9 @@ def _serve(conn, build_kwargs: dict, threads: int | None, cpu_bind: str | None, 
         # real failure: see oaif.engine.weights). Quieted here, after the build: vLLM's logging setup resets
         # the levels of its loggers.
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
+    except ConfigError as e:   # a setting this machine cannot meet: the caller reports it in one line
+        conn.send((False, e))
+        return
     except Exception:
         conn.send((False, traceback.format_exc()))
         return

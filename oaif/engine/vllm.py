@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from oaif.config import ConfigError
 from oaif.engine.base import Completion, Submitted
 from oaif.engine.weights import push_lora_adapter, push_weights
 
@@ -20,6 +21,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 GIB = 1 << 30
+THREADS_BIND = "VLLM_CPU_OMP_THREADS_BIND"
 
 
 def build_llm(model: str, dtype: str, seed: int, kv_cache_gib: float, max_model_len: int,
@@ -29,21 +31,48 @@ def build_llm(model: str, dtype: str, seed: int, kv_cache_gib: float, max_model_
     most of the machine's memory, which the trainer (and a second engine) also need.
     enforce_eager None: see resolve_eager."""
     from vllm import LLM  # imported here so that config errors surface before vLLM loads
+    import vllm.envs
 
-    return LLM(
-        model=model, tokenizer=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
-        kv_cache_memory_bytes=int(kv_cache_gib * GIB), tensor_parallel_size=tensor_parallel_size,
-        gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True,
-        enforce_eager=resolve_eager(enforce_eager),
-        # A prompt prefilled in chunks has its sampled token thrown away, and vLLM then rewinds
-        # that request's seeded generator, which a CPU generator cannot do ("CPU Generator does
-        # not use offset": every sample here has its own seed). Whole prefills avoid it.
-        **({"enable_chunked_prefill": False} if on_cpu() else {}),
-        use_tqdm_on_load=False,   # a loading bar on stderr would break up the round table
-        # LoRA served by vLLM itself (train.lora.sync: vllm_lora); 0 keeps LoRA support off.
-        **({"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": 1} if max_lora_rank else {}),
-    )
+    # Tensor parallel on a CPU: vLLM starts one worker process per shard (even with the engine
+    # core in this process) and by default binds each to a NUMA node of its own, refusing to
+    # start with fewer nodes than workers (a small machine has one). Unless the user bound them
+    # (VLLM_CPU_OMP_THREADS_BIND), they get this process's cores split between them, set only
+    # while the workers start, so that a later engine still sees what the user set.
+    bind = tensor_parallel_size > 1 and on_cpu() and THREADS_BIND not in os.environ
+    if bind:
+        os.environ[THREADS_BIND] = split_cores(os.sched_getaffinity(0), tensor_parallel_size)
+        # vLLM caches its environment once an engine is built: an engine already in this
+        # process (a judge) would leave it reading the unbound default.
+        vllm.envs.disable_envs_cache()
+    try:
+        return LLM(
+            model=model, tokenizer=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
+            kv_cache_memory_bytes=int(kv_cache_gib * GIB), tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True,
+            enforce_eager=resolve_eager(enforce_eager),
+            # A prompt prefilled in chunks has its sampled token thrown away, and vLLM then rewinds
+            # that request's seeded generator, which a CPU generator cannot do ("CPU Generator does
+            # not use offset": every sample here has its own seed). Whole prefills avoid it.
+            **({"enable_chunked_prefill": False} if on_cpu() else {}),
+            use_tqdm_on_load=False,   # a loading bar on stderr would break up the round table
+            # LoRA served by vLLM itself (train.lora.sync: vllm_lora); 0 keeps LoRA support off.
+            **({"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": 1} if max_lora_rank else {}),
+        )
+    finally:
+        if bind:
+            del os.environ[THREADS_BIND]
 
+
+def split_cores(cores: set[int], workers: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `workers` tensor-parallel CPU workers: `cores` in that many
+    equal groups, in order ({0..7}, 2 -> '0,1,2,3|4,5,6,7'). A remainder binds no worker: this
+    process (the engine's scheduler, the trainer) runs there too. Fewer cores than workers is
+    refused: workers sharing a core would take turns at every step's all-reduce."""
+    if len(cores) < workers:
+        raise ConfigError(f"generate.tensor_parallel_size: {workers} tensor-parallel CPU workers need a core each, "
+                          f"and this process may use {len(cores)}; lower it, or bind them with {THREADS_BIND}")
+    ids, size = sorted(cores), len(cores) // workers
+    return "|".join(",".join(map(str, ids[i * size:(i + 1) * size])) for i in range(workers))
 
 def resolve_eager(enforce_eager: bool | None) -> bool:
     """The config's enforce_eager; unset: eager on a CPU (there compilation costs more
