@@ -52,7 +52,7 @@ class GenerateConfig:
     top_p: float = _f(1.0, "Nucleus sampling mass.")
     max_new_tokens: int = _f(64, "Token limit per response; a response that hits it has finish_reason 'length'.")
     kv_cache_gib: float = _f(1.0, "KV cache reserved by the policy's vLLM engine (GiB). vLLM's CPU default takes most of RAM.")
-    tensor_parallel_size: int = _f(1, "vLLM tensor parallelism for the policy engine (GPUs only).")
+    tensor_parallel_size: int = _f(1, "vLLM tensor parallelism for the policy engine: the model is split across this many GPUs or, on a CPU, worker processes, each bound to an equal share of the cores this process may use (one at least; VLLM_CPU_OMP_THREADS_BIND, if set, binds them instead).")
     enforce_eager: bool | None = _f(None, "Skip vLLM's graph compilation/capture: faster engine start, slower generation. Unset: skipped on a CPU, where compiling costs ~12 s for the tiny model and minutes for SmolLM2 and gains ~20% generation speed (README benchmarks), done on a GPU.")
     server_url: str = _f("", "Server mode: sample from the running vLLM OpenAI-compatible server at this URL instead of an in-process engine (one server; several: generate.server_urls). Start it as docs/guides/multi-node.md shows.")
     server_urls: tuple[str, ...] = _f((), "Server mode with several servers: prompts are split across them and each gets the same weights every round (not with server_url).")
