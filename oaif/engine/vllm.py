@@ -74,6 +74,7 @@ def split_cores(cores: set[int], workers: int) -> str:
     ids, size = sorted(cores), len(cores) // workers
     return "|".join(",".join(map(str, ids[i * size:(i + 1) * size])) for i in range(workers))
 
+
 def resolve_eager(enforce_eager: bool | None) -> bool:
     """The config's enforce_eager; unset: eager on a CPU (there compilation costs more
     start-up than the faster generation saves in a run of tens of rounds), compiled on a GPU."""
