@@ -204,3 +204,16 @@ def test_a_server_ends_with_the_process_that_started_it(tiny_model):
     finally:   # a failed check above must not leave the server up for the parent's 10 minutes
         marked.kill()
         parent.wait()
+
+
+def test_a_server_started_without_the_weight_transfer_setting_is_named_with_the_fix():
+    """What /server_info says of a server started without --weight-transfer-config."""
+    from oaif.config import RunStopped
+    from oaif.engine.server import open_transfer
+
+    plain = {"weight_transfer_config": None, "parallel_config": {"world_size": 1, "data_parallel_size": 1}}
+    with pytest.raises(RunStopped) as e:
+        open_transfer("http://127.0.0.1:8000", plain, client=None)
+    assert str(e.value) == ("http://127.0.0.1:8000: the server was started without --weight-transfer-config "
+                            "'{\"backend\": \"gloo\"}' (got None); restart it so (docs/guides/multi-node.md), or set "
+                            "generate.server_weight_sync=path, the fallback through a shared folder")

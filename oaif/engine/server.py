@@ -450,9 +450,8 @@ class ServerEngine(Submitted):
                 raise error
             left = [s for s in self.servers if s is not server]
             if not self.drop_dead or not left:
-                raise ServerGone(f"the vLLM server at {server.url} stopped answering ({error})"
-                                 + ("" if self.drop_dead else " (generate.server_drop_dead=true would go on with "
-                                                             "the others)" * bool(left)))
+                hint = " (generate.server_drop_dead=true would go on with the others)" if left else ""
+                raise ServerGone(f"the vLLM server at {server.url} stopped answering ({error}){hint}")
             print(f"oaif: the vLLM server at {server.url} stopped answering ({error}); dropped, going on with "
                   f"{len(left)} server(s)", file=sys.stderr, flush=True)
             server.close()
@@ -514,7 +513,7 @@ def open_transfer(url: str, server: dict, client: WeightSyncClient):
     p = server["parallel_config"]
     workers = p["world_size"] * p["data_parallel_size"]
     init = inits[backend](master_address=local_address(urlsplit(url).hostname), master_port=free_port(),
-                                  world_size=1 + workers, rank=0)
+                          world_size=1 + workers, rank=0)
     source = NamedWeights("cuda" if backend == "nccl" else "cpu")
     return WeightTransferTrainerFactory.trainer_init(init, client=client, source=source)
 
