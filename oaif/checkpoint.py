@@ -25,7 +25,7 @@ import torch
 from oaif import outputs
 from oaif.annotate.ranking import max_pairs_per_prompt
 from oaif.config import RunConfig
-from oaif.distributed import sharded
+from oaif.distributed import fsdp, load_optimizer_state, sharded
 from oaif.faults import crash_point
 from oaif.records import fsync_path
 from oaif.train import PreferenceTrainer, build_policy, lr_lambda
@@ -37,8 +37,10 @@ CHECKPOINT_NAME = re.compile(r"round_(\d{6})(?:\.tmp)?")   # group 1: the round
 
 
 def save_checkpoint(run_dir: Path, round: int, policy_version: int, trainer, tokenizer,
-                    state_dict: dict | None = None, keep: int = 0, extra: dict | None = None) -> Path:
+                    state_dict: dict | None = None, keep: int = 0, extra: dict | None = None,
+                    optimizer_state: dict | None = None) -> Path:
     """state_dict: the gathered weights of a multi-process run (FSDP, ZeRO-3 shard them).
+    optimizer_state: an FSDP run's gathered optimizer state (distributed.gathered_optimizer_state).
     keep: once this one is whole, delete all but the newest `keep` checkpoints (0: none).
     extra: more plain data for trainer.pt (the run's identity, async rounds' drawn samples).
 
@@ -51,9 +53,9 @@ def save_checkpoint(run_dir: Path, round: int, policy_version: int, trainer, tok
     trainer.policy.save_pretrained(tmp / "policy", state_dict=state_dict)   # peft: the adapter only (small)
     tokenizer.save_pretrained(tmp / "policy")
     crash_point("checkpoint")
-    # Sharded (FSDP, ZeRO): rank 0's optimizer state is one shard of it, wrong on any other
-    # rank; it is not saved, and a resume starts AdamW's moments afresh (restore_trainer says so).
-    optimizer = None if sharded(trainer.accelerator) else trainer.optimizer.state_dict()
+    # Sharded, rank 0's own optimizer state is one shard of it: FSDP's is saved gathered, whole;
+    # DeepSpeed's is not saved, and a resume starts AdamW's moments afresh (restore_trainer says so).
+    optimizer = optimizer_state if sharded(trainer.accelerator) else trainer.optimizer.state_dict()
     torch.save({"round": round, "policy_version": policy_version, "steps": trainer.steps,
                 "optimizer": optimizer, "scheduler": trainer.scheduler.state_dict(),
                 "schedule": {"total_steps": trainer.total_steps, "anchor": trainer.anchor},
@@ -179,8 +181,10 @@ def restore_trainer(trainer, state: dict) -> None:
     """Optimizer, schedule position, step count and RNG states as they were saved. A run
     resumed with more rounds (a longer schedule) continues its learning rate from where it
     was, decaying to 0 over the new length, instead of jumping up."""
-    if state["optimizer"] is None or sharded(trainer.accelerator):
-        print("oaif: the optimizer state of a sharded run (FSDP, ZeRO) is not checkpointed: AdamW's moments start "
+    if fsdp(trainer.accelerator) and state["optimizer"] is not None:
+        load_optimizer_state(trainer.model, trainer.optimizer, state["optimizer"])
+    elif state["optimizer"] is None or sharded(trainer.accelerator):
+        print("oaif: no optimizer state to restore (a DeepSpeed run's is not checkpointed): AdamW's moments start "
               "afresh (weights, schedule position and RNG are restored)", file=sys.stderr)
     else:
         trainer.optimizer.load_state_dict(state["optimizer"])

@@ -39,8 +39,31 @@ def make_accelerator():
     from accelerate.utils import InitProcessGroupKwargs
 
     # Without a GPU, accelerate only forms a (gloo) process group when told it runs on CPUs.
-    return Accelerator(cpu=not torch.cuda.is_available(),
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=WAIT_TIMEOUT)])
+    cpu = not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=WAIT_TIMEOUT)])
+    if cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        use_fsdp_on_cpus(accelerator)
+    return accelerator
+
+
+def use_fsdp_on_cpus(accelerator) -> None:
+    """Make an FSDP launch on CPUs shard. accelerate (1.16) picks FSDP only on an accelerator
+    device type: on CPUs it silently picks MULTI_CPU, i.e. DDP (cpu=True), or no process group
+    at all (cpu=False). Its FSDP2 code (prepare, no_sync, clip_grad_norm_, get_state_dict) runs
+    on CPUs over gloo as it is, so the launch's type is set to the one a GPU launch gets: the
+    CPU run then goes through the same code as a GPU run. FSDP1 wants a device id: refused."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()   # from the launcher's FSDP_* variables
+    if plugin.fsdp_version != 2:
+        raise ConfigError(f"FSDP on CPUs: set fsdp_version: 2 in the accelerate config (it is {plugin.fsdp_version}); "
+                          f"see configs/accelerate/cpu_fsdp_2proc.yaml")
+    # Both shared states: AcceleratorState copies the distributed type from PartialState's
+    # whenever it is built again (prepare does).
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
 
 
 def check_distributed(cfg: RunConfig, accelerator, judge: bool = True) -> None:
@@ -114,10 +137,37 @@ def sharded(accelerator) -> bool:
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
+def fsdp(accelerator) -> bool:
+    if accelerator is None:
+        return False
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
 def gathered_state_dict(accelerator, model):
     """The full state dict for saving or syncing, or None on the plain path. Every rank must
     call it: FSDP and ZeRO-3 gather the shards collectively."""
     return None if accelerator is None else accelerator.get_state_dict(model)
+
+
+def gathered_optimizer_state(accelerator, model, optimizer) -> dict | None:
+    """FSDP: the whole optimizer state, keyed by parameter name, on rank 0 (a collective: every
+    rank must call it; the others get {}). None elsewhere: a replicated optimizer's own
+    state_dict is already whole."""
+    if not fsdp(accelerator):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer.optimizer,   # under accelerate's wrapper
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    """Every rank takes its own shard of a whole FSDP optimizer state (gathered_optimizer_state)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer.optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def stop_agreed(stop: bool, accelerator) -> bool:

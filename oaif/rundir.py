@@ -16,7 +16,7 @@ from oaif.annotate.judge import Judged
 from oaif.checkpoint import (CHECKPOINT_NAME, incomplete_reason, latest_checkpoint, read_trainer_state,
                              save_checkpoint)
 from oaif.config import ConfigError, RunConfig, dump_config, load_config
-from oaif.distributed import gathered_state_dict, on_main
+from oaif.distributed import gathered_optimizer_state, gathered_state_dict, on_main
 from oaif.faults import crash_point
 from oaif.fingerprint import content_fingerprint, model_fingerprint
 from oaif.records import Prompt, Sample, append_jsonl, as_prompts, read_jsonl, write_jsonl
@@ -328,11 +328,12 @@ class RunDir:
         run's identity. Older vllm_lora adapters go once it is whole: a resume starts from its
         weights."""
         state = gathered_state_dict(self.accelerator, trainer.model)
+        optimizer_state = gathered_optimizer_state(self.accelerator, trainer.model, trainer.optimizer)
         keep, policy_version = trainer.cfg.keep_checkpoints, trainer.version
 
         def save() -> None:
             save_checkpoint(self.path, index, policy_version, trainer, self.tokenizer, state, keep,
-                            {"identity": self.identity, **extra})
+                            {"identity": self.identity, **extra}, optimizer_state)
             for d in sorted((self.path / "adapters").glob("v??????")):
                 if ADAPTER_DIR.fullmatch(d.name) and int(d.name[1:]) < policy_version:
                     shutil.rmtree(d)
