@@ -38,8 +38,11 @@ def make_accelerator():
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    # Without a GPU, accelerate only forms a (gloo) process group when told it runs on CPUs.
+    # Without a GPU, accelerate only forms a (gloo) process group when told it runs on CPUs;
+    # DeepSpeed's launch type survives only cpu=False, with gloo named (else: no process group).
     cpu = not torch.cuda.is_available()
+    if cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo", timeout=WAIT_TIMEOUT)])
     accelerator = Accelerator(cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=WAIT_TIMEOUT)])
     if cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         use_fsdp_on_cpus(accelerator)

@@ -4,10 +4,13 @@ Each rank holds half of every weight, gradient and AdamW moment. Checked: FSDP t
 the steps DDP takes on the same pairs and seed; a checkpoint holds the gathered weights and the
 gathered optimizer state, and a resume from it gives every rank its shard back, so the resumed
 run continues exactly as the uninterrupted one; a run through the CLI (rank 0 starts the vLLM
-server and loads the gathered weights into it every round) checkpoints and resumes.
+server and loads the gathered weights into it every round) checkpoints and resumes. And,
+where deepspeed is installed, ZeRO-2 (configs/accelerate/cpu_zero2_2proc.yaml) takes DDP's steps.
 """
 
+import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -38,15 +41,17 @@ def launch(config: str, *args: str) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file configs/accelerate/CONFIG -m oaif.cli ...`"""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "configs/accelerate" / config), "-m", "oaif.cli", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    # DS_ACCELERATOR: DeepSpeed would look for a GPU (the other launches ignore it).
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
 
 
-def offline(config: str, tiny_model, out, name: str) -> list[dict]:
+def offline(config: str, tiny_model, out, name: str, *overrides: str) -> list[dict]:
     """3 rounds of `oaif offline` on PAIRS under a launch; its metrics."""
     pairs = out / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
     r = launch(config, "offline", str(pairs), "configs/tiny_cpu.yaml", f"policy.model={tiny_model}",
-               f"output_dir={out}", f"name={name}", "rounds=3", *STEP)
+               f"output_dir={out}", f"name={name}", "rounds=3", *STEP, *overrides)
     assert r.returncode == 0, r.stderr[-4000:]
     return read_jsonl(out / name / "metrics.jsonl")
 
@@ -135,3 +140,16 @@ def test_an_fsdp_run_through_the_cli_syncs_checkpoints_and_resumes(tiny_model, t
     assert samples and all(s["policy_version"] == metrics[1]["policy_version"] for s in samples)
     _, optimizer = checkpoint(run, 2)
     assert moments(optimizer) and all(step == steps[-1] for _, _, step in moments(optimizer))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_zero2_takes_the_steps_ddp_takes(tiny_model, tmp_path):
+    """ZeRO-2 steps the optimizer inside the backward that syncs, so each rank runs one pass per
+    step (micro_batch_size 4 for 8 pairs on 2 ranks: check_distributed asks for it)."""
+    zero = offline("cpu_zero2_2proc.yaml", tiny_model, tmp_path, "zero", "train.micro_batch_size=4")
+    ddp = offline("cpu_ddp_2proc.yaml", tiny_model, tmp_path, "ddp")
+    assert [m["train/steps"] for m in zero] == [1, 2, 3]
+    assert [m["train/loss"] for m in zero] == pytest.approx([m["train/loss"] for m in ddp], abs=TOLERANCE)
+    (weights, optimizer), (ddp_weights, _) = checkpoint(tmp_path / "zero", 2), checkpoint(tmp_path / "ddp", 2)
+    assert optimizer is None   # not checkpointed under DeepSpeed
+    assert max((weights[k] - ddp_weights[k]).abs().max().item() for k in weights) < TOLERANCE
