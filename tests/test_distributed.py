@@ -181,8 +181,8 @@ def test_a_second_sigint_stops_every_rank_at_once_and_the_server_goes_with_them(
     ("DEEPSPEED", ["train.batch_size=16", "train.micro_batch_size=4"], "set it to at least batch_size / processes = 8"),
 ])
 def test_settings_a_launch_cannot_run_are_refused_before_it_starts(launch_type, overrides, message):
-    """The refusals of check_distributed. FSDP and DeepSpeed cannot launch on this CPU machine,
-    so the launch is described by the two fields the check reads."""
+    """The refusals of check_distributed. The launch is described by the two fields the check
+    reads: a real launch per case would take ~15 s each (tests/test_fsdp.py launches FSDP)."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
