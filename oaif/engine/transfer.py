@@ -12,7 +12,7 @@ from vllm.distributed.weight_transfer.base import (TrainerWeightTransferEngine, 
                                                    WeightTransferInitInfo, WeightTransferUpdateInfo)
 
 from oaif.faults import crash_point
-from oaif.engine.wire import CHUNK_BYTES, GlooTrainerInit, broadcast, chunks, gloo_group, nbytes
+from oaif.engine.wire import CHUNK_BYTES, GlooTrainerInit, broadcast, chunk_buffer, chunks, gloo_group, nbytes
 
 
 @dataclass
@@ -44,6 +44,9 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
     def __init__(self, config, vllm_config, device, model):
         super().__init__(config, vllm_config, device, model)
         self.group, self.chunk_bytes = None, CHUNK_BYTES
+        # One per chunk, kept between syncs; within one, vLLM's layerwise reload may hold a
+        # chunk's tensors until their layer is complete, so no chunk reuses another's buffer.
+        self.buffers: list[torch.Tensor] = []
 
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
         p = self.parallel_config
@@ -71,8 +74,8 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
             raise RuntimeError("gloo weight transfer: call init_weight_transfer_engine first")
         dtypes = [getattr(torch, d) for d in update_info.dtype_names]
         sizes = [nbytes(s, d) for s, d in zip(update_info.shapes, dtypes)]
-        for chunk in chunks(sizes, self.chunk_bytes):
-            buffer = torch.empty(sum(sizes[i] for i in chunk), dtype=torch.uint8)
+        for k, chunk in enumerate(chunks(sizes, self.chunk_bytes)):
+            buffer = chunk_buffer(self.buffers, k, sum(sizes[i] for i in chunk))
             broadcast(self.group, buffer)
             offsets = [0]
             for i in chunk:
@@ -90,7 +93,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
 
     def __init__(self, *, client, source, group, chunk_bytes: int):
         super().__init__(client=client, source=source, is_sender=True)
-        self.group, self.chunk_bytes = group, chunk_bytes
+        self.group, self.chunk_bytes, self.buffers = group, chunk_bytes, []
 
     @classmethod
     def trainer_init(cls, init_info: GlooTrainerInit, *, client, source=None):
@@ -115,8 +118,9 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         # The workers receive inside update_weights: the request and the broadcasts run together.
         with ThreadPoolExecutor(1) as pool:
             received = pool.submit(self.client.update_weights, asdict(info))
-            for chunk in chunks([f.numel() for f in flat], self.chunk_bytes):
-                broadcast(self.group, torch.cat([flat[i] for i in chunk]))
+            for k, chunk in enumerate(chunks([f.numel() for f in flat], self.chunk_bytes)):
+                buffer = chunk_buffer(self.buffers, k, sum(flat[i].numel() for i in chunk))
+                broadcast(self.group, torch.cat([flat[i] for i in chunk], out=buffer))
                 crash_point("sync_push")
             received.result()
         self.client.finish_weight_update()

@@ -73,6 +73,16 @@ def broadcast(group: torch.distributed.ProcessGroupGloo, buffer: torch.Tensor) -
     group.broadcast([buffer], opts).wait()
 
 
+def chunk_buffer(buffers: list[torch.Tensor], k: int, size: int) -> torch.Tensor:
+    """Chunk k's byte buffer, kept from the last sync when it has the size: a fresh 100 MB
+    allocation costs more than sending it (the first touch of every page)."""
+    if k == len(buffers):
+        buffers.append(torch.empty(0, dtype=torch.uint8))
+    if buffers[k].numel() != size:
+        buffers[k] = torch.empty(size, dtype=torch.uint8)
+    return buffers[k]
+
+
 def nbytes(shape, dtype: torch.dtype) -> int:
     return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
 
