@@ -233,3 +233,37 @@ def test_a_trainer_killed_halfway_through_a_transfer_leaves_a_server_the_resumed
     r = oaif_main("resume", str(tmp_path / "killed"), env={KEY_VAR: KEY})
     assert r.returncode == 0, r.stderr[-3000:]
     assert [m["round"] for m in read_jsonl(tmp_path / "killed/metrics.jsonl")] == [0, 1, 2, 3]
+
+
+def test_a_tensor_parallel_server_gets_the_weights_in_every_shard(tiny_model):
+    """The server rank 0 starts under a launcher, with generate.tensor_parallel_size=2 on this
+    CPU: both of its workers join the transfer (the group has 3 ranks), and after a sync of
+    noised weights its greedy output equals transformers' (a shard left with the old weights
+    would change it)."""
+    import torch
+
+    from oaif.config import load_config
+    from oaif.engine.server import start_local_server
+    from oaif.models import load_causal_lm
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("tensor parallel 2 needs 2 cores")
+    cfg = load_config(ROOT / "configs/tiny_cpu.yaml", [f"policy.model={tiny_model}", "generate.tensor_parallel_size=2",
+                                                       "generate.kv_cache_gib=0.25", "generate.enforce_eager=true"])
+    policy = load_causal_lm(str(tiny_model), "float32", trainable=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p), alpha=0.05)
+    ids = [[1, 2, 3, 4, 5], [7, 8, 9], [10, 11], [12, 13, 14], [20, 21, 22, 23]]
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(tiny_model).eos_token_id
+    expected = [hf_greedy(policy, i, 16, eos) for i in ids]
+    engine = start_local_server(cfg)
+    try:
+        before = engine.greedy(ids, 16)
+        engine.load_weights(policy, 1)
+        assert engine.greedy(ids, 16) == expected != before
+    finally:
+        engine.close()

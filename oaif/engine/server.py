@@ -41,7 +41,7 @@ import torch
 
 from oaif.config import RunConfig, RunStopped
 from oaif.engine.base import Completion, Submitted
-from oaif.engine.vllm import on_cpu, resolve_eager
+from oaif.engine.vllm import THREADS_BIND, on_cpu, resolve_eager, split_cores
 from oaif.engine.weights import hf_named_weights, merged_copy
 from oaif.engine.wire import BACKEND, GlooTrainerInit, NamedWeights, local_address, register
 from oaif.faults import crash_point
@@ -555,7 +555,11 @@ def start_local_server(cfg: RunConfig) -> ServerEngine:
     extra = ["--tensor-parallel-size", str(g.tensor_parallel_size), "--gpu-memory-utilization",
              str(g.gpu_memory_utilization), *(["--enforce-eager"] if resolve_eager(g.enforce_eager) else []),
              *transfer_args(g.server_weight_sync)]
+    # Tensor parallel on CPUs: the server's workers get this process's cores split between them,
+    # as build_llm gives an in-process engine's (unless the user bound them).
+    tp_cpu = g.tensor_parallel_size > 1 and on_cpu() and THREADS_BIND not in os.environ
+    env = {THREADS_BIND: split_cores(os.sched_getaffinity(0), g.tensor_parallel_size)} if tp_cpu else None
     proc = start_server(cfg.policy.model, None, cfg.policy.dtype, cfg.seed,
-                        cfg.policy.max_prompt_tokens + g.max_new_tokens, g.kv_cache_gib, extra)
+                        cfg.policy.max_prompt_tokens + g.max_new_tokens, g.kv_cache_gib, extra, env=env)
     return ServerEngine([f"http://127.0.0.1:{proc.port}"], sync=g.server_weight_sync, weights_dir=g.server_weights_dir,
                         process=proc)
