@@ -160,8 +160,9 @@ class Generator:
             "generate/truncated_rate": (sum(s.finish_reason == "length" for g in groups for s in g) / len(lengths)
                                         if lengths else None),
             "generate/prompts_skipped": pending.skipped,
-            # Servers still answering (generate.server_drop_dead drops the others).
-            **({"generate/servers": len(self.engine.servers)} if isinstance(self.engine, ServerEngine) else {}),
+            # Of several servers, those still answering (generate.server_drop_dead drops the others).
+            **({"generate/servers": len(self.engine.servers)}
+               if isinstance(self.engine, ServerEngine) and self.engine.configured > 1 else {}),
         }
         return groups, metrics
 

@@ -156,10 +156,13 @@ def test_every_accelerate_config_is_valid_for_accelerate(path):
     assert bool(cfg.fsdp_config) == (engine == "fsdp") and bool(cfg.deepspeed_config) == engine.startswith("zero")
     if engine == "fsdp":
         fsdp = cfg.fsdp_config
-        assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD" in constants.FSDP_SHARDING_STRATEGY
         assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" in constants.FSDP_AUTO_WRAP_POLICY
         assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT" in constants.FSDP_STATE_DICT_TYPE
-        assert fsdp["fsdp_backward_prefetch"] in constants.FSDP_BACKWARD_PREFETCH
+        if fsdp.get("fsdp_version", 1) == 2:   # FSDP2 (the CPU one: oaif refuses FSDP1 on CPUs): full shard is this
+            assert place == "cpu" and fsdp["fsdp_reshard_after_forward"] is True
+        else:
+            assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD" in constants.FSDP_SHARDING_STRATEGY
+            assert fsdp["fsdp_backward_prefetch"] in constants.FSDP_BACKWARD_PREFETCH
     if engine.startswith("zero"):
         ds = cfg.deepspeed_config
         assert ds["zero_stage"] == int(engine[-1])

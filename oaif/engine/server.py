@@ -415,7 +415,8 @@ class ServerEngine(Submitted):
         sync: 'wire' (vLLM's weight-transfer API) or 'path' (a save into weights_dir that the
         servers reload); process: the one server this process started for the run (close stops it)."""
         self.sync, self.weights_dir, self.key_env, self.drop_dead = sync, weights_dir, key_env, drop_dead
-        self.servers: list[Server] = []
+        self.servers: list[Server] = []   # those still answering
+        self.configured = len(urls)
         try:
             for i, url in enumerate(urls):
                 self.servers.append(Server(url, timeout_s, key_env, process if i == 0 else None))
