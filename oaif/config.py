@@ -359,6 +359,21 @@ class CritiqueConfig:
 
 
 @dataclass(frozen=True)
+class AlarmsConfig:
+    action: Literal["off", "warn", "stop"] = _f("warn", "What a tripped reward-hacking alarm does (oaif/alarms.py): 'warn' prints a line and records it (alarms.jsonl, alarms/* in metrics.jsonl); 'stop' ends the run before the round that tripped it is trained on, with the last round's checkpoint; 'off' checks nothing.")
+    length_ratio: float = _f(2.0, "Trips when a round's mean response length is more than this many times the run's first round's, or less than 1/this of it: a length rule or a length-biased judge being exploited. 0: off.")
+    marker_rate: float = _f(0.05, "Trips when more than this share of a round's responses carry judge markers (annotate/injection_rate): the policy is learning to write to its judge. 0: off.")
+    canary_drop: float = _f(0.2, "Trips when judge/canary_accuracy falls more than this below the run's first canary check: the judge itself changed. 0: off.")
+
+    def problems(self) -> list[str]:
+        errors = [f"alarms.{k}: must be >= 0 (0: off), got {v}" for k, v in
+                  {"marker_rate": self.marker_rate, "canary_drop": self.canary_drop}.items() if v < 0]
+        if self.length_ratio and self.length_ratio <= 1:
+            errors.append(f"alarms.length_ratio: must be > 1 (or 0: off), got {self.length_ratio}")
+        return errors
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = _f("tiny", "Run name; the run directory is <output_dir>/<name>. One plain folder name: letters, digits, '.', '-', '_'.")
     output_dir: str = _f("runs", "Parent folder of run directories.")
@@ -384,6 +399,7 @@ class RunConfig:
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     critique: CritiqueConfig = field(default_factory=CritiqueConfig)
+    alarms: AlarmsConfig = field(default_factory=AlarmsConfig)
 
     def problems(self) -> list[str]:
         """Every problem of the config: the run's own keys, those that span sections, then each section's."""
@@ -415,7 +431,7 @@ class RunConfig:
         if self.generate.servers() and lora.sync == "vllm_lora":
             errors.append("train.lora.sync: 'vllm_lora' needs the in-process engine; server mode syncs by merge")
         for section in (self.policy, self.generate, self.train, self.annotate, self.eval, self.reward_model, self.sft,
-                        self.critique):
+                        self.critique, self.alarms):
             errors += section.problems()
         return errors
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from oaif.alarms import AlarmStop, Trip, tripped
 from oaif.annotate.backends import with_python_annotator
 from oaif.annotate.base import close_annotator
 from oaif.annotate.judge import Judged, label_mass_warning
@@ -260,6 +261,7 @@ class Loop:
             raise self._stopped_before(index, e, "start the server again")
         self.metrics = result.metrics   # every rank sees rank 0's
         self._stop_if_mostly_invalid(index)
+        self._check_alarms(index)
         if result.judged.pairs:
             self.train(result.judged.pairs)
             try:
@@ -301,6 +303,28 @@ class Loop:
         why = self.judge.too_many_invalid(self.metrics, index, self.run.path)
         if why is not None:
             raise self._stopped_before(index, TooManyInvalid(why), "fix the judge")
+
+    def _check_alarms(self, index: int) -> None:
+        """alarms.*: round `index`'s metrics against the run's so far, before it is trained on
+        (oaif/alarms.py). Every trip is recorded, an alarm's first in the run is printed, and
+        with alarms.action=stop the run ends with the last round's checkpoint. Every rank sees
+        rank 0's trips."""
+        def check() -> tuple[list[Trip], set[str]]:
+            history = self.run.metrics_rows()
+            trips = tripped(self.cfg.alarms, index, self.metrics, history)
+            if trips:
+                self.run.alarms(index, [t.record() for t in trips])
+            return trips, {key for row in history for key in row if key.startswith("alarms/")}
+
+        trips, earlier = on_main(self.run.accelerator, check)
+        self.metrics |= {f"alarms/{t.alarm}": 1 for t in trips}
+        for t in trips:
+            if f"alarms/{t.alarm}" not in earlier:
+                self.out.line(f"  {t.line()}" + ("" if self.cfg.alarms.action == "stop" else
+                                                 f"; later trips only in metrics.jsonl (alarms/{t.alarm})"))
+        if trips and self.cfg.alarms.action == "stop":
+            raise self._stopped_before(index, AlarmStop("; ".join(t.line() for t in trips)),
+                                       "read those rounds' samples (oaif report), then change the judge or the bound")
 
     def _stopped_before(self, index: int, error: RunStopped, fix: str) -> RunStopped:
         """`error`, saying how to go on: nothing of round `index` was trained, so the last

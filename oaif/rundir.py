@@ -305,6 +305,16 @@ class RunDir:
             write_jsonl(out / "rankings.jsonl", rankings)
         (out / "samples.md").write_text(markdown_table(table))
 
+    def alarms(self, index: int, trips: list[dict]) -> None:
+        """Round `index`'s tripped alarms (rank 0), in its folder: a resume that redoes the
+        round drops them with it."""
+        write_jsonl(self.path / "rounds" / f"{index:06d}" / "alarms.jsonl", trips)
+
+    def metrics_rows(self) -> list[dict]:
+        """The metrics.jsonl rows written so far (rank 0)."""
+        path = self.path / "metrics.jsonl"
+        return read_jsonl(path) if path.is_file() else []
+
     def finish(self, cfg: RunConfig, index: int, trainer, metrics: dict, last: bool, extra=dict) -> bool:
         """metrics.jsonl and replicas.jsonl, then the checkpoint when due (returns whether it
         was). extra: a function giving what else the checkpoint keeps, called only when one is written."""

@@ -47,11 +47,11 @@ class AnnotateStage:
                                        a.missing_eos_penalty)
         # Candidate pairs: every comparison, or one per prompt (best against worst).
         candidates = len(judged.judgments) if a.ranking == "consecutive" or a.pairs == "all" else len(groups)
-        totals = dict(self.annotator.stats)
+        totals, texts = dict(self.annotator.stats), [s.text for g in groups for s in g]
         metrics = {"pairs_kept": len(judged.pairs), "pairs_dropped": candidates - len(judged.pairs),
                    "annotate/comparisons": len(judged.judgments), **judgment_metrics(judged.judgments),
-                   "annotate/injection_attempts": injection_attempts(self.annotator,
-                                                                     [s.text for g in groups for s in g]),
+                   "annotate/injection_attempts": (markers := injection_attempts(self.annotator, texts)),
+                   "annotate/injection_rate": markers / len(texts) if texts else None,
                    **{f"annotate/{k}": v - self.totals.get(k, 0) for k, v in totals.items()}}
         self.totals = totals   # the next call counts from here: the metrics are this call's share
         return judged, rankings, metrics

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from oaif import outputs
+from oaif.alarms import Trip
 from oaif.faults import crash_point
 from oaif.records import read_jsonl
 
@@ -182,6 +183,12 @@ def summary(rows: list[dict]) -> str:
     return "; ".join(parts)
 
 
+def alarm_lines(run_dir: Path) -> list[str]:
+    """Every alarm the run tripped (oaif/alarms.py), round by round: a round that stopped the
+    run has its trips but no metrics line."""
+    return [Trip(**t).line() for f in sorted(run_dir.glob("rounds/*/alarms.jsonl")) for t in read_jsonl(f)]
+
+
 def esc(text) -> str:
     return html.escape(str(text), quote=True)
 
@@ -236,8 +243,10 @@ def page(name: str, rows: list[dict], config_text: str, images: dict[str, bytes]
                 f"{fmt(row.get('generate/mean_length'), '.1f')} · showing {len(shown)} of {total} pairs")
         rounds.append(f'<details{" open" if not rounds else ""}><summary>{esc(head)}</summary>'
                       f'{"".join(pair_html(*p) for p in shown)}</details>')
+    alarms = "".join(f"<li>{esc(line)}</li>" for line in alarm_lines(run_dir))
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(name)} · oaif report</title>'
             f'<style>{STYLE}</style></head><body>\n<h1>{esc(name)}</h1>\n<p class="summary">{esc(summary(rows))}</p>\n'
+            f'{"<h2>Alarms</h2><ul>" + alarms + "</ul>" if alarms else ""}\n'
             f'<h2>Metrics per round</h2>\n<div class="plots">{figures}</div>\n'
             f'<h2>Sample pairs</h2>\n{"".join(rounds)}\n'
             f'<h2>Config</h2>\n<pre>{esc(config_text)}</pre>\n</body></html>\n')
