@@ -253,6 +253,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = _f(0, "oaif run: evaluate the policy every N rounds and after the last round (0: off).")
+    live_prompts: int = _f(0, "oaif run: every round that has no full evaluation, a cheap one on N held-out prompts, a different slice each round (eval/live_win_rate with its 95% interval, records in eval/live_NNNNNN.jsonl); with eval.every 0, a full one after the last round. 0: off.")
     prompts: str = _f("heldout", "Held-out prompt set (same formats as `prompts`); never trained on.")
     prompts_column: str = _f("", "The column of eval.prompts holding the prompt (as prompts_column).")
     prompts_split: str = _f("train", "The split of eval.prompts (as prompts_split).")

@@ -84,8 +84,9 @@ def check_distributed(cfg: RunConfig, accelerator, judge: bool = True) -> None:
                       "torch.distributed; serve the judge model with vLLM's OpenAI server and use backend 'openai'")
     if cfg.async_rounds:
         errors.append("async_rounds: runs in one process; launch without accelerate, or set async_rounds=0")
-    if cfg.eval.every:
-        errors.append("eval.every: in-loop evaluation runs in one process; evaluate a multi-process run's "
+    if cfg.eval.every or cfg.eval.live_prompts:
+        key = "every" if cfg.eval.every else "live_prompts"
+        errors.append(f"eval.{key}: in-loop evaluation runs in one process; evaluate a multi-process run's "
                       "checkpoints with `oaif eval` instead")
     if cfg.train.lora.enabled and cfg.train.lora.sync == "vllm_lora":
         errors.append("train.lora.sync: 'vllm_lora' needs the in-process engine; multi-process runs sync by merge")

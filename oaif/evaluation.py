@@ -187,9 +187,11 @@ class Evaluator:
 
     def due(self, round: int) -> bool:
         """Every eval.every rounds, and after the last."""
-        return (round + 1) % self.cfg.eval.every == 0 or round == self.cfg.rounds - 1
+        every = self.cfg.eval.every
+        return (every > 0 and (round + 1) % every == 0) or round == self.cfg.rounds - 1
 
     def __call__(self, engine, tokenizer, trainer, round: int, policy_version: int) -> dict:
+        """The full evaluation: every held-out prompt, the KL to the start."""
         policy = respond(engine, tokenizer, self.prompts, self.cfg)
         kl = None if trainer.reference_free else \
             response_kl_of(trainer.policy, trainer.reference, policy, tokenizer.pad_token_id)
@@ -198,6 +200,22 @@ class Evaluator:
         write_jsonl(self.run_dir / "eval" / f"round_{round:06d}.jsonl", records)
         crash_point("evaluate")
         return summarize(records, self.cfg.eval.bootstrap, self.cfg.seed) | metrics
+
+    def live(self, engine, tokenizer, round: int, policy_version: int) -> dict:
+        """eval.live_prompts: round `round`'s slice of the held-out prompts (the slices go round
+        the set), its win rate against the start and the interval, which is wide: a trend
+        between full evaluations, not a verdict."""
+        n = min(self.cfg.eval.live_prompts, len(self.prompts))
+        start = round * n % len(self.prompts)
+        prompts = (self.prompts * 2)[start:start + n]
+        ids = {p.id for p in prompts}
+        policy = respond(engine, tokenizer, prompts, self.cfg)
+        records, _ = compare(self.annotator, policy, [r for r in self.baseline if r.prompt_id in ids], None, round,
+                             policy_version, eval_annotator_config(self.cfg).annotate.missing_eos_penalty)
+        write_jsonl(self.run_dir / "eval" / f"live_{round:06d}.jsonl", records)
+        full = summarize(records, self.cfg.eval.bootstrap, self.cfg.seed)
+        return {"eval/live_win_rate": full["eval/win_rate_vs_ref"], "eval/live_win_rate_ci_low": full["eval/win_rate_ci_low"],
+                "eval/live_win_rate_ci_high": full["eval/win_rate_ci_high"], "eval/live_prompts": len(records)}
 
 
 def response_kl_of(policy, reference, responses: list[Response], pad_id: int) -> list[float]:

@@ -62,7 +62,7 @@ class Loop:
         self.judge = AnnotateStage(cfg.annotate, python=annotator)   # its annotator is built on entering
         self.generator: Generator | None = None
         self.trainer = None
-        self.evaluator: Evaluator | None = None   # eval.every > 0: the policy against its start, held out
+        self.evaluator: Evaluator | None = None   # eval.every / live_prompts: the policy against its start, held out
         self.index = 0        # the round in progress, or the next one
         self.metrics: dict = {}   # the stages' metrics of the round in progress (scripts calling them)
         self.lost: ServerGone | None = None   # a server lost at the sync: the run stops after that round
@@ -99,7 +99,7 @@ class Loop:
             # anything (an earlier run's).
             if cfg.train.lora.adapter or run.resume_from or on_server(cfg, run.accelerator is not None):
                 self.sync()
-            if cfg.eval.every:   # single process (check_distributed refuses it under a launcher)
+            if cfg.eval.every or cfg.eval.live_prompts:   # single process (check_distributed refuses a launch)
                 self.evaluator = start_evaluator(cfg, run, self.generator, self.judge, startup)
             self.metrics = {"startup/seconds": time.perf_counter() - t0, **startup}
         except BaseException as e:
@@ -173,13 +173,16 @@ class Loop:
             self.out.progress.advance()
         return time.perf_counter() - t0
 
-    def evaluate(self, index: int) -> dict:
-        """eval/* metrics of the policy the engine holds now (one process)."""
+    def evaluate(self, index: int, live: bool = False) -> dict:
+        """eval/* metrics of the policy the engine holds now (one process); live: on this
+        round's slice of the prompts (eval.live_prompts)."""
         self.out.progress.start("eval", 1, "evaluation")
         t0 = time.perf_counter()
         self.generator.drawn()   # async_rounds: the engine answers in order; the next round's samples first
-        metrics = self.evaluator(self.generator.engine, self.tokenizer, self.trainer, index, self.policy_version)
-        return metrics | {"eval/seconds": time.perf_counter() - t0}
+        engine, version = self.generator.engine, self.policy_version
+        metrics = self.evaluator.live(engine, self.tokenizer, index, version) if live else \
+            self.evaluator(engine, self.tokenizer, self.trainer, index, version)
+        return metrics | {"eval/live_seconds" if live else "eval/seconds": time.perf_counter() - t0}
 
     @contextlib.contextmanager
     def _stage(self, name: str, total: int, unit: str):
@@ -277,6 +280,8 @@ class Loop:
                           "round/pairs_per_s": len(result.judged.pairs) / seconds}
         if self.evaluator is not None and self.evaluator.due(index):
             result.metrics |= self.evaluate(index)
+        elif self.evaluator is not None and self.cfg.eval.live_prompts:
+            result.metrics |= self.evaluate(index, live=True)
         return result
 
     def _sample_and_judge(self, index: int, prompts: list[Prompt], upcoming: list[Prompt] | None) -> Round:

@@ -36,7 +36,7 @@ STAGED = {"rounds", "config.yaml", "config.yaml.tmp", "prompts.jsonl", "prompts.
 # What a rewind may drop: the round folders, checkpoints and in-loop evaluations it wrote
 # (".tmp": a write cut short). Anything else there is left as it is.
 ROUND_DIR = re.compile(r"(\d{6})")
-EVAL_FILE = re.compile(r"round_(\d{6})\.jsonl(?:\.tmp)?")
+EVAL_FILE = re.compile(r"(?:round|live)_(\d{6})\.jsonl(?:\.tmp)?")   # a full evaluation's records, or a live one's
 ADAPTER_DIR = re.compile(r"v(\d{6})")
 IDENTITY_KEYS = ("prompts_column", "prompts_split", "prompts_per_round", "seed", "generate.samples_per_prompt")
 

@@ -58,6 +58,8 @@ PLOTS = (
     Plot("throughput.png", "Throughput", (("kept pairs / s", (Series("round/pairs_per_s", "pairs/s"),)),)),
     Plot("eval.png", "Held-out evaluation against the start", (("win rate", (
         Series("eval/win_rate_vs_ref", "win rate (95% interval)", ("eval/win_rate_ci_low", "eval/win_rate_ci_high")),
+        Series("eval/live_win_rate", "live win rate, a slice of the prompts (95% interval)",
+               ("eval/live_win_rate_ci_low", "eval/live_win_rate_ci_high")),
         Series("eval/lc_win_rate_vs_ref", "length-controlled win rate"))),), reference=0.5),
 )
 
