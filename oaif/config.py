@@ -104,6 +104,8 @@ class OpenAIConfig:
     timeout_s: float = _f(60.0, "Per-request timeout (seconds).")
     max_retries: int = _f(4, "Retries of a failed request (timeouts, 429, 5xx, malformed bodies) before it counts as invalid.")
     backoff_s: float = _f(1.0, "First retry delay; doubles each retry. A 429's Retry-After overrides it.")
+    price_per_mtok_input: float = _f(0.0, "The API's price of a million prompt (input) tokens, in any currency, for the metrics judge/cost_per_pair (money per kept pair) and annotate/api_cost (per round), from the token counts in the API's replies. 0 with price_per_mtok_output 0: no cost metrics.")
+    price_per_mtok_output: float = _f(0.0, "The API's price of a million completion (output) tokens, in the same currency as price_per_mtok_input.")
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,9 @@ class AnnotateConfig:
                     "max_tokens": o.max_tokens}.items() if v <= 0]
         if o.max_retries < 0:
             errors.append(f"{where}.openai.max_retries: must be >= 0")
+        errors += [f"{where}.openai.{k}: must be >= 0, got {v}" for k, v in
+                   {"price_per_mtok_input": o.price_per_mtok_input,
+                    "price_per_mtok_output": o.price_per_mtok_output}.items() if v < 0]
         errors += [e for e in (key_env_problem(o.api_key_env, f"{where}.openai.api_key_env"),
                                url_problem(o.base_url, f"{where}.openai.base_url", o.api_key_env,
                                            f"{where}.openai.api_key_env")) if e]

@@ -72,6 +72,9 @@ class Judgment:
     # annotate.principles: sample: the principle each sampling judge showed (both orders saw
     # the same); empty when the judges show every principle.
     principles: list[str] = field(default_factory=list)
+    # Response lengths in tokens, a then b, as generate/mean_length counts them: the judge's
+    # length preference (judge/longer_chosen_rate, judge/length_slope) is read from them.
+    lengths: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,8 @@ def test_unknown_keys_name_the_path_and_suggest(tmp_path):
     ("train.batch_size=two", "train.batch_size: expected an integer, got 'two'"),
     ("annotate.max_invalid_rate=1.2", "annotate.max_invalid_rate: must be in [0, 1]"),
     ("train.simpo_gamma=-1", "train.simpo_gamma: must be >= 0 (a target margin), got -1"),
+    ("annotate.openai.price_per_mtok_output=-2", "annotate.openai.price_per_mtok_output: must be >= 0, got -2"),
+    ("annotate.openai.price_per_mtok=2", "annotate.openai.price_per_mtok: unknown key"),
     ("rounds", "expected key=value"),
 ])
 def test_values_are_checked(override, message):

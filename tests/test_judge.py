@@ -1,9 +1,10 @@
 import dataclasses
 
+import numpy as np
 import pytest
 
 from oaif.annotate.base import Answer, Identity, JudgeRequest
-from oaif.annotate.judge import aggregate, judge_pairs, judgment_metrics
+from oaif.annotate.judge import aggregate, judge_health, judge_pairs, judgment_metrics, spend_metrics
 from oaif.annotate.rules import RulesAnnotator
 from oaif.constitution import load_constitution
 from oaif.records import Judgment, OrderResult, Sample
@@ -62,6 +63,7 @@ def test_judge_pairs_asks_both_orders_and_builds_pairs():
     assert (pair.chosen, pair.rejected) == ("short", "long answer")
     assert pair.p_chosen == pytest.approx((0.8 + 0.6) / 2)     # P(b) from both orders
     assert pair.chosen_token_ids == [2, 2] and pair.round == 3 and pair.policy_version == 2
+    assert [j.lengths for j in out.judgments] == [[1, 2]] * 4   # in tokens, a then b (identical ones too)
     m = judgment_metrics(out.judgments)
     assert m["annotate/order_agreement"] == pytest.approx(1 / 2)   # of 2 valid judged pairs, 1 agreed
     assert m["annotate/invalid_rate"] == pytest.approx(1 / 3)
@@ -98,12 +100,13 @@ def test_missing_eos_penalty_turns_the_verdict_against_a_truncated_response():
     assert out.judgments[0].verdict == "a"
 
 
-def judged(p_a_first, p_b_first, masses=(None, None)) -> Judgment:
+def judged(p_a_first, p_b_first, masses=(None, None), lengths=(1, 1)) -> Judgment:
     """A hand-made judgment from the two orders' answers (verdict and p_a as the judge computes them)."""
     verdict, p_a = aggregate(p_a_first, p_b_first)
     orders = [OrderResult(first, p, f"p={p}", mass) for first, p, mass in zip("ab", (p_a_first, p_b_first), masses)]
     return Judgment(round=0, policy_version=0, prompt_id="p", a=0, b=1, backend="x", model="m", constitution="c",
-                    constitution_hash="h", template_hash="t", orders=orders, p_a=p_a, verdict=verdict)
+                    constitution_hash="h", template_hash="t", orders=orders, p_a=p_a, verdict=verdict,
+                    lengths=list(lengths))
 
 
 def test_judgment_metrics_on_hand_made_judgments():
@@ -125,6 +128,50 @@ def test_judgment_metrics_on_hand_made_judgments():
         "annotate/label_mass": (0.9 + 0.7 + 0.4) / 3,
         "annotate/identical": 1, "annotate/disagree": 2, "annotate/ties": 1, "annotate/invalid": 1,
     })
+
+
+def test_judge_health_on_hand_made_judgments():
+    """Each judge/* rate on its own base: tie_rate of the valid comparisons, flip_rate of the
+    decisive ones, longer_chosen_rate of the kept pairs of unequal length; the slope over the
+    valid ones, from the judge's answers in both orders."""
+    rows = [  # (P(first better) with a first, with b first), lengths (a, b)
+        ((0.9, 0.8), (10, 30)),   # decisive, flips: position 1 preferred in both orders
+        ((0.7, 0.2), (40, 20)),   # decisive, a kept: the longer chosen
+        ((0.2, 0.9), (5, 25)),    # decisive, b kept: the longer chosen
+        ((0.5, 0.3), (10, 10)),   # no preference with a first: a tie, not decisive
+        ((None, 0.9), (1, 2)),    # invalid: counts nowhere
+        ((0.3, 0.4), (30, 30)),   # decisive, flips: position 2 preferred in both orders
+        ((0.8, 0.1), (10, 50)),   # decisive, a kept: the shorter chosen
+        ((0.9, 0.1), (20, 20)),   # decisive, a kept, equal lengths: not in longer_chosen_rate
+    ]
+    identical = dataclasses.replace(judged(0.5, 0.5), orders=[], p_a=None, verdict="identical")
+    m = judge_health([judged(*answers, lengths=lengths) for answers, lengths in rows] + [identical])
+    valid = [(answers, lengths) for answers, lengths in rows if None not in answers]
+    x = [(la - lb) / 100 for _, (la, lb) in valid]
+    y = [(p1 + 1 - p2) / 2 for (p1, p2), _ in valid]   # both orders' mean P(a better)
+    assert m == pytest.approx({
+        "judge/tie_rate": 1 / 7,             # of 7 valid
+        "judge/flip_rate": 2 / 6,            # of 6 decisive
+        "judge/longer_chosen_rate": 2 / 3,   # of 3 kept pairs of unequal length
+        "judge/length_slope": np.polyfit(x, y, 1)[0],   # per 100 tokens
+    })
+    # Nothing to count: None, not 0.
+    assert judge_health([identical]) == dict.fromkeys(m)
+    # A length-blind judge has no slope; one that always prefers the longer, a positive one.
+    assert judge_health([judged(0.7, 0.2, lengths=(20, 10)), judged(0.7, 0.2, lengths=(10, 20))]) == \
+        pytest.approx({"judge/tie_rate": 0, "judge/flip_rate": 0, "judge/longer_chosen_rate": 0.5,
+                       "judge/length_slope": 0})
+    longer = judge_health([judged(0.9, 0.1, lengths=(20, 10)), judged(0.1, 0.9, lengths=(10, 20))])
+    assert longer["judge/longer_chosen_rate"] == 1 and longer["judge/length_slope"] == pytest.approx(0.8 / 0.2)
+
+
+def test_spend_per_pair_only_for_judges_that_bill():
+    assert spend_metrics({"requests": 8}, 4) == {}   # rules, python, local judges
+    assert spend_metrics({"api_tokens": 120, "prompt_tokens": 100}, 4) == {"judge/tokens_per_pair": 30}
+    assert spend_metrics({"api_tokens": 120, "api_cost": 0.5}, 4) == {"judge/tokens_per_pair": 30,
+                                                                      "judge/cost_per_pair": 0.125}
+    assert spend_metrics({"api_tokens": 120, "api_cost": 0.5}, 0) == {"judge/tokens_per_pair": None,
+                                                                      "judge/cost_per_pair": None}
 
 
 def test_generate_metrics_count_truncated_responses_and_skipped_prompts():

@@ -15,6 +15,11 @@ from oaif.annotate.base import Annotator, JudgeRequest, has_markers, leaf_annota
 from oaif.records import Judgment, OrderResult, PreferencePair, Sample, Verdict
 
 
+def lean(p_a: float) -> int:
+    """Which response one order's answer (as P(a better)) prefers: 1 a, -1 b, 0 neither (0.5)."""
+    return (p_a > 0.5) - (p_a < 0.5)
+
+
 def aggregate(p_a_first: float | None, p_b_first: float | None) -> tuple[Verdict, float | None]:
     """Combine the two orders' answers into (verdict, P(a better) averaged over orders).
 
@@ -26,10 +31,10 @@ def aggregate(p_a_first: float | None, p_b_first: float | None) -> tuple[Verdict
         return "invalid", None
     p_a_1, p_a_2 = p_a_first, 1.0 - p_b_first   # both as P(a better)
     p_a = (p_a_1 + p_a_2) / 2
-    lean = [(p > 0.5) - (p < 0.5) for p in (p_a_1, p_a_2)]
-    if lean[0] != lean[1]:
+    leans = [lean(p_a_1), lean(p_a_2)]
+    if leans[0] != leans[1]:
         return "disagree", p_a
-    return {1: "a", -1: "b", 0: "tie"}[lean[0]], p_a
+    return {1: "a", -1: "b", 0: "tie"}[leans[0]], p_a
 
 
 def penalize_missing_eos(p_a_first: float | None, p_b_first: float | None, a: Sample, b: Sample,
@@ -89,7 +94,8 @@ def judge_pairs(annotator: Annotator, pairs: list[tuple[Sample, Sample]], round:
             backend=who.backend, model=who.model, constitution=who.constitution,
             constitution_hash=who.constitution_hash, template_hash=who.template_hash,
             orders=orders, p_a=p_a, verdict=verdict,
-            principles=[principles_for(c, asked[i])[0] for c in sampling] if i in asked else []))
+            principles=[principles_for(c, asked[i])[0] for c in sampling] if i in asked else [],
+            lengths=[len(a.token_ids), len(b.token_ids)]))
         if verdict in ("a", "b"):
             chosen, rejected = (a, b) if verdict == "a" else (b, a)
             kept.append(PreferencePair(
@@ -131,6 +137,11 @@ def injection_attempts(annotator: Annotator, texts: list[str]) -> int:
     return sum(has_markers(t, markers) for t in texts)
 
 
+def ratio(n: float, d: float) -> float | None:
+    """n / d; None, not 0, when there was nothing to count (d = 0)."""
+    return n / d if d else None
+
+
 def judgment_metrics(judgments: list[Judgment]) -> dict[str, float | None]:
     """annotate/* metrics of one round."""
     judged = [j for j in judgments if j.verdict != "identical"]
@@ -139,7 +150,6 @@ def judgment_metrics(judgments: list[Judgment]) -> dict[str, float | None]:
     kept = [j for j in valid if j.verdict in ("a", "b")]
     answers = [o.p_first for j in valid for o in j.orders]
     masses = [o.label_mass for j in judged for o in j.orders if o.label_mass is not None]
-    ratio = lambda n, d: n / d if d else None  # noqa: E731 (None, not 0, when nothing was judged)
     return {
         "annotate/order_agreement": ratio(len(agreed), len(valid)),
         "annotate/invalid_rate": ratio(len(judged) - len(valid), len(judged)),
@@ -151,3 +161,51 @@ def judgment_metrics(judgments: list[Judgment]) -> dict[str, float | None]:
         "annotate/ties": sum(j.verdict == "tie" for j in judgments),
         "annotate/invalid": len(judged) - len(valid),
     }
+
+
+def judge_health(judgments: list[Judgment]) -> dict[str, float | None]:
+    """judge/* metrics of one round: how the judge decides, beside whether its orders agree.
+
+    A comparison is valid when both orders were answered; each order then leans to a, to b,
+    or to neither (exactly 0.5), read as `aggregate` reads it, from the judge's own answers
+    (before annotate.missing_eos_penalty moves them).
+      tie_rate            valid comparisons with no preference in at least one order.
+      flip_rate           of the decisive ones (valid, a preference in both orders), those
+                          whose verdict flips with the order: the same position preferred in
+                          both (a when a is first, b when b is).
+      longer_chosen_rate  kept pairs (what trains the policy) whose chosen response is the
+                          longer in tokens; pairs of equal length left out.
+      length_slope        least-squares slope of the judge's both-orders mean P(a better) on
+                          len(a) - len(b), per 100 tokens, over the valid comparisons.
+    None where a rate has nothing to count."""
+    valid = [(j, {o.first: o.p_first for o in j.orders}) for j in judgments
+             if len(j.orders) == 2 and all(o.p_first is not None for o in j.orders)]
+    p_a = [(j, p["a"], 1.0 - p["b"]) for j, p in valid]     # both orders as P(a better)
+    decisive = [(lean(p1), lean(p2)) for _, p1, p2 in p_a if lean(p1) and lean(p2)]
+    flips = sum(first != second for first, second in decisive)   # the same position preferred in both
+    kept = [j for j in judgments if j.verdict in ("a", "b") and len(j.lengths) == 2 and j.lengths[0] != j.lengths[1]]
+    longer = sum((j.lengths[0] > j.lengths[1]) == (j.verdict == "a") for j in kept)
+    points = [((j.lengths[0] - j.lengths[1]) / 100, (p1 + p2) / 2) for j, p1, p2 in p_a if len(j.lengths) == 2]
+    return {
+        "judge/tie_rate": ratio(len(valid) - len(decisive), len(valid)),
+        "judge/flip_rate": ratio(flips, len(decisive)),
+        "judge/longer_chosen_rate": ratio(longer, len(kept)),
+        "judge/length_slope": slope(points),
+    }
+
+
+def slope(points: list[tuple[float, float]]) -> float | None:
+    """The least-squares slope of y on x; None without two distinct x."""
+    if not points:
+        return None
+    mean_x, mean_y = sum(x for x, _ in points) / len(points), sum(y for _, y in points) / len(points)
+    var = sum((x - mean_x) ** 2 for x, _ in points)
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / var if var else None
+
+
+def spend_metrics(spent: dict[str, float], kept: int) -> dict[str, float | None]:
+    """judge/tokens_per_pair and judge/cost_per_pair from a round's share of the annotator's
+    stats: what the API judges (backend openai) were billed, per pair kept. Absent for judges
+    that bill nothing; cached answers were never sent, so they cost nothing."""
+    per_pair = {"api_tokens": "judge/tokens_per_pair", "api_cost": "judge/cost_per_pair"}
+    return {name: ratio(spent[k], kept) for k, name in per_pair.items() if k in spent}

@@ -77,7 +77,10 @@ class OpenAIAnnotator:
         check_endpoint(self.api, "annotate")   # config validation checks it too, but not a config built in code
         self.labels: tuple[str, str] = tuple(cfg.labels)
         self.secret: str | None = None   # the key of the batch in progress, blanked in every text kept
-        self.stats = {"requests_sent": 0, "retries": 0, "failures": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        self.stats = {"requests_sent": 0, "retries": 0, "failures": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                      "api_tokens": 0}   # billed: both kinds, as the replies' usage counts them
+        if self.api.price_per_mtok_input or self.api.price_per_mtok_output:
+            self.stats["api_cost"] = 0.0   # money, at annotate.openai's prices
         # label -> token id; None until looked up, {} when the server cannot tell (match by text).
         self.label_ids: dict[str, int] | None = None
 
@@ -232,10 +235,15 @@ class OpenAIAnnotator:
                 continue
             usage = getattr(resp, "usage", None)
             if usage is not None:
-                self.stats["prompt_tokens"] += usage.prompt_tokens or 0
-                self.stats["completion_tokens"] += usage.completion_tokens or 0
+                tokens_in, tokens_out = usage.prompt_tokens or 0, usage.completion_tokens or 0
+                self.stats["prompt_tokens"] += tokens_in
+                self.stats["completion_tokens"] += tokens_out
+                self.stats["api_tokens"] += tokens_in + tokens_out
+                if "api_cost" in self.stats:
+                    self.stats["api_cost"] += (tokens_in * api.price_per_mtok_input
+                                               + tokens_out * api.price_per_mtok_output) / 1e6
                 # Same rule as the local backends, known only once the server has counted.
-                if (usage.prompt_tokens or 0) > self.cfg.max_prompt_tokens:
+                if tokens_in > self.cfg.max_prompt_tokens:
                     return None, f"judge prompt has {usage.prompt_tokens} tokens > annotate.max_prompt_tokens"
             return value, None
         self.stats["failures"] += 1

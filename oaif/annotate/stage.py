@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from oaif.annotate.base import Annotator, close_annotator
-from oaif.annotate.judge import Judged, injection_attempts, judgment_metrics
+from oaif.annotate.judge import Judged, injection_attempts, judge_health, judgment_metrics, spend_metrics
 from oaif.annotate.ranking import Ranking, rank_groups
 from oaif.annotate.backends import build_annotator, reload_constitutions
 from oaif.config import AnnotateConfig, RunConfig, RunStopped
@@ -48,11 +48,13 @@ class AnnotateStage:
         # Candidate pairs: every comparison, or one per prompt (best against worst).
         candidates = len(judged.judgments) if a.ranking == "consecutive" or a.pairs == "all" else len(groups)
         totals, texts = dict(self.annotator.stats), [s.text for g in groups for s in g]
+        spent = {k: v - self.totals.get(k, 0) for k, v in totals.items()}   # this call's share
         metrics = {"pairs_kept": len(judged.pairs), "pairs_dropped": candidates - len(judged.pairs),
                    "annotate/comparisons": len(judged.judgments), **judgment_metrics(judged.judgments),
                    "annotate/injection_attempts": (markers := injection_attempts(self.annotator, texts)),
                    "annotate/injection_rate": markers / len(texts) if texts else None,
-                   **{f"annotate/{k}": v - self.totals.get(k, 0) for k, v in totals.items()}}
+                   **{f"annotate/{k}": v for k, v in spent.items()},
+                   **judge_health(judged.judgments), **spend_metrics(spent, len(judged.pairs))}
         self.totals = totals   # the next call counts from here: the metrics are this call's share
         return judged, rankings, metrics
 

@@ -55,6 +55,14 @@ PLOTS = (
         Series("annotate/order_agreement", "order agreement"),
         Series("annotate/invalid_rate", "invalid rate"),
         Series("annotate/first_position_rate", "first-position rate"))),)),
+    # How the judge decides (oaif/annotate/judge.py judge_health); the cost panels only for API judges.
+    Plot("judge.png", "Judge: flips with the order, ties, length preference, cost", (
+        ("share", (Series("judge/flip_rate", "flip rate (of decisive pairs)"),
+                   Series("judge/tie_rate", "tie rate"),
+                   Series("judge/longer_chosen_rate", "longer chosen (kept pairs)"))),
+        ("ΔP(A better) / 100 tokens", (Series("judge/length_slope", "length slope"),)),
+        ("tokens / kept pair", (Series("judge/tokens_per_pair", "API tokens per pair"),)),
+        ("cost / kept pair", (Series("judge/cost_per_pair", "cost per pair"),)))),
     Plot("throughput.png", "Throughput", (("kept pairs / s", (Series("round/pairs_per_s", "pairs/s"),)),)),
     Plot("eval.png", "Held-out evaluation against the start", (("win rate", (
         Series("eval/win_rate_vs_ref", "win rate (95% interval)", ("eval/win_rate_ci_low", "eval/win_rate_ci_high")),
