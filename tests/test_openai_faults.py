@@ -1,5 +1,6 @@
 """The openai backend against a scripted fake OpenAI-compatible server: retries, backoff,
-Retry-After, timeouts, malformed bodies, the API key's handling, and text-mode parsing.
+Retry-After, timeouts, malformed bodies, the API key's handling, text-mode parsing, and the
+tokens (and money) a round's judgments cost.
 
 Each request carries a marker (`case-NAME`) in its first response; the server looks up the
 script for that marker and plays its n-th step on the n-th request carrying it. The backend's
@@ -20,9 +21,12 @@ import pytest
 
 from oaif.annotate import openai_api
 from oaif.annotate.base import Answer, JudgeRequest, load_template
+from oaif.annotate.cache import CachedAnnotator, read_cache
 from oaif.annotate.openai_api import OpenAIAnnotator
+from oaif.annotate.stage import AnnotateStage
 from oaif.config import AnnotateConfig, OpenAIConfig
 from oaif.constitution import load_constitution
+from oaif.records import Sample
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY_ENV = "OAIF_TEST_FAKE_KEY"
@@ -35,8 +39,8 @@ TOP = {"1": -0.1, "2": -2.3, "The": -3.0}
 P_TOP = 1 / (1 + math.exp(TOP["2"] - TOP["1"]))
 
 
-def completion(text: str, top: dict | None, chat: bool) -> dict:
-    usage = {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}
+def completion(text: str, top: dict | None, chat: bool, tokens: tuple[int, int] = (10, 1)) -> dict:
+    usage = {"prompt_tokens": tokens[0], "completion_tokens": tokens[1], "total_tokens": sum(tokens)}
     if chat:
         logprobs = top and {"content": [{"token": text, "logprob": top.get(text, -5.0), "bytes": None,
                                          "top_logprobs": [{"token": t, "logprob": lp, "bytes": None}
@@ -125,6 +129,9 @@ def make_handler(fake: Fake):
             if kind == "top":  # logprob answer: arg = the top candidates
                 top = arg or TOP
                 self.send(200, json.dumps(completion(next(iter(top)), top, chat)).encode())
+            elif kind == "billed":  # logprob answer with its usage: arg = (top candidates, prompt, completion tokens)
+                top, *tokens = arg
+                self.send(200, json.dumps(completion(next(iter(top)), top, chat, tuple(tokens))).encode())
             elif kind == "text":  # text answer
                 self.send(200, json.dumps(completion(arg, None, chat)).encode())
             elif kind == "500":  # an upstream error that echoes the request's auth header (arg: after that many x)
@@ -255,7 +262,8 @@ def test_faults_are_retried_and_one_dead_request_does_not_sink_the_batch(server,
     assert all(KEY not in a.raw for a in answers)
     total, answered = sum(counts.values()), len(script) - 2
     assert annotator.stats == {"requests_sent": total, "retries": total - len(script), "failures": 2,
-                               "prompt_tokens": 10 * answered, "completion_tokens": answered}
+                               "prompt_tokens": 10 * answered, "completion_tokens": answered,
+                               "api_tokens": 11 * answered}   # no prices: no api_cost
 
 
 def test_a_key_across_the_cut_of_a_long_error_leaves_nothing_of_itself(make):
@@ -369,8 +377,6 @@ def test_text_mode_reads_only_the_final_line(endpoint, make):
 def test_a_failed_request_is_never_cached_and_is_asked_again(server, make, tmp_path):
     """What the cache keeps is what the judge answered: a request that failed after its retries
     (or was rejected) leaves no line, so the next run asks it again instead of reusing a failure."""
-    from oaif.annotate.cache import CachedAnnotator, read_cache
-
     fake, _ = server
     script = {"case-cacheok": ["top"], "case-cachedead": ["500"], "case-cachebad": ["400"]}
     annotator, requests = make(script)
@@ -386,3 +392,32 @@ def test_a_failed_request_is_never_cached_and_is_asked_again(server, make, tmp_p
     assert {m: len(fake.seen[m]) - asked[m] for m in script} == {"case-cacheok": 0, "case-cachedead": 4,
                                                                  "case-cachebad": 1}
     assert again.hits == 1 and again.misses == 2
+
+
+def test_a_rounds_tokens_and_cost_per_kept_pair_count_only_what_was_sent(make, tmp_path):
+    """judge/tokens_per_pair and judge/cost_per_pair: the tokens the API's usage reports (an
+    attempt that failed reports none), at annotate.openai's prices, per pair kept; a pair
+    that was judged but not kept costs as much as one kept; cached judgments cost nothing."""
+    first, second = TOP, {"2": -0.1, "1": -2.3, "The": -3.0}   # the first response better; the second
+    # Each request finds the marker of the response it shows first: a's with a first, b's with b first.
+    script = {"case-k1a": [("billed", (first, 400, 1))], "case-k1b": [("billed", (second, 500, 1))],
+              "case-k2a": ["500", ("billed", (first, 300, 1))], "case-k2b": [("billed", (second, 350, 1))],
+              "case-k3a": [("billed", (first, 200, 1))], "case-k3b": [("billed", (first, 250, 1))]}  # disagree
+    annotator, _ = make(script, price_per_mtok_input=3.0, price_per_mtok_output=15.0)
+    stage = AnnotateStage(annotator.cfg)
+    stage.annotator = CachedAnnotator(annotator, tmp_path / "cache.jsonl", {})
+    groups = [[Sample(round=0, policy_version=0, prompt_id=k, messages=[{"role": "user", "content": "Say hi."}],
+                      index=i, text=f"Hi (case-{k}{side}).", prompt_token_ids=[1], token_ids=[2] * (3 + i),
+                      finish_reason="stop") for i, side in enumerate("ab")] for k in ("k1", "k2", "k3")]
+
+    judged, _, m = stage(groups, 0, 0)
+    assert [j.verdict for j in judged.judgments] == ["a", "a", "disagree"] and m["pairs_kept"] == 2
+    billed_in, billed_out = 400 + 500 + 300 + 350 + 200 + 250, 6   # the failed attempt billed nothing
+    assert m["annotate/requests_sent"] == 7 and m["annotate/api_tokens"] == billed_in + billed_out
+    assert m["judge/tokens_per_pair"] == (billed_in + billed_out) / 2
+    assert m["judge/cost_per_pair"] == pytest.approx((billed_in * 3.0 + billed_out * 15.0) / 1e6 / 2)
+
+    # The same pairs again: every judgment from the cache, nothing sent, nothing paid.
+    judged, _, m = stage(groups, 1, 0)
+    assert m["annotate/cache_hits"] == 6 and m["annotate/requests_sent"] == 0 and m["pairs_kept"] == 2
+    assert m["judge/tokens_per_pair"] == 0 and m["judge/cost_per_pair"] == 0
