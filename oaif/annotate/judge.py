@@ -173,8 +173,8 @@ def judge_health(judgments: list[Judgment]) -> dict[str, float | None]:
       flip_rate           of the decisive ones (valid, a preference in both orders), those
                           whose verdict flips with the order: the same position preferred in
                           both (a when a is first, b when b is).
-      longer_chosen_rate  kept pairs (what trains the policy) whose chosen response is the
-                          longer in tokens; pairs of equal length left out.
+      longer_chosen_rate  comparisons whose orders agreed (kept: what trains the policy)
+                          whose chosen response is the longer in tokens; equal lengths left out.
       length_slope        least-squares slope of the judge's both-orders mean P(a better) on
                           len(a) - len(b), per 100 tokens, over the valid comparisons.
     None where a rate has nothing to count."""
