@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 import oaif
-from oaif.pipeline.report import make_plots, write_report
+from oaif.pipeline.report import make_plots
 from oaif.records import read_jsonl
 
-from conftest import ROOT
+from conftest import ROOT, oaif_main
 
 SHORT = ["rounds=2", "prompts_per_round=8", "generate.enforce_eager=true"]
 
@@ -81,7 +81,9 @@ def test_a_length_biased_judge_is_flagged_by_its_length_metrics_and_drawn_in_the
         assert m["pairs_kept"] >= 4 and length_flag(m), m
         assert m["judge/flip_rate"] == 0.0 and not position_flag(m)   # it reads both orders alike
 
-    page = write_report(run_dir).read_text(encoding="utf-8")
+    r = oaif_main("report", str(run_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    page = (run_dir / "report/report.html").read_text(encoding="utf-8")
     assert 'alt="judge.png"' in page and (run_dir / "report/judge.png").is_file()
     drawn = make_plots(metrics, tmp_path)["judge.png"]
     assert set(drawn) == {"judge/flip_rate", "judge/tie_rate", "judge/longer_chosen_rate", "judge/length_slope"}
