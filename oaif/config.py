@@ -118,6 +118,15 @@ class MixMember:
 
 
 @dataclass(frozen=True)
+class CanaryConfig:
+    every: int = _f(0, "oaif run: re-judge the canary pairs every N rounds (rounds 0, N, 2N, ...) with the run's own annotator, its judgment cache bypassed, and record judge/canary_accuracy (the share the judge gets right) and judge/canary_change (the share whose verdict changed since the run's first check; a resumed run counts from its first check after the resume) in metrics.jsonl. The judge's requests for them count in that round's annotate/* stats. `oaif annotate` judges them too. Not read in eval.annotate. 0: off.")
+    pairs: str = _f("", "The canary pairs: a JSONL file of labelled pairs as `oaif annotate` reads them ({prompt, a, b, correct: a or b}, optional references), or a bundled constitution's name for its set (oaif/data/canaries). Empty: the bundled set of annotate.constitution's `name`, none (no check) for a constitution without one.")
+
+    def problems(self, where: str) -> list[str]:
+        return [f"{where}.canary.every: must be >= 0 (0: off), got {self.every}"] if self.every < 0 else []
+
+
+@dataclass(frozen=True)
 class AnnotateConfig:
     backend: Literal["rules", "vllm", "openai", "transformers", "python", "reward_model", "mix"] = _f(
         "rules", "Annotator: 'rules' (checks in the constitution), 'vllm' (local judge in vLLM), 'openai' (any OpenAI-compatible API), 'transformers' (local judge in transformers), 'python' (your function, annotate.python), 'reward_model' (a Bradley-Terry reward model from `oaif train-rm`, annotate.model; it ignores the constitution), 'mix' (weighted mix of annotate.mix).")
@@ -147,6 +156,7 @@ class AnnotateConfig:
         "best_worst", "round_robin / knockout: train on one pair per prompt, best against worst, kept when that comparison agreed (Self-Rewarding, online iterative RLHF), or on 'all' agreeing comparisons (RRHF-style).")
     missing_eos_penalty: float = _f(0.0, "Subtract this from the judge's logit for a response cut off by generate.max_new_tokens (no EOS), in both orders; e.g. 20 makes a truncated response lose to a finished one. 0: off.")
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
+    canary: CanaryConfig = field(default_factory=CanaryConfig)
     mix: tuple[MixMember, ...] = _f((), "backend 'mix': the members, e.g. [{backend: vllm, constitution: constitutions/helpful.yaml, weight: 0.7}, {backend: rules, constitution: constitutions/code.yaml, weight: 0.3}]. P(first better) is the weighted mean of the members'; any invalid member makes the answer invalid.")
 
     def problems(self, where: str = "annotate") -> list[str]:
@@ -183,7 +193,7 @@ class AnnotateConfig:
         errors += [e for e in (key_env_problem(o.api_key_env, f"{where}.openai.api_key_env"),
                                url_problem(o.base_url, f"{where}.openai.base_url", o.api_key_env,
                                            f"{where}.openai.api_key_env")) if e]
-        return errors
+        return errors + self.canary.problems(where)
 
 
 @dataclass(frozen=True)
@@ -588,7 +598,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 # Keys naming files or folders: relative to the config file's folder when they are there.
 PATH_KEYS = ("prompts", "eval.prompts", "eval.baseline", "eval.policy", "policy.model", "policy.chat_template",
              "train.lora.adapter",
-             "annotate.constitution", "annotate.template", "annotate.model", "eval.annotate.constitution",
+             "annotate.constitution", "annotate.template", "annotate.model", "annotate.canary.pairs",
+             "eval.annotate.constitution",
              "eval.annotate.template", "eval.annotate.model", "generate.user_simulator_template",
              "critique.critique_template", "critique.revision_template", "critique.prompts", "reward_model.model")
 

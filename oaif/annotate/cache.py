@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from oaif.annotate.base import Annotator, Answer, JudgeRequest, close_annotator
+from oaif.annotate.mix import MixAnnotator
 from oaif.records import append_jsonl
 
 HEADER = {"oaif_judgment_cache": 1}
@@ -151,3 +152,13 @@ class CachedAnnotator:
             append_rows(self.path, new)
         answers = dict(zip(todo, fresh))
         return [answers[i] if i in answers else self.entries[k] for i, k in enumerate(keys)]
+
+
+def uncached(annotator: Annotator) -> Annotator:
+    """The same judge without its judgment cache (a mix's members' too), for a check that must
+    reach the judge as it is now (annotate.canary): a cached answer would hide a change."""
+    if isinstance(annotator, CachedAnnotator):
+        return annotator.inner
+    if isinstance(annotator, MixAnnotator):
+        return MixAnnotator([(uncached(member), weight) for member, weight in annotator.members])
+    return annotator

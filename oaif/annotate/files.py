@@ -10,6 +10,11 @@ the judge, from the two orders disagreeing, or from identical responses),
 `p_a` (P(a better), averaged over both orders) and each order's probability and raw output.
 Use it to try a constitution on a few examples before training with it. The output file is
 new, or with --overwrite an earlier one oaif wrote (oaif/outputs.py), checked before judging.
+
+Canary pairs (annotate.canary) are such a labelled file, re-judged every N rounds of a run by
+the run's own annotator with its judgment cache bypassed (Canary): a constitution edit, a
+judge model swapped behind an API or a template that breaks the judge shows as a drop in
+judge/canary_accuracy. `oaif annotate` judges them too when a config turns them on.
 """
 
 from __future__ import annotations
@@ -19,7 +24,11 @@ from pathlib import Path
 from oaif import outputs
 from oaif.annotate.judge import injection_attempts, judge_pairs, judgment_metrics, label_mass_warning
 from oaif.annotate.backends import build_annotator, check_inputs, with_python_annotator
-from oaif.config import RunConfig
+from oaif.annotate.base import Annotator
+from oaif.annotate.cache import uncached
+from oaif.bundled import DATA, data_path, is_name
+from oaif.config import AnnotateConfig, RunConfig
+from oaif.constitution import load_constitution
 from oaif.records import Sample, is_chat, read_jsonl
 
 KIND = "annotate output"
@@ -64,12 +73,40 @@ def annotate_file(cfg: RunConfig, in_path: str | Path, out_path: str | Path, log
 def annotate_pairs(cfg: RunConfig, rows: list[dict], *, annotator=None, log=print) -> tuple[list[dict], dict]:
     """Judge pairs ({"prompt", "a", "b"} rows, as `oaif annotate` reads them) in both orders
     with the config's annotator, or `annotator` (your function); returns the rows with their
-    verdicts, and the judge's metrics."""
+    verdicts, and the judge's metrics (judge/canary_accuracy too when annotate.canary is on)."""
     check_pair_rows(rows, lambda n: f"pairs[{n - 1}]")
     if annotator is not None:
         cfg = with_python_annotator(cfg, annotator)
     check_inputs(cfg, python=annotator)
+    canary = load_canary(cfg.annotate)   # a bad canary file fails before any model loads
     annotator = build_annotator(cfg, annotator)
+    out, judgments = judge_rows(annotator, rows)
+    metrics = judgment_metrics(judgments) | {f"annotate/{k}": v for k, v in annotator.stats.items()}
+    metrics["annotate/injection_attempts"] = injection_attempts(annotator, [row[k] for row in rows for k in "ab"])
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    log(f"judged {len(rows)} pairs: order agreement {fmt(metrics['annotate/order_agreement'])}, "
+        f"invalid rate {fmt(metrics['annotate/invalid_rate'])}, first-position rate "
+        f"{fmt(metrics['annotate/first_position_rate'])}, label mass {fmt(metrics['annotate/label_mass'])}; verdicts "
+        + ", ".join(f"{v}={sum(o['verdict'] == v for o in out)}" for v in ("a", "b", "tie", "invalid")))
+    if metrics["annotate/injection_attempts"]:
+        log(f"{metrics['annotate/injection_attempts']} response(s) hold judge markers, label patterns or chat "
+            f"special tokens (the judge saw them neutralised)")
+    if (right := accuracy(out)) is not None:   # a labelled check set
+        metrics["annotate/accuracy"] = right
+        log(f"agrees with the file's 'correct' field on {round(right * len(rows))}/{len(rows)} pairs (both orders "
+            f"needed; ties and disagreements count as misses)")
+    if canary is not None:
+        metrics |= canary.check(annotator)
+        log(f"canary pairs ({canary.path}): the judge agrees with {metrics['judge/canary_accuracy']:.0%} of their "
+            f"labels (docs/guides/judges.md, \"Canary pairs\")")
+    if warning := label_mass_warning(metrics):
+        log(warning)
+    return out, metrics
+
+
+def judge_rows(annotator: Annotator, rows: list[dict]) -> tuple[list[dict], list]:
+    """The rows judged in both orders by `annotator`: (each row with its verdict, p_a and each
+    order's answer; the judgments)."""
     pairs = []
     for n, row in enumerate(rows):
         messages = [{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str) else row["prompt"]
@@ -90,21 +127,66 @@ def annotate_pairs(cfg: RunConfig, rows: list[dict], *, annotator=None, log=prin
                     "label_mass_b_first": orders["b"].label_mass if orders else None,
                     "backend": j.backend, "model": j.model, "constitution": j.constitution,
                     "constitution_hash": j.constitution_hash, "template_hash": j.template_hash})
-    metrics = judgment_metrics(judged.judgments) | {f"annotate/{k}": v for k, v in annotator.stats.items()}
-    metrics["annotate/injection_attempts"] = injection_attempts(annotator, [row[k] for row in rows for k in "ab"])
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    log(f"judged {len(rows)} pairs: order agreement {fmt(metrics['annotate/order_agreement'])}, "
-        f"invalid rate {fmt(metrics['annotate/invalid_rate'])}, first-position rate "
-        f"{fmt(metrics['annotate/first_position_rate'])}, label mass {fmt(metrics['annotate/label_mass'])}; verdicts "
-        + ", ".join(f"{v}={sum(o['verdict'] == v for o in out)}" for v in ("a", "b", "tie", "invalid")))
-    if metrics["annotate/injection_attempts"]:
-        log(f"{metrics['annotate/injection_attempts']} response(s) hold judge markers, label patterns or chat "
-            f"special tokens (the judge saw them neutralised)")
-    if all(row.get("correct") in ("a", "b") for row in rows):   # a labelled check set
-        right = sum(o["verdict"] == row["correct"] for o, row in zip(out, rows))
-        metrics["annotate/accuracy"] = right / len(rows)
-        log(f"agrees with the file's 'correct' field on {right}/{len(rows)} pairs (both orders needed; "
-            f"ties and disagreements count as misses)")
-    if warning := label_mass_warning(metrics):
-        log(warning)
-    return out, metrics
+    return out, judged.judgments
+
+
+def accuracy(out: list[dict]) -> float | None:
+    """The share of judged rows whose verdict is their 'correct' response (a tie, a disagreement
+    between the orders or an invalid answer is a miss); None unless every row is labelled."""
+    if not out or not all(row.get("correct") in ("a", "b") for row in out):
+        return None
+    return sum(row["verdict"] == row["correct"] for row in out) / len(out)
+
+
+class Canary:
+    """annotate.canary: labelled pairs re-judged every `every` rounds by the run's annotator, its
+    judgment cache bypassed (a cached answer would hide the change the check is for)."""
+
+    def __init__(self, path: Path, rows: list[dict], every: int):
+        self.path, self.rows, self.every = path, rows, every
+        self.first: list[str] | None = None   # the verdicts of the first check (of this process)
+
+    def due(self, index: int) -> bool:
+        return index % self.every == 0
+
+    def check(self, annotator: Annotator) -> dict[str, float]:
+        """judge/canary_accuracy: the share of the pairs whose verdict is their label, as
+        annotate/accuracy; judge/canary_change: the share whose verdict (a, b, tie, disagree,
+        invalid) differs from the first check's, which moves when the judge does even where
+        accuracy does not (as many pairs turned right as wrong)."""
+        out, _ = judge_rows(uncached(annotator), self.rows)
+        verdicts = [row["reason"] for row in out]
+        if self.first is None:
+            self.first = verdicts
+        return {"judge/canary_accuracy": accuracy(out),
+                "judge/canary_change": sum(v != f for v, f in zip(verdicts, self.first)) / len(verdicts)}
+
+
+def canary_file(a: AnnotateConfig) -> Path | None:
+    """The canary pairs of annotate.canary: the file it names, the bundled set of a constitution
+    it names, or (empty) the bundled set of annotate.constitution's name; None when that
+    constitution has no bundled set."""
+    pairs = a.canary.pairs
+    if pairs and not is_name(pairs):
+        return data_path(pairs)
+    bundled = DATA / "canaries" / f"{pairs or load_constitution(a.constitution).name}.jsonl"
+    if pairs and not bundled.is_file():
+        raise FileNotFoundError(f"annotate.canary.pairs: no bundled canary pairs named {pairs!r} (there are: "
+                                f"{', '.join(sorted(p.stem for p in bundled.parent.glob('*.jsonl')))}); give a "
+                                f"file of yours as a path")
+    return bundled if bundled.is_file() else None
+
+
+def load_canary(a: AnnotateConfig) -> Canary | None:
+    """annotate.canary's pairs, read and checked (every row labelled); None when it is off."""
+    path = canary_file(a) if a.canary.every else None
+    if path is None:
+        return None
+    if not path.is_file():
+        raise FileNotFoundError(f"annotate.canary.pairs: {path} not found")
+    rows = read_pairs(path)
+    unlabelled = [n for n, row in enumerate(rows, 1) if row.get("correct") not in ("a", "b")]
+    if unlabelled:
+        raise ValueError(f"{path}:{unlabelled[0]}: a canary pair needs 'correct': \"a\" or \"b\" (the response "
+                         f"the constitution prefers) (annotate.canary.pairs)")
+    return Canary(path, rows, a.canary.every)

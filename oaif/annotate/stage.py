@@ -1,6 +1,6 @@
 """A round's annotate stage: each prompt's samples judged in both orders, the kept pairs and
 the stage's metrics. With annotate.reload_constitution an edited constitution is taken up
-before the round is judged.
+before the round is judged; with annotate.canary the canary pairs are judged after the round's.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from oaif.annotate.base import Annotator, close_annotator
 from oaif.annotate.judge import Judged, injection_attempts, judge_health, judgment_metrics, spend_metrics
 from oaif.annotate.ranking import Ranking, rank_groups
 from oaif.annotate.backends import build_annotator, reload_constitutions
+from oaif.annotate.files import load_canary
 from oaif.config import AnnotateConfig, RunConfig, RunStopped
 from oaif.records import Sample
 
@@ -28,6 +29,7 @@ class AnnotateStage:
         self.annotator: Annotator | None = None
         self.totals: dict = {}                      # annotator.stats at the end of the last call
         self.refused: dict[Path, set[str]] = {}     # constitution versions refused by a reload
+        self.canary = load_canary(cfg)              # None: annotate.canary is off (a bad file fails now)
 
     def open(self, cfg: RunConfig) -> None:
         self.annotator = build_annotator(cfg, self.python)
@@ -47,6 +49,7 @@ class AnnotateStage:
                                        a.missing_eos_penalty)
         # Candidate pairs: every comparison, or one per prompt (best against worst).
         candidates = len(judged.judgments) if a.ranking == "consecutive" or a.pairs == "all" else len(groups)
+        canary = self.canary.check(self.annotator) if self.canary and self.canary.due(index) else {}
         totals, texts = dict(self.annotator.stats), [s.text for g in groups for s in g]
         spent = {k: v - self.totals.get(k, 0) for k, v in totals.items()}   # this call's share
         metrics = {"pairs_kept": len(judged.pairs), "pairs_dropped": candidates - len(judged.pairs),
@@ -54,7 +57,7 @@ class AnnotateStage:
                    "annotate/injection_attempts": (markers := injection_attempts(self.annotator, texts)),
                    "annotate/injection_rate": markers / len(texts) if texts else None,
                    **{f"annotate/{k}": v for k, v in spent.items()},
-                   **judge_health(judged.judgments), **spend_metrics(spent, len(judged.pairs))}
+                   **judge_health(judged.judgments), **spend_metrics(spent, len(judged.pairs)), **canary}
         self.totals = totals   # the next call counts from here: the metrics are this call's share
         return judged, rankings, metrics
 

@@ -63,6 +63,10 @@ PLOTS = (
         ("ΔP(A better) / 100 tokens", (Series("judge/length_slope", "length slope"),)),
         ("tokens / kept pair", (Series("judge/tokens_per_pair", "API tokens per pair"),)),
         ("cost / kept pair", (Series("judge/cost_per_pair", "cost per pair"),)))),
+    # annotate.canary: labelled pairs re-judged every N rounds (points only on those rounds).
+    Plot("judge_canary.png", "Judge: canary pairs (labelled, re-judged without the cache)", (("share of canary pairs", (
+        Series("judge/canary_accuracy", "canary accuracy"),
+        Series("judge/canary_change", "verdict changed since the first check"))),)),
     Plot("throughput.png", "Throughput", (("kept pairs / s", (Series("round/pairs_per_s", "pairs/s"),)),)),
     Plot("eval.png", "Held-out evaluation against the start", (("win rate", (
         Series("eval/win_rate_vs_ref", "win rate (95% interval)", ("eval/win_rate_ci_low", "eval/win_rate_ci_high")),
