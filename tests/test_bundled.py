@@ -69,7 +69,7 @@ def test_the_wheel_carries_the_bundled_data(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     (wheel,) = tmp_path.glob("oaif-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for kind in ("constitutions", "prompts", "project"):
+    for kind in ("constitutions", "prompts", "project", "canaries"):
         shipped = {f"oaif/data/{kind}/{p.name}" for p in (DATA / kind).iterdir() if p.is_file()}
         assert shipped and shipped <= names, sorted(shipped - names)
 
