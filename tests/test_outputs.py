@@ -113,8 +113,10 @@ def annotate(tmp_path: Path, out: Path, *extra: str) -> int:
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"prompt": "Hi", "a": "Hi", "b": "Hello there"}) + "\n")
     (tmp_path / "judge.py").write_text(JUDGE)
+    # No canary pairs (tiny_cpu.yaml turns them on): the judge's calls counted are this file's alone.
     return main(["annotate", str(pairs), str(ROOT / "configs/tiny_cpu.yaml"), "annotate.backend=python",
-                 f"annotate.python={tmp_path / 'judge.py'}:judge", "annotate.cache=", "--out", str(out), *extra])
+                 f"annotate.python={tmp_path / 'judge.py'}:judge", "annotate.cache=", "annotate.canary.every=0",
+                 "--out", str(out), *extra])
 
 
 def test_annotate_refuses_an_existing_out_before_judging_and_overwrites_only_its_own_file(tmp_path, capsys):
