@@ -41,7 +41,7 @@ import torch
 
 from oaif.config import RunConfig, RunStopped
 from oaif.engine.base import Completion, Submitted
-from oaif.engine.vllm import THREADS_BIND, on_cpu, resolve_eager, split_cores
+from oaif.engine.vllm import cpu_threads_bind, on_cpu, resolve_eager
 from oaif.engine.weights import hf_named_weights, merged_copy
 from oaif.engine.wire import BACKEND, GlooTrainerInit, NamedWeights, local_address, register
 from oaif.faults import crash_point
@@ -477,12 +477,15 @@ class ServerEngine(Submitted):
         """Every server gets the weights, at once (each its own transfer)."""
         if self.sync == "path":
             model = merged_copy(policy)
-            self._each(lambda server, _: push_weights_to_server(server.url, model, self.weights_dir,
-                                                                state_dict=state_dict, key_env=self.key_env),
-                       list(range(len(self.servers))), lambda i: i)
-            return
-        weights = list(state_dict.items()) if state_dict is not None else hf_named_weights(policy)
-        self._each(lambda server, _: server.send(weights), list(range(len(self.servers))), lambda i: i)
+            self._every_server(lambda server: push_weights_to_server(server.url, model, self.weights_dir,
+                                                                     state_dict=state_dict, key_env=self.key_env))
+        else:
+            weights = list(state_dict.items()) if state_dict is not None else hf_named_weights(policy)
+            self._every_server(lambda server: server.send(weights))
+
+    def _every_server(self, fn) -> None:
+        """fn(server) on every server at once, as _each treats a server that stops answering."""
+        self._each(lambda server, _: fn(server), list(range(len(self.servers))), lambda i: i)
 
     def close(self) -> None:
         if hasattr(self, "pool"):
@@ -508,7 +511,7 @@ def open_transfer(url: str, server: dict, client: WeightSyncClient):
     backend = (server.get("weight_transfer_config") or {}).get("backend")
     if backend not in inits:
         raise ServerError(f"{url}: the server was started without --weight-transfer-config "
-                          f"'{{\"backend\": \"{'nccl' if torch.cuda.is_available() else BACKEND}\"}}' (got {backend!r}); "
+                          f"'{{\"backend\": \"{transfer_backend()}\"}}' (got {backend!r}); "
                           f"restart it so (docs/guides/multi-node.md), or set generate.server_weight_sync=path, the "
                           f"fallback through a shared folder")
     p = server["parallel_config"]
@@ -542,11 +545,17 @@ def push_weights_to_server(base_url: str, model: torch.nn.Module, tmp_root: str 
     return time.perf_counter() - t0
 
 
+def transfer_backend() -> str:
+    """The weight-transfer backend a server beside this trainer is started with: vLLM's NCCL
+    engine on GPUs, oaif's gloo engine on CPUs."""
+    return "nccl" if torch.cuda.is_available() else BACKEND
+
+
 def transfer_args(sync: str) -> list[str]:
     """The server arguments that let it receive weights over the wire (none for the path fallback)."""
     if sync == "path":
         return []
-    return ["--weight-transfer-config", json.dumps({"backend": "nccl" if torch.cuda.is_available() else BACKEND})]
+    return ["--weight-transfer-config", json.dumps({"backend": transfer_backend()})]
 
 
 def start_local_server(cfg: RunConfig) -> ServerEngine:
@@ -556,11 +565,8 @@ def start_local_server(cfg: RunConfig) -> ServerEngine:
     extra = ["--tensor-parallel-size", str(g.tensor_parallel_size), "--gpu-memory-utilization",
              str(g.gpu_memory_utilization), *(["--enforce-eager"] if resolve_eager(g.enforce_eager) else []),
              *transfer_args(g.server_weight_sync)]
-    # Tensor parallel on CPUs: the server's workers get this process's cores split between them,
-    # as build_llm gives an in-process engine's (unless the user bound them).
-    tp_cpu = g.tensor_parallel_size > 1 and on_cpu() and THREADS_BIND not in os.environ
-    env = {THREADS_BIND: split_cores(os.sched_getaffinity(0), g.tensor_parallel_size)} if tp_cpu else None
     proc = start_server(cfg.policy.model, None, cfg.policy.dtype, cfg.seed,
-                        cfg.policy.max_prompt_tokens + g.max_new_tokens, g.kv_cache_gib, extra, env=env)
+                        cfg.policy.max_prompt_tokens + g.max_new_tokens, g.kv_cache_gib, extra,
+                        env=cpu_threads_bind(g.tensor_parallel_size))
     return ServerEngine([f"http://127.0.0.1:{proc.port}"], sync=g.server_weight_sync, weights_dir=g.server_weights_dir,
                         process=proc)

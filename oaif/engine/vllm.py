@@ -33,14 +33,10 @@ def build_llm(model: str, dtype: str, seed: int, kv_cache_gib: float, max_model_
     from vllm import LLM  # imported here so that config errors surface before vLLM loads
     import vllm.envs
 
-    # Tensor parallel on a CPU: vLLM starts one worker process per shard (even with the engine
-    # core in this process) and by default binds each to a NUMA node of its own, refusing to
-    # start with fewer nodes than workers (a small machine has one). Unless the user bound them
-    # (VLLM_CPU_OMP_THREADS_BIND), they get this process's cores split between them, set only
-    # while the workers start, so that a later engine still sees what the user set.
-    bind = tensor_parallel_size > 1 and on_cpu() and THREADS_BIND not in os.environ
+    # Set only while the workers start, so that a later engine still sees what the user set.
+    bind = cpu_threads_bind(tensor_parallel_size)
     if bind:
-        os.environ[THREADS_BIND] = split_cores(os.sched_getaffinity(0), tensor_parallel_size)
+        os.environ.update(bind)
         # vLLM caches its environment once an engine is built: an engine already in this
         # process (a judge) would leave it reading the unbound default.
         vllm.envs.disable_envs_cache()
@@ -59,8 +55,20 @@ def build_llm(model: str, dtype: str, seed: int, kv_cache_gib: float, max_model_
             **({"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": 1} if max_lora_rank else {}),
         )
     finally:
-        if bind:
-            del os.environ[THREADS_BIND]
+        for key in bind:
+            del os.environ[key]
+
+
+def cpu_threads_bind(tensor_parallel_size: int) -> dict[str, str]:
+    """The environment tensor-parallel CPU workers need, for an engine in this process or a
+    server it starts: vLLM starts one worker process per shard (even with the engine core in
+    this process) and by default binds each to a NUMA node of its own, refusing to start with
+    fewer nodes than workers (a small machine has one). Unless the user bound them
+    (VLLM_CPU_OMP_THREADS_BIND), they get this process's cores split between them. Empty on
+    GPUs and without tensor parallelism."""
+    if tensor_parallel_size <= 1 or not on_cpu() or THREADS_BIND in os.environ:
+        return {}
+    return {THREADS_BIND: split_cores(os.sched_getaffinity(0), tensor_parallel_size)}
 
 
 def split_cores(cores: set[int], workers: int) -> str:
