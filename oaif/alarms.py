@@ -8,11 +8,19 @@ is trained on, that the policy has started to game its judge or the judge has go
              (annotate/injection_attempts): the policy is learning to write to its judge.
     canary   judge/canary_accuracy fell more than alarms.canary_drop below the run's first
              canary check: the judge itself changed (constitution, model, template).
+  and, read once the round is trained (and evaluated, when due):
+    kl       train/kl_to_ref, the KL to the start along the round's responses, past
+             alarms.kl_max: the policy has moved far from where it started.
+    judge_gap  the training judge's win rate against the start exceeds the independent
+             judge's (eval.annotate) by more than alarms.judge_gap, on the same held-out
+             answers (full or live evaluation): what the policy learned pleases the judge it
+             trained on and not the other one.
 
 `warn` records every trip (the round's alarms.jsonl, alarms/* in metrics.jsonl) and prints a
-line the first time an alarm trips in a run; `stop`
-ends the run before the round that tripped it is trained on, with the last round's
-checkpoint, so the policy that tripped nothing is the one kept.
+line the first time an alarm trips in a run. `stop` ends the run: an alarm read before
+training ends it before the round is trained on, with the last round's checkpoint; one read
+after training ends it with that round's checkpoint (the policy that tripped it, kept to be
+read), and a resume from the checkpoint before it goes on from the policy that had not.
 """
 
 from __future__ import annotations
@@ -79,12 +87,35 @@ def canary_trip(cfg: AlarmsConfig, index: int, metrics: dict, history: list[dict
                 first[0])
 
 
-CHECKS = (length_trip, markers_trip, canary_trip)
+def kl_trip(cfg: AlarmsConfig, index: int, metrics: dict, history: list[dict]) -> Trip | None:
+    kl = metrics.get("train/kl_to_ref")
+    if not cfg.kl_max or kl is None or kl <= cfg.kl_max:
+        return None
+    return Trip("kl", index, "train/kl_to_ref", kl, f"alarms.kl_max {cfg.kl_max:g}", index)
 
 
-def tripped(cfg: AlarmsConfig, index: int, metrics: dict, history: list[dict]) -> list[Trip]:
+# The win rates the judge gap compares: (training judge's, independent judge's), per evaluation kind.
+GAPS = (("eval/train_judge_win_rate", "eval/win_rate_vs_ref"),
+        ("eval/live_train_judge_win_rate", "eval/live_win_rate"))
+
+
+def judge_gap_trip(cfg: AlarmsConfig, index: int, metrics: dict, history: list[dict]) -> Trip | None:
+    for training, independent in GAPS:
+        ours, theirs = metrics.get(training), metrics.get(independent)
+        if cfg.judge_gap and ours is not None and theirs is not None and ours - theirs > cfg.judge_gap:
+            return Trip("judge_gap", index, training, ours, f"{independent} {theirs:.3g} + alarms.judge_gap "
+                        f"{cfg.judge_gap:g}", index)
+    return None
+
+
+BEFORE_TRAINING = (length_trip, markers_trip, canary_trip)
+AFTER_TRAINING = (kl_trip, judge_gap_trip)
+
+
+def tripped(cfg: AlarmsConfig, index: int, metrics: dict, history: list[dict],
+            checks=BEFORE_TRAINING + AFTER_TRAINING) -> list[Trip]:
     """The alarms round `index`'s metrics trip (none when alarms.action is off); history: the
     metrics.jsonl rows of the rounds before it."""
     if cfg.action == "off":
         return []
-    return [t for check in CHECKS if (t := check(cfg, index, metrics, history)) is not None]
+    return [t for check in checks if (t := check(cfg, index, metrics, history)) is not None]

@@ -278,6 +278,7 @@ class EvalConfig:
     temperature: float = _f(0.0, "0: one greedy response per prompt and side; > 0: one sampled response at this temperature.")
     max_new_tokens: int = _f(0, "Response length limit (0: generate.max_new_tokens).")
     bootstrap: int = _f(1000, "Bootstrap resamples for the win rate's 95% confidence interval.")
+    train_judge: bool = _f(True, "With eval.annotate set: the training judge grades the same held-out pairs too (eval/train_judge_win_rate, eval/live_train_judge_win_rate), beside the independent judge's win rate; the report's hacking panel and alarms.judge_gap read it. Two calls of the training judge per evaluated prompt.")
     annotate: AnnotateConfig | None = _f(
         None, "The evaluation annotator: the keys of `annotate` (e.g. {backend: rules, constitution: constitutions/correct.yaml}); keys left out are taken from `annotate`. Unset: the training annotator, with a warning: the policy is then graded by the judge it was trained to please.")
 
@@ -376,14 +377,17 @@ class CritiqueConfig:
 
 @dataclass(frozen=True)
 class AlarmsConfig:
-    action: Literal["off", "warn", "stop"] = _f("warn", "What a tripped reward-hacking alarm does (oaif/alarms.py): 'warn' prints a line and records it (alarms.jsonl, alarms/* in metrics.jsonl); 'stop' ends the run before the round that tripped it is trained on, with the last round's checkpoint; 'off' checks nothing.")
+    action: Literal["off", "warn", "stop"] = _f("warn", "What a tripped reward-hacking alarm does (oaif/alarms.py): 'warn' prints a line and records it (alarms.jsonl, alarms/* in metrics.jsonl); 'stop' ends the run: before the round that tripped it is trained on, with the last round's checkpoint (length, markers, canary), or after it, with its checkpoint, naming the one before (kl, judge_gap); 'off' checks nothing.")
     length_ratio: float = _f(2.0, "Trips when a round's mean response length is more than this many times the run's first round's, or less than 1/this of it: a length rule or a length-biased judge being exploited. 0: off.")
     marker_rate: float = _f(0.05, "Trips when more than this share of a round's responses carry judge markers (annotate/injection_rate): the policy is learning to write to its judge. 0: off.")
     canary_drop: float = _f(0.2, "Trips when judge/canary_accuracy falls more than this below the run's first canary check: the judge itself changed. 0: off.")
+    kl_max: float = _f(10.0, "Trips when a round's train/kl_to_ref (nats per response, the KL to the start along its sampled responses) exceeds this: the policy moved far from its start (it grows with response length: set it for yours). Read after the round is trained. 0: off.")
+    judge_gap: float = _f(0.2, "Trips when the training judge's win rate against the start (eval/train_judge_win_rate, or the live one) exceeds the independent judge's (eval.annotate) by more than this on the same held-out answers: the policy pleases its judge, not the other. Needs eval.annotate and eval.train_judge. 0: off.")
 
     def problems(self) -> list[str]:
         errors = [f"alarms.{k}: must be >= 0 (0: off), got {v}" for k, v in
-                  {"marker_rate": self.marker_rate, "canary_drop": self.canary_drop}.items() if v < 0]
+                  {"marker_rate": self.marker_rate, "canary_drop": self.canary_drop, "kl_max": self.kl_max,
+                   "judge_gap": self.judge_gap}.items() if v < 0]
         if self.length_ratio and self.length_ratio <= 1:
             errors.append(f"alarms.length_ratio: must be > 1 (or 0: off), got {self.length_ratio}")
         return errors

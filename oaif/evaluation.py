@@ -181,8 +181,13 @@ def format_summary(m: dict) -> str:
 class Evaluator:
     """In-loop evaluation: the baseline's responses are made once; every evaluation samples
     the policy from the running engine (which holds the last sync) and judges both orders."""
-    def __init__(self, cfg: RunConfig, run_dir: Path, annotator: Annotator, baseline: list[Response]):
+    def __init__(self, cfg: RunConfig, run_dir: Path, annotator: Annotator, baseline: list[Response],
+                 training: Annotator | None = None):
+        """training: the judge the policy trains on, when it is not `annotator` and
+        eval.train_judge is on: it grades the same pairs, so the two win rates can be set side
+        by side (the hacking panel, alarms.judge_gap)."""
         self.cfg, self.run_dir, self.annotator, self.baseline = cfg, run_dir, annotator, baseline
+        self.training = training
         self.prompts = [p for p in eval_prompts(cfg) if p.id in {r.prompt_id for r in baseline}]
 
     def due(self, round: int) -> bool:
@@ -197,6 +202,7 @@ class Evaluator:
             response_kl_of(trainer.policy, trainer.reference, policy, tokenizer.pad_token_id)
         records, metrics = compare(self.annotator, policy, self.baseline, kl, round, policy_version,
                                    eval_annotator_config(self.cfg).annotate.missing_eos_penalty)
+        metrics |= self.by_training_judge(records, policy, self.baseline, round, policy_version, "eval/train_judge")
         write_jsonl(self.run_dir / "eval" / f"round_{round:06d}.jsonl", records)
         crash_point("evaluate")
         return summarize(records, self.cfg.eval.bootstrap, self.cfg.seed) | metrics
@@ -210,12 +216,32 @@ class Evaluator:
         prompts = (self.prompts * 2)[start:start + n]
         ids = {p.id for p in prompts}
         policy = respond(engine, tokenizer, prompts, self.cfg)
-        records, _ = compare(self.annotator, policy, [r for r in self.baseline if r.prompt_id in ids], None, round,
-                             policy_version, eval_annotator_config(self.cfg).annotate.missing_eos_penalty)
+        baseline = [r for r in self.baseline if r.prompt_id in ids]
+        records, _ = compare(self.annotator, policy, baseline, None, round, policy_version,
+                             eval_annotator_config(self.cfg).annotate.missing_eos_penalty)
+        training = self.by_training_judge(records, policy, baseline, round, policy_version,
+                                          "eval/live_train_judge")
         write_jsonl(self.run_dir / "eval" / f"live_{round:06d}.jsonl", records)
         full = summarize(records, self.cfg.eval.bootstrap, self.cfg.seed)
         return {"eval/live_win_rate": full["eval/win_rate_vs_ref"], "eval/live_win_rate_ci_low": full["eval/win_rate_ci_low"],
-                "eval/live_win_rate_ci_high": full["eval/win_rate_ci_high"], "eval/live_prompts": len(records)}
+                "eval/live_win_rate_ci_high": full["eval/win_rate_ci_high"], "eval/live_prompts": len(records),
+                **training}
+
+    def by_training_judge(self, records: list[dict], policy: list[Response], baseline: list[Response], round: int,
+                          policy_version: int, prefix: str) -> dict:
+        """The training judge's verdicts on the pairs `records` hold (added to each record as
+        train_judge_outcome) and its win rate, {prefix}_win_rate with its interval; nothing
+        when there is no separate training judge."""
+        if self.training is None:
+            return {}
+        theirs, _ = compare(self.training, policy, baseline, None, round, policy_version,
+                            self.cfg.annotate.missing_eos_penalty)
+        for record, other in zip(records, theirs):
+            record["train_judge_outcome"] = other["outcome"]
+        full = summarize(theirs, self.cfg.eval.bootstrap, self.cfg.seed)
+        return {f"{prefix}_win_rate": full["eval/win_rate_vs_ref"],
+                f"{prefix}_win_rate_ci_low": full["eval/win_rate_ci_low"],
+                f"{prefix}_win_rate_ci_high": full["eval/win_rate_ci_high"]}
 
 
 def response_kl_of(policy, reference, responses: list[Response], pad_id: int) -> list[float]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from oaif.alarms import AlarmStop, Trip, tripped
+from oaif.alarms import AFTER_TRAINING, BEFORE_TRAINING, AlarmStop, Trip, tripped
 from oaif.annotate.backends import with_python_annotator
 from oaif.annotate.base import close_annotator
 from oaif.annotate.judge import Judged, label_mass_warning
@@ -65,7 +65,9 @@ class Loop:
         self.evaluator: Evaluator | None = None   # eval.every / live_prompts: the policy against its start, held out
         self.index = 0        # the round in progress, or the next one
         self.metrics: dict = {}   # the stages' metrics of the round in progress (scripts calling them)
-        self.lost: ServerGone | None = None   # a server lost at the sync: the run stops after that round
+        # The run stops once this round is written and checkpointed: a server lost at the sync,
+        # an alarm read after training (alarms.action=stop).
+        self.halt: RunStopped | None = None
         self._rounds = None
 
     @property
@@ -182,6 +184,8 @@ class Loop:
         engine, version = self.generator.engine, self.policy_version
         metrics = self.evaluator.live(engine, self.tokenizer, index, version) if live else \
             self.evaluator(engine, self.tokenizer, self.trainer, index, version)
+        if self.judge.annotator is not None:   # the training judge's eval calls (eval.train_judge) are not a round's
+            self.judge.totals = dict(self.judge.annotator.stats)
         return metrics | {"eval/live_seconds" if live else "eval/seconds": time.perf_counter() - t0}
 
     @contextlib.contextmanager
@@ -217,7 +221,7 @@ class Loop:
                 result = self._round(index, prompts, upcoming if index + 1 < cfg.rounds else None)
                 metrics = result.metrics
                 wanted = self.callbacks.stop_wanted(metrics, self)
-                stopping = stop_agreed(bool(stop) or wanted, run.accelerator) or self.lost is not None
+                stopping = stop_agreed(bool(stop) or wanted, run.accelerator) or self.halt is not None
                 checkpointed = run.finish(cfg, index, self.trainer, metrics, last=index == cfg.rounds - 1 or stopping,
                                           extra=self._extra)
                 self.out.round_done(metrics, result.table, [
@@ -226,9 +230,8 @@ class Loop:
                     *([f"  {w}"] if index == first and (w := label_mass_warning(metrics)) else [])])
                 lengths.append(metrics["generate/mean_length"])
                 self.index, self.metrics = index + 1, {}
-                if self.lost is not None:
-                    raise ServerGone(f"{self.lost}. Round {index} is trained and its checkpoint written; start the "
-                                     f"server again, then `oaif resume {run.path}`")
+                if self.halt is not None:
+                    raise self.halt
                 yield metrics
                 if stopping and index < cfg.rounds - 1:
                     self._stopped(stop.signal or ("a callback (oaif.STOP)" if wanted else "a signal to another rank"))
@@ -264,13 +267,14 @@ class Loop:
             raise self._stopped_before(index, e, "start the server again")
         self.metrics = result.metrics   # every rank sees rank 0's
         self._stop_if_mostly_invalid(index)
-        self._check_alarms(index)
+        self.metrics |= self._check_alarms(index, self.metrics, BEFORE_TRAINING)
         if result.judged.pairs:
             self.train(result.judged.pairs)
             try:
                 self.sync()
             except ServerGone as e:   # the round is trained: _run_rounds ends it (checkpoint), then stops
-                self.lost = e
+                self.halt = ServerGone(f"{e}. Round {index} is trained and its checkpoint written; start the "
+                                       f"server again, then `oaif resume {self.run.path}`")
         seconds = time.perf_counter() - t0
         # Time in no stage: writing the round's records, moving pairs between ranks.
         overhead = seconds - sum(self.metrics.get(f"{s}/seconds", 0.0) for s in ("generate", "annotate", "train",
@@ -282,6 +286,7 @@ class Loop:
             result.metrics |= self.evaluate(index)
         elif self.evaluator is not None and self.cfg.eval.live_prompts:
             result.metrics |= self.evaluate(index, live=True)
+        result.metrics |= self._check_alarms(index, result.metrics, AFTER_TRAINING)
         return result
 
     def _sample_and_judge(self, index: int, prompts: list[Prompt], upcoming: list[Prompt] | None) -> Round:
@@ -309,27 +314,36 @@ class Loop:
         if why is not None:
             raise self._stopped_before(index, TooManyInvalid(why), "fix the judge")
 
-    def _check_alarms(self, index: int) -> None:
-        """alarms.*: round `index`'s metrics against the run's so far, before it is trained on
-        (oaif/alarms.py). Every trip is recorded, an alarm's first in the run is printed, and
-        with alarms.action=stop the run ends with the last round's checkpoint. Every rank sees
-        rank 0's trips."""
+    def _check_alarms(self, index: int, metrics: dict, checks) -> dict:
+        """alarms.*: round `index`'s metrics against the run's so far (oaif/alarms.py), the
+        checks read before it is trained on or after; returns alarms/* for its metrics. Every
+        trip is recorded and an alarm's first in the run printed. alarms.action=stop: before
+        training, the run ends now with the last round's checkpoint; after, once the round is
+        written with its checkpoint (self.halt). Every rank sees rank 0's trips."""
         def check() -> tuple[list[Trip], set[str]]:
             history = self.run.metrics_rows()
-            trips = tripped(self.cfg.alarms, index, self.metrics, history)
+            trips = tripped(self.cfg.alarms, index, metrics, history, checks)
             if trips:
                 self.run.alarms(index, [t.record() for t in trips])
             return trips, {key for row in history for key in row if key.startswith("alarms/")}
 
         trips, earlier = on_main(self.run.accelerator, check)
-        self.metrics |= {f"alarms/{t.alarm}": 1 for t in trips}
         for t in trips:
             if f"alarms/{t.alarm}" not in earlier:
                 self.out.line(f"  {t.line()}" + ("" if self.cfg.alarms.action == "stop" else
                                                  f"; later trips only in metrics.jsonl (alarms/{t.alarm})"))
         if trips and self.cfg.alarms.action == "stop":
-            raise self._stopped_before(index, AlarmStop("; ".join(t.line() for t in trips)),
-                                       "read those rounds' samples (oaif report), then change the judge or the bound")
+            why = "; ".join(t.line() for t in trips)
+            fix = "read those rounds' samples (oaif report), then change the judge or the bound"
+            if checks == BEFORE_TRAINING:
+                raise self._stopped_before(index, AlarmStop(why), fix)
+            kept = self.run.path / "checkpoints"
+            before = [p for p in sorted(kept.glob("round_*")) if p.name < f"round_{index:06d}"]
+            self.halt = AlarmStop(
+                f"{why}. Round {index} is trained and its checkpoint written (the policy that tripped it); {fix}, then "
+                + (f"`oaif resume {self.run.path} --checkpoint {before[-1]}` goes on from the last one before it"
+                   if before else f"start again: no checkpoint before round {index} is kept"))
+        return {f"alarms/{t.alarm}": 1 for t in trips}
 
     def _stopped_before(self, index: int, error: RunStopped, fix: str) -> RunStopped:
         """`error`, saying how to go on: nothing of round `index` was trained, so the last

@@ -121,4 +121,5 @@ def start_evaluator(cfg: RunConfig, run: RunDir, generator: Generator, judge: An
     baseline = baseline_responses(cfg, run.path, generator.engine, generator.tokenizer, fresh=run.resume_from is None)
     annotator = judge.annotator if cfg.eval.annotate is None else build_annotator(eval_annotator_config(cfg))
     startup["startup/eval_seconds"] = time.perf_counter() - t0
-    return Evaluator(cfg, run.path, annotator, baseline)
+    training = judge.annotator if annotator is not judge.annotator and cfg.eval.train_judge else None
+    return Evaluator(cfg, run.path, annotator, baseline, training)

@@ -87,9 +87,11 @@ def test_plots_hold_the_runs_metrics(run_dir, tmp_path):
     drawn = make_plots(metrics, tmp_path)
     keys = {s.key for p in PLOTS for _, series in p.panels for s in series}
     billed = {"judge/tokens_per_pair", "judge/cost_per_pair"}   # API judges only: the rules judge bills nothing
-    live = {"eval/live_win_rate"}   # eval.live_prompts is off in this run (tests/test_live_eval.py draws it)
-    assert {k for lines in drawn.values() for k in lines} == keys - billed - live
-    assert not any(k in m for m in metrics for k in billed | live)
+    live = {"eval/live_win_rate", "eval/live_train_judge_win_rate"}   # eval.live_prompts is off in this run
+    # eval.annotate is not set: no second judge (tests/test_alarms.py draws the training judge's win rate).
+    training_judge = {"eval/train_judge_win_rate"}
+    assert {k for lines in drawn.values() for k in lines} == keys - billed - live - training_judge
+    assert not any(k in m for m in metrics for k in billed | live | training_judge)
     for lines in drawn.values():
         for key, line in lines.items():
             assert line["x"] == rounds
@@ -109,7 +111,8 @@ def test_missing_metrics_are_gaps_and_absent_plots_are_skipped(tmp_path):
              "annotate/order_agreement": 0.5}]
     drawn = make_plots(rows, tmp_path)
     files = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert sorted(drawn) == files == ["annotator.png", "eval.png", "length.png", "loss.png"]
+    assert sorted(drawn) == files == ["annotator.png", "eval.png", "hacking.png", "length.png", "loss.png"]
+    assert list(drawn["hacking.png"]) == ["eval/win_rate_vs_ref", "generate/mean_length"]
     assert same_values(drawn["loss.png"]["train/loss"]["y"], [0.69, None, 0.61])   # no pairs in round 1: a gap
     assert list(drawn["annotator.png"]) == ["annotate/order_agreement"]              # only the series it has
     assert same_values(drawn["annotator.png"]["annotate/order_agreement"]["y"], [1.0, None, 0.5])
@@ -192,8 +195,8 @@ def test_errors_name_the_folder_and_the_report_is_replaced_whole(tmp_path, monke
     report = write_report(run)
     (report.parent / "stale.png").write_text("from an earlier report")   # one oaif wrote: in its marker
     marker = report.parent / ".oaif-output"
-    marker.write_text(json.dumps({**json.loads(marker.read_text()), "entries": ["length.png", "report.html",
-                                                                              "stale.png"]}))
+    written = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**written, "entries": [*written["entries"], "stale.png"]}))
     before = report.read_text()
     monkeypatch.setattr("oaif.pipeline.report.page", lambda *a: 1 / 0)
     with pytest.raises(ZeroDivisionError):
@@ -202,5 +205,6 @@ def test_errors_name_the_folder_and_the_report_is_replaced_whole(tmp_path, monke
                                                                                        "report"]
     monkeypatch.undo()
     write_report(run)   # a whole new report: nothing of the old one is left
-    assert sorted(p.name for p in (run / "report").iterdir()) == [".oaif-output", "length.png", "report.html"]
+    assert sorted(p.name for p in (run / "report").iterdir()) == [".oaif-output", "hacking.png", "length.png",
+                                                                  "report.html"]
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl", "report"]

@@ -41,20 +41,27 @@ class Plot:
     file: str
     title: str
     panels: tuple[tuple[str, tuple[Series, ...]], ...]   # (y-axis label, series) per panel, stacked
+    section: str                            # the page's heading it is shown under (SECTIONS)
     reference: float | None = None          # a dashed horizontal line (0.5: no better than the start)
 
 
+SECTIONS = ("Training", "Judge", "Hacking", "Evaluation")
+TRAINING, JUDGE, HACKING, EVALUATION = SECTIONS
+
 PLOTS = (
-    Plot("length.png", "Mean response length", (("tokens", (Series("generate/mean_length", "mean length"),)),)),
-    Plot("loss.png", "Training loss", (("loss", (Series("train/loss", "loss"),)),)),
+    Plot("length.png", "Mean response length", (("tokens", (Series("generate/mean_length", "mean length"),)),),
+         TRAINING),
+    Plot("loss.png", "Training loss", (("loss", (Series("train/loss", "loss"),)),), TRAINING),
     Plot("reward.png", "Implicit reward: accuracy and margin", (
         ("accuracy", (Series("train/reward_accuracy", "reward accuracy"),)),
-        ("margin", (Series("train/reward_margin", "reward margin"),)))),
-    Plot("kl.png", "KL to the reference (sampled pairs)", (("nats", (Series("train/kl_to_ref", "KL to ref"),)),)),
+        ("margin", (Series("train/reward_margin", "reward margin"),))), TRAINING),
+    Plot("kl.png", "KL to the reference (sampled pairs)", (("nats", (Series("train/kl_to_ref", "KL to ref"),)),),
+         TRAINING),
+    Plot("throughput.png", "Throughput", (("kept pairs / s", (Series("round/pairs_per_s", "pairs/s"),)),), TRAINING),
     Plot("annotator.png", "Annotator: both-orders agreement and position bias", (("share of pairs / answers", (
         Series("annotate/order_agreement", "order agreement"),
         Series("annotate/invalid_rate", "invalid rate"),
-        Series("annotate/first_position_rate", "first-position rate"))),)),
+        Series("annotate/first_position_rate", "first-position rate"))),), JUDGE),
     # How the judge decides (oaif/annotate/judge.py judge_health); the cost panels only for API judges.
     Plot("judge.png", "Judge: flips with the order, ties, length preference, cost", (
         ("share", (Series("judge/flip_rate", "flip rate (of decisive pairs)"),
@@ -62,17 +69,28 @@ PLOTS = (
                    Series("judge/longer_chosen_rate", "longer chosen (kept pairs)"))),
         ("ΔP(A better) / 100 tokens", (Series("judge/length_slope", "length slope"),)),
         ("tokens / kept pair", (Series("judge/tokens_per_pair", "API tokens per pair"),)),
-        ("cost / kept pair", (Series("judge/cost_per_pair", "cost per pair"),)))),
+        ("cost / kept pair", (Series("judge/cost_per_pair", "cost per pair"),))), JUDGE),
     # annotate.canary: labelled pairs re-judged every N rounds (points only on those rounds).
     Plot("judge_canary.png", "Judge: canary pairs (labelled, re-judged without the cache)", (("share of canary pairs", (
         Series("judge/canary_accuracy", "canary accuracy"),
-        Series("judge/canary_change", "verdict changed since the first check"))),)),
-    Plot("throughput.png", "Throughput", (("kept pairs / s", (Series("round/pairs_per_s", "pairs/s"),)),)),
+        Series("judge/canary_change", "verdict changed since the first check"))),), JUDGE),
+    # Is the policy gaming its judge? The judge it trains on against the independent one on the
+    # same held-out answers (eval.train_judge), and how far it moved: KL and length.
+    Plot("hacking.png", "Hacking: the training judge against the independent one, KL, length", (
+        ("win rate vs start", (
+            Series("eval/train_judge_win_rate", "training judge", ("eval/train_judge_win_rate_ci_low",
+                                                                   "eval/train_judge_win_rate_ci_high")),
+            Series("eval/win_rate_vs_ref", "independent judge", ("eval/win_rate_ci_low", "eval/win_rate_ci_high")),
+            Series("eval/live_train_judge_win_rate", "training judge, live slice"),
+            Series("eval/live_win_rate", "independent judge, live slice"))),
+        ("nats", (Series("train/kl_to_ref", "KL to start (sampled)"), Series("eval/kl_to_ref", "KL to start (held out)"))),
+        ("tokens", (Series("generate/mean_length", "mean length (sampled)"),
+                    Series("eval/mean_length", "mean length (held out)")))), HACKING, reference=0.5),
     Plot("eval.png", "Held-out evaluation against the start", (("win rate", (
         Series("eval/win_rate_vs_ref", "win rate (95% interval)", ("eval/win_rate_ci_low", "eval/win_rate_ci_high")),
         Series("eval/live_win_rate", "live win rate, a slice of the prompts (95% interval)",
                ("eval/live_win_rate_ci_low", "eval/live_win_rate_ci_high")),
-        Series("eval/lc_win_rate_vs_ref", "length-controlled win rate"))),), reference=0.5),
+        Series("eval/lc_win_rate_vs_ref", "length-controlled win rate"))),), EVALUATION, reference=0.5),
 )
 
 
@@ -248,8 +266,14 @@ summary { cursor: pointer; font-weight: bold; margin: 0.4em 0; }
 def page(name: str, rows: list[dict], config_text: str, images: dict[str, bytes], run_dir: Path,
          pairs_per_round: int) -> str:
     """The whole HTML page. Rounds fold with <details> (native HTML, no script needed)."""
-    figures = "".join(f'<img alt="{esc(file)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
-                      for file, data in images.items())
+    alarms = "".join(f"<li>{esc(line)}</li>" for line in alarm_lines(run_dir))
+    sections = []
+    for section in SECTIONS:   # a heading per section that has a plot; the alarms above the hacking plots
+        figures = "".join(f'<img alt="{esc(p.file)}" src="data:image/png;base64,{base64.b64encode(images[p.file]).decode()}">'
+                          for p in PLOTS if p.section == section and p.file in images)
+        listed = f"<h3>Alarms</h3><ul>{alarms}</ul>" if section == HACKING and alarms else ""
+        if figures or listed:
+            sections.append(f'<h2>{section}</h2>\n{listed}<div class="plots">{figures}</div>\n')
     rounds = []
     for row in rows:
         shown, total = round_pairs(run_dir / "rounds" / f"{row['round']:06d}", pairs_per_round)
@@ -257,11 +281,10 @@ def page(name: str, rows: list[dict], config_text: str, images: dict[str, bytes]
                 f"{fmt(row.get('generate/mean_length'), '.1f')} · showing {len(shown)} of {total} pairs")
         rounds.append(f'<details{" open" if not rounds else ""}><summary>{esc(head)}</summary>'
                       f'{"".join(pair_html(*p) for p in shown)}</details>')
-    alarms = "".join(f"<li>{esc(line)}</li>" for line in alarm_lines(run_dir))
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(name)} · oaif report</title>'
             f'<style>{STYLE}</style></head><body>\n<h1>{esc(name)}</h1>\n<p class="summary">{esc(summary(rows))}</p>\n'
             f'{"<h2>Alarms</h2><ul>" + alarms + "</ul>" if alarms else ""}\n'
-            f'<h2>Metrics per round</h2>\n<div class="plots">{figures}</div>\n'
+            f'{"".join(sections)}'
             f'<h2>Sample pairs</h2>\n{"".join(rounds)}\n'
             f'<h2>Config</h2>\n<pre>{esc(config_text)}</pre>\n</body></html>\n')
 
