@@ -154,6 +154,7 @@ class AnnotateConfig:
         "consecutive", "How a prompt's generate.samples_per_prompt responses are compared, each comparison in both orders: 'consecutive' pairs (0,1), (2,3), ... (OAIF, n = 2); 'round_robin' every pair, n(n-1)/2 comparisons, ranked by summed P(better); 'knockout' single elimination for best and worst, about 1.5n comparisons (oaif/annotate/ranking.py).")
     pairs: Literal["best_worst", "all"] = _f(
         "best_worst", "round_robin / knockout: train on one pair per prompt, best against worst, kept when that comparison agreed (Self-Rewarding, online iterative RLHF), or on 'all' agreeing comparisons (RRHF-style).")
+    length_debias_window: int = _f(0, "oaif run: fit the judge's preference for length over the last N judged pairs (this round's included) and take it off every answer before the orders are combined (oaif/annotate/length.py, after AlpacaEval's length control), so a verbose- or terse-biased judge stops steering length on its own; judge/length_effect records the fitted effect. For judges that answer with a probability (LLM label probabilities, reward models, your function); a resume refills the window from the run's judgments. 0: off.")
     missing_eos_penalty: float = _f(0.0, "Subtract this from the judge's logit for a response cut off by generate.max_new_tokens (no EOS), in both orders; e.g. 20 makes a truncated response lose to a finished one. 0: off.")
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
     canary: CanaryConfig = field(default_factory=CanaryConfig)
@@ -164,6 +165,8 @@ class AnnotateConfig:
         errors = []
         if not 0 <= self.max_invalid_rate <= 1:
             errors.append(f"{where}.max_invalid_rate: must be in [0, 1], got {self.max_invalid_rate}")
+        if self.length_debias_window < 0:
+            errors.append(f"{where}.length_debias_window: must be >= 0 (0: off), got {self.length_debias_window}")
         if self.missing_eos_penalty < 0:
             errors.append(f"{where}.missing_eos_penalty: must be >= 0, got {self.missing_eos_penalty}")
         if self.labels[0] == self.labels[1]:

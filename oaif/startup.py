@@ -98,7 +98,7 @@ def start_parts(cfg: RunConfig, run: RunDir, judge: AnnotateStage, state: dict |
                 engines.append(open_policy_engine(cfg, max_model_len, run.path / "adapters", launched))
             else:
                 engines[0].wait_built()   # async_rounds: its own process, built meanwhile
-            judge.open(cfg)
+            judge.open(cfg, run.path if run.resume_from else None)
 
         on_main(run.accelerator, open_engine)
         startup["startup/engine_seconds"] = time.perf_counter() - t0

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from oaif.annotate.base import Annotator, JudgeRequest, has_markers, leaf_annotators, principles_for
+from oaif.annotate.length import LengthDebias, length_point
 from oaif.records import Judgment, OrderResult, PreferencePair, Sample, Verdict
 
 
@@ -37,14 +38,18 @@ def aggregate(p_a_first: float | None, p_b_first: float | None) -> tuple[Verdict
     return {1: "a", -1: "b", 0: "tie"}[leans[0]], p_a
 
 
-def penalize_missing_eos(p_a_first: float | None, p_b_first: float | None, a: Sample, b: Sample,
-                         penalty: float) -> tuple[float | None, float | None]:
-    """Move both orders' answers against a response cut off by the length limit (no EOS).
+def eos_shift(a: Sample, b: Sample, penalty: float) -> float:
+    """annotate.missing_eos_penalty: the logit taken from a response cut off by the length
+    limit (no EOS), as a's shift (TRL's missing_eos_penalty, on a pairwise judge): a large
+    penalty (e.g. 20) makes a truncated response lose to a finished one whatever the judge
+    said; equal fates (both or neither truncated) change nothing."""
+    return penalty * ((a.finish_reason == "length") - (b.finish_reason == "length"))
 
-    The penalty is subtracted from that response's logit (TRL's missing_eos_penalty, on a
-    pairwise judge): a large one (e.g. 20) makes a truncated response lose to a finished one
-    whatever the judge said; equal fates (both or neither truncated) change nothing."""
-    shift = penalty * ((a.finish_reason == "length") - (b.finish_reason == "length"))  # > 0: a is penalised
+
+def shift_orders(p_a_first: float | None, p_b_first: float | None, shift: float
+                 ) -> tuple[float | None, float | None]:
+    """Both orders' answers with `shift` taken off a's logit (given to b's): what the missing-EOS
+    penalty and the length debias (oaif/annotate/length.py) remove from a verdict."""
     if not shift or p_a_first is None or p_b_first is None:
         return p_a_first, p_b_first
 
@@ -62,8 +67,9 @@ class Judged:
 
 
 def judge_pairs(annotator: Annotator, pairs: list[tuple[Sample, Sample]], round: int, policy_version: int,
-                missing_eos_penalty: float = 0.0) -> Judged:
-    """All pairs' both-order requests go to the backend in one call (one batch for vLLM)."""
+                missing_eos_penalty: float = 0.0, debias: LengthDebias | None = None) -> Judged:
+    """All pairs' both-order requests go to the backend in one call (one batch for vLLM).
+    debias: annotate.length_debias_window's fit, given these answers, then taken off them."""
     todo = [i for i, (a, b) in enumerate(pairs) if a.text != b.text]
     requests = []
     for i in todo:
@@ -76,6 +82,10 @@ def judge_pairs(annotator: Annotator, pairs: list[tuple[Sample, Sample]], round:
         raise RuntimeError(f"annotator {annotator.identity.backend} returned {len(answers)} answers for {len(requests)} requests")
     by_pair = {i: (answers[2 * k], answers[2 * k + 1]) for k, i in enumerate(todo)}
     asked = {i: requests[2 * k] for k, i in enumerate(todo)}   # the a-first request of each judged pair
+    lengths = [[len(a.token_ids), len(b.token_ids)] for a, b in pairs]
+    if debias is not None:
+        debias.observe([point for i, (first, second) in by_pair.items()
+                        if (point := length_point(first.p_first, second.p_first, lengths[i])) is not None])
 
     who = annotator.identity
     sampling = [j.constitution for j in leaf_annotators(annotator)
@@ -86,7 +96,8 @@ def judge_pairs(annotator: Annotator, pairs: list[tuple[Sample, Sample]], round:
             first, second = by_pair[i]
             orders = [OrderResult("a", first.p_first, first.raw, first.label_mass),
                       OrderResult("b", second.p_first, second.raw, second.label_mass)]
-            verdict, p_a = aggregate(*penalize_missing_eos(first.p_first, second.p_first, a, b, missing_eos_penalty))
+            shift = eos_shift(a, b, missing_eos_penalty) + (debias.shift(lengths[i][0] - lengths[i][1]) if debias else 0)
+            verdict, p_a = aggregate(*shift_orders(first.p_first, second.p_first, shift))
         else:
             orders, verdict, p_a = [], "identical", None
         judgments.append(Judgment(
@@ -95,7 +106,7 @@ def judge_pairs(annotator: Annotator, pairs: list[tuple[Sample, Sample]], round:
             constitution_hash=who.constitution_hash, template_hash=who.template_hash,
             orders=orders, p_a=p_a, verdict=verdict,
             principles=[principles_for(c, asked[i])[0] for c in sampling] if i in asked else [],
-            lengths=[len(a.token_ids), len(b.token_ids)]))
+            lengths=lengths[i]))
         if verdict in ("a", "b"):
             chosen, rejected = (a, b) if verdict == "a" else (b, a)
             kept.append(PreferencePair(
@@ -168,7 +179,7 @@ def judge_health(judgments: list[Judgment]) -> dict[str, float | None]:
 
     A comparison is valid when both orders were answered; each order then leans to a, to b,
     or to neither (exactly 0.5), read as `aggregate` reads it, from the judge's own answers
-    (before annotate.missing_eos_penalty moves them).
+    (before annotate.missing_eos_penalty or the length debias moves them).
       tie_rate            valid comparisons with no preference in at least one order.
       flip_rate           of the decisive ones (valid, a preference in both orders), those
                           whose verdict flips with the order: the same position preferred in
@@ -185,7 +196,7 @@ def judge_health(judgments: list[Judgment]) -> dict[str, float | None]:
     flips = sum(first != second for first, second in decisive)   # the same position preferred in both
     kept = [j for j in judgments if j.verdict in ("a", "b") and len(j.lengths) == 2 and j.lengths[0] != j.lengths[1]]
     longer = sum((j.lengths[0] > j.lengths[1]) == (j.verdict == "a") for j in kept)
-    points = [((j.lengths[0] - j.lengths[1]) / 100, (p1 + p2) / 2) for j, p1, p2 in p_a if len(j.lengths) == 2]
+    points = [(d / 100, p_a) for d, p_a in filter(None, (length_point(p["a"], p["b"], j.lengths) for j, p in valid))]
     return {
         "judge/tie_rate": ratio(len(valid) - len(decisive), len(valid)),
         "judge/flip_rate": ratio(flips, len(decisive)),

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from oaif.annotate.base import Annotator
+from oaif.annotate.length import LengthDebias
 from oaif.annotate.judge import Judged, judge_pairs
 from oaif.records import Judgment, PreferencePair, Sample
 
@@ -70,15 +71,16 @@ def winner(judgment: Judgment) -> int:
 
 
 def rank_groups(annotator: Annotator, groups: list[list[Sample]], ranking: str, pairs: str, round: int,
-                policy_version: int, missing_eos_penalty: float = 0.0) -> tuple[Judged, list[Ranking]]:
+                policy_version: int, missing_eos_penalty: float = 0.0, debias: LengthDebias | None = None
+                ) -> tuple[Judged, list[Ranking]]:
     """Judge each group of samples under `ranking`; (every comparison and the pairs to train
-    on, per-prompt rankings: empty for consecutive)."""
+    on, per-prompt rankings: empty for consecutive). debias: as judge_pairs'."""
     results: dict[Key, Result] = {}   # every comparison so far, in the order judged
 
     def judge(keys: list[Key]) -> None:
         """One call to the backend for these comparisons (both orders each)."""
         judged = judge_pairs(annotator, [(groups[k][a], groups[k][b]) for k, a, b in keys], round, policy_version,
-                             missing_eos_penalty)
+                             missing_eos_penalty, debias)
         agreeing = iter(judged.pairs)   # one kept pair per agreeing judgment, in order
         for key, j in zip(keys, judged.judgments):
             results[key] = (j, next(agreeing) if j.verdict in ("a", "b") else None)

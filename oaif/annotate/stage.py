@@ -12,8 +12,15 @@ from oaif.annotate.judge import Judged, injection_attempts, judge_health, judgme
 from oaif.annotate.ranking import Ranking, rank_groups
 from oaif.annotate.backends import build_annotator, reload_constitutions
 from oaif.annotate.files import load_canary
+from oaif.annotate.length import LengthDebias, length_point
 from oaif.config import AnnotateConfig, RunConfig, RunStopped
-from oaif.records import Sample
+from oaif.records import Sample, read_jsonl
+
+
+def answers(judgment: dict) -> tuple[float | None, float | None]:
+    """A recorded judgment's raw P(first better) with a first, then with b first."""
+    by_first = {o["first"]: o["p_first"] for o in judgment["orders"]}
+    return by_first.get("a"), by_first.get("b")
 
 
 class TooManyInvalid(RunStopped):
@@ -30,9 +37,14 @@ class AnnotateStage:
         self.totals: dict = {}                      # annotator.stats at the end of the last call
         self.refused: dict[Path, set[str]] = {}     # constitution versions refused by a reload
         self.canary = load_canary(cfg)              # None: annotate.canary is off (a bad file fails now)
+        self.debias = LengthDebias(cfg.length_debias_window) if cfg.length_debias_window else None
 
-    def open(self, cfg: RunConfig) -> None:
+    def open(self, cfg: RunConfig, run_dir: Path | None = None) -> None:
+        """run_dir: a resumed run's, whose judgments refill the length debias's window."""
         self.annotator = build_annotator(cfg, self.python)
+        if self.debias is not None and run_dir is not None:
+            self.debias.observe([point for f in sorted(run_dir.glob("rounds/*/judgments.jsonl")) for j in read_jsonl(f)
+                                 if (point := length_point(*answers(j), j.get("lengths", []))) is not None])
 
     def reload(self) -> list[str]:
         """annotate.reload_constitution: what changed, for the log."""
@@ -46,7 +58,7 @@ class AnnotateStage:
         # Records name the policy that drew the samples (with async_rounds, one update before now).
         drawn_by = groups[0][0].policy_version if groups else policy_version
         judged, rankings = rank_groups(self.annotator, groups, a.ranking, a.pairs, index, drawn_by,
-                                       a.missing_eos_penalty)
+                                       a.missing_eos_penalty, self.debias)
         # Candidate pairs: every comparison, or one per prompt (best against worst).
         candidates = len(judged.judgments) if a.ranking == "consecutive" or a.pairs == "all" else len(groups)
         canary = self.canary.check(self.annotator) if self.canary and self.canary.due(index) else {}
@@ -57,7 +69,8 @@ class AnnotateStage:
                    "annotate/injection_attempts": (markers := injection_attempts(self.annotator, texts)),
                    "annotate/injection_rate": markers / len(texts) if texts else None,
                    **{f"annotate/{k}": v for k, v in spent.items()},
-                   **judge_health(judged.judgments), **spend_metrics(spent, len(judged.pairs)), **canary}
+                   **judge_health(judged.judgments), **spend_metrics(spent, len(judged.pairs)), **canary,
+                   **({"judge/length_effect": self.debias.effect} if self.debias else {})}
         self.totals = totals   # the next call counts from here: the metrics are this call's share
         return judged, rankings, metrics
 
