@@ -28,6 +28,7 @@ import json
 import math
 import re
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # results.py, beside this file
@@ -163,12 +164,16 @@ def debias(seeds: int) -> dict:
             "arms": arms}
 
 
-def write(out: Path) -> Path:
-    """results.md from every scenario stored in `out`."""
+def made(s: dict) -> str:
+    """How a scenario's stored result was made: its command, minutes and CPU."""
+    return f"_`{s.get('command', '?')}`, {fmt(s.get('minutes'), '.1f')} min on {s['cpu']}._"
+
+
+def write(out: Path, res: Results) -> Path:
+    """results.md from every scenario stored in `out` (res: made when the invocation began, for its time)."""
     stored = {name: json.loads((out / f"{name}.json").read_text()) for name in SCENARIOS
               if (out / f"{name}.json").is_file()}
     cpus = sorted({s["cpu"] for s in stored.values()})   # scenarios run apart may come from other machines
-    res = Results(out, "Watching the judge and the policy while it trains")
     res.add(f"CPU: {'; '.join(cpus)}{' (scenarios from different machines: compare rounds, not times)' if len(cpus) > 1 else ''}. Each scenario is one run with a judge that goes wrong in a known way; "
             "alarms at their defaults (`alarms.*`, action warn: every trip recorded, the run goes on).")
     rows = []
@@ -183,14 +188,14 @@ def write(out: Path) -> Path:
             if name in stored:
                 r = stored[name]["rounds"]
                 keys = [k for k in r if k != "round"]
-                res.add(f"`{name}`, per round:\n\n" + table(["round", *keys], [list(x) for x in zip(*r.values())]))
+                res.add(f"`{name}`, per round ({made(stored[name])[1:-1]}):\n\n" + table(["round", *keys], [list(x) for x in zip(*r.values())]))
     if "concise_high_lr" in stored:
         s = stored["concise_high_lr"]
         r = s["rounds"]
         res.add("## Reward hacking: the concise rule alone at a high learning rate\n\n"
                 f"`{s['config']}`: SmolLM2-135M-Instruct (LoRA), trained on the `concise` rule (the shorter wins), "
                 "evaluated every round against its start on held-out questions by the `correct` rule (the answer "
-                "matches a reference), which shares no rule with it. First alarm in round "
+                "matches a reference), which shares no rule with it. " + made(s) + " First alarm in round "
                 f"**{fmt(s['first_alarm'])}** ({', '.join(f'{a}: round {k}' for a, k in sorted(s['first_by_alarm'].items(), key=lambda x: x[1]))}); "
                 f"held-out win rate first below 0.5 in round **{fmt(s['first_below_half'])}**, its whole 95% "
                 f"interval below 0.5 in round {fmt(s['first_significantly_below_half'])}.\n\n"
@@ -226,12 +231,14 @@ def write(out: Path) -> Path:
         res.add("## Length-debiased labels against a length-biased judge\n\n"
                 f"The tiny policy, 10 rounds, `train.loss: soft`, judged by `{s['judge']}`; seeds 0..{len(runs) - 1} "
                 "per arm (mean ± sd). Drift: the last round's mean length over the first's. The opening-sentence rate "
-                "(the content the judge rewards) shows whether the content signal still trains.\n\n"
+                "(the content the judge rewards) shows whether the content signal still trains. " + made(s) + "\n\n"
                 + table(["arm", "seeds", "mean tokens, round 0", "last round", "drift", "opening rate, round 0",
                          "last round", "fitted length effect (logits)"], rows))
         res.plot("debias.png", "Length drift with and without length-debiased labels", "round",
                  [(k, v) for k, v in panels.items()])
-    return res.write()
+    return res.write(f"`.venv/bin/python scripts/experiments/hacking.py` runs every scenario; `--only NAME` reruns one "
+                     f"and keeps the others' stored results (DIR/NAME.json). Each section says how it was made; "
+                     f"written {time.strftime('%Y-%m-%d')}.")
 
 
 RUNNERS = {f.__name__: f for f in (position, length, edit, concise_high_lr, debias)}
@@ -239,21 +246,24 @@ RUNNERS = {f.__name__: f for f in (position, length, edit, concise_high_lr, debi
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated, of {', '.join(SCENARIOS)}")
+    p.add_argument("--only", default=",".join(SCENARIOS),
+                   help=f"comma-separated, of {', '.join(SCENARIOS)}; empty: rewrite results.md from the stored ones")
     p.add_argument("--seeds", type=int, default=3, help="debias: seeds per arm")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     if unknown := [n for n in names if n not in SCENARIOS]:
         raise SystemExit(f"--only: unknown scenario(s) {', '.join(unknown)}; pick from {', '.join(SCENARIOS)}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    res = Results(args.out, "Watching the judge and the policy while it trains")
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").is_file() else "unknown"
+    command = " ".join([".venv/bin/python", "scripts/experiments/hacking.py", *sys.argv[1:]])
     for name in names:
         print(f"scenario {name} ...", flush=True)
-        result = RUNNERS[name](args.seeds) | {"cpu": cpu}
+        t0 = time.perf_counter()
+        result = RUNNERS[name](args.seeds) | {"cpu": cpu, "command": command, "minutes": (time.perf_counter() - t0) / 60}
         (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"results: {write(args.out)}")
+    print(f"results: {write(args.out, res)}")
 
 
 if __name__ == "__main__":

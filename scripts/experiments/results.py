@@ -144,13 +144,16 @@ class Results:
         bar_plot(self.out / file, title, groups, panels)
         self.add(f"![{title}]({file})")
 
-    def write(self) -> Path:
+    def write(self, made: str | None = None) -> Path:
+        """made: how the results were made, for results put together from several invocations
+        (default: this invocation's command and wall time)."""
         minutes = (time.perf_counter() - self.t0) / 60
         script = Path(sys.argv[0]).resolve()
         script = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
         command = " ".join([".venv/bin/python", str(script), *sys.argv[1:]])
-        head = (f"# {self.title}\n\n`{command}`: {minutes:.1f} min on {os.cpu_count()} {platform.machine()} CPU "
-                f"cores ({time.strftime('%Y-%m-%d')}).")
+        made = made or (f"`{command}`: {minutes:.1f} min on {os.cpu_count()} {platform.machine()} CPU "
+                        f"cores ({time.strftime('%Y-%m-%d')}).")
+        head = f"# {self.title}\n\n{made}"
         path = self.out / "results.md"
         tmp = path.with_suffix(".md.tmp")   # written whole: a crash leaves the last complete file
         tmp.write_text("\n\n".join([head, *self.sections]) + "\n")
