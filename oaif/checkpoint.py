@@ -88,6 +88,9 @@ def export_merged(checkpoint: Path, out: Path, base_model: str, dtype: str, over
     if not policy_dir.is_dir():
         raise FileNotFoundError(f"{checkpoint}: no policy/ folder; is this a checkpoint directory?")
     outputs.check(out, "model", folder=True, overwrite=overwrite)   # before the model loads
+    # 'auto' is the precision this machine computes in; an exported model is read on others,
+    # so it keeps the trained weights' float32.
+    dtype = "float32" if dtype == "auto" else dtype
     if (policy_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 

@@ -33,8 +33,8 @@ def _f(default: Any, help: str) -> Any:
 @dataclass(frozen=True)
 class PolicyConfig:
     model: str = _f("models/tiny", "Path or hub id of the policy to train (loaded with from_pretrained and vllm.LLM).")
-    dtype: Literal["float32", "bfloat16", "float16"] = _f(
-        "float32", "Dtype of the vLLM engine, the frozen reference and the training forward passes (autocast). Trained weights stay float32 (master weights) so small updates are not rounded away. bfloat16 on GPUs; both run on CPUs.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", "Dtype of the vLLM engine, the frozen reference and the training forward passes (autocast). Trained weights stay float32 (master weights) so small updates are not rounded away. 'auto': bfloat16 where the hardware computes it natively (a CUDA device with bf16; a CPU with AMX or AVX512-BF16), else float32; decided once per start, printed with its reason and recorded as startup/dtype (docs/benchmarks.md has the measurements); oaif export then writes float32. An explicit dtype always wins.")
     max_prompt_tokens: int = _f(256, "Prompts longer than this (after the chat template) are skipped, with a count.")
     device: str = _f("auto", "Training device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     chat_template: str = _f("", "For a model without a chat template (a base model): a Jinja chat template file, or the bundled 'plain' ('User: ...' / 'Assistant: ...' turns). Empty: the tokenizer's own. Saved with every checkpoint's tokenizer.")
@@ -136,7 +136,7 @@ class AnnotateConfig:
     constitution: str = _f("concise", "Constitution: a bundled one by name (oaif constitutions lists them) or a file of yours: the principles (and rule checks) that define 'better'.")
     template: str = _f("judge", "Judge prompt template for LLM backends. Placeholders: {preamble} {principles} {examples} {prompt} {response_1} {response_2}; its last line is the answer prefix.")
     model: str = _f("", "Judge model: a local path or hub id (vllm, transformers) or the API's model name (openai). Empty: the policy's starting model. backend 'reward_model': the folder `oaif train-rm` wrote (required).")
-    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "Local judge model dtype.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("float32", "Local judge model dtype. 'auto': as policy.dtype's. float32 by default: whether bfloat16 changes a judge's verdicts has not been measured.")
     labels: tuple[str, str] = _f(("1", "2"), "The two answer labels, first then second; the judge's answer is read as one of them.")
     principles: Literal["all", "sample"] = _f("all", "'all' principles in every judge prompt, or one 'sample'd per comparison (Constitutional AI); both orders of a pair get the same one.")
     chain_of_thought: bool = _f(False, "LLM backends: the judge first writes a rationale (greedy), then the label is read after it (RLAIF §2.1.2).")

@@ -29,6 +29,7 @@ from oaif.engine.server import ServerGone
 from oaif.evaluation import Evaluator, format_summary
 from oaif.faults import crash_point
 from oaif.generate import Generator, round_prompts
+from oaif.models import dtype_line
 from oaif.records import PreferencePair, Prompt, Sample, as_prompts
 from oaif.rundir import RunDir
 from oaif.startup import open_run, start_evaluator, start_parts
@@ -213,6 +214,7 @@ class Loop:
         try:
             self.out.line(f"run directory: {run.path}" + (f" ({run.accelerator.num_processes} processes)"
                                                           if run.accelerator else ""))
+            self.out.line(dtype_line(cfg.policy.dtype))
             self.out.line(header())
             upcoming = next(batches)
             for index in range(first, cfg.rounds):

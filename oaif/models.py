@@ -4,6 +4,7 @@ and their tokenizers, each named in the config by a model folder or a hub id.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -15,6 +16,48 @@ from oaif.config import ConfigError, PolicyConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def cpu_flags(cpuinfo: str) -> frozenset[str]:
+    """The CPU's feature flags from the text of Linux's /proc/cpuinfo (its first `flags` line;
+    none where there is none, as on ARM, which lists `Features`)."""
+    return frozenset(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                           if line.startswith("flags")), []))
+
+
+def choose_dtype(cuda_bf16: bool | None, flags: frozenset[str]) -> tuple[str, str]:
+    """What `dtype: auto` means on a machine: (dtype, why). cuda_bf16: whether the CUDA device
+    computes bfloat16 (None: no CUDA device, the CPU decides by its flags).
+
+    bfloat16 only where it is native and was measured faster (docs/benchmarks.md, "float32 or
+    bfloat16"): AMX (`amx_bf16`) and AVX512-BF16 (`avx512_bf16`) have bf16 matmul instructions;
+    without them (AVX2) torch emulates bf16 and training ran 9-14x slower."""
+    if cuda_bf16 is not None:
+        return ("bfloat16", "the CUDA device computes bfloat16") if cuda_bf16 else \
+            ("float32", "the CUDA device has no bfloat16")
+    for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")):
+        if flag in flags:
+            return "bfloat16", f"the CPU has {name} ({flag})"
+    return "float32", "the CPU has neither AMX nor AVX512-BF16, so bfloat16 would be emulated"
+
+
+@functools.cache
+def auto_dtype() -> tuple[str, str]:
+    """This machine's choice for `dtype: auto`, (dtype, why): decided once per process."""
+    cuda = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else None
+    cpuinfo = Path("/proc/cpuinfo")
+    return choose_dtype(cuda, cpu_flags(cpuinfo.read_text() if cpuinfo.is_file() else ""))
+
+
+def resolve_dtype(name: str) -> str:
+    """A config's dtype as it runs: `name` itself, or for 'auto' this machine's choice."""
+    return auto_dtype()[0] if name == "auto" else name
+
+
+def dtype_line(name: str) -> str:
+    """A run's start-up line on its precision: the dtype policy.dtype `name` runs in, and why."""
+    return f"precision: {resolve_dtype(name)} (" + (f"policy.dtype auto: {auto_dtype()[1]})" if name == "auto"
+                                                   else "policy.dtype)")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -24,7 +67,7 @@ def resolve_device(name: str) -> torch.device:
 def load_causal_lm(path: str, dtype: str, trainable: bool, device: str = "cpu") -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(resolve_device(device))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[resolve_dtype(dtype)]).to(resolve_device(device))
     model.train(trainable)  # the frozen reference stays in eval mode (no dropout)
     model.requires_grad_(trainable)
     return model

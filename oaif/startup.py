@@ -18,7 +18,7 @@ from oaif.evaluation import (TRAINING_JUDGE_WARNING, Evaluator, baseline_respons
                              eval_prompts, max_new_tokens)
 from oaif.console import RunConsole
 from oaif.generate import Drawn, Generator
-from oaif.models import check_model, policy_tokenizer
+from oaif.models import check_model, policy_tokenizer, resolve_dtype
 from oaif.rundir import RunComplete, RunDir, export_stale, run_identity
 from oaif.tracking import Trackers, check_trackers
 
@@ -90,7 +90,8 @@ def start_parts(cfg: RunConfig, run: RunDir, judge: AnnotateStage, state: dict |
         t0 = time.perf_counter()
         tokenizer = run.tokenizer   # loaded (and checked) by check_run
         trainer = build_trainer(cfg, tokenizer.pad_token_id, schedule_steps(cfg), run.accelerator, run.resume_from)
-        startup = {"startup/trainer_seconds": time.perf_counter() - t0}
+        startup = {"startup/trainer_seconds": time.perf_counter() - t0,
+                   "startup/dtype": resolve_dtype(cfg.policy.dtype)}   # what policy.dtype 'auto' chose here
         t0 = time.perf_counter()
 
         def open_engine() -> None:   # rank 0; a failure here stops every rank (on_main)

@@ -28,7 +28,7 @@ import torch
 
 from oaif.config import RunStopped, TrainConfig
 from oaif.faults import crash_point
-from oaif.models import DTYPES, disable_dropout, load_causal_lm
+from oaif.models import DTYPES, disable_dropout, load_causal_lm, resolve_dtype
 from oaif.losses import rewards
 from oaif.objectives import LOSSES, PairLogps
 from oaif.records import PreferencePair
@@ -207,7 +207,7 @@ class PreferenceTrainer:
     def __init__(self, policy: torch.nn.Module, reference: torch.nn.Module | None, cfg: TrainConfig, pad_id: int,
                  total_steps: int = 0, accelerator=None, compute_dtype: str = "float32"):
         self.cfg, self.pad_id, self.accelerator = cfg, pad_id, accelerator
-        self.compute_dtype = DTYPES[compute_dtype]
+        self.compute_dtype = DTYPES[resolve_dtype(compute_dtype)]
         self.objective = LOSSES[cfg.loss]
         self.beta = self.objective.default_beta if cfg.beta is None else cfg.beta
         optimizer = torch.optim.AdamW(

@@ -20,7 +20,7 @@ from oaif.annotate.vllm_local import vllm_judge
 from oaif.config import AnnotateConfig, ConfigError, RunConfig
 from oaif.constitution import Constitution, load_constitution
 from oaif.fingerprint import model_fingerprint
-from oaif.models import check_model
+from oaif.models import check_model, resolve_dtype
 
 
 def _rules(cfg: RunConfig, a: AnnotateConfig, model: str, constitution: Constitution,
@@ -78,6 +78,7 @@ def _single(cfg: RunConfig, backend: str, constitution_path: str, model: str, ta
         settings = {k: v for k, v in dataclasses.asdict(a).items()
                     if k in ("labels", "principles", "chain_of_thought", "rationale_tokens", "chat_template",
                               "dtype", "max_prompt_tokens")}
+        settings["dtype"] = resolve_dtype(a.dtype)   # the precision judged in: 'auto' differs by machine
         settings["prompt_format"] = PROMPT_FORMAT
         settings["openai"] = {k: getattr(a.openai, k)
                               for k in ("base_url", "endpoint", "mode", "top_logprobs", "temperature")}

@@ -19,7 +19,7 @@ import torch
 
 from oaif.annotate.base import Answer, Identity, JudgeRequest, render_conversation
 from oaif.config import ConfigError
-from oaif.models import DTYPES, check_model, disable_dropout, load_tokenizer, resolve_device
+from oaif.models import DTYPES, check_model, disable_dropout, load_tokenizer, resolve_device, resolve_dtype
 from oaif.records import Message
 from oaif.train import batch_sequences
 
@@ -82,7 +82,7 @@ def load_reward_model(path: str, dtype: str, device: str, pad_id: int) -> torch.
     new score head starts at random. Dropout off, so training and scoring see one function."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[resolve_dtype(dtype)])
     model.config.pad_token_id = pad_id   # how the head finds each sequence's last token
     disable_dropout(model)
     return model.to(resolve_device(device))

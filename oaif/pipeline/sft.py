@@ -34,7 +34,7 @@ from oaif import outputs
 from oaif.config import RunConfig, SFTConfig
 from oaif.datasets_io import DATA_FILES, dataset_rows, row_messages, row_response
 from oaif.generate import encode_prompt
-from oaif.models import DTYPES, check_model, load_tokenizer
+from oaif.models import DTYPES, check_model, load_tokenizer, resolve_dtype
 from oaif.records import is_chat, read_jsonl, write_jsonl
 from oaif.train import batch_sequences, build_policy, sequence_logps
 
@@ -150,7 +150,7 @@ def train_sft(policy: torch.nn.Module, pad_id: int, examples: list[Example], cfg
     optimizer = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=s.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_scale(s, steps, step))
     device_type = next(policy.parameters()).device.type
-    dtype = DTYPES[cfg.policy.dtype]
+    dtype = DTYPES[resolve_dtype(cfg.policy.dtype)]
     rng = random.Random(cfg.seed)
     policy.train()
     history, t0 = [], time.perf_counter()
