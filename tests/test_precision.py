@@ -86,3 +86,39 @@ def test_bfloat16_training_follows_the_float32_loss_curve(tiny_model):
     fp32, bf16 = curves["float32"], curves["bfloat16"]
     assert fp32[0] == pytest.approx(0.6931, abs=1e-3) and fp32[-1] < 0.1, fp32   # the curve moves
     assert max(abs(a - b) for a, b in zip(fp32, bf16)) < BF16_LOSS_TOLERANCE, (fp32, bf16)
+
+
+@pytest.mark.parametrize("machine", ["bfloat16", "float32"])
+def test_a_cached_judgment_is_keyed_by_the_dtype_auto_resolves_to(machine, tiny_model, tmp_path, monkeypatch):
+    """annotate.dtype auto judges in this machine's choice, so the cache keys it by that
+    choice: its verdicts are reused by an explicit run of the same dtype, not of the other."""
+    from oaif.annotate.backends import build_annotator
+    from oaif.annotate.base import JudgeRequest
+    from oaif.config import load_config
+
+    monkeypatch.setattr("oaif.models.auto_dtype", lambda: (machine, "a test's machine"))
+    base = [f"policy.model={tiny_model}", "annotate.backend=transformers", f"annotate.cache={tmp_path / 'c.jsonl'}"]
+    request = JudgeRequest([{"role": "user", "content": "Hi"}], "a", "b")
+    key = lambda dtype: build_annotator(load_config(None, [*base, f"annotate.dtype={dtype}"])).keys([request])[0]  # noqa: E731
+    other = "float32" if machine == "bfloat16" else "bfloat16"
+    assert key("auto") == key(machine) != key(other)
+
+
+def test_vllm_is_given_the_resolved_dtype_never_auto(monkeypatch):
+    """vLLM reads dtype 'auto' as the checkpoint's own dtype (float32 for the tiny policy), not
+    as the hardware's choice: build_llm hands it the dtype auto resolved to."""
+    import vllm
+
+    from oaif.engine.vllm import build_llm
+
+    class Built(Exception):
+        pass
+
+    def fake_llm(**kwargs):   # stands in for vllm.LLM: record the dtype, build nothing
+        raise Built(kwargs["dtype"])
+
+    monkeypatch.setattr("oaif.models.auto_dtype", lambda: ("bfloat16", "a test's machine"))
+    monkeypatch.setattr(vllm, "LLM", fake_llm)
+    with pytest.raises(Built) as built:
+        build_llm("models/tiny", "auto", seed=0, kv_cache_gib=1, max_model_len=64)
+    assert built.value.args == ("bfloat16",)

@@ -140,9 +140,10 @@ def test_a_resumed_round_takes_its_paid_judgments_from_the_cache(tiny_model, tmp
     assert (run_dir / "rounds/000001/judgments.jsonl").read_bytes() == judgments
 
 
-def test_a_full_weight_checkpoint_exports_to_a_plain_model(tiny_model, tmp_path):
+def test_a_full_weight_checkpoint_exports_to_a_plain_model(tiny_model, tmp_path, monkeypatch):
     """`oaif export` of a full-weight checkpoint: a folder from_pretrained loads, holding the
-    trained weights (not the base's) and the tokenizer."""
+    trained weights (not the base's) and the tokenizer; exactly, in float32, also where
+    policy.dtype auto computes in bfloat16."""
     from oaif.models import load_causal_lm
 
     cfg = RunConfig(policy=PolicyConfig(model=str(tiny_model), device="cpu"),
@@ -152,6 +153,8 @@ def test_a_full_weight_checkpoint_exports_to_a_plain_model(tiny_model, tmp_path)
     trainer.train_round(synthetic_pairs(4, 0))
     checkpoint = save_checkpoint(tmp_path / "run", 0, 1, trainer, tokenizer)
     dump_config(cfg, tmp_path / "run/config.yaml")   # export reads the run's config (its base model, dtype)
+    assert cfg.policy.dtype == "auto"
+    monkeypatch.setattr("oaif.models.auto_dtype", lambda: ("bfloat16", "as on a CPU with AMX"))
     r = oaif_main("export", str(checkpoint), "--out", str(tmp_path / "exported"))
     assert r.returncode == 0, r.stderr[-2000:]
     exported = load_causal_lm(str(tmp_path / "exported"), "float32", trainable=False).state_dict()
