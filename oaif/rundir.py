@@ -306,9 +306,10 @@ class RunDir:
         (out / "samples.md").write_text(markdown_table(table))
 
     def alarms(self, index: int, trips: list[dict]) -> None:
-        """Round `index`'s tripped alarms (rank 0), in its folder: a resume that redoes the
-        round drops them with it."""
-        write_jsonl(self.path / "rounds" / f"{index:06d}" / "alarms.jsonl", trips)
+        """Round `index`'s tripped alarms (rank 0), in its folder, added to those read before
+        it was trained on: a resume that redoes the round drops them with it."""
+        path = self.path / "rounds" / f"{index:06d}" / "alarms.jsonl"
+        write_jsonl(path, (read_jsonl(path) if path.is_file() else []) + trips)
 
     def metrics_rows(self) -> list[dict]:
         """The metrics.jsonl rows written so far (rank 0)."""

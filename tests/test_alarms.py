@@ -102,8 +102,12 @@ def test_the_length_alarm_ends_a_concise_run_before_the_round_that_tripped_it(ti
     assert r.returncode == 0, r.stderr[-2000:]
     page = (run / "report/report.html").read_text()
     assert "<h2>Alarms</h2>" in page and f"alarm length in round {tripped_at}: generate/mean_length" in page
-    # Warned instead of stopped, the same run goes on and records every round that trips it.
-    r = oaif_main("run", *args, "name=warned")
+    # Warned instead of stopped, the same run goes on and records every round that trips it;
+    # a KL bound it passes every round adds an alarm read after training to the same rounds.
+    r = oaif_main("run", *args, "name=warned", "alarms.kl_max=0.001")
     assert r.returncode == 0, r.stderr[-3000:]
     warned = read_jsonl(tmp_path / "warned/metrics.jsonl")
     assert warned[tripped_at].get("alarms/length") == 1 and "alarms/length" not in warned[tripped_at - 1]
+    assert warned[tripped_at].get("alarms/kl") == 1
+    trips = read_jsonl(tmp_path / "warned" / "rounds" / f"{tripped_at:06d}" / "alarms.jsonl")
+    assert [t["alarm"] for t in trips] == ["length", "kl"]

@@ -128,15 +128,22 @@ def edit(seeds: int) -> dict:
 def concise_high_lr(seeds: int) -> dict:
     cfg = oaif.load_config(ROOT / SMOLLM2, [])
     check_model(cfg.policy.model, "policy.model")
-    run_dir, metrics = run(SMOLLM2, "concise_high_lr", [])
+    run_dir, _ = run(SMOLLM2, "concise_high_lr", [])
+    return concise_result(run_dir)
+
+
+def concise_result(run_dir: Path) -> dict:
+    """What the concise_high_lr run shows, read from its run directory."""
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
     trips = alarms_of(run_dir)
+    tripped = {key.removeprefix("alarms/"): m["round"] for m in reversed(metrics) for key in m
+               if key.startswith("alarms/")}   # reversed: each alarm's first round is written last
     evals = [m for m in metrics if m.get("eval/win_rate_vs_ref") is not None]
     records = {m["round"]: read_jsonl(run_dir / "eval" / f"round_{m['round']:06d}.jsonl") for m in evals}
     last = max(records)
     answers = [{"prompt": r["messages"][-1]["content"], "start": r["baseline"], "final": r["policy"],
                 "outcome": r["outcome"]} for r in records[last][:4]]
-    return {"config": SMOLLM2, "first_alarm": min((t["round"] for t in trips), default=None),
-            "first_by_alarm": {a: min(t["round"] for t in trips if t["alarm"] == a) for a in {t["alarm"] for t in trips}},
+    return {"config": SMOLLM2, "first_alarm": min(tripped.values(), default=None), "first_by_alarm": tripped,
             "first_below_half": first_round(evals, lambda m: m["eval/win_rate_vs_ref"] < 0.5),
             "first_significantly_below_half": first_round(evals, lambda m: m["eval/win_rate_ci_high"] < 0.5),
             "alarms": trips, "answers": answers,
@@ -200,9 +207,15 @@ def write(out: Path, res: Results) -> Path:
                 f"held-out win rate first below 0.5 in round **{fmt(s['first_below_half'])}**, its whole 95% "
                 f"interval below 0.5 in round {fmt(s['first_significantly_below_half'])}.\n\n"
                 + table(["round", "mean length (sampled)", "training judge's win rate", "independent win rate [95% CI]",
-                         "KL to start (sampled)", "held-out length"],
-                        [[k, fmt(n, ".1f"), fmt(t), f"{fmt(w)} [{fmt(lo)}, {fmt(hi)}]", fmt(kl, ".2f"), fmt(h, ".1f")]
-                         for k, n, w, lo, hi, t, kl, h in zip(*(r[key] for key in r))]))
+                         "gap (alarm past 0.2)", "KL to start (sampled)", "held-out length"],
+                        [[k, fmt(n, ".1f"), fmt(t), f"{fmt(w)} [{fmt(lo)}, {fmt(hi)}]", fmt(t - w), fmt(kl, ".2f"),
+                          fmt(h, ".1f")] for k, n, w, lo, hi, t, kl, h in zip(*(r[key] for key in r))]))
+        gaps = [(k, t - w) for k, w, t in zip(r["round"], r["eval/win_rate_vs_ref"], r["eval/train_judge_win_rate"])
+                 if t is not None and w is not None and t - w > 0.2]
+        if gaps and gaps[0][1] < 0.205:   # tripped, but by a hair: say where it is clearly past
+            clear = next((k for k, g in gaps if g >= 0.25), None)
+            res.add(f"Round {gaps[0][0]}'s gap, {gaps[0][1]:.4f}, trips the judge-gap alarm by a hair; the first "
+                    f"round clearly past it (a gap of 0.25 or more) is round {fmt(clear)}.")
         res.add("Held-out answers after the last round (the first 4 prompts, not picked):\n\n" + "\n".join(
             f"- **{a['prompt']}** start: {json.dumps(a['start'])} → final: {json.dumps(a['final'])} ({a['outcome']})"
             for a in s["answers"]))
