@@ -64,9 +64,10 @@ sys.path.insert(0, str(ROOT))
 from oaif.faults import POINTS  # noqa: E402
 
 RECORDS = ("samples.jsonl", "judgments.jsonl", "pairs.jsonl")
-# Metrics that measure time, or count what the judge was asked (not what the cache answered),
-# differ between the runs by nature.
-VOLATILE = ("seconds", "per_s", "cache_hits", "cache_misses", "requests", "prompt_tokens")
+# Metrics that measure time, count what the judge was asked (not what the cache answered), or
+# say what a process found at its start (startup/*, in a resumed process's first round) differ
+# between the runs by nature.
+VOLATILE = ("seconds", "per_s", "cache_hits", "cache_misses", "requests", "prompt_tokens", "startup/")
 PLAIN = (sys.executable, "-m", "oaif.cli")
 ACCELERATE = (sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(ROOT / "configs/accelerate/cpu_ddp_2proc.yaml"), "-m", "oaif.cli")

@@ -216,8 +216,9 @@ class MarkedProcesses:
 
 
 def untimed(metrics: dict) -> dict:
-    """A metrics line without its timings (seconds and rates differ from run to run)."""
-    return {k: v for k, v in metrics.items() if not k.endswith(("seconds", "_per_s"))}
+    """A metrics line without its timings (seconds and rates differ from run to run) and what
+    the process that wrote it knew at its start (startup/*: a resumed process's first round)."""
+    return {k: v for k, v in metrics.items() if not k.endswith(("seconds", "_per_s")) and not k.startswith("startup/")}
 
 
 def versions_follow_training(metrics: list[dict], trained_at_least: int) -> list[int]:

@@ -30,9 +30,10 @@ def test_a_run_prints_its_own_lines_and_keeps_the_libraries_in_run_log_and_track
     assert r.returncode == 0, r.stderr[-3000:]
     run_dir = tmp_path / "quiet"
     ours = [line for line in r.stdout.splitlines() if not line.startswith("*") and "trackio" not in line]
-    assert ours[0] == f"run directory: {run_dir}" and ours[1].split()[:2] == ["round", "kept"]
-    assert [line.split()[0] for line in ours[2:4]] == ["0", "1"] and ours[4].startswith("done: 2 rounds")
-    assert len(ours) == 5, ours
+    assert ours[0] == f"run directory: {run_dir}" and ours[1].startswith("precision: ")
+    assert ours[2].split()[:2] == ["round", "kept"]
+    assert [line.split()[0] for line in ours[3:5]] == ["0", "1"] and ours[5].startswith("done: 2 rounds")
+    assert len(ours) == 6, ours
     assert not library_lines(r.stderr.split("wandb:")[0]), library_lines(r.stderr)   # wandb's summary is its own
     log = (run_dir / "run.log").read_text()
     assert re.search(r"INFO vllm\.", log) and "run directory:" in log and "done: 2 rounds" in log

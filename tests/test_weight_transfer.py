@@ -129,7 +129,10 @@ def test_two_servers_that_share_no_files_with_the_trainer_sample_the_synced_poli
                                       lambda policy: (engine.load_weights(policy, 0), trained.append(policy)))
     finally:
         engine.close()
-    assert shm() == before   # nothing was saved for the servers to read
+    # Nothing was saved for the servers to read. Isolated, the servers see an empty /dev/shm of
+    # their own, so the exact answers below prove it; the host's /dev/shm is then not compared,
+    # since the other test worker's engines write there meanwhile.
+    assert isolated() or shm() == before
     # Each server alone holds the trained weights.
     policy, tokenizer = trained[-1], AutoTokenizer.from_pretrained(tiny_model)
     texts = [tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False)
