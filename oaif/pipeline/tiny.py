@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from oaif import outputs
 from oaif.bundled import data_path
-from oaif.config import RunConfig, SFTConfig
+from oaif.config import PolicyConfig, RunConfig, SFTConfig
 from oaif.records import read_jsonl
 from oaif.pipeline.sft import load_examples, save_sft, train_sft
 
@@ -67,8 +67,9 @@ def init_tiny(out: str | Path, steps: int = 300, seed: int = 0, hidden: int = 12
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     # The warm-up the tiny policy has always had (the tests and the README's numbers rest on
     # it): 32 rows a step, AdamW at 3e-3 with torch's default weight decay, 20 warm-up steps,
-    # decay floored at 5%, no clipping.
-    cfg = RunConfig(seed=seed, sft=SFTConfig(max_steps=steps, learning_rate=3e-3, weight_decay=0.01, warmup_steps=20,
+    # decay floored at 5%, no clipping; in float32 on every machine (policy.dtype auto would
+    # train it in bf16 on some CPUs and give each a different tiny policy).
+    cfg = RunConfig(seed=seed, policy=PolicyConfig(dtype="float32"), sft=SFTConfig(max_steps=steps, learning_rate=3e-3, weight_decay=0.01, warmup_steps=20,
                                              min_lr_ratio=0.05, batch_size=32, micro_batch_size=32, max_grad_norm=0.0))
     history = train_sft(model, tokenizer.pad_token_id, load_examples(DATA, tokenizer, cfg.sft, log), cfg, log)
     out = save_sft(model, tokenizer, out, history, overwrite=overwrite, parents=True)
