@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import statistics
@@ -32,23 +31,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import ROOT, busy_cpu_seconds, model_for  # noqa: E402
+from machine import MATMUL_N, cpu_model, matmul_gflops, speed_flags  # noqa: E402
 
 from oaif.config import TrainConfig  # noqa: E402
-from oaif.models import auto_dtype, cpu_flags, load_causal_lm  # noqa: E402
+from oaif.models import auto_dtype, load_causal_lm  # noqa: E402
 from oaif.records import PreferencePair  # noqa: E402
 from oaif.train import PreferenceTrainer  # noqa: E402
 
 # size -> (prompt tokens, response tokens): the lengths scripts/bench.py's runs generate.
 SIZES = {"0.5M": (32, 64), "2.7M": (32, 256)}
-MATMUL_N, PAIRS = 2048, 8
-BF16_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
+PAIRS = 8
 
 
 class Neighbours:
@@ -67,17 +59,6 @@ class Neighbours:
 def own_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def matmul_gflops(dtype: torch.dtype, reps: int) -> float:
-    a, b = torch.randn(MATMUL_N, MATMUL_N).to(dtype), torch.randn(MATMUL_N, MATMUL_N).to(dtype)
-    a @ b   # warm-up: the first call picks and loads the kernel
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * MATMUL_N ** 3 / statistics.median(times) / 1e9
 
 
 def random_pairs(vocab: int, prompt_len: int, response_len: int, seed: int = 0) -> list[PreferencePair]:
@@ -132,9 +113,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench/results/dtype"), help="writes OUT.json and OUT.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    flags = cpu_flags(Path("/proc/cpuinfo").read_text())
+    flags = speed_flags(Path("/proc/cpuinfo").read_text())
     dtype, reason = auto_dtype()
-    print(f"{cpu_model()}; flags {[f for f in BF16_FLAGS if f in flags]}; auto -> {dtype} ({reason})")
+    print(f"{cpu_model()}; flags {flags}; auto -> {dtype} ({reason})")
     watch = Neighbours()
     matmul = {d: [] for d in ("float32", "bfloat16")}
     for _ in range(args.reps):
@@ -162,7 +143,7 @@ def main() -> None:
               f"others {others:.0%}; loss {curves['float32'][0]:.4f} -> {curves['float32'][-1]:.4f}, "
               f"max |fp32 - bf16| {diff:.4f}")
     results = {
-        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "bf16_flags": [f for f in BF16_FLAGS if f in flags],
+        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "bf16_flags": flags,
                     "torch": torch.__version__, "threads": args.threads,
                     "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset"),
                     "auto": {"dtype": dtype, "reason": reason}},
