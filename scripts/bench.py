@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench.py                  # writes bench/results/bench.{json,md}
     .venv/bin/python scripts/bench.py --sizes 0.5M --reps 1 --steps 3     # a quick look
+    .venv/bin/python scripts/bench.py --dtype float32     # both tools in fp32, whatever the CPU has
 
 For each model size it runs both tools, each as its own process (so each has the machine to
 itself and pays its own start-up), alternating oaif, TRL, oaif, TRL, ... `--reps` times:
@@ -12,8 +13,15 @@ itself and pays its own start-up), alternating oaif, TRL, oaif, TRL, ... `--reps
         generate (use_vllm=False) and a reward of minus the response's character count
 Both: the first 64 prompts of prompts/tiny_prompts.jsonl, 8 prompts x 2 samples per step,
 temperature 0.9, DPO beta 0.1, lr 1e-5 (LoRA 5e-4), 8 pairs per optimizer step, one step per
-round, fp32, seed 0, 2 torch threads, OMP_WAIT_POLICY=ACTIVE, one checkpoint after the last
-step. It reports medians over the reps of
+round, seed 0, 2 torch threads, OMP_WAIT_POLICY=ACTIVE, one checkpoint after the last step,
+and the same precision, `--dtype` (default auto: oaif's own rule, oaif.models.auto_dtype,
+resolved once here): in bfloat16 both train fp32 master weights with the forward passes under
+bf16 autocast (oaif: policy.dtype, which also runs vLLM and the frozen reference in bf16; TRL:
+its `bf16` flag, under which HF generate and its fp32 reference copy run under autocast too).
+Before the runs, scripts/machine.py measures the machine's peak: a 2048² matmul in that dtype
+on the same threads and environment, recorded with the CPU's model and flags; the table's
+header names them, so that numbers from different machines are never read as one. It reports
+medians over the reps of
   pairs/s       pairs trained on / loop seconds (oaif: pairs_kept and the sum of round/seconds
                 from metrics.jsonl; TRL: steps x 8 and first step start to last step end)
   whole s       the process from start to exit; start-up s = whole - loop (it includes the
@@ -25,6 +33,8 @@ step. It reports medians over the reps of
   sync s/MB     mean seconds per sync / MB of the policy's weight file
   peak GiB      the largest sum of RSS over the process and its children (vLLM may run its
                 engine in a child), sampled every 0.2 s
+  train GFLOP/s the training's estimated FLOPs (train_flops) / train-stage seconds, and its
+                share of the measured matmul peak
 and the ratios oaif / TRL of pairs/s and whole s. It also records the share of the machine's
 CPU time that other processes used during each run and prints the largest: a busy neighbour
 slows 2-thread torch down many times over, so numbers taken beside one are not the tools'.
@@ -51,7 +61,12 @@ import time
 from pathlib import Path
 
 import psutil
+import torch
 import yaml
+from machine import FLAGS
+
+from oaif.models import auto_dtype, resolve_dtype
+from oaif.train import lora_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "bench" / "models"
@@ -88,6 +103,75 @@ def model_for(size: str) -> Path | None:
         print(f"building {size} into {path}")
         init_tiny(path, steps=spec["warmup_steps"], hidden=spec["hidden"], layers=spec["layers"])
     return path
+
+
+def model_shape(model: Path, lora: dict | None) -> dict:
+    """What train_flops needs of a model: for its body and its LM head, the weights a token is
+    multiplied by (Linear layers'; an embedding is a lookup) in the policy (LoRA adapters
+    included) and in the reference, and those trained; and attention's size. Built on the meta
+    device (nothing is loaded), with the LoRA adapter oaif's trainer puts on it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model)
+    with torch.device("meta"):
+        net = AutoModelForCausalLM.from_config(config)
+        head = net.get_output_embeddings()
+        if lora:
+            net = lora_model(net, lora["r"], lora["alpha"], 0.0, lora["target_modules"], "CAUSAL_LM")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    shape = {"body": {"policy": 0, "reference": 0, "trained": 0}, "head": {"policy": 0, "reference": 0, "trained": 0},
+             "layers": config.num_hidden_layers, "attention_width": config.num_attention_heads * head_dim}
+    for name, module in net.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            part, n = shape["head" if module is head else "body"], module.weight.numel()
+            part["policy"] += n
+            part["reference"] += 0 if ".lora_" in name else n   # the reference has no adapter
+            part["trained"] += n if module.weight.requires_grad else 0
+    return shape
+
+
+def token_counts(sequences: list[tuple[int, int]]) -> dict:
+    """What train_flops needs of the sequences (prompt tokens, response tokens) trained on:
+    their tokens S, response tokens R and S² summed, padding excluded."""
+    return {"tokens": sum(p + r for p, r in sequences), "response_tokens": sum(r for _, r in sequences),
+            "tokens_squared": sum((p + r) ** 2 for p, r in sequences)}
+
+
+def train_flops(shape: dict, counts: dict) -> float:
+    """Estimated FLOPs of DPO training (one pass, a frozen reference) on sequences of the
+    token_counts `counts`: the useful work, padding excluded, so padding shows as a lower
+    share of the peak. A token multiplied by W weights costs 2·W FLOPs; per token, the policy's
+    forward and its backward to the activations cost that for the policy's weights, the
+    backward to the weights for the trained ones, the reference's forward for its own:
+
+        (4·policy + 2·trained + 2·reference)·S  for the body, the same for the LM head over R,
+        + 8·L·A·S²                                                  per sequence of S tokens
+
+    R: the response tokens (only their logits are needed; oaif computes none over prompts).
+    The last term is attention's own products, QKᵀ and AV (2·S²·A each per layer in full, L
+    layers, A = heads x head_dim), over the causal half, 4 passes' worth (forward, backward
+    twice that, reference). Full weights: 8·N per token, the usual 6·N of training plus 2·N
+    for the reference. LoRA on N base weights with n in adapters: 6·N + 6·n, an upper bound by
+    up to 1/L, since autograd skips the gradients below the first adapter (tests/test_bench.py
+    checks both against torch's FLOP counter)."""
+    def per_token(weights: dict) -> int:
+        return 4 * weights["policy"] + 2 * weights["trained"] + 2 * weights["reference"]
+
+    return (per_token(shape["body"]) * counts["tokens"] + per_token(shape["head"]) * counts["response_tokens"]
+            + 8 * shape["layers"] * shape["attention_width"] * counts["tokens_squared"])
+
+
+def trained_sequences(run: Path) -> list[tuple[int, int]]:
+    """(prompt tokens, response tokens) of every sequence an oaif run trained on: each pair's
+    chosen and rejected with its prompt, from rounds/*/pairs.jsonl (exactly the pairs each
+    round trained on; one epoch per round here, so the reference saw the same)."""
+    sequences = []
+    for path in sorted(run.glob("rounds/*/pairs.jsonl")):
+        for line in path.read_text().splitlines():
+            pair = json.loads(line)
+            prompt = len(pair["prompt_token_ids"])
+            sequences += [(prompt, len(pair["chosen_token_ids"])), (prompt, len(pair["rejected_token_ids"]))]
+    return sequences
 
 
 def weights_mb(model: Path) -> float:
@@ -149,6 +233,15 @@ def run_tree(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float,
     return wall, peak / 2**30, max(0.0, others) / (wall * os.cpu_count())
 
 
+def probe_machine(dtype: str, work: Path) -> dict:
+    """scripts/machine.py's record of this machine with its matmul peak in dtype, measured in
+    a process of its own with the threads and environment the tools get (run_tree's)."""
+    out = work / "machine.json"
+    _, _, others = run_tree([sys.executable, str(ROOT / "scripts/machine.py"), dtype, str(THREADS), str(out)],
+                            work / "machine.log")
+    return {**json.loads(out.read_text()), "peak_others_cpu_share": others}
+
+
 def total(rows: list[dict], key: str) -> float | None:
     """Sum of a per-round metric over the rounds that have it; None when none has it."""
     vals = [r[key] for r in rows if r.get(key) is not None]
@@ -161,7 +254,7 @@ def run_oaif(size: str, model: Path, prompts: Path, work: Path, args, env: dict 
     cfg = {
         "prompts": str(prompts), "rounds": args.steps, "prompts_per_round": PROMPTS_PER_STEP, "seed": SEED,
         "threads": THREADS,
-        "policy": {"model": str(model), "dtype": "float32"},
+        "policy": {"model": str(model), "dtype": args.dtype},
         "generate": {"samples_per_prompt": 2, "temperature": TEMPERATURE, "max_new_tokens": spec["max_new_tokens"],
                      "kv_cache_gib": KV_CACHE_GIB},
         "annotate": {"backend": "rules", "constitution": str(ROOT / "constitutions/concise.yaml")},
@@ -184,6 +277,7 @@ def run_oaif(size: str, model: Path, prompts: Path, work: Path, args, env: dict 
     syncs = [r["sync/seconds"] for r in rows if r.get("sync/seconds") is not None]
     loop = sum(r["round/seconds"] for r in rows)
     return {
+        "trained": token_counts(trained_sequences(work / "run")),
         "loop_s": loop, "whole_s": wall, "peak_gib": peak, "others_cpu_share": others,
         "pairs": sum(r["pairs_kept"] for r in rows),
         "tokens": sum(tokens), "tokens_per_s": sum(tokens) / gen_seconds,
@@ -203,7 +297,7 @@ def run_trl(size: str, model: Path, prompts: Path, work: Path, args) -> dict:
         "model": str(model), "prompts": str(prompts), "output_dir": str(work / "trl"), "steps": args.steps,
         "prompts_per_step": PROMPTS_PER_STEP, "max_new_tokens": spec["max_new_tokens"], "temperature": TEMPERATURE,
         "beta": BETA, "learning_rate": LORA_LR if lora else LR, "seed": SEED, "threads": THREADS,
-        "lora": LORA if lora else None,
+        "lora": LORA if lora else None, "dtype": args.dtype,
     }
     (work / "trl.json").write_text(json.dumps(settings, indent=1))
     runner = ROOT / "scripts/bench_trl_runner.py"
@@ -218,6 +312,7 @@ def run_trl(size: str, model: Path, prompts: Path, work: Path, args) -> dict:
         "stages_s": {"generate": r["generate_seconds"], "judge": r["reward_seconds"], "train": train,
                      "sync": None, "other": None},
         "sync_s_per_sync": None, "ties": r["ties"], "step_seconds": r["step_seconds"],
+        "trained": token_counts(r["sequences"]), "mixed_precision": r["mixed_precision"],
     }
 
 
@@ -226,9 +321,12 @@ def median(values: list) -> float | None:
     return statistics.median(values) if values else None
 
 
-def summarize(reps: list[dict], mb: float) -> dict:
+def summarize(reps: list[dict], mb: float, shape: dict, peak_gflops: float) -> dict:
     """Medians over the reps of what the table shows."""
     s = {key: median([r[key] for r in reps]) for key in ("loop_s", "whole_s", "peak_gib", "tokens_per_s")}
+    s["train_gflops"] = median([train_flops(shape, r["trained"]) / r["stages_s"]["train"] / 1e9
+                                for r in reps if r["stages_s"]["train"]])   # None: no round trained
+    s["train_peak_share"] = None if s["train_gflops"] is None else s["train_gflops"] / peak_gflops
     s["pairs_per_s"] = median([r["pairs"] / r["loop_s"] for r in reps])
     s["startup_s"] = median([r["whole_s"] - r["loop_s"] for r in reps])
     s["stages_s"] = {k: median([r["stages_s"][k] for r in reps]) for k in reps[0]["stages_s"]}
@@ -243,10 +341,21 @@ def fmt(v: float | None, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def machine_line(m: dict) -> str:
+    """The machine a table's numbers come from, for its header."""
+    return (f"Machine: {m['cpu']} ({m['cpus']} CPUs), flags: {', '.join(m['flags']) or 'none of ' + ', '.join(FLAGS)}; "
+            f"torch {m['torch']}, {m['torch_threads']} torch threads, OMP_WAIT_POLICY={m['OMP_WAIT_POLICY']}, "
+            f"OMP_NUM_THREADS={m['OMP_NUM_THREADS']}. Both tools in {m['dtype']} ({m['dtype_reason']}). "
+            f"Measured peak: a {m['matmul_n']}² matmul in {m['dtype']} at {m['peak_gflops']:.0f} GFLOP/s "
+            f"(other processes used {m['peak_others_cpu_share']:.0%} of the CPU meanwhile).")
+
+
 def markdown(results: dict) -> str:
-    lines = ["| size | tool | pairs/s | oaif/TRL | whole s | oaif/TRL | start-up s | tokens/s "
-             "| stages s: generate / judge / train / sync / other | sync s/MB | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [machine_line(results["machine"]), "",
+             "| size | tool | pairs/s | oaif/TRL | whole s | oaif/TRL | start-up s | tokens/s "
+             "| stages s: generate / judge / train / sync / other | train GFLOP/s (share of peak) | sync s/MB "
+             "| peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     pairs = []
     for size, r in results["sizes"].items():
         o, t = r["summary"]["oaif"], r["summary"]["trl"]
@@ -256,16 +365,20 @@ def markdown(results: dict) -> str:
             lines.append(f"| {size} ({r['weights_mb']:.0f} MB) | {tool} | {fmt(s['pairs_per_s'], '.3f')} "
                          f"| {ratios[tool][0]} | {fmt(s['whole_s'], '.1f')} | {ratios[tool][1]} "
                          f"| {fmt(s['startup_s'], '.1f')} | {fmt(s['tokens_per_s'], '.0f')} | {stages} "
+                         f"| {fmt(s['train_gflops'], '.1f')} ({fmt(s['train_peak_share'], '.0%')}) "
                          f"| {fmt(s['sync_s_per_mb'], '.4f')} | {fmt(s['peak_gib'])} |")
         pairs.append(f"{size}: oaif {o['pairs']:g}, TRL {t['pairs']:g} ({t['ties']:g} of them equal length)")
     st = results["settings"]
     lines += ["", (
-        f"Medians of {st['reps']} reps, {st['steps']} steps of {st['prompts_per_step']} prompts x 2 samples, "
-        f"{results['machine']['cpus']} CPUs, {st['threads']} torch threads, fp32. "
+        f"Medians of {st['reps']} reps, {st['steps']} steps of {st['prompts_per_step']} prompts x 2 samples. "
         f"Pairs trained on: {'; '.join(pairs)}. "
         "oaif drops equal-length pairs (a tie under the `shorter` rule); TRL trains on them, the first sample "
         "as chosen. TRL has no sync stage: HF generate samples from the trained model itself. Start-up s = "
-        "whole - loop: start-up, the final checkpoint and shutdown. Other processes used at most "
+        "whole - loop: start-up, the final checkpoint and shutdown. Train GFLOP/s: estimated training FLOPs "
+        "over the train stage's seconds (per sequence of S tokens, R of them response: (6·N + 2·N_trained)·S "
+        "for the policy's forward and backward and the reference's forward, the LM head's share over R only, "
+        "+ 8·layers·attention width·S² for attention; full weights: 8·N per token; padding not counted), "
+        "and its share of the measured peak. Other processes used at most "
         f"{results['machine']['others_cpu_share_max']:.0%} of the machine's CPU time during a run.")]
     return "\n".join(lines)
 
@@ -288,9 +401,16 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench/results/bench"), help="writes OUT.json and OUT.md")
     parser.add_argument("--oaif", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides for oaif's runs, e.g. generate.enforce_eager=false async_rounds=1")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="both tools' precision; auto: what oaif's policy.dtype auto picks on this machine")
     args = parser.parse_args()
+    # Resolved once, here, and given to both tools by name, so that both run what auto picked.
+    reason = f"policy.dtype auto: {auto_dtype()[1]}" if args.dtype == "auto" else "--dtype"
+    args.dtype = resolve_dtype(args.dtype)
 
     work = Path(tempfile.mkdtemp(prefix="oaif-bench-"))
+    machine = {**probe_machine(args.dtype, work), "dtype_reason": reason}
+    print(machine_line(machine), flush=True)
     prompts = work / "prompts.jsonl"
     prompts.write_text("".join((ROOT / "prompts/tiny_prompts.jsonl").read_text().splitlines(keepends=True)[:PROMPTS]))
     sizes = {s: {k: str(v) if isinstance(v, Path) else v for k, v in SIZES[s].items()} for s in args.sizes}
@@ -299,9 +419,9 @@ def main() -> None:
                      "prompts_per_step": PROMPTS_PER_STEP, "samples_per_prompt": 2, "temperature": TEMPERATURE,
                      "beta": BETA, "learning_rate": LR, "lora_learning_rate": LORA_LR, "lora": LORA, "seed": SEED,
                      "threads": THREADS, "kv_cache_gib": KV_CACHE_GIB, "oaif_overrides": args.oaif,
-                     "dtype": "float32", "OMP_WAIT_POLICY": "ACTIVE",
+                     "dtype": args.dtype, "OMP_WAIT_POLICY": "ACTIVE",
                      "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset")},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "machine": {**machine, "platform": platform.platform(), "python": platform.python_version(),
                     "versions": versions()},
         "sizes": {},
     }
@@ -320,9 +440,10 @@ def main() -> None:
                 print(f"  {r['pairs'] / r['loop_s']:.3f} pairs/s, {r['whole_s']:.1f} s whole; other processes "
                       f"used {r['others_cpu_share']:.0%} of the CPU time", flush=True)
                 shutil.rmtree(rundir)   # checkpoints of the larger sizes take hundreds of MB
-        mb = weights_mb(model)
-        results["sizes"][size] = {"model": str(model), "weights_mb": mb, "reps": reps,
-                                  "summary": {tool: summarize(r, mb) for tool, r in reps.items()}}
+        mb, shape = weights_mb(model), model_shape(model, LORA if SIZES[size].get("lora") else None)
+        results["sizes"][size] = {"model": str(model), "weights_mb": mb, "shape": shape, "reps": reps,
+                                  "summary": {tool: summarize(r, mb, shape, machine["peak_gflops"])
+                                              for tool, r in reps.items()}}
     shutil.rmtree(work)
     # The busiest neighbour seen: numbers taken beside other work are not the tools' own.
     shares = [r["others_cpu_share"] for s in results["sizes"].values() for rs in s["reps"].values() for r in rs]

@@ -75,7 +75,8 @@ def main() -> None:
             for variant, (env, overrides) in chosen.items():
                 rundir = work / f"{size}-{variant}-{rep}"
                 rundir.mkdir()
-                run_args = argparse.Namespace(steps=args.steps, oaif=[*args.oaif, *overrides])
+                # float32 unless the variant says otherwise: the bf16 lever is measured against it.
+                run_args = argparse.Namespace(steps=args.steps, oaif=[*args.oaif, *overrides], dtype="float32")
                 r = run_oaif(size, model, prompts, rundir, run_args, env)
                 r["losses"] = [row.get("train/loss") for row in r.pop("rounds")]
                 reps[variant].append(r)

@@ -11,6 +11,9 @@ vLLM) on the settings bench.py wrote, trains `steps` steps and writes to OUT.jso
   reward_seconds     time in its reward functions (the judge's stage)
   tokens             completion tokens generated (EOS included, padding not), as vLLM counts them
   ties               pairs the reward calls equal (oaif drops them; TRL trains on them)
+  sequences          (prompt tokens, completion tokens) of every sequence trained on, padding
+                     not counted: bench.py's training FLOP estimate
+  mixed_precision    the precision TRL's accelerator trained in ("no" or "bf16")
 TRL stays a benchmark-only dependency: this file is the only place that imports it.
 """
 
@@ -66,7 +69,10 @@ def main() -> None:
         max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], beta=s["beta"],
         learning_rate=s["learning_rate"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, loss_type="sigmoid", use_vllm=False,
-        bf16=False, fp16=False,   # TRL defaults to bf16 autocast; both tools run fp32 here
+        # bench.py's dtype, as oaif runs it: fp32 weights (the model is loaded in fp32) with the
+        # forward passes under bf16 autocast, or fp32 throughout. transformers refuses bf16
+        # without a GPU unless told the run is on the CPU.
+        bf16=s["dtype"] == "bfloat16", fp16=False, use_cpu=not torch.cuda.is_available(),
         # TRL turns it on by default, and with it HF generate runs without a KV cache; oaif
         # checkpoints no activations either.
         gradient_checkpointing=False,
@@ -82,7 +88,7 @@ def main() -> None:
     trainer.add_callback(times)
 
     # The trainer's own stages, timed by wrapping its methods (instance attributes shadow them).
-    counts = {"generate_seconds": 0.0, "reward_seconds": 0.0, "tokens": 0, "ties": 0}
+    counts = {"generate_seconds": 0.0, "reward_seconds": 0.0, "tokens": 0, "ties": 0, "sequences": []}
     generate, rewards = trainer._generate, trainer._calculate_rewards_from_functions
 
     def timed_generate(*a, **kw):
@@ -90,6 +96,8 @@ def main() -> None:
         out = generate(*a, **kw)
         counts["generate_seconds"] += time.perf_counter() - t0
         counts["tokens"] += int(out[3].sum())   # completion_mask: tokens up to and including EOS
+        # Every sampled sequence is trained on (both completions of a prompt form its pair).
+        counts["sequences"] += list(zip(out[1].sum(-1).tolist(), out[3].sum(-1).tolist()))   # prompt_mask
         return out
 
     def timed_rewards(prompts, completions, completion_ids_list, **kw):
@@ -107,7 +115,7 @@ def main() -> None:
         "loop_seconds": times.ends[-1] - times.starts[0],
         "step_seconds": [e - b for b, e in zip(times.starts, times.ends)],
         "steps": len(times.ends), "pairs": len(times.ends) * s["prompts_per_step"],
-        "torch_threads": torch.get_num_threads(), **counts,
+        "torch_threads": torch.get_num_threads(), "mixed_precision": trainer.accelerator.mixed_precision, **counts,
     }, indent=1))
 
 
