@@ -174,6 +174,12 @@ def trained_sequences(run: Path) -> list[tuple[int, int]]:
     return sequences
 
 
+def shown(path: Path) -> str:
+    """A path as the results record it: relative to the checkout when inside it, since results
+    are committed and read elsewhere, where this checkout's location means nothing."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def weights_mb(model: Path) -> float:
     return sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e6
 
@@ -413,7 +419,7 @@ def main() -> None:
     print(machine_line(machine), flush=True)
     prompts = work / "prompts.jsonl"
     prompts.write_text("".join((ROOT / "prompts/tiny_prompts.jsonl").read_text().splitlines(keepends=True)[:PROMPTS]))
-    sizes = {s: {k: str(v) if isinstance(v, Path) else v for k, v in SIZES[s].items()} for s in args.sizes}
+    sizes = {s: {k: shown(v) if isinstance(v, Path) else v for k, v in SIZES[s].items()} for s in args.sizes}
     results = {
         "settings": {"sizes": sizes, "reps": args.reps, "steps": args.steps, "prompts": PROMPTS,
                      "prompts_per_step": PROMPTS_PER_STEP, "samples_per_prompt": 2, "temperature": TEMPERATURE,
@@ -441,7 +447,7 @@ def main() -> None:
                       f"used {r['others_cpu_share']:.0%} of the CPU time", flush=True)
                 shutil.rmtree(rundir)   # checkpoints of the larger sizes take hundreds of MB
         mb, shape = weights_mb(model), model_shape(model, LORA if SIZES[size].get("lora") else None)
-        results["sizes"][size] = {"model": str(model), "weights_mb": mb, "shape": shape, "reps": reps,
+        results["sizes"][size] = {"model": shown(model), "weights_mb": mb, "shape": shape, "reps": reps,
                                   "summary": {tool: summarize(r, mb, shape, machine["peak_gflops"])
                                               for tool, r in reps.items()}}
     shutil.rmtree(work)
