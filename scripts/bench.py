@@ -381,9 +381,10 @@ def markdown(results: dict) -> str:
         "oaif drops equal-length pairs (a tie under the `shorter` rule); TRL trains on them, the first sample "
         "as chosen. TRL has no sync stage: HF generate samples from the trained model itself. Start-up s = "
         "whole - loop: start-up, the final checkpoint and shutdown. Train GFLOP/s: estimated training FLOPs "
-        "over the train stage's seconds (per sequence of S tokens, R of them response: (6·N + 2·N_trained)·S "
-        "for the policy's forward and backward and the reference's forward, the LM head's share over R only, "
-        "+ 8·layers·attention width·S² for attention; full weights: 8·N per token; padding not counted), "
+        "over the train stage's seconds (per sequence of S tokens, R of them response: (4·policy + 2·trained "
+        "+ 2·reference weights)·S for the policy's forward and backward and the reference's forward, the LM "
+        "head's share over R only, + 8·layers·attention width·S² for attention; full weights: 8·N per token; "
+        "padding not counted), "
         "and its share of the measured peak. Other processes used at most "
         f"{results['machine']['others_cpu_share_max']:.0%} of the machine's CPU time during a run.")]
     return "\n".join(lines)
