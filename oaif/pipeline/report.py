@@ -268,12 +268,11 @@ def page(name: str, rows: list[dict], config_text: str, images: dict[str, bytes]
     """The whole HTML page. Rounds fold with <details> (native HTML, no script needed)."""
     alarms = "".join(f"<li>{esc(line)}</li>" for line in alarm_lines(run_dir))
     sections = []
-    for section in SECTIONS:   # a heading per section that has a plot; the alarms above the hacking plots
+    for section in SECTIONS:   # a heading per section that has a plot
         figures = "".join(f'<img alt="{esc(p.file)}" src="data:image/png;base64,{base64.b64encode(images[p.file]).decode()}">'
                           for p in PLOTS if p.section == section and p.file in images)
-        listed = f"<h3>Alarms</h3><ul>{alarms}</ul>" if section == HACKING and alarms else ""
-        if figures or listed:
-            sections.append(f'<h2>{section}</h2>\n{listed}<div class="plots">{figures}</div>\n')
+        if figures:
+            sections.append(f'<h2>{section}</h2>\n<div class="plots">{figures}</div>\n')
     rounds = []
     for row in rows:
         shown, total = round_pairs(run_dir / "rounds" / f"{row['round']:06d}", pairs_per_round)
