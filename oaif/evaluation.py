@@ -222,10 +222,7 @@ class Evaluator:
         training = self.by_training_judge(records, policy, baseline, round, policy_version,
                                           "eval/live_train_judge")
         write_jsonl(self.run_dir / "eval" / f"live_{round:06d}.jsonl", records)
-        full = summarize(records, self.cfg.eval.bootstrap, self.cfg.seed)
-        return {"eval/live_win_rate": full["eval/win_rate_vs_ref"], "eval/live_win_rate_ci_low": full["eval/win_rate_ci_low"],
-                "eval/live_win_rate_ci_high": full["eval/win_rate_ci_high"], "eval/live_prompts": len(records),
-                **training}
+        return {**self.win_rate(records, "eval/live"), "eval/live_prompts": len(records), **training}
 
     def by_training_judge(self, records: list[dict], policy: list[Response], baseline: list[Response], round: int,
                           policy_version: int, prefix: str) -> dict:
@@ -238,7 +235,12 @@ class Evaluator:
                             self.cfg.annotate.missing_eos_penalty)
         for record, other in zip(records, theirs):
             record["train_judge_outcome"] = other["outcome"]
-        full = summarize(theirs, self.cfg.eval.bootstrap, self.cfg.seed)
+        return self.win_rate(theirs, prefix)
+
+    def win_rate(self, records: list[dict], prefix: str) -> dict:
+        """{prefix}_win_rate with its 95% interval, of comparison records: the slices and the
+        second judge's grading report the win rate alone."""
+        full = summarize(records, self.cfg.eval.bootstrap, self.cfg.seed)
         return {f"{prefix}_win_rate": full["eval/win_rate_vs_ref"],
                 f"{prefix}_win_rate_ci_low": full["eval/win_rate_ci_low"],
                 f"{prefix}_win_rate_ci_high": full["eval/win_rate_ci_high"]}
