@@ -48,6 +48,7 @@ from oaif import resume, run
 from oaif.annotate.files import annotate_file
 from oaif.bundled import bundled
 from oaif.checkpoint import export_merged
+from oaif.collector import owned_process
 from oaif.config import ConfigError, RunStopped, describe, load_config
 from oaif.console import STOPPED_AT_ONCE, StoppedAtOnce
 from oaif.datasets_io import export_pairs
@@ -348,5 +349,12 @@ def run_reporting_errors(command: Command, args: argparse.Namespace) -> int:
     return 0
 
 
+def entry() -> None:
+    """The `oaif` console script: main() in a process of its own (oaif/collector.py)."""
+    with owned_process():
+        code = main()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -73,12 +73,13 @@ MODELS = ROOT / "bench" / "models"
 # name -> how the policy is made and how long its responses may be. The 0.5M model is the
 # project's models/tiny (warmed up: short answers that end); the others are built like it.
 SIZES = {
-    "0.5M": dict(hidden=128, layers=2, warmup_steps=300, max_new_tokens=64, path=ROOT / "models/tiny"),
+    "0.5M": dict(hidden=128, layers=2, warmup_steps=300, max_new_tokens=64, steps=20, path=ROOT / "models/tiny"),
     # Untrained: they answer with max_new_tokens of noise, the generation-heavy case (speed
     # does not depend on what the tokens say).
-    "2.7M": dict(hidden=256, layers=4, warmup_steps=0, max_new_tokens=256),
-    "20M": dict(hidden=512, layers=8, warmup_steps=0, max_new_tokens=128),
-    "smollm2-lora": dict(max_new_tokens=64, path=ROOT / "models/smollm2-135m-instruct", lora=True),
+    "2.7M": dict(hidden=256, layers=4, warmup_steps=0, max_new_tokens=256, steps=20),
+    # The larger sizes run fewer steps (each takes seconds to minutes).
+    "20M": dict(hidden=512, layers=8, warmup_steps=0, max_new_tokens=128, steps=10),
+    "smollm2-lora": dict(max_new_tokens=64, steps=10, path=ROOT / "models/smollm2-135m-instruct", lora=True),
 }
 # oaif's default train.lora.target_modules (oaif/config.py), given to both tools.
 LORA = dict(r=16, alpha=32,
@@ -358,25 +359,29 @@ def machine_line(m: dict) -> str:
 
 def markdown(results: dict) -> str:
     lines = [machine_line(results["machine"]), "",
-             "| size | tool | pairs/s | oaif/TRL | whole s | oaif/TRL | start-up s | tokens/s "
+             "| size | tool | pairs/s | ÷ TRL | whole s | ÷ TRL | start-up s | tokens/s "
              "| stages s: generate / judge / train / sync / other | train GFLOP/s (share of peak) | sync s/MB "
              "| peak GiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     pairs = []
     for size, r in results["sizes"].items():
-        o, t = r["summary"]["oaif"], r["summary"]["trl"]
-        ratios = {"oaif": (fmt(o["pairs_per_s"] / t["pairs_per_s"]), fmt(o["whole_s"] / t["whole_s"])), "TRL": ("", "")}
-        for tool, s in (("oaif", o), ("TRL", t)):
-            stages = " / ".join(fmt(v, ".1f") for v in s["stages_s"].values())
-            lines.append(f"| {size} ({r['weights_mb']:.0f} MB) | {tool} | {fmt(s['pairs_per_s'], '.3f')} "
-                         f"| {ratios[tool][0]} | {fmt(s['whole_s'], '.1f')} | {ratios[tool][1]} "
-                         f"| {fmt(s['startup_s'], '.1f')} | {fmt(s['tokens_per_s'], '.0f')} | {stages} "
-                         f"| {fmt(s['train_gflops'], '.1f')} ({fmt(s['train_peak_share'], '.0%')}) "
-                         f"| {fmt(s['sync_s_per_mb'], '.4f')} | {fmt(s['peak_gib'])} |")
-        pairs.append(f"{size}: oaif {o['pairs']:g}, TRL {t['pairs']:g} ({t['ties']:g} of them equal length)")
+        t = r["summary"]["trl"]
+        for tool, o in r["summary"].items():
+            ratios = ("", "") if tool == "trl" else (fmt(o["pairs_per_s"] / t["pairs_per_s"]),
+                                                     fmt(o["whole_s"] / t["whole_s"]))
+            stages = " / ".join(fmt(v, ".1f") for v in o["stages_s"].values())
+            lines.append(f"| {size} ({r['weights_mb']:.0f} MB) | {TOOL_NAMES.get(tool, tool)} "
+                         f"| {fmt(o['pairs_per_s'], '.3f')} | {ratios[0]} | {fmt(o['whole_s'], '.1f')} | {ratios[1]} "
+                         f"| {fmt(o['startup_s'], '.1f')} | {fmt(o['tokens_per_s'], '.0f')} | {stages} "
+                         f"| {fmt(o['train_gflops'], '.1f')} ({fmt(o['train_peak_share'], '.0%')}) "
+                         f"| {fmt(o['sync_s_per_mb'], '.4f')} | {fmt(o['peak_gib'])} |")
+        pairs.append(f"{size}: " + ", ".join(f"{TOOL_NAMES.get(k, k)} {o['pairs']:g}" for k, o in r["summary"].items())
+                     + f" ({t['ties']:g} of TRL's of equal length)")
     st = results["settings"]
     lines += ["", (
-        f"Medians of {st['reps']} reps, {st['steps']} steps of {st['prompts_per_step']} prompts x 2 samples. "
+        f"Medians of {st['reps']} reps; steps of {st['prompts_per_step']} prompts x 2 samples: "
+        + ", ".join(f"{k} {v['steps']}" for k, v in st["sizes"].items()) + ". "
+        f"oaif async: {' '.join(st['async_overrides'])}. TRL in {st['trl_dtype']}. "
         f"Pairs trained on: {'; '.join(pairs)}. "
         "oaif drops equal-length pairs (a tie under the `shorter` rule); TRL trains on them, the first sample "
         "as chosen. TRL has no sync stage: HF generate samples from the trained model itself. Start-up s = "
@@ -400,34 +405,56 @@ def versions() -> dict:
     return out
 
 
+def tools(args) -> dict[str, tuple]:
+    """tool key -> (runner, its run arguments per size): oaif, oaif with async_rounds (--async),
+    and TRL; each gets the size's steps unless --steps is given."""
+    def spec(**kw):
+        return lambda size: argparse.Namespace(steps=args.steps or SIZES[size]["steps"], **kw)
+    out = {"oaif": (run_oaif, spec(oaif=args.oaif, dtype=args.dtype))}
+    if args.async_overrides is not None:
+        out["oaif_async"] = (run_oaif, spec(oaif=[*args.oaif, "async_rounds=1", *args.async_overrides], dtype=args.dtype))
+    return out | {"trl": (run_trl, spec(dtype=args.trl_dtype))}
+
+
+TOOL_NAMES = {"oaif_async": "oaif async", "trl": "TRL"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
     parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, help="steps for every size (default: each size's own, SIZES)")
     parser.add_argument("--out", default=str(ROOT / "bench/results/bench"), help="writes OUT.json and OUT.md")
     parser.add_argument("--oaif", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="overrides for oaif's runs, e.g. generate.enforce_eager=false async_rounds=1")
+                        help="overrides for oaif's runs, e.g. generate.enforce_eager=false")
+    parser.add_argument("--async", dest="async_overrides", nargs="*", metavar="KEY=VALUE",
+                        help="also run oaif with async_rounds=1 and these overrides (e.g. threads=1), side by side")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="both tools' precision; auto: what oaif's policy.dtype auto picks on this machine")
+    parser.add_argument("--trl-dtype", choices=["auto", "float32", "bfloat16"],
+                        help="TRL's own precision, where it measures faster in another (default: --dtype)")
     args = parser.parse_args()
     # Resolved once, here, and given to both tools by name, so that both run what auto picked.
     reason = f"policy.dtype auto: {auto_dtype()[1]}" if args.dtype == "auto" else "--dtype"
     args.dtype = resolve_dtype(args.dtype)
+    args.trl_dtype = resolve_dtype(args.trl_dtype or args.dtype)
+    runners = tools(args)
 
     work = Path(tempfile.mkdtemp(prefix="oaif-bench-"))
     machine = {**probe_machine(args.dtype, work), "dtype_reason": reason}
     print(machine_line(machine), flush=True)
     prompts = work / "prompts.jsonl"
     prompts.write_text("".join((ROOT / "prompts/tiny_prompts.jsonl").read_text().splitlines(keepends=True)[:PROMPTS]))
-    sizes = {s: {k: shown(v) if isinstance(v, Path) else v for k, v in SIZES[s].items()} for s in args.sizes}
+    sizes = {s: {k: shown(v) if isinstance(v, Path) else v for k, v in SIZES[s].items()} | {"steps": args.steps or SIZES[s]["steps"]}
+             for s in args.sizes}
     results = {
-        "settings": {"sizes": sizes, "reps": args.reps, "steps": args.steps, "prompts": PROMPTS,
+        "settings": {"sizes": sizes, "reps": args.reps, "prompts": PROMPTS,
                      "prompts_per_step": PROMPTS_PER_STEP, "samples_per_prompt": 2, "temperature": TEMPERATURE,
                      "beta": BETA, "learning_rate": LR, "lora_learning_rate": LORA_LR, "lora": LORA, "seed": SEED,
                      "threads": THREADS, "kv_cache_gib": KV_CACHE_GIB, "oaif_overrides": args.oaif,
-                     "dtype": args.dtype, "OMP_WAIT_POLICY": "ACTIVE",
-                     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset")},
+                     "async_overrides": ["async_rounds=1", *(args.async_overrides or [])] if "oaif_async" in runners else [],
+                     "dtype": args.dtype, "trl_dtype": args.trl_dtype, "OMP_WAIT_POLICY": "ACTIVE",
+                     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"), "commit": commit()},
         "machine": {**machine, "platform": platform.platform(), "python": platform.python_version(),
                     "versions": versions()},
         "sizes": {},
@@ -436,13 +463,13 @@ def main() -> None:
         model = model_for(size)
         if model is None:
             continue
-        reps = {"oaif": [], "trl": []}
+        reps = {tool: [] for tool in runners}
         for rep in range(args.reps):
-            for tool, run in (("oaif", run_oaif), ("trl", run_trl)):
+            for tool, (run, run_args) in runners.items():
                 rundir = work / f"{size}-{tool}-{rep}"
                 rundir.mkdir()
-                print(f"{size}: {tool} rep {rep + 1}/{args.reps}", flush=True)
-                r = run(size, model, prompts, rundir, args)
+                print(f"{size}: {TOOL_NAMES.get(tool, tool)} rep {rep + 1}/{args.reps}", flush=True)
+                r = run(size, model, prompts, rundir, run_args(size))
                 reps[tool].append(r)
                 print(f"  {r['pairs'] / r['loop_s']:.3f} pairs/s, {r['whole_s']:.1f} s whole; other processes "
                       f"used {r['others_cpu_share']:.0%} of the CPU time", flush=True)
@@ -461,6 +488,14 @@ def main() -> None:
     Path(f"{args.out}.json").write_text(json.dumps(results, indent=1))
     Path(f"{args.out}.md").write_text(table + "\n")
     print(table)
+
+
+def commit() -> str:
+    """The checkout's commit (with '+' when it has uncommitted changes): what oaif ran."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return head + ("+" if dirty else "")
 
 
 if __name__ == "__main__":

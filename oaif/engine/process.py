@@ -37,6 +37,7 @@ import traceback
 import torch
 import torch.multiprocessing
 
+from oaif.collector import owned_process
 from oaif.config import ConfigError
 from oaif.faults import crash_point
 from oaif.engine.base import Completion
@@ -215,6 +216,11 @@ def _cpu_ids(spec: str) -> set[int]:
 
 def _serve(conn, build_kwargs: dict, threads: int | None, cpu_bind: str | None, parent_pid: int) -> None:
     """The child: build the engine, then answer requests in order until "stop"."""
+    with owned_process():
+        _serve_requests(conn, build_kwargs, threads, cpu_bind, parent_pid)
+
+
+def _serve_requests(conn, build_kwargs: dict, threads: int | None, cpu_bind: str | None, parent_pid: int) -> None:
     end_with_parent()   # SIGTERM when the parent dies, even by SIGKILL
     if os.getppid() != parent_pid:
         return   # the parent died before the signal was armed
