@@ -252,6 +252,7 @@ class RunDir:
         self.lock: RunLock | None = None
         self.identity: dict = {}   # what the run is (run_identity), kept in every checkpoint
         self.tokenizer = None      # the policy's, saved with it in every checkpoint
+        self.memory_gib: float | None = None   # the run's estimated memory need (oaif/memory.py)
 
     @classmethod
     def planned(cls, cfg: RunConfig, resume_dir: Path | None, checkpoint: Path | None, prompts

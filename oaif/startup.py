@@ -18,7 +18,8 @@ from oaif.evaluation import (TRAINING_JUDGE_WARNING, Evaluator, baseline_respons
                              eval_prompts, max_new_tokens)
 from oaif.console import RunConsole
 from oaif.generate import Drawn, Generator
-from oaif.models import check_model, policy_tokenizer, resolve_dtype
+from oaif.memory import check_memory
+from oaif.models import check_model, policy_tokenizer, resolve_device, resolve_dtype
 from oaif.rundir import RunComplete, RunDir, export_stale, run_identity
 from oaif.tracking import Trackers, check_trackers
 
@@ -47,6 +48,7 @@ def check_run(cfg: RunConfig, run: RunDir, python, log) -> None:
     if cfg.eval.every and cfg.eval.baseline:
         check_model(cfg.eval.baseline, "eval.baseline")
     check_inputs(cfg, python=python)
+    run.memory_gib = check_memory(cfg, str(resolve_device(cfg.policy.device)))
     check_distributed(cfg, run.accelerator)
     check_trackers(cfg)
     if cfg.eval.every:
@@ -91,7 +93,8 @@ def start_parts(cfg: RunConfig, run: RunDir, judge: AnnotateStage, state: dict |
         tokenizer = run.tokenizer   # loaded (and checked) by check_run
         trainer = build_trainer(cfg, tokenizer.pad_token_id, schedule_steps(cfg), run.accelerator, run.resume_from)
         startup = {"startup/trainer_seconds": time.perf_counter() - t0,
-                   "startup/dtype": resolve_dtype(cfg.policy.dtype)}   # what policy.dtype 'auto' chose here
+                   "startup/dtype": resolve_dtype(cfg.policy.dtype),   # what policy.dtype 'auto' chose here
+                   "startup/memory_estimate_gib": run.memory_gib}
         t0 = time.perf_counter()
 
         def open_engine() -> None:   # rank 0; a failure here stops every rank (on_main)
