@@ -14,10 +14,13 @@ loop's peak against this estimate):
   judges            a local judge's weights (vllm, transformers: annotate.dtype) and its
                     KV cache (vllm: annotate.kv_cache_gib), for annotate and eval.annotate
   libraries         torch, transformers and vLLM themselves, measured (LIBRARIES_GIB)
-On a GPU the trainer's parts must fit the GPU memory the engines leave it; the engine's own
-share is set by generate.gpu_memory_utilization, so it is not counted again. Activations grow
-with the longest sequence in a micro-batch and are not counted: the check refuses only a run
-whose fixed parts cannot fit.
+and, per token of a training micro-batch (2·micro_batch_size sequences of the longest
+prompt and response the config allows, the worst case a run can meet), the activations the
+backward pass keeps: about 8·hidden + 4·intermediate values per layer (norms, q/k/v,
+attention, the MLP's gate, up and product) in the compute dtype, plus the LM head's logits
+over the response in float32 (kept three times over: logits, their float copy, the softmax of
+the backward). On a GPU the trainer's parts must fit the GPU memory the engines leave it; the
+engine's own share is set by generate.gpu_memory_utilization, so it is not counted again.
 """
 
 from __future__ import annotations
@@ -64,8 +67,10 @@ def parameters(shapes: dict[str, list[int]]) -> int:
     return sum(math.prod(s) for s in shapes.values())
 
 
-def memory_parts(cfg: RunConfig, shapes: dict[str, list[int]]) -> tuple[dict[str, float], dict[str, float]]:
-    """(the trainer's parts, the engines', judges' and libraries' parts), in bytes, for this config."""
+def memory_parts(cfg: RunConfig, shapes: dict[str, list[int]], config: dict
+                 ) -> tuple[dict[str, float], dict[str, float]]:
+    """(the trainer's parts, the engines', judges' and libraries' parts), in bytes, for this
+    config; `config`: the policy's config.json."""
     n = parameters(shapes)
     dtype = resolve_dtype(cfg.policy.dtype)
     lora, size = cfg.train.lora, DTYPE_BYTES[dtype]
@@ -76,10 +81,20 @@ def memory_parts(cfg: RunConfig, shapes: dict[str, list[int]]) -> tuple[dict[str
         "gradients and AdamW": trained * 12,
         "bf16 weight casts": n * 2 if dtype != "float32" and not lora.enabled else 0,
         "reference": n * size if needs_reference else 0,
+        "activations": activations(cfg, config, size),
     }
     engine = {} if cfg.generate.servers() else {"engine weights": n * size,
                                                 "engine KV cache": cfg.generate.kv_cache_gib * GIB}
     return trainer, engine | judges(cfg) | {"libraries": LIBRARIES_GIB * GIB}
+
+
+def activations(cfg: RunConfig, config: dict, size: int) -> float:
+    """Bytes the backward pass keeps for one micro-batch at the longest sequences the config allows."""
+    sequences = 2 * cfg.train.micro_batch_size
+    tokens = sequences * (cfg.policy.max_prompt_tokens + cfg.generate.max_new_tokens)
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    body = tokens * layers * (8 * hidden + 4 * config.get("intermediate_size", 4 * hidden)) * size
+    return body + sequences * cfg.generate.max_new_tokens * config["vocab_size"] * 4 * 3
 
 
 def judges(cfg: RunConfig) -> dict[str, float]:
@@ -115,16 +130,17 @@ def check_memory(cfg: RunConfig, device: str) -> float | None:
     """The run's estimated need in GiB (None: the policy's shapes are not on disk, e.g. a hub
     id not yet downloaded); refuses, in one line, a run whose estimate exceeds what this
     machine (or the training GPU) has free."""
-    shapes = safetensors_shapes(cfg.policy.model)
-    if shapes is None:
+    shapes, config = safetensors_shapes(cfg.policy.model), Path(cfg.policy.model).expanduser() / "config.json"
+    if shapes is None or not config.is_file():
         return None
-    trainer, rest = memory_parts(cfg, shapes)
+    trainer, rest = memory_parts(cfg, shapes, json.loads(config.read_text()))
     need = sum(trainer.values()) + sum(rest.values())
     if not cfg.check_memory:
         return need / GIB
     ways = ("train.lora.enabled=true" if not cfg.train.lora.enabled else "",
             "policy.dtype=bfloat16" if resolve_dtype(cfg.policy.dtype) == "float32" else "",
-            "a smaller generate.kv_cache_gib" if cfg.generate.kv_cache_gib > 0.5 and not device.startswith("cuda") else "")
+            "a smaller generate.kv_cache_gib" if cfg.generate.kv_cache_gib > 0.5 and not device.startswith("cuda") else "",
+            "a smaller train.micro_batch_size" if trainer["activations"] > need / 4 and cfg.train.micro_batch_size > 1 else "")
     advice = "; ".join(w for w in ways if w) or "a smaller policy.model"
     if device.startswith("cuda"):
         import torch

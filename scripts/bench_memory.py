@@ -9,7 +9,8 @@ on all seven projections), in float32 and bfloat16, and records the peak residen
 the process tree (sampled every 0.2 s). Two sizes separate the cost per parameter (the slope)
 from the fixed cost (the libraries, the KV cache, activations that do not grow with N):
   bytes/param = (peak at 135M - peak at 20M) / (N_135M - N_20M),  fixed = peak - bytes/param·N.
-Beside each peak, the estimate the run recorded (startup/memory_estimate_gib) and its ratio.
+Beside each peak, the estimate the run recorded (startup/memory_estimate_gib: oaif/memory.py's
+parts, activations at the longest sequences the config allows) and its ratio to the peak.
 Memory does not depend on the CPU's speed, so a busy neighbour does not change these numbers.
 """
 

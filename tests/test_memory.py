@@ -30,21 +30,24 @@ def test_parts_follow_what_the_run_holds(tiny_model):
     """Full weights: fp32 master weights, gradients and AdamW (16 B), the reference and the
     engine in policy.dtype; a fresh LoRA adapter has no reference copy and trains its adapter
     only; a reference-free loss has none either; server mode holds no engine here."""
-    shapes = safetensors_shapes(str(tiny_model))
+    shapes, config = safetensors_shapes(str(tiny_model)), json.loads((tiny_model / "config.json").read_text())
     n = parameters(shapes)
     base = [f"policy.model={tiny_model}", "policy.dtype=float32", "generate.kv_cache_gib=0.25"]
-    trainer, rest = memory_parts(load_config(None, base), shapes)
+    trainer, rest = memory_parts(load_config(None, base), shapes, config)
     assert trainer["trainer weights"] == 4 * n and trainer["gradients and AdamW"] == 12 * n
     assert trainer["reference"] == 4 * n and trainer["bf16 weight casts"] == 0
     assert rest["engine weights"] == 4 * n and rest["engine KV cache"] == 0.25 * GIB
-    trainer, rest = memory_parts(load_config(None, [*base, "policy.dtype=bfloat16"]), shapes)
+    activations = trainer["activations"]
+    trainer, _ = memory_parts(load_config(None, [*base, "train.micro_batch_size=4"]), shapes, config)
+    assert trainer["activations"] == pytest.approx(activations / 2)   # one micro-batch's, at the longest sequences
+    trainer, rest = memory_parts(load_config(None, [*base, "policy.dtype=bfloat16"]), shapes, config)
     assert trainer["reference"] == 2 * n and trainer["bf16 weight casts"] == 2 * n and rest["engine weights"] == 2 * n
     lora = lora_parameters(shapes, 16, load_config(None, base).train.lora.target_modules)
-    trainer, _ = memory_parts(load_config(None, [*base, "train.lora.enabled=true"]), shapes)
+    trainer, _ = memory_parts(load_config(None, [*base, "train.lora.enabled=true"]), shapes, config)
     assert trainer["reference"] == 0 and trainer["gradients and AdamW"] == 12 * lora
-    trainer, _ = memory_parts(load_config(None, [*base, "train.loss=simpo"]), shapes)
+    trainer, _ = memory_parts(load_config(None, [*base, "train.loss=simpo"]), shapes, config)
     assert trainer["reference"] == 0
-    _, rest = memory_parts(load_config(None, [*base, "generate.server_url=http://127.0.0.1:1"]), shapes)
+    _, rest = memory_parts(load_config(None, [*base, "generate.server_url=http://127.0.0.1:1"]), shapes, config)
     assert "engine weights" not in rest and "engine KV cache" not in rest
 
 
