@@ -212,9 +212,10 @@ def test_kto_reference_point_does_not_depend_on_the_micro_batch_size(tiny_model)
             trainer.train_round(pairs)
         weights.append({k: v.clone() for k, v in policy.state_dict().items()})
     differ = max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0])
-    # Passes of other shapes round differently (~2e-5 after Adam at lr 1e-2); a z0 taken per
-    # micro-batch moves the weights ~8e-3 apart.
-    assert differ < 1e-4, differ
+    # Passes of other shapes round differently (up to ~2e-4 after Adam at lr 1e-2: the LM head
+    # multiplies the whole micro-batch at once); a z0 taken per micro-batch moves the weights
+    # ~8e-3 apart.
+    assert differ < 1e-3, differ
 
 
 def test_policy_gradient_learns_shorter_with_its_kl_leash(tiny_model, tmp_path):
