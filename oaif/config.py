@@ -240,6 +240,7 @@ class TrainConfig:
     epochs_per_round: int = _f(1, "Passes over each round's pairs.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     disable_dropout: bool = _f(True, "Set every dropout in the policy to 0, so the policy that is trained is the one that sampled.")
+    gradient_checkpointing: bool = _f(False, "Keep only each layer's input for the backward pass and recompute the rest (transformers' gradient checkpointing): the training activations shrink about (8·hidden + 4·intermediate) / hidden times, for about one more forward pass of compute per step. For a model or micro-batch whose activations do not fit (check_memory counts them).")
     check_replicas: bool = _f(False, "Multi-process (DDP): after every optimizer step, compare a hash of every rank's parameters, write them to replicas.jsonl and stop if they differ. Costs one pass over the weights per step.")
     checkpoint_every: int = _f(5, "Save a checkpoint every N rounds (0: only after the last round). A checkpoint is also written after the last round and when SIGINT/SIGTERM stops a run.")
     keep_checkpoints: int = _f(3, "Keep the newest N checkpoints; older ones are deleted once a newer one is whole (0: keep all).")

@@ -93,7 +93,10 @@ def activations(cfg: RunConfig, config: dict, size: int) -> float:
     sequences = 2 * cfg.train.micro_batch_size
     tokens = sequences * (cfg.policy.max_prompt_tokens + cfg.generate.max_new_tokens)
     hidden, layers = config["hidden_size"], config["num_hidden_layers"]
-    body = tokens * layers * (8 * hidden + 4 * config.get("intermediate_size", 4 * hidden)) * size
+    per_layer = 8 * hidden + 4 * config.get("intermediate_size", 4 * hidden)
+    # Gradient checkpointing keeps each layer's input, and one layer's activations while it is recomputed.
+    kept = layers * hidden + per_layer if cfg.train.gradient_checkpointing else layers * per_layer
+    body = tokens * kept * size
     return body + sequences * cfg.generate.max_new_tokens * config["vocab_size"] * 4 * 3
 
 

@@ -54,6 +54,9 @@ def build_policy(path: str, dtype: str, device: str, cfg: TrainConfig,
                            device=device)
     if cfg.disable_dropout:
         disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        # Non-reentrant: gradients reach the LoRA adapters without the inputs requiring grad.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reference_free = not LOSSES[cfg.loss].needs_reference
     if not lora.enabled:
         return model, None if reference_free else load_causal_lm(path, dtype, trainable=False, device=device)
@@ -64,8 +67,11 @@ def build_policy(path: str, dtype: str, device: str, cfg: TrainConfig,
         reference = PeftModel.from_pretrained(copy.deepcopy(model), lora.adapter).merge_and_unload()
         reference.eval().requires_grad_(False)
     if lora.adapter or resume_from:
-        return PeftModel.from_pretrained(model, resume_from or lora.adapter, is_trainable=True), reference
-    return lora_model(model, lora.r, lora.alpha, lora.dropout, lora.target_modules, "CAUSAL_LM"), None
+        policy = PeftModel.from_pretrained(model, resume_from or lora.adapter, is_trainable=True)
+    else:
+        policy = lora_model(model, lora.r, lora.alpha, lora.dropout, lora.target_modules, "CAUSAL_LM")
+    # The base was loaded frozen, in eval mode; LoRA dropout and gradient checkpointing act only in train mode.
+    return policy.train(), reference
 
 
 def lora_model(model: torch.nn.Module, r: int, alpha: int, dropout: float, target_modules, task_type: str):
@@ -111,7 +117,8 @@ def sequence_logps(model: torch.nn.Module, input_ids, attention_mask, loss_mask,
     # per sequence when the head is frozen (LoRA): on SmolLM2 under bf16 autocast, 1.24x the
     # time of a plain full log-softmax pass before, 1.02x now (scripts/bench_logps.py --lora).
     positions = torch.arange(first - 1, input_ids.shape[1] - 1, device=input_ids.device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=positions).logits.float()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=positions,
+                   use_cache=False).logits.float()   # no KV cache: nothing generates from this pass
     targets = input_ids[:, first:]
     mask = loss_mask[:, first:]
     token_logps = logits.gather(2, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)

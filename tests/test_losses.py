@@ -39,7 +39,7 @@ class FixedLogits(torch.nn.Module):
     """A 'model' whose next-token distribution at every position is softmax([0, log 3]):
     token 0 has p=1/4, token 1 has p=3/4, whatever the input."""
 
-    def forward(self, input_ids, attention_mask, logits_to_keep=0):   # as transformers reads logits_to_keep
+    def forward(self, input_ids, attention_mask, logits_to_keep=0, use_cache=False):   # as transformers reads logits_to_keep
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = torch.tensor([0.0, math.log(3.0)]).expand(*input_ids.shape, 2)[:, keep]
         return type("Out", (), {"logits": logits})()

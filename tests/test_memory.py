@@ -8,6 +8,7 @@ import pytest
 from conftest import oaif_main
 
 from oaif.config import load_config
+from oaif.train import batch_sequences, build_policy, sequence_logps
 from oaif.memory import GIB, available_bytes, lora_parameters, memory_parts, parameters, safetensors_shapes
 
 
@@ -49,6 +50,38 @@ def test_parts_follow_what_the_run_holds(tiny_model):
     assert trainer["reference"] == 0
     _, rest = memory_parts(load_config(None, [*base, "generate.server_url=http://127.0.0.1:1"]), shapes, config)
     assert "engine weights" not in rest and "engine KV cache" not in rest
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_keeps_less_for_the_backward_and_gives_the_same_gradients(tiny_model, lora):
+    """What the backward pass keeps, counted as autograd saves it, shrinks (the estimate's
+    activations too), and the gradients are the same, with full weights and with LoRA."""
+    import torch
+
+    def run(checkpointing: bool):
+        cfg = load_config(None, [f"policy.model={tiny_model}", "policy.dtype=float32", f"train.lora.enabled={lora}",
+                                 f"train.gradient_checkpointing={checkpointing}"])
+        torch.manual_seed(0)
+        policy, _ = build_policy(str(tiny_model), "float32", "cpu", cfg.train)
+        batch = batch_sequences([[5] * 20] * 4, [[7] * 30] * 4, 0)
+        saved = [0]
+
+        def pack(t):
+            saved[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logps = sequence_logps(policy, *batch)
+        logps.sum().backward()
+        shapes, config = safetensors_shapes(str(tiny_model)), json.loads((tiny_model / "config.json").read_text())
+        estimate = memory_parts(cfg, shapes, config)[0]["activations"]
+        return saved[0], estimate, {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}
+
+    (kept, estimate, grads), (kept_gc, estimate_gc, grads_gc) = run(False), run(True)
+    assert kept_gc < kept / 3 and estimate_gc < estimate
+    assert grads.keys() == grads_gc.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads_gc[name], grads[name], rtol=1e-5, atol=1e-6)
 
 
 def huge_policy(tiny_model, folder, parameters: int):
