@@ -4,8 +4,8 @@ oaif's own estimate (oaif/memory.py, the `check_memory` refusal).
     .venv/bin/python scripts/bench_memory.py       # writes bench/results/memory.{json,md}
 
 Runs scripts/bench.py's oaif run (same prompts and settings, 3 rounds) at two sizes, the 20M
-model (hidden 512, 8 layers) and SmolLM2-135M-Instruct, with full weights and with LoRA (r 16
-on all seven projections), in float32 and bfloat16, and records the peak resident memory of
+model (hidden 512, 8 layers) and SmolLM2-135M-Instruct, with full weights, with LoRA (r 16
+on all seven projections) and with LoRA and train.gradient_checkpointing, in float32 and bfloat16, and records the peak resident memory of
 the process tree (sampled every 0.2 s). Two sizes separate the cost per parameter (the slope)
 from the fixed cost (the libraries, the KV cache, activations that do not grow with N):
   bytes/param = (peak at 135M - peak at 20M) / (N_135M - N_20M),  fixed = peak - bytes/param·N.
@@ -32,7 +32,9 @@ from oaif.memory import parameters, safetensors_shapes  # noqa: E402
 
 SIZES = ("20M", "smollm2-lora")   # bench.py's models; the LoRA mode is set per run below
 MODES = {"full": ["train.lora.enabled=false", "train.learning_rate=1e-5"],
-         "LoRA": ["train.lora.enabled=true", "train.learning_rate=5e-4"]}
+         "LoRA": ["train.lora.enabled=true", "train.learning_rate=5e-4"],
+         "LoRA, gradient checkpointing": ["train.lora.enabled=true", "train.learning_rate=5e-4",
+                                          "train.gradient_checkpointing=true"]}
 
 
 def main() -> None:
