@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from oaif.bundled import resolve_against
-from oaif.objectives import SETTING_OWNERS
+from oaif.objectives import LOSSES, SETTING_OWNERS
 
 
 def _f(default: Any, help: str) -> Any:
@@ -237,6 +237,9 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     batch_size: int = _f(64, "Pairs per optimizer step; a round's pairs are split into steps of this size.")
     micro_batch_size: int = _f(8, "Pairs per forward/backward pass (gradient accumulation up to batch_size).")
+    bucket_by_length: bool = _f(True, "Cut each optimizer step's micro-batches from its pairs ordered by length (the longer of prompt + chosen and prompt + rejected, which share a batch), so that a micro-batch pads only to similar lengths; the step's gradient is the same sum. Pays only when micro_batch_size < batch_size. train/padding_share reports the padded share of the training passes' positions.")
+    reference_batch_size: int = _f(0, "Pairs per pass of the reference (and, rloo, of the policy as the round began): those log-probs are computed for all of a round's pairs before its first step, without gradients, longest pairs first. A pass without gradients keeps no activations for a backward pass, so it fits more pairs than a training pass: a larger size gives fewer, fuller passes for more memory while they run. 0: micro_batch_size. Reference-free losses (orpo, simpo, sft) run no such pass.")
+    compile: bool = _f(False, "torch.compile the policy's training forward (inductor, dynamic shapes; on a CPU it needs a C++ compiler). The compilation is paid in the first round (its train/seconds), and again when a shape it has not seen forces a recompile. Single process only.")
     epochs_per_round: int = _f(1, "Passes over each round's pairs.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     disable_dropout: bool = _f(True, "Set every dropout in the policy to 0, so the policy that is trained is the one that sampled.")
@@ -266,6 +269,10 @@ class TrainConfig:
             errors.append(f"train.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
         if self.beta is not None and self.beta <= 0:
             errors.append(f"train.beta: must be > 0, got {self.beta}")
+        if self.reference_batch_size < 0:
+            errors.append(f"train.reference_batch_size: must be >= 0 (0: micro_batch_size), got {self.reference_batch_size}")
+        elif self.reference_batch_size and not LOSSES[self.loss].needs_reference:
+            errors.append(f"train.reference_batch_size: loss {self.loss} runs no reference pass; remove it")
         return errors + self.lora.problems()
 
 

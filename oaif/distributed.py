@@ -93,6 +93,9 @@ def check_distributed(cfg: RunConfig, accelerator, judge: bool = True) -> None:
     replicated = accelerator.distributed_type in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
     if cfg.train.lora.enabled and not replicated:
         errors.append(f"train.lora.enabled: LoRA runs under DDP only (this launch is {accelerator.distributed_type.value})")
+    if cfg.train.compile:   # compiled graphs around DDP's buckets or FSDP's gathers are not tested here
+        errors.append("train.compile: compiles the single-process trainer only; set train.compile=false for a "
+                      "multi-process launch")
     if cfg.train.check_replicas and not replicated:
         errors.append(f"train.check_replicas: only DDP keeps whole replicas (this launch is "
                       f"{accelerator.distributed_type.value})")

@@ -6,8 +6,10 @@ model stopped), so nothing is re-tokenized between sampling and training.
 With LoRA and a fresh adapter the reference is the same model with the adapter disabled
 (no second copy in memory). A run that starts from a trained adapter keeps a frozen copy of
 base+adapter instead, because "adapter disabled" would then be the base model, not the
-policy the run started from. The reference-free losses (orpo, simpo) have no reference at
-all: none is built, and no reference pass is run.
+policy the run started from. A round's reference log-probs are computed for all its pairs
+before its first step, without gradients (train.reference_batch_size pairs per pass), and
+read from there by every step. The reference-free losses (orpo, simpo, sft) have no
+reference at all: none is built, and no reference pass is run.
 
 Under `accelerate launch` every rank holds the policy (wrapped by the chosen engine: DDP,
 FSDP or DeepSpeed) and trains on its share of each optimizer step's pairs. Shares are
@@ -100,6 +102,25 @@ def batch_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id
     return input_ids, attention_mask, loss_mask
 
 
+def pair_lengths(pair: PreferencePair) -> tuple[int, int]:
+    """Tokens of prompt + chosen and prompt + rejected: the two rows the pair adds to a batch."""
+    prompt = len(pair.prompt_token_ids)
+    return prompt + len(pair.chosen_token_ids), prompt + len(pair.rejected_token_ids)
+
+
+def padded_length(pair: PreferencePair) -> int:
+    """The width the pair pads a batch to: its longer row (chosen and rejected share one batch)."""
+    return max(pair_lengths(pair))
+
+
+def by_length(pairs: list[PreferencePair], weights: list[float]) -> tuple[list[PreferencePair], list[float]]:
+    """pairs and their weights, longest first: consecutive micro-batches then pad only to
+    similar lengths. Longest first, so that a micro-batch too large for memory fails on the
+    first pass."""
+    order = sorted(range(len(pairs)), key=lambda i: padded_length(pairs[i]), reverse=True)
+    return [pairs[i] for i in order], [weights[i] for i in order]
+
+
 def sequence_logps(model: torch.nn.Module, input_ids, attention_mask, loss_mask,
                    length_normalize: bool = False) -> torch.Tensor:
     """Summed (or mean) log-probs of the masked (response) tokens, shape (B,).
@@ -177,21 +198,32 @@ def lr_lambda(cfg: TrainConfig, total_steps: int, anchor: tuple[int, float] | No
 
 @dataclass
 class StepStats:
-    """Pair-weighted sums of one round's training metrics (padding pairs weigh 0)."""
+    """Pair-weighted sums of one round's training metrics (padding pairs weigh 0), and the
+    padded and all positions of the batches its training passes ran on."""
     sums: dict
     n: float = 0.0
+    padded: int = 0
+    positions: int = 0
 
     def add(self, weights: torch.Tensor, **values: torch.Tensor) -> None:
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + (v.detach().float() * weights).sum().item()
         self.n += weights.sum().item()
 
+    def add_batch(self, pairs: list[PreferencePair]) -> None:
+        """A training pass's batch: its 2·len(pairs) rows, each padded to the longest."""
+        lengths = [n for p in pairs for n in pair_lengths(p)]
+        self.positions += len(lengths) * max(lengths)
+        self.padded += len(lengths) * max(lengths) - sum(lengths)
+
     def means(self, accelerator=None) -> dict[str, float]:
+        """The metrics' pair-weighted means, and padding_share: padded / all positions."""
         keys = sorted(self.sums)
-        totals = torch.tensor([self.sums[k] for k in keys] + [self.n], dtype=torch.float64)
+        totals = torch.tensor([self.sums[k] for k in keys] + [self.padded, self.positions, self.n], dtype=torch.float64)
         if accelerator is not None:  # every rank saw only its share of the pairs
             totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
-        return {k: (totals[i] / totals[-1]).item() for i, k in enumerate(keys)}
+        return {**{k: (totals[i] / totals[-1]).item() for i, k in enumerate(keys)},
+                "padding_share": (totals[-3] / totals[-2]).item()}
 
 
 def rank_share(batch: list, rank: int, world: int) -> tuple[list, list[float]]:
@@ -200,6 +232,19 @@ def rank_share(batch: list, rank: int, world: int) -> tuple[list, list[float]]:
     share = batch[rank::world]
     size = -(-len(batch) // world)
     return share + [batch[0]] * (size - len(share)), [1.0] * len(share) + [0.0] * (size - len(share))
+
+
+def step_shares(pairs: list[PreferencePair], batch_size: int, rank: int, world: int,
+                bucket_by_length: bool) -> list[tuple[list[PreferencePair], list[float], int]]:
+    """Per optimizer step of batch_size pairs: this rank's pairs (rank_share), their weights and
+    the step's pair count; each share longest first when bucketing (the step's gradient is the
+    same sum in any order)."""
+    steps = []
+    for s in range(0, len(pairs), batch_size):
+        batch = pairs[s:s + batch_size]
+        share, weights = rank_share(batch, rank, world)
+        steps.append((*(by_length(share, weights) if bucket_by_length else (share, weights)), len(batch)))
+    return steps
 
 
 def parameter_hash(model: torch.nn.Module) -> str:
@@ -235,6 +280,10 @@ class PreferenceTrainer:
                 accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
             self.model, self.optimizer = accelerator.prepare(policy, optimizer)
             self.policy = accelerator.unwrap_model(self.model)
+        if cfg.compile:
+            # The training passes only (the no-grad passes run the plain model). dynamic: one
+            # graph for the micro-batches' many lengths, not one compilation per shape.
+            self.model = torch.compile(self.model, dynamic=True)
         self.reference = reference
         self.reference_free = not self.objective.needs_reference   # no reference pass
         self.length_normalize = cfg.length_normalize or self.objective.mean_logps
@@ -260,38 +309,43 @@ class PreferenceTrainer:
         device = next(self.policy.parameters()).device
         return torch.autocast(device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
 
-    def _fixed_logps(self, cache: dict, model, pairs: list[PreferencePair], batch=None) -> torch.Tensor:
-        """Log-probs of (chosen..., rejected...) under a model that does not change while they
-        are used (the frozen reference; the policy as the round began): computed once per pair
-        and round (later epochs and KTO's z0 pass, reference_point, reuse them). The plain model
-        runs it, outside the engine's wrapper (no gradient, nothing to synchronise)."""
-        if all(id(p) in cache for p in pairs):
-            cached = [cache[id(p)] for p in pairs]
-            return torch.stack([c for c, _ in cached] + [r for _, r in cached])
-        with torch.no_grad(), model as m:
-            logps = sequence_logps(m, *(batch if batch is not None else self._batch(pairs)), self.length_normalize)
-        n = len(pairs)
-        for k, p in enumerate(pairs):
-            cache[id(p)] = (logps[k], logps[n + k])
-        return logps
+    def score_round(self, pairs: list[PreferencePair]) -> None:
+        """Before a round's first step: its pairs' (this rank's) log-probs under the reference
+        and (rloo) under the policy as the round began, which its steps then read."""
+        self._reference_cache, self._start_cache = {}, {}
+        if not self.reference_free:
+            self._score_fixed(self._reference_cache, reference_model(self.policy, self.reference), pairs)
+        if self.objective.needs_start_logps:   # rloo: PPO's ratio is taken against the policy that sampled
+            self._score_fixed(self._start_cache, contextlib.nullcontext(self.policy), pairs)
+
+    def _score_fixed(self, cache: dict, model, pairs: list[PreferencePair]) -> None:
+        """Fill cache with each pair's (chosen, rejected) log-probs under a model that does not
+        change during the round (the frozen reference; rloo: the policy as the round began),
+        before its first step: every step, epoch and KTO's z0 pass then reads them. No gradient,
+        so passes of reference_batch_size pairs, longest first (each pads to similar lengths).
+        The plain model runs them, outside the engine's wrapper (nothing to synchronise)."""
+        size = self.cfg.reference_batch_size or self.cfg.micro_batch_size
+        ordered = sorted(pairs, key=padded_length, reverse=True)
+        with torch.no_grad(), self._autocast(), model as m:
+            for s in range(0, len(ordered), size):
+                chunk = ordered[s:s + size]
+                logps = sequence_logps(m, *self._batch(chunk), self.length_normalize)
+                for k, p in enumerate(chunk):
+                    cache[id(p)] = (logps[k], logps[len(chunk) + k])
+
+    @staticmethod
+    def _cached(cache: dict, pairs: list[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) log-probs of pairs, each (B,), from a cache _score_fixed filled."""
+        return torch.stack([cache[id(p)][0] for p in pairs]), torch.stack([cache[id(p)][1] for p in pairs])
 
     def _forward(self, pairs: list[PreferencePair]):
-        """Chosen and rejected go through one forward pass together, for the policy and (once
-        per round) the reference. Reference-free losses: the reference log-probs are None."""
+        """The policy's log-probs of chosen and rejected, in one forward pass together, and the
+        reference's from the round's cache. Reference-free losses: the reference's are None."""
         batch, n = self._batch(pairs), len(pairs)
         with self._autocast():
             policy = sequence_logps(self.model, *batch, self.length_normalize)
-            if self.reference_free:
-                return policy[:n], policy[n:], None, None
-            ref = self._fixed_logps(self._reference_cache, reference_model(self.policy, self.reference), pairs, batch)
-        return policy[:n], policy[n:], ref[:n], ref[n:]
-
-    def _start_logps(self, pairs: list[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
-        """rloo: the log-probs of (chosen, rejected) under the policy as the round began (PPO's
-        π_old), scored for every pair before the first step (train_round)."""
-        with self._autocast():
-            logps = self._fixed_logps(self._start_cache, contextlib.nullcontext(self.policy), pairs)
-        return logps[:len(pairs)], logps[len(pairs):]
+        ref = (None, None) if self.reference_free else self._cached(self._reference_cache, pairs)
+        return policy[:n], policy[n:], *ref
 
     def loss(self, pc, pr, rc, rr, p_chosen: torch.Tensor, weights: torch.Tensor | None = None,
              z0: torch.Tensor | None = None, start: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -306,16 +360,11 @@ class PreferenceTrainer:
         on_step: called after each step (taken or skipped), for progress."""
         cfg, stats, acc = self.cfg, StepStats({}), self.accelerator
         norms, skipped = [], 0
-        self._reference_cache, self._start_cache = {}, {}
         rank, world = (acc.process_index, acc.num_processes) if acc else (0, 1)
-        # rloo, before any step: PPO's ratio is taken against the policy that sampled.
-        if self.objective.needs_start_logps:
-            for m in range(0, len(pairs), cfg.micro_batch_size):
-                self._start_logps(pairs[m:m + cfg.micro_batch_size])
+        steps = step_shares(pairs, cfg.batch_size, rank, world, cfg.bucket_by_length)
+        self.score_round([p for share, _, _ in steps for p in share])   # equal counts on every rank: equal passes
         for _ in range(cfg.epochs_per_round):
-            for start in range(0, len(pairs), cfg.batch_size):
-                batch = pairs[start:start + cfg.batch_size]
-                share, weights = rank_share(batch, rank, world)
+            for share, weights, step_pairs in steps:
                 self.optimizer.zero_grad(set_to_none=True)
                 z0 = self.reference_point(share, weights) if self.objective.needs_reference_point else None
                 micros = range(0, len(share), cfg.micro_batch_size)
@@ -325,12 +374,13 @@ class PreferenceTrainer:
                     last = m == micros[-1]
                     with contextlib.nullcontext() if acc is None or last else acc.no_sync(self.model):
                         pc, pr, rc, rr = self._forward(micro)
+                        stats.add_batch(micro)
                         w = torch.tensor(weights[m:m + cfg.micro_batch_size], device=pc.device)
                         p_chosen = torch.tensor([p.p_chosen for p in micro], device=pc.device)
-                        start = self._start_logps(micro) if self.objective.needs_start_logps else None
+                        start = self._cached(self._start_cache, micro) if self.objective.needs_start_logps else None
                         losses = self.loss(pc, pr, rc, rr, p_chosen, w, z0, start)
                         # Scaled so the rank-averaged, accumulated gradient is the mean over the step's pairs.
-                        loss = (losses * w).sum() * world / len(batch)
+                        loss = (losses * w).sum() * world / step_pairs
                         loss.backward() if acc is None else acc.backward(loss)
                     if self.reference_free:
                         # SimPO's reward β·(mean per-token log-prob) (Meng et al. 2024, Eq. 4) for

@@ -37,6 +37,7 @@ def test_unknown_keys_name_the_path_and_suggest(tmp_path):
     ("train.batch_size=two", "train.batch_size: expected an integer, got 'two'"),
     ("annotate.max_invalid_rate=1.2", "annotate.max_invalid_rate: must be in [0, 1]"),
     ("train.simpo_gamma=-1", "train.simpo_gamma: must be >= 0 (a target margin), got -1"),
+    ("train.reference_batch_size=-1", "train.reference_batch_size: must be >= 0 (0: micro_batch_size), got -1"),
     ("annotate.openai.price_per_mtok_output=-2", "annotate.openai.price_per_mtok_output: must be >= 0, got -2"),
     ("annotate.openai.price_per_mtok=2", "annotate.openai.price_per_mtok: unknown key"),
     ("rounds", "expected key=value"),
@@ -53,6 +54,8 @@ def test_values_are_checked(override, message):
     (["train.loss=dpo", "train.kto_desirable_weight=2"], "apply to loss kto only, not dpo", "kto"),
     (["train.loss=orpo", "train.simpo_gamma=0.5"], "train.simpo_gamma: applies to loss simpo only, not orpo", "simpo"),
     (["train.loss=kto", "train.ppo_clip=0.3"], "train.ppo_clip: applies to loss rloo only, not kto", "rloo"),
+    (["train.loss=simpo", "train.reference_batch_size=16"], "train.reference_batch_size: loss simpo runs no reference "
+     "pass; remove it", "dpo"),
 ])
 def test_a_setting_that_would_do_nothing_is_refused(overrides, message, applies_to):
     with pytest.raises(ConfigError) as e:

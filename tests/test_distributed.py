@@ -178,6 +178,7 @@ def test_a_second_sigint_stops_every_rank_at_once_and_the_server_goes_with_them(
     ("MULTI_CPU", ["train.lora.enabled=true", "train.lora.sync=vllm_lora"], "'vllm_lora' needs the in-process engine"),
     ("FSDP", ["train.lora.enabled=true"], "LoRA runs under DDP only (this launch is FSDP)"),
     ("DEEPSPEED", ["train.check_replicas=true"], "only DDP keeps whole replicas"),
+    ("MULTI_CPU", ["train.compile=true"], "train.compile: compiles the single-process trainer only"),
     ("DEEPSPEED", ["train.batch_size=16", "train.micro_batch_size=4"], "set it to at least batch_size / processes = 8"),
 ])
 def test_settings_a_launch_cannot_run_are_refused_before_it_starts(launch_type, overrides, message):

@@ -130,6 +130,7 @@ def test_kto_reference_point_is_the_steps_weighted_mean_log_ratio(tiny_model):
     want = sum(w * (c + r) for w, (c, r) in zip(weights, ratios)) / (2 * sum(weights))
     unweighted = sum(c + r for c, r in ratios) / 6
     assert abs(want - unweighted) > 0.05   # the padding pair would show
+    trainer.score_round(pairs)   # the reference's log-probs, as train_round scores them before its steps
     assert math.isclose(trainer.reference_point(pairs, weights).item(), want, abs_tol=1e-4)
 
 
@@ -261,7 +262,7 @@ def test_reference_free_losses_build_and_run_no_reference(loss, start, tiny_mode
         raise AssertionError("a reference-free loss ran a reference pass")
 
     monkeypatch.setattr(oaif.train, "reference_model", no_reference)
-    monkeypatch.setattr(PreferenceTrainer, "_fixed_logps", no_reference)   # the reference (and rloo's start) pass
+    monkeypatch.setattr(PreferenceTrainer, "_score_fixed", no_reference)   # the reference (and rloo's start) pass
     trainer = PreferenceTrainer(policy, reference, cfg, pad_id=0)
     metrics = trainer.train_round(pairs)
     assert metrics["train/steps"] == 1 and "train/kl_to_ref" not in metrics
