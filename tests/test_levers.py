@@ -128,13 +128,15 @@ def test_reference_batch_size_gives_the_same_log_probs_in_fewer_passes(loss, tin
     assert max(losses) - min(losses) < 1e-5, losses
 
 
-@pytest.mark.slow   # inductor's compilation took 1.5-4.5 minutes per case on the 2-core machine
-@pytest.mark.parametrize("lora", [False, True])
-def test_compiled_training_forward_gives_the_same_step(lora, tiny_model):
+@pytest.mark.slow   # inductor's compilation took 1.5-4.5 minutes on the 2-core machine
+def test_compiled_training_forward_gives_the_same_step(tiny_model):
     """train.compile: the training forward through torch.compile (dynamic shapes) gives the
     eager step's loss and weights, to float rounding, over two rounds of passes of several
-    lengths; with LoRA too (the reference pass then disables the adapter on the plain model).
-    The compiled run did compile: dynamo counted the graphs it made."""
+    lengths. With LoRA, the harder case (peft's layers inside the graph; the reference pass
+    disables the adapter on the plain model); full weights passed the same check when it was
+    written, and are left out of the suite for the minutes a compilation takes. The compiled
+    run did compile: dynamo counted the graphs it made."""
+    lora = True
     from torch._dynamo.utils import counters
 
     cfg = dict(learning_rate=1e-3, batch_size=6, micro_batch_size=2, lora=LoraConfig(enabled=lora, r=4, alpha=8))
