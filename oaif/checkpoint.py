@@ -218,6 +218,8 @@ def build_trainer(cfg: RunConfig, pad_id: int, total_steps: int, accelerator=Non
 
 def schedule_steps(cfg: RunConfig) -> int:
     """The learning-rate schedule's horizon: the most optimizer steps the run can take (every pair kept)."""
-    pairs_per_round = cfg.prompts_per_round * max_pairs_per_prompt(cfg.generate.samples_per_prompt,
-                                                                   cfg.annotate.ranking, cfg.annotate.pairs)
+    a = cfg.annotate
+    per_prompt = max_pairs_per_prompt(cfg.generate.samples_per_prompt, a.ranking, a.pairs) if a.select.rule == "random" \
+        else a.select.comparisons_per_prompt
+    pairs_per_round = cfg.prompts_per_round * per_prompt
     return cfg.rounds * cfg.train.epochs_per_round * math.ceil(pairs_per_round / cfg.train.batch_size)

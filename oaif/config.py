@@ -127,6 +127,43 @@ class CanaryConfig:
 
 
 @dataclass(frozen=True)
+class SelectConfig:
+    rule: Literal["random", "max_margin", "uncertain", "sea"] = _f(
+        "random", "Which of a prompt's responses the judge compares (oaif/annotate/select.py): 'random' pairs (0,1), (2,3), ... of the samples as drawn (OAIF; today's behaviour); with generate.samples_per_prompt > 2, a proxy (an ensemble of linear Bradley-Terry heads on the policy's pooled hidden states, refit every round on the judge's verdicts so far) scores every response and the judge sees only: 'max_margin' the proxy's best against its worst; 'uncertain' the pair its heads disagree on most; 'sea' one head's best (Thompson sampling) against the response whose comparison with it is most uncertain (SEA, Liu et al. 2024).")
+    comparisons_per_prompt: int = _f(1, "rule max_margin / uncertain / sea: comparisons (each judged in both orders) per prompt, the most informative first; 'random' judges every consecutive pair.")
+    heads: int = _f(8, "The proxy's ensemble: linear heads, each fit on a bootstrap resample of the judged pairs; their disagreement is the proxy's uncertainty.")
+    window: int = _f(2048, "The proxy trains on the most recent N judged pairs that the judge's orders agreed on.")
+    steps: int = _f(200, "Adam steps of a proxy fit (all heads at once, full batch), every round.")
+    learning_rate: float = _f(0.05, "The proxy fit's Adam learning rate.")
+    l2: float = _f(0.01, "The proxy heads' L2 penalty (on standardised features): a few pairs cannot make it certain.")
+
+    def problems(self, where: str) -> list[str]:
+        errors = [f"{where}.select.{k}: must be > 0, got {v}" for k, v in
+                  {"comparisons_per_prompt": self.comparisons_per_prompt, "heads": self.heads, "window": self.window,
+                   "steps": self.steps, "learning_rate": self.learning_rate}.items() if v <= 0]
+        if self.l2 < 0:
+            errors.append(f"{where}.select.l2: must be >= 0, got {self.l2}")
+        return errors
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    calls_per_round: int = _f(0, "oaif run: at most this many judge calls per round (a comparison is 2 calls, one per order), spent by annotate.select.rule on its most informative comparisons first; a cached answer costs nothing. 0: no cap.")
+    calls_total: int = _f(0, "oaif run: the run's judge calls; once fewer than one comparison's (2) are left, the run ends after that round with a checkpoint and a line saying so (raise it, then `oaif resume`, to go on). 0: no cap.")
+    tokens_total: int = _f(0, "oaif run, backend openai: the run ends (as calls_total) after the round in which the API's billed tokens reach this; the last round may pass it by up to one round's tokens (cap that with calls_per_round). 0: no cap.")
+    cost_total: float = _f(0.0, "oaif run, backend openai: the same for money, at annotate.openai.price_per_mtok_*. 0: no cap.")
+
+    def problems(self, where: str) -> list[str]:
+        errors = [f"{where}.budget.{k}: must be >= 0 (0: no cap), got {v}" for k, v in
+                  {"calls_per_round": self.calls_per_round, "calls_total": self.calls_total,
+                   "tokens_total": self.tokens_total, "cost_total": self.cost_total}.items() if v < 0]
+        errors += [f"{where}.budget.{k}: {v} is less than one comparison (2 calls, one per order); set >= 2 or 0 "
+                   f"(no cap)" for k, v in {"calls_per_round": self.calls_per_round,
+                                            "calls_total": self.calls_total}.items() if v == 1]
+        return errors
+
+
+@dataclass(frozen=True)
 class AnnotateConfig:
     backend: Literal["rules", "vllm", "openai", "transformers", "python", "reward_model", "mix"] = _f(
         "rules", "Annotator: 'rules' (checks in the constitution), 'vllm' (local judge in vLLM), 'openai' (any OpenAI-compatible API), 'transformers' (local judge in transformers), 'python' (your function, annotate.python), 'reward_model' (a Bradley-Terry reward model from `oaif train-rm`, annotate.model; it ignores the constitution), 'mix' (weighted mix of annotate.mix).")
@@ -156,6 +193,9 @@ class AnnotateConfig:
         "best_worst", "round_robin / knockout: train on one pair per prompt, best against worst, kept when that comparison agreed (Self-Rewarding, online iterative RLHF), or on 'all' agreeing comparisons (RRHF-style).")
     length_debias_window: int = _f(0, "oaif run: fit the judge's preference for length over the last N judged pairs (this round's included) and take it off every answer before the orders are combined (oaif/annotate/length.py, after AlpacaEval's length control), so a verbose- or terse-biased judge stops steering length on its own; judge/length_effect records the fitted effect. For judges that answer with a probability (LLM label probabilities, reward models, your function); a resume refills the window from the run's judgments. 0: off.")
     missing_eos_penalty: float = _f(0.0, "Subtract this from the judge's logit for a response cut off by generate.max_new_tokens (no EOS), in both orders; e.g. 20 makes a truncated response lose to a finished one. 0: off.")
+    min_label_mass: float = _f(0.0, "LLM judges: an answer whose next-token probability on the two labels is below this is invalid (counted in annotate/invalid_rate and annotate/below_label_mass), not a verdict: a judge saying something else than a label is not answering. Judges that report no label mass (rules, python, reward_model) are never below it. 0: off.")
+    select: SelectConfig = field(default_factory=SelectConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
     canary: CanaryConfig = field(default_factory=CanaryConfig)
     mix: tuple[MixMember, ...] = _f((), "backend 'mix': the members, e.g. [{backend: vllm, constitution: constitutions/helpful.yaml, weight: 0.7}, {backend: rules, constitution: constitutions/code.yaml, weight: 0.3}]. P(first better) is the weighted mean of the members'; any invalid member makes the answer invalid.")
@@ -169,6 +209,8 @@ class AnnotateConfig:
             errors.append(f"{where}.length_debias_window: must be >= 0 (0: off), got {self.length_debias_window}")
         if self.missing_eos_penalty < 0:
             errors.append(f"{where}.missing_eos_penalty: must be >= 0, got {self.missing_eos_penalty}")
+        if not 0 <= self.min_label_mass < 1:
+            errors.append(f"{where}.min_label_mass: must be in [0, 1) (0: off), got {self.min_label_mass}")
         if self.labels[0] == self.labels[1]:
             errors.append(f"{where}.labels: the two labels must differ")
         if self.backend == "python" and not self.python:
@@ -196,7 +238,10 @@ class AnnotateConfig:
         errors += [e for e in (key_env_problem(o.api_key_env, f"{where}.openai.api_key_env"),
                                url_problem(o.base_url, f"{where}.openai.base_url", o.api_key_env,
                                            f"{where}.openai.api_key_env")) if e]
-        return errors + self.canary.problems(where)
+        if where == "eval.annotate" and (self.select != SelectConfig() or self.budget != BudgetConfig()):
+            errors.append("eval.annotate.select / budget: the evaluation judges every held-out pair; set these under "
+                          "annotate (the training judge) instead")
+        return errors + self.canary.problems(where) + self.select.problems(where) + self.budget.problems(where)
 
 
 @dataclass(frozen=True)
@@ -444,8 +489,18 @@ class RunConfig:
                           f"no '/', not empty); the run directory is <output_dir>/<name>")
         if not self.output_dir.strip():
             errors.append("output_dir: must not be empty (e.g. runs)")
-        n = self.generate.samples_per_prompt
-        if self.annotate.ranking == "consecutive" and (n < 2 or n % 2):
+        n, a = self.generate.samples_per_prompt, self.annotate
+        if a.select.rule != "random" and a.ranking != "consecutive":
+            errors.append(f"annotate.select.rule: {a.select.rule!r} chooses the comparisons itself; set "
+                          f"annotate.ranking=consecutive (or annotate.select.rule=random to rank by {a.ranking})")
+        elif a.budget.calls_per_round + a.budget.calls_total and a.ranking != "consecutive":
+            errors.append(f"annotate.budget: a cap on judge calls is spent by annotate.select.rule; set "
+                          f"annotate.ranking=consecutive ({a.ranking} needs every comparison it asks for)")
+        if a.select.rule != "random":
+            if n <= 2:
+                errors.append(f"generate.samples_per_prompt: annotate.select.rule {a.select.rule!r} chooses among a "
+                              f"prompt's responses; it needs more than 2, got {n} (e.g. 4)")
+        elif a.ranking == "consecutive" and (n < 2 or n % 2):
             errors.append(f"generate.samples_per_prompt: must be even and >= 2 with annotate.ranking consecutive "
                           f"(samples are paired 0-1, 2-3, ...), got {n}; more than 2 can be ranked: "
                           f"annotate.ranking=round_robin or knockout")
@@ -665,8 +720,10 @@ def load_config(path: str | Path | dict | None = None, overrides: list[str] = ()
         node[keys[-1]] = value
     ev = data.get("eval")
     if isinstance(ev, dict) and isinstance(ev.get("annotate"), dict) and isinstance(data.get("annotate", {}), dict):
-        # The evaluation annotator inherits every key it leaves out from the training one.
-        data = {**data, "eval": {**ev, "annotate": _merged(data.get("annotate", {}), ev["annotate"])}}
+        # The evaluation annotator inherits every key it leaves out from the training one, but for
+        # the choice and cap of the training judge's comparisons: the evaluation judges every pair.
+        training = {k: v for k, v in data.get("annotate", {}).items() if k not in ("select", "budget")}
+        data = {**data, "eval": {**ev, "annotate": _merged(training, ev["annotate"])}}
     errors: list[str] = []
     cfg = _build(RunConfig, data, "", errors)
     if not errors:

@@ -82,6 +82,9 @@ def check_distributed(cfg: RunConfig, accelerator, judge: bool = True) -> None:
     if judge and "vllm" in backends:
         errors.append("annotate.backend: the 'vllm' judge is an in-process engine, which cannot run beside "
                       "torch.distributed; serve the judge model with vLLM's OpenAI server and use backend 'openai'")
+    if judge and a.select.rule != "random":
+        errors.append(f"annotate.select.rule: {a.select.rule!r} reads the policy on the judging process alone, "
+                      f"which a sharded policy cannot do; run in one process, or use rule random")
     if cfg.async_rounds:
         errors.append("async_rounds: runs in one process; launch without accelerate, or set async_rounds=0")
     if cfg.eval.every or cfg.eval.live_prompts:

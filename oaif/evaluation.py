@@ -143,7 +143,8 @@ def summarize(records: list[dict], resamples: int, seed: int = 0) -> dict:
 
 
 def compare(annotator: Annotator, policy: list[Response], baseline: list[Response], kl: list[float] | None,
-            round: int, policy_version: int, missing_eos_penalty: float = 0.0) -> tuple[list[dict], dict]:
+            round: int, policy_version: int, missing_eos_penalty: float = 0.0, min_label_mass: float = 0.0
+            ) -> tuple[list[dict], dict]:
     """Judge policy (a) against baseline (b) on each prompt in both orders: (records, metrics)."""
     by_id = {r.prompt_id: r for r in baseline}
     pairs = []
@@ -151,7 +152,8 @@ def compare(annotator: Annotator, policy: list[Response], baseline: list[Respons
         pairs.append([Sample(round=round, policy_version=policy_version, prompt_id=r.prompt_id, messages=r.messages,
                              index=side, text=r.text, prompt_token_ids=r.prompt_token_ids, token_ids=r.token_ids,
                              finish_reason=r.finish_reason, references=r.references) for r in responses])
-    judged = judge_pairs(annotator, list(zip(*pairs)), round, policy_version, missing_eos_penalty)
+    judged = judge_pairs(annotator, list(zip(*pairs)), round, policy_version, missing_eos_penalty,
+                         min_label_mass=min_label_mass)
     records = []
     for k, (a, b, j) in enumerate(zip(*pairs, judged.judgments)):
         records.append({
@@ -200,8 +202,9 @@ class Evaluator:
         policy = respond(engine, tokenizer, self.prompts, self.cfg)
         kl = None if trainer.reference_free else \
             response_kl_of(trainer.policy, trainer.reference, policy, tokenizer.pad_token_id)
+        judge = eval_annotator_config(self.cfg).annotate
         records, metrics = compare(self.annotator, policy, self.baseline, kl, round, policy_version,
-                                   eval_annotator_config(self.cfg).annotate.missing_eos_penalty)
+                                   judge.missing_eos_penalty, judge.min_label_mass)
         metrics |= self.by_training_judge(records, policy, self.baseline, round, policy_version, "eval/train_judge")
         write_jsonl(self.run_dir / "eval" / f"round_{round:06d}.jsonl", records)
         crash_point("evaluate")
@@ -217,8 +220,9 @@ class Evaluator:
         ids = {p.id for p in prompts}
         policy = respond(engine, tokenizer, prompts, self.cfg)
         baseline = [r for r in self.baseline if r.prompt_id in ids]
+        judge = eval_annotator_config(self.cfg).annotate
         records, _ = compare(self.annotator, policy, baseline, None, round, policy_version,
-                             eval_annotator_config(self.cfg).annotate.missing_eos_penalty)
+                             judge.missing_eos_penalty, judge.min_label_mass)
         training = self.by_training_judge(records, policy, baseline, round, policy_version,
                                           "eval/live_train_judge")
         write_jsonl(self.run_dir / "eval" / f"live_{round:06d}.jsonl", records)
@@ -232,7 +236,7 @@ class Evaluator:
         if self.training is None:
             return {}
         theirs, _ = compare(self.training, policy, baseline, None, round, policy_version,
-                            self.cfg.annotate.missing_eos_penalty)
+                            self.cfg.annotate.missing_eos_penalty, self.cfg.annotate.min_label_mass)
         for record, other in zip(records, theirs):
             record["train_judge_outcome"] = other["outcome"]
         return self.win_rate(theirs, prefix)
@@ -372,7 +376,7 @@ def run_eval(cfg: RunConfig, out: str | Path | None = None, *, annotator=None, l
         policy = [r for r in policy if r.prompt_id in answered]
         kl = response_kl_of(policy_model, reference, policy, policy_tok.pad_token_id) if same else None
         records, metrics = compare(build_annotator(judge_cfg, annotator), policy, baseline, kl, round, -1,
-                                   judge_cfg.annotate.missing_eos_penalty)
+                                   judge_cfg.annotate.missing_eos_penalty, judge_cfg.annotate.min_label_mass)
     metrics = summarize(records, cfg.eval.bootstrap, cfg.seed) | metrics
     write(out, records)
     write(out.with_suffix(".summary.jsonl"), [{

@@ -15,6 +15,7 @@ from typing import Iterator
 
 from oaif.alarms import AFTER_TRAINING, BEFORE_TRAINING, AlarmStop, Trip, tripped
 from oaif.annotate.backends import with_python_annotator
+from oaif.annotate.budget import spent_out
 from oaif.annotate.base import close_annotator
 from oaif.annotate.judge import Judged, label_mass_warning
 from oaif.annotate.stage import AnnotateStage, TooManyInvalid
@@ -30,6 +31,7 @@ from oaif.evaluation import Evaluator, format_summary
 from oaif.faults import crash_point
 from oaif.generate import Generator, round_prompts
 from oaif.models import dtype_line
+from oaif.policy_features import pooled_features
 from oaif.records import PreferencePair, Prompt, Sample, as_prompts
 from oaif.rundir import RunDir
 from oaif.startup import open_run, start_evaluator, start_parts
@@ -60,7 +62,7 @@ class Loop:
         cfg = with_python_annotator(cfg, annotator) if annotator is not None else cfg
         cfg, self.run = RunDir.planned(cfg, resume_dir, checkpoint, prompts)
         self.cfg, self.callbacks, self.out = cfg, Callbacks(callbacks), RunConsole(log)
-        self.judge = AnnotateStage(cfg.annotate, python=annotator)   # its annotator is built on entering
+        self.judge = AnnotateStage(cfg.annotate, python=annotator, seed=cfg.seed)   # its annotator is built on entering
         self.generator: Generator | None = None
         self.trainer = None
         self.evaluator: Evaluator | None = None   # eval.every / live_prompts: the policy against its start, held out
@@ -150,7 +152,10 @@ class Loop:
         with self._stage("annotate", len(groups), "prompt"):
             for line in self.judge.reload():
                 self.out.line(f"  round {self.index}: {line}")
-            judged, rankings, metrics = self.judge(groups, self.index, self.policy_version)
+            # annotate.select's proxy reads the policy's view of each response (one forward each).
+            features = pooled_features(self.trainer.policy, groups, self.tokenizer.pad_token_id) \
+                if self.judge.proxy is not None else None
+            judged, rankings, metrics = self.judge(groups, self.index, self.policy_version, features)
             self.out.progress.advance(len(groups))
         self.metrics |= metrics
         return judged, rankings
@@ -217,13 +222,17 @@ class Loop:
             self.out.line(dtype_line(cfg.policy.dtype))
             self.out.line(header())
             upcoming = next(batches)
-            for index in range(first, cfg.rounds):
+            # A resumed run whose judge budget was spent has nothing left to do.
+            last = on_main(run.accelerator, lambda: run.metrics_rows()[-1:])
+            spent = spent_out(cfg.annotate.budget, last[0] if last else {})
+            for index in range(first, cfg.rounds if spent is None else first):
                 self.callbacks.round_start(index, self)
                 prompts, upcoming = upcoming, next(batches)
                 result = self._round(index, prompts, upcoming if index + 1 < cfg.rounds else None)
                 metrics = result.metrics
                 wanted = self.callbacks.stop_wanted(metrics, self)
-                stopping = stop_agreed(bool(stop) or wanted, run.accelerator) or self.halt is not None
+                spent = spent_out(cfg.annotate.budget, metrics)   # every rank reads rank 0's metrics
+                stopping = stop_agreed(bool(stop) or wanted, run.accelerator) or self.halt is not None or bool(spent)
                 checkpointed = run.finish(cfg, index, self.trainer, metrics, last=index == cfg.rounds - 1 or stopping,
                                           extra=self._extra)
                 self.out.round_done(metrics, result.table, [
@@ -235,6 +244,8 @@ class Loop:
                 if self.halt is not None:
                     raise self.halt
                 yield metrics
+                if spent and index < cfg.rounds - 1:
+                    break
                 if stopping and index < cfg.rounds - 1:
                     self._stopped(stop.signal or ("a callback (oaif.STOP)" if wanted else "a signal to another rank"))
                     break
@@ -249,7 +260,11 @@ class Loop:
         # Every kept pair so far, as datasets in TRL's formats (replaced as the run goes on).
         on_main(run.accelerator, lambda: export_pairs(run.path, run.path / "dataset", overwrite=True))
         self.callbacks.run_end(self)
-        if self.index == cfg.rounds and lengths:
+        if spent and self.index < cfg.rounds:
+            key, what = spent
+            self.out.line(f"judge budget spent after round {self.index - 1} ({what}, {key}); checkpoint written; to go "
+                          f"on, raise it: oaif resume {run.path} {key}=N")
+        elif self.index == cfg.rounds and lengths:
             self.out.line(done_line(cfg.rounds, first, self.policy_version, lengths, run.path))
 
     def _stopped(self, who: str) -> None:
@@ -303,6 +318,8 @@ class Loop:
         judged, rankings = self._annotate(groups)
         table = sample_table(samples, judged.judgments)
         self.run.judged(index, judged, rankings, table)
+        if self.judge.proxy_rows is not None:
+            self.run.proxy_rows(index, self.judge.proxy_rows)
         return Round(index, judged, rankings, table, self.metrics)
 
     def _extra(self) -> dict:

@@ -12,6 +12,8 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
+
 from oaif.annotate.judge import Judged
 from oaif.checkpoint import (CHECKPOINT_NAME, incomplete_reason, latest_checkpoint, read_trainer_state,
                              save_checkpoint)
@@ -305,6 +307,13 @@ class RunDir:
         if rankings:
             write_jsonl(out / "rankings.jsonl", rankings)
         (out / "samples.md").write_text(markdown_table(table))
+
+    def proxy_rows(self, index: int, rows: dict) -> None:
+        """Round `index`'s judged pairs as annotate.select's proxy saw them (features, soft
+        labels), after its judgments: a resume refits the same proxy from these (rank 0)."""
+        path = self.path / "rounds" / f"{index:06d}" / "proxy.pt"
+        torch.save(rows, path.with_suffix(".pt.tmp"))
+        path.with_suffix(".pt.tmp").replace(path)   # whole or absent
 
     def alarms(self, index: int, trips: list[dict]) -> None:
         """Round `index`'s tripped alarms (rank 0), in its folder, added to those read before

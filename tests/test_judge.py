@@ -127,6 +127,7 @@ def test_judgment_metrics_on_hand_made_judgments():
         "annotate/mean_confidence": 0.75,          # kept pairs only
         "annotate/label_mass": (0.9 + 0.7 + 0.4) / 3,
         "annotate/identical": 1, "annotate/disagree": 2, "annotate/ties": 1, "annotate/invalid": 1,
+        "annotate/below_label_mass": 0,            # the invalid answer was not read, not under a floor
     })
 
 

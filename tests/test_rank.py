@@ -8,6 +8,8 @@ import pytest
 
 from oaif.annotate.python_fn import FunctionAnnotator
 from oaif.annotate.ranking import max_pairs_per_prompt, rank_groups
+from oaif.annotate.stage import AnnotateStage
+from oaif.config import AnnotateConfig
 from oaif.constitution import load_constitution
 from oaif.records import read_jsonl
 
@@ -67,7 +69,9 @@ def test_a_position_biased_judge_gives_no_pair_to_train_on():
 
 
 def test_consecutive_is_the_oaif_pairing():
-    judged, rankings = rank_groups(judge(), [group([5, 1, 9, 3])], "consecutive", "best_worst", 0, 0)
+    stage = AnnotateStage(AnnotateConfig())   # ranking consecutive, select.rule random: OAIF's pairs
+    stage.annotator = judge()
+    judged, rankings, _ = stage([group([5, 1, 9, 3])], 0, 0)
     assert rankings == [] and [(j.a, j.b) for j in judged.judgments] == [(0, 1), (2, 3)]
     assert [(len(p.chosen), len(p.rejected)) for p in judged.pairs] == [(1, 5), (3, 9)]
 

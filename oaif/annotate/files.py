@@ -80,7 +80,7 @@ def annotate_pairs(cfg: RunConfig, rows: list[dict], *, annotator=None, log=prin
     check_inputs(cfg, python=annotator)
     canary = load_canary(cfg.annotate)   # a bad canary file fails before any model loads
     annotator = build_annotator(cfg, annotator)
-    out, judgments = judge_rows(annotator, rows)
+    out, judgments = judge_rows(annotator, rows, cfg.annotate.min_label_mass)
     metrics = judgment_metrics(judgments) | {f"annotate/{k}": v for k, v in annotator.stats.items()}
     metrics["annotate/injection_attempts"] = injection_attempts(annotator, [row[k] for row in rows for k in "ab"])
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
@@ -104,9 +104,9 @@ def annotate_pairs(cfg: RunConfig, rows: list[dict], *, annotator=None, log=prin
     return out, metrics
 
 
-def judge_rows(annotator: Annotator, rows: list[dict]) -> tuple[list[dict], list]:
+def judge_rows(annotator: Annotator, rows: list[dict], min_label_mass: float = 0.0) -> tuple[list[dict], list]:
     """The rows judged in both orders by `annotator`: (each row with its verdict, p_a and each
-    order's answer; the judgments)."""
+    order's answer; the judgments). min_label_mass: annotate.min_label_mass."""
     pairs = []
     for n, row in enumerate(rows):
         messages = [{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str) else row["prompt"]
@@ -114,7 +114,7 @@ def judge_rows(annotator: Annotator, rows: list[dict]) -> tuple[list[dict], list
                        prompt_token_ids=[], token_ids=[], finish_reason="", references=row.get("references", []))
                 for k, text in enumerate((row["a"], row["b"])))
         pairs.append((a, b))
-    judged = judge_pairs(annotator, pairs, round=0, policy_version=0)
+    judged = judge_pairs(annotator, pairs, round=0, policy_version=0, min_label_mass=min_label_mass)
     out = []
     for row, j in zip(rows, judged.judgments):
         orders = {o.first: o for o in j.orders}
@@ -142,8 +142,8 @@ class Canary:
     """annotate.canary: labelled pairs re-judged every `every` rounds by the run's annotator, its
     judgment cache bypassed (a cached answer would hide the change the check is for)."""
 
-    def __init__(self, path: Path, rows: list[dict], every: int):
-        self.path, self.rows, self.every = path, rows, every
+    def __init__(self, path: Path, rows: list[dict], every: int, min_label_mass: float):
+        self.path, self.rows, self.every, self.min_label_mass = path, rows, every, min_label_mass
         self.first: list[str] | None = None   # the verdicts of the first check (of this process)
 
     def due(self, index: int) -> bool:
@@ -154,7 +154,7 @@ class Canary:
         annotate/accuracy; judge/canary_change: the share whose verdict (a, b, tie, disagree,
         invalid) differs from the first check's, which moves when the judge does even where
         accuracy does not (as many pairs turned right as wrong)."""
-        out, _ = judge_rows(uncached(annotator), self.rows)
+        out, _ = judge_rows(uncached(annotator), self.rows, self.min_label_mass)
         verdicts = [row["reason"] for row in out]
         if self.first is None:
             self.first = verdicts
@@ -189,4 +189,4 @@ def load_canary(a: AnnotateConfig) -> Canary | None:
     if unlabelled:
         raise ValueError(f"{path}:{unlabelled[0]}: a canary pair needs 'correct': \"a\" or \"b\" (the response "
                          f"the constitution prefers) (annotate.canary.pairs)")
-    return Canary(path, rows, a.canary.every)
+    return Canary(path, rows, a.canary.every, a.min_label_mass)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from oaif.annotate.base import Annotator, JudgeRequest, has_markers, leaf_annotators, principles_for
+from oaif.annotate.base import Annotator, Answer, JudgeRequest, has_markers, leaf_annotators, principles_for
 from oaif.annotate.length import LengthDebias, length_point
 from oaif.records import Judgment, OrderResult, PreferencePair, Sample, Verdict
 
@@ -66,10 +66,26 @@ class Judged:
     pairs: list[PreferencePair]
 
 
+# The start of an answer's raw text when annotate.min_label_mass made it invalid.
+BELOW_LABEL_MASS = "below annotate.min_label_mass"
+
+
+def floored(answer: Answer, min_label_mass: float) -> Answer:
+    """annotate.min_label_mass: an answer with less next-token probability than this on the two
+    labels is invalid, its raw text kept after the reason. Answers without a label mass (rules,
+    functions, reward models) pass."""
+    if answer.p_first is None or answer.label_mass is None or answer.label_mass >= min_label_mass:
+        return answer
+    return Answer(None, f"{BELOW_LABEL_MASS} {min_label_mass:g} (label mass {answer.label_mass:.4f}): {answer.raw}",
+                  answer.label_mass)
+
+
 def judge_pairs(annotator: Annotator, pairs: list[tuple[Sample, Sample]], round: int, policy_version: int,
-                missing_eos_penalty: float = 0.0, debias: LengthDebias | None = None) -> Judged:
+                missing_eos_penalty: float = 0.0, debias: LengthDebias | None = None,
+                min_label_mass: float = 0.0) -> Judged:
     """All pairs' both-order requests go to the backend in one call (one batch for vLLM).
-    debias: annotate.length_debias_window's fit, given these answers, then taken off them."""
+    debias: annotate.length_debias_window's fit, given these answers, then taken off them.
+    min_label_mass: answers below it are invalid (floored)."""
     todo = [i for i, (a, b) in enumerate(pairs) if a.text != b.text]
     requests = []
     for i in todo:
@@ -80,6 +96,7 @@ def judge_pairs(annotator: Annotator, pairs: list[tuple[Sample, Sample]], round:
     answers = annotator.judge(requests) if requests else []
     if len(answers) != len(requests):
         raise RuntimeError(f"annotator {annotator.identity.backend} returned {len(answers)} answers for {len(requests)} requests")
+    answers = [floored(a, min_label_mass) for a in answers]
     by_pair = {i: (answers[2 * k], answers[2 * k + 1]) for k, i in enumerate(todo)}
     asked = {i: requests[2 * k] for k, i in enumerate(todo)}   # the a-first request of each judged pair
     lengths = [[len(a.token_ids), len(b.token_ids)] for a, b in pairs]
@@ -171,6 +188,7 @@ def judgment_metrics(judgments: list[Judgment]) -> dict[str, float | None]:
         "annotate/disagree": sum(j.verdict == "disagree" for j in judgments),
         "annotate/ties": sum(j.verdict == "tie" for j in judgments),
         "annotate/invalid": len(judged) - len(valid),
+        "annotate/below_label_mass": sum(any(o.raw.startswith(BELOW_LABEL_MASS) for o in j.orders) for j in judged),
     }
 
 

@@ -3,7 +3,8 @@ the pairs a round trains on.
 
 annotate.ranking, for n = generate.samples_per_prompt responses (comparisons per prompt;
 each comparison is 2 judge calls, one per order):
-  consecutive   (0, 1), (2, 3), ...: n/2 comparisons, every agreeing one kept (OAIF: n = 2).
+  consecutive   (0, 1), (2, 3), ...: n/2 comparisons, every agreeing one kept (OAIF: n = 2);
+                or those annotate.select chooses (annotate/select.py, not here).
   round_robin   every pair: n(n-1)/2. A response's score is the sum, over its comparisons, of
                 the both-orders mean P(it is better): a soft Copeland count, which a judge's
                 occasional disagreement moves little. Best = highest score, worst = lowest.
@@ -71,23 +72,21 @@ def winner(judgment: Judgment) -> int:
 
 
 def rank_groups(annotator: Annotator, groups: list[list[Sample]], ranking: str, pairs: str, round: int,
-                policy_version: int, missing_eos_penalty: float = 0.0, debias: LengthDebias | None = None
-                ) -> tuple[Judged, list[Ranking]]:
-    """Judge each group of samples under `ranking`; (every comparison and the pairs to train
-    on, per-prompt rankings: empty for consecutive). debias: as judge_pairs'."""
+                policy_version: int, missing_eos_penalty: float = 0.0, debias: LengthDebias | None = None,
+                min_label_mass: float = 0.0) -> tuple[Judged, list[Ranking]]:
+    """Judge each group of samples under `ranking` (round_robin or knockout; consecutive pairs
+    are annotate/select.py's); (every comparison and the pairs to train on, per-prompt
+    rankings). debias, min_label_mass: as judge_pairs'."""
     results: dict[Key, Result] = {}   # every comparison so far, in the order judged
 
     def judge(keys: list[Key]) -> None:
         """One call to the backend for these comparisons (both orders each)."""
         judged = judge_pairs(annotator, [(groups[k][a], groups[k][b]) for k, a, b in keys], round, policy_version,
-                             missing_eos_penalty, debias)
+                             missing_eos_penalty, debias, min_label_mass)
         agreeing = iter(judged.pairs)   # one kept pair per agreeing judgment, in order
         for key, j in zip(keys, judged.judgments):
             results[key] = (j, next(agreeing) if j.verdict in ("a", "b") else None)
 
-    if ranking == "consecutive":
-        judge([(k, i, i + 1) for k, g in enumerate(groups) for i in range(0, len(g) - 1, 2)])
-        return Judged([j for j, _ in results.values()], [p for _, p in results.values() if p is not None]), []
     if ranking == "round_robin":
         judge([(k, i, j) for k, g in enumerate(groups) for i in range(len(g)) for j in range(i + 1, len(g))])
         scores_of = [[0.0] * len(g) for g in groups]   # one pass over the comparisons, not one per sample

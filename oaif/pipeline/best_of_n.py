@@ -54,7 +54,7 @@ def best_of_n(cfg: RunConfig, out: str | Path, *, annotator=None, log=print, ove
     finally:
         engine.close()
     judged, rankings = rank_groups(build_annotator(cfg, annotator), groups, a.ranking, "best_worst", 0, 0,
-                                   a.missing_eos_penalty)
+                                   a.missing_eos_penalty, min_label_mass=a.min_label_mass)
     rows = [{"prompt_id": r.prompt_id, "prompt": group[0].messages,
              "completion": [{"role": "assistant", "content": group[r.order[0]].text}],
              "ranking": r.order, "scores": r.scores, "responses": [s.text for s in group], "comparisons": r.comparisons}
