@@ -1,0 +1,161 @@
+"""Spending the judge where it teaches (issue 30): the held-out win rate against the start as a
+function of judge calls spent, for each way of choosing the comparisons the judge sees.
+
+    .venv/bin/python scripts/experiments/judge_budget.py [--only ARM,ARM] [--seeds 0,1,2,3,4] [--out DIR] [key=value ...]
+
+The task, judges and evaluation are the online-vs-offline experiment's
+(configs/experiments/online_offline_tiny.yaml; its training annotator, the distilled reward
+model, is built into annotate.model when missing, as online_offline.py does). Every arm samples
+4 responses per prompt (generate.samples_per_prompt=4) and judges at most
+`fraction` × 2 × prompts_per_round judge calls per round (annotate.budget.calls_per_round; a
+comparison is 2 calls, both orders): fraction 1 buys one comparison per prompt, OAIF's
+amount of feedback; 0.5 half of that. An arm is RULE@FRACTION, RULE one of annotate.select.rule:
+  random@1      (0, 1) of every prompt: online DPO as OAIF runs it (the baseline)
+  random@0.5    the same pairs for half the prompts (half the judge calls, no choosing)
+  max_margin@0.5, uncertain@0.5, sea@0.5   the proxy's choice, on half the judge calls
+The goal it tests: a rule at 0.5 ends at random@1's win rate (paired by seed) with half the calls.
+
+Each arm stores DIR/arms/ARM.json (every seed's metrics per round, the command, minutes and
+CPU); results.md, win_rate.png and table.md are written from every stored arm, so --only
+reruns some arms and keeps the rest. Runs go to DIR/runs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # results.py, online_offline.py, beside this file
+from online_offline import distil_reward_model, quiet  # noqa: E402
+from results import ROOT, Results, check_model, fmt, mean_sd, mean_spread, table  # noqa: E402
+
+import oaif  # noqa: E402
+from oaif.evaluation import eval_annotator_config  # noqa: E402
+from oaif.records import read_jsonl  # noqa: E402
+
+ARMS = ("random@1", "random@0.5", "max_margin@0.5", "uncertain@0.5", "sea@0.5")
+BASELINE = "random@1"
+SAMPLES = 4
+KEYS = ("round", "budget/judge_calls", "annotate/judge_calls", "pairs_kept", "select/proxy_accuracy",
+        "eval/win_rate_vs_ref", "eval/kl_to_ref", "eval/mean_length")
+
+
+def arm_config(cfg: oaif.RunConfig, arm: str, seed: int, out: Path) -> oaif.RunConfig:
+    rule, fraction = arm.split("@")
+    a = cfg.annotate
+    return dataclasses.replace(
+        cfg, seed=seed, name=f"{arm.replace('@', '-')}-seed{seed}", overwrite=True, output_dir=str(out / "runs"),
+        generate=dataclasses.replace(cfg.generate, samples_per_prompt=SAMPLES),
+        annotate=dataclasses.replace(
+            a, select=dataclasses.replace(a.select, rule=rule),
+            budget=dataclasses.replace(a.budget, calls_per_round=round(float(fraction) * 2 * cfg.prompts_per_round))))
+
+
+def run_arm(cfg: oaif.RunConfig, arm: str, seeds: list[int], out: Path) -> dict:
+    """Every seed's run of one arm: its metrics per round (KEYS) and its minutes."""
+    runs, minutes = {}, {}
+    for seed in seeds:
+        t0 = time.perf_counter()
+        run_dir = oaif.run(arm_config(cfg, arm, seed, out), log=quiet)
+        minutes[str(seed)] = (time.perf_counter() - t0) / 60
+        rows = [{k: m.get(k) for k in KEYS} for m in read_jsonl(run_dir / "metrics.jsonl")]
+        last = rows[-1]
+        print(f"{arm} seed {seed}: win rate {last['eval/win_rate_vs_ref']:.3f} after {last['budget/judge_calls']} "
+              f"judge calls, {minutes[str(seed)]:.1f} min", flush=True)
+        runs[str(seed)] = rows
+    return {"arm": arm, "seeds": runs, "seed_minutes": minutes}
+
+
+def curve(stored: dict, key: str) -> tuple:
+    """(mean judge calls spent, mean, min, max of key over seeds), per round."""
+    runs = list(stored["seeds"].values())
+    rounds = min(map(len, runs))
+    x = [mean_spread([r[k]["budget/judge_calls"] for r in runs])[0] for k in range(rounds)]
+    per_round = [[r[k][key] for r in runs if r[k][key] is not None] for k in range(rounds)]
+    return (x, [mean_spread(v)[0] for v in per_round], [min(v, default=None) for v in per_round],
+            [max(v, default=None) for v in per_round])
+
+
+def write(out: Path, res: Results, cfg: oaif.RunConfig) -> Path:
+    """results.md, table.md and win_rate.png from every arm stored in out/arms."""
+    stored = {p.stem: json.loads(p.read_text()) for p in sorted((out / "arms").glob("*.json"))}
+    order = [a for a in ARMS if a in stored] + sorted(a for a in stored if a not in ARMS)
+    judge = eval_annotator_config(cfg).annotate
+    trained_by = cfg.annotate.model if cfg.annotate.backend == "reward_model" else cfg.annotate.constitution
+    res.add(f"Policy `{cfg.policy.model}`, prompts `{cfg.prompts}` ({cfg.rounds} rounds × {cfg.prompts_per_round} "
+            f"prompts × {SAMPLES} samples, loss {cfg.train.loss}, lr {cfg.train.learning_rate}); training annotator "
+            f"`{cfg.annotate.backend}` (`{trained_by}`); evaluation annotator "
+            f"`{judge.backend}` (`{judge.constitution}`) on `{cfg.eval.prompts}`, the policy's greedy answers judged "
+            f"in both orders against the start's. An arm RULE@F judges at most F × 2 × {cfg.prompts_per_round} calls "
+            f"per round (annotate.budget.calls_per_round), chosen by annotate.select.rule RULE. Mean ± sd over seeds.")
+
+    def final(arm: str, key: str) -> dict[str, float]:
+        return {s: rows[-1][key] for s, rows in stored[arm]["seeds"].items()}
+
+    rows = []
+    for arm in order:
+        wins, calls = final(arm, "eval/win_rate_vs_ref"), final(arm, "budget/judge_calls")
+        accuracy = [r["select/proxy_accuracy"] for rs in stored[arm]["seeds"].values() for r in rs[1:]]
+        base = final(BASELINE, "eval/win_rate_vs_ref") if BASELINE in stored else {}
+        paired = [wins[s] - base[s] for s in wins if s in base]
+        rows.append([arm, mean_sd(list(calls.values()), ".0f"), mean_sd(list(wins.values())),
+                     " ".join(f"{v:.2f}" for v in wins.values()),
+                     mean_sd(paired) if paired and arm != BASELINE else "-",
+                     mean_sd([sum(r["pairs_kept"] for r in rs) for rs in stored[arm]["seeds"].values()], ".0f"),
+                     fmt(mean_spread([a for a in accuracy if a is not None])[0]),
+                     f"{fmt(stored[arm].get('minutes'), '.1f')} min on {stored[arm]['cpu']}"])
+    summary = table(["arm", "judge calls spent", "final win rate vs start", "per seed", f"minus {BASELINE} (paired)",
+                     "pairs trained on", "proxy accuracy (rounds 1+)", "made in"], rows)
+    (out / "table.md").write_text(summary + "\n")
+    res.add(f"After round {cfg.rounds - 1}:\n\n{summary}\n\nProxy accuracy: the share of a round's agreeing verdicts "
+            f"whose winner the proxy (fit on the rounds before) picked. Commands: "
+            + "; ".join(f"{a}: `{stored[a]['command']}`" for a in order))
+    res.plot("win_rate.png", "Held-out win rate against the start by judge calls spent (mean; band: range over seeds)",
+             "judge calls spent (run total)",
+             [("win rate", {arm: curve(stored[arm], "eval/win_rate_vs_ref") for arm in order})], reference=0.5)
+    return res.write(f"`.venv/bin/python scripts/experiments/judge_budget.py` runs every arm; `--only ARM` reruns "
+                     f"some and keeps the others' stored results (DIR/arms/ARM.json); written "
+                     f"{time.strftime('%Y-%m-%d')}.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("overrides", nargs="*", help="key=value, as for oaif run (e.g. rounds=4)")
+    ap.add_argument("--config", default=str(ROOT / "configs/experiments/online_offline_tiny.yaml"))
+    ap.add_argument("--only", default=",".join(ARMS), help="arms RULE@FRACTION, comma-separated; empty: rewrite "
+                                                           "results.md from the stored ones")
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--out", type=Path, default=Path("runs/experiments/judge_budget"))
+    args = ap.parse_args(argv)
+    cfg = oaif.load_config(args.config, args.overrides)
+    check_model(cfg.policy.model, "policy.model")
+    arms = [a.strip() for a in args.only.split(",") if a.strip()]
+    for arm in arms:   # each arm's config checked before any runs
+        rule, _, fraction = arm.partition("@")
+        if not fraction.replace(".", "", 1).isdigit():
+            raise SystemExit(f"--only: {arm!r} is not RULE@FRACTION (e.g. sea@0.5)")
+        oaif.load_config(args.config, [*args.overrides, f"generate.samples_per_prompt={SAMPLES}",
+                                       f"annotate.select.rule={rule}"])
+    seeds = [int(s) for s in args.seeds.split(",")]
+    res = Results(args.out, "Judge calls against win rate: choosing the comparisons")
+    (args.out / "arms").mkdir(parents=True, exist_ok=True)
+    if arms and cfg.annotate.backend == "reward_model" and not Path(cfg.annotate.model).exists():
+        print(f"distilling the training annotator into {cfg.annotate.model} ...", flush=True)
+        distil_reward_model(cfg, Path(cfg.annotate.model))
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").is_file() else "unknown"
+    command = " ".join([".venv/bin/python", "scripts/experiments/judge_budget.py", *(argv or sys.argv[1:])])
+    for arm in arms:
+        t0 = time.perf_counter()
+        result = run_arm(cfg, arm, seeds, args.out) | {"cpu": cpu, "command": command,
+                                                       "minutes": (time.perf_counter() - t0) / 60}
+        (args.out / "arms" / f"{arm}.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"results in {write(args.out, res, cfg)}")
+
+
+if __name__ == "__main__":
+    main()
