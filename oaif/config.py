@@ -148,7 +148,7 @@ class SelectConfig:
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    calls_per_round: int = _f(0, "oaif run: at most this many judge calls per round (a comparison is 2 calls, one per order), spent by annotate.select.rule on its most informative comparisons first; a cached answer costs nothing. 0: no cap.")
+    calls_per_round: int = _f(0, "oaif run: at most this many judge calls per round (a comparison is 2 calls, one per order), spent by annotate.select.rule on its most informative comparisons first; an answer from the judgment cache counts too (tokens_total and cost_total count what the API billed). 0: no cap.")
     calls_total: int = _f(0, "oaif run: the run's judge calls; once fewer than one comparison's (2) are left, the run ends after that round with a checkpoint and a line saying so (raise it, then `oaif resume`, to go on). 0: no cap.")
     tokens_total: int = _f(0, "oaif run, backend openai: the run ends (as calls_total) after the round in which the API's billed tokens reach this; the last round may pass it by up to one round's tokens (cap that with calls_per_round). 0: no cap.")
     cost_total: float = _f(0.0, "oaif run, backend openai: the same for money, at annotate.openai.price_per_mtok_*. 0: no cap.")

@@ -52,7 +52,9 @@ def test_bucketing_gives_the_same_steps(loss, settings, tiny_model):
     for grads, plain_grads in zip(steps, plain_steps):
         assert norm(plain_grads) > 1e-3
         grad_differ = max((grads[k] - plain_grads[k]).abs().max().item() for k in plain_grads)
-        assert grad_differ < 1e-6 * norm(plain_grads), grad_differ
+        # Passes of other shapes round differently (measured up to 1.3e-6 of the norm: the LM head
+        # multiplies a whole pass at once); a z0 taken per pass moves them 9e-3 (4e-5 of the norm).
+        assert grad_differ < 1e-5 * norm(plain_grads), grad_differ
     # AdamW's first step is about lr·sign(g), so rounding shows where g is near its eps (as in
     # test_trainer_wiring's accumulation test); a pair lost or misweighted moves weights ~lr.
     differ = max((weights[k] - plain_weights[k]).abs().max().item() for k in plain_weights)

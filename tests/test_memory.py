@@ -112,8 +112,8 @@ def test_a_run_that_cannot_fit_is_refused_before_it_starts(tiny_model, tmp_path)
     assert "gradients and AdamW" in line and "train.lora.enabled=true" in line and "check_memory=false" in line
     assert not (tmp_path / "big").exists()
 
-    r = oaif_main("run", "configs/tiny_cpu.yaml", f"output_dir={tmp_path}", "name=kv", "rounds=1",
-                  f"generate.kv_cache_gib={2 * free:.0f}")
+    r = oaif_main("run", "configs/tiny_cpu.yaml", f"policy.model={tiny_model}", f"output_dir={tmp_path}", "name=kv",
+                  "rounds=1", f"generate.kv_cache_gib={2 * free:.0f}")
     assert r.returncode == 2 and "engine KV cache" in r.stderr and "a smaller generate.kv_cache_gib" in r.stderr
     assert not (tmp_path / "kv").exists()
 

@@ -1,11 +1,12 @@
 """annotate.budget: what a run may spend on its judge, and what it has spent.
 
-A judge call is one order of one comparison, as sent to the backend: a comparison costs 2,
-two identical responses cost nothing (never sent), and an answer taken from the judgment
-cache costs nothing (it was paid for once, by whichever run asked first). Canary checks
+A judge call is one order of one comparison the round asks for: a comparison costs 2 and two
+identical responses cost nothing (never sent). An answer the judgment cache holds counts as a
+call too, so that a run spends its budget at the same rounds however often it is resumed or
+repeated (a round redone after a crash finds its answers in the cache). Canary checks
 (annotate.canary) are not the selection's to spend and are not counted. API judges' billed
 tokens and money are counted as their backend reports them (annotate/api_tokens,
-annotate/api_cost). The run's totals go in every metrics line (budget/*), so a resumed run
+annotate/api_cost): there, a cached answer costs nothing. The run's totals go in every metrics line (budget/*), so a resumed run
 picks them up from the last line its checkpoint kept, and every process of a launch reads
 the same decision from the same line.
 """

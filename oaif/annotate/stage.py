@@ -94,7 +94,7 @@ class AnnotateStage:
         totals, texts = dict(self.annotator.stats), [s.text for g in groups for s in g]
         spent = {k: v - self.totals.get(k, 0) for k, v in totals.items()}   # this call's share
         # Judge calls: both orders of each comparison sent, less those the cache answered.
-        spent["judge_calls"] = 2 * sum(j.verdict != "identical" for j in judged.judgments) - spent.get("cache_hits", 0)
+        spent["judge_calls"] = 2 * sum(j.verdict != "identical" for j in judged.judgments)
         self.spent |= budget.totals(self.spent, spent)
         metrics = {"pairs_kept": len(judged.pairs), "pairs_dropped": candidates - len(judged.pairs),
                    "annotate/comparisons": len(judged.judgments), **judgment_metrics(judged.judgments),
