@@ -30,6 +30,11 @@ def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+def must_be_positive(prefix: str, values: dict) -> list[str]:
+    """One error line per value that is not > 0, named by its dotted key (prefix + name)."""
+    return [f"{prefix}{k}: must be > 0, got {v}" for k, v in values.items() if v <= 0]
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     model: str = _f("models/tiny", "Path or hub id of the policy to train (loaded with from_pretrained and vllm.LLM).")
@@ -67,9 +72,8 @@ class GenerateConfig:
 
     def problems(self) -> list[str]:
         # samples_per_prompt is checked by RunConfig: what it may be depends on annotate.ranking.
-        errors = [f"generate.{k}: must be > 0, got {v}" for k, v in
-                  {"max_new_tokens": self.max_new_tokens, "kv_cache_gib": self.kv_cache_gib, "turns": self.turns}.items()
-                  if v <= 0]
+        errors = must_be_positive("generate.",
+                  {"max_new_tokens": self.max_new_tokens, "kv_cache_gib": self.kv_cache_gib, "turns": self.turns})
         if not 0 < self.top_p <= 1:
             errors.append(f"generate.top_p: must be in (0, 1], got {self.top_p}")
         if self.temperature <= 0:
@@ -138,9 +142,9 @@ class SelectConfig:
     l2: float = _f(0.01, "The proxy heads' L2 penalty (on standardised features): a few pairs cannot make it certain.")
 
     def problems(self, where: str) -> list[str]:
-        errors = [f"{where}.select.{k}: must be > 0, got {v}" for k, v in
+        errors = must_be_positive(f"{where}.select.",
                   {"comparisons_per_prompt": self.comparisons_per_prompt, "heads": self.heads, "window": self.window,
-                   "steps": self.steps, "learning_rate": self.learning_rate}.items() if v <= 0]
+                   "steps": self.steps, "learning_rate": self.learning_rate})
         if self.l2 < 0:
             errors.append(f"{where}.select.l2: must be >= 0, got {self.l2}")
         return errors
@@ -295,9 +299,9 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def problems(self) -> list[str]:
-        errors = [f"train.{k}: must be > 0, got {v}" for k, v in
+        errors = must_be_positive("train.",
                   {"batch_size": self.batch_size, "micro_batch_size": self.micro_batch_size,
-                   "epochs_per_round": self.epochs_per_round}.items() if v <= 0]
+                   "epochs_per_round": self.epochs_per_round})
         # Settings of one loss given to another would silently do nothing (objectives.py says whose they are).
         unset = TrainConfig()
         errors += [setting.error(owners, self.loss) for setting, owners in SETTING_OWNERS.items()
@@ -365,9 +369,9 @@ class RewardModelConfig:
     lora_target_modules: tuple[str, ...] = _f(LoraConfig().target_modules, "Module names that get adapters (as train.lora.target_modules).")
 
     def problems(self) -> list[str]:
-        errors = [f"reward_model.{k}: must be > 0, got {v}" for k, v in
+        errors = must_be_positive("reward_model.",
                   {"epochs": self.epochs, "learning_rate": self.learning_rate, "batch_size": self.batch_size,
-                   "max_tokens": self.max_tokens, "lora_r": self.lora_r}.items() if v <= 0]
+                   "max_tokens": self.max_tokens, "lora_r": self.lora_r})
         if not 0 < self.heldout_fraction < 1:
             errors.append(f"reward_model.heldout_fraction: must be in (0, 1), got {self.heldout_fraction}")
         if self.margin_scale < 0:
@@ -390,9 +394,9 @@ class SFTConfig:
     split: str = _f("train", "The split of a dataset with splits (as prompts_split).")
 
     def problems(self) -> list[str]:
-        errors = [f"sft.{k}: must be > 0, got {v}" for k, v in
+        errors = must_be_positive("sft.",
                   {"epochs": self.epochs, "learning_rate": self.learning_rate, "batch_size": self.batch_size,
-                   "micro_batch_size": self.micro_batch_size, "max_tokens": self.max_tokens}.items() if v <= 0]
+                   "micro_batch_size": self.micro_batch_size, "max_tokens": self.max_tokens})
         errors += [f"sft.{k}: must be >= 0, got {v}" for k, v in
                    {"max_steps": self.max_steps or 0, "weight_decay": self.weight_decay,
                     "warmup_steps": self.warmup_steps, "max_grad_norm": self.max_grad_norm}.items() if v < 0]
@@ -417,9 +421,9 @@ class CritiqueConfig:
     revision_template: str = _f("revision", "The policy's revision prompt. Placeholders: {conversation} {response} {critique} (required), {principle}.")
 
     def problems(self) -> list[str]:
-        errors = [f"critique.{k}: must be > 0, got {v}" for k, v in
+        errors = must_be_positive("critique.",
                   {"revisions": self.revisions, "max_new_tokens": self.max_new_tokens,
-                   "max_prompt_tokens": self.max_prompt_tokens}.items() if v <= 0]
+                   "max_prompt_tokens": self.max_prompt_tokens})
         errors += [f"critique.{k}: must be >= 0, got {v}" for k, v in
                    {"max_prompts": self.max_prompts, "temperature": self.temperature}.items() if v < 0]
         if self.critic != "policy" and not self.critic_model:
@@ -480,8 +484,8 @@ class RunConfig:
 
     def problems(self) -> list[str]:
         """Every problem of the config: the run's own keys, those that span sections, then each section's."""
-        errors = [f"{k}: must be > 0, got {v}" for k, v in
-                  {"rounds": self.rounds, "prompts_per_round": self.prompts_per_round}.items() if v <= 0]
+        errors = must_be_positive("",
+                  {"rounds": self.rounds, "prompts_per_round": self.prompts_per_round})
         # The run directory <output_dir>/<name> may be replaced (overwrite): a name that is not one
         # plain folder ('', '.', '..', 'a/b') would point it at a parent or another folder.
         if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", self.name) or self.name in (".", ".."):
