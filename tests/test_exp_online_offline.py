@@ -1,13 +1,59 @@
-"""scripts/experiments/online_offline.py end to end, small: a reward model distilled from the
-rules, three arms trained by it, each evaluated by the rules every round."""
+"""The online-vs-offline task's prompt splits; scripts/experiments/online_offline.py end to end,
+small: a reward model distilled from the rules, three arms trained by it, each evaluated by the
+rules every round."""
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
 from conftest import ROOT
+from oaif.config import load_config
+from oaif.constitution import SYSTEM_PATTERNS
+from oaif.records import read_jsonl
+
+CONFIG = ROOT / "configs/experiments/online_offline_tiny.yaml"
+TUNING = ROOT / "prompts/system_prompts_tuning.jsonl"
+
+
+def constraint(row: dict) -> tuple[str, str]:
+    """(check, what it asks: the limit or the word) of the one system-prompt rule that reads the row."""
+    [found] = [(check, m.group(1)) for check, pattern in SYSTEM_PATTERNS.items()
+               if (m := re.search(pattern, row["messages"][0]["content"]))]
+    return found
+
+
+def test_held_out_and_tuning_instructions_are_never_seen_in_training():
+    cfg = load_config(CONFIG)
+    splits = {name: read_jsonl(ROOT / path) for name, path in
+              (("training", cfg.prompts), ("tuning", TUNING), ("held-out", cfg.eval.prompts))}
+    system = {name: {r["messages"][0]["content"] for r in rows} for name, rows in splits.items()}
+    assert not system["training"] & system["tuning"] and not system["training"] & system["held-out"]
+    assert not system["tuning"] & system["held-out"]
+    seen = {constraint(r) for r in splits["training"]}
+    assert {check for check, _ in seen} == {"system_word_limit", "system_marker"}
+    # The tiny policy knows only its SFT answers' sentences: every word asked for is in one of
+    # them, and every limit leaves room for the shortest.
+    answers = [m["content"].lower() for r in read_jsonl(ROOT / "prompts/tiny_sft.jsonl") for m in r["messages"]
+               if m["role"] == "assistant"]
+    words, shortest = {w for a in answers for w in re.findall(r"[a-z]+", a)}, min(len(a.split()) for a in answers)
+    for name in ("tuning", "held-out"):
+        kinds = {}
+        for row in splits[name]:
+            check, asked = constraint(row)
+            kind = ("limit" if check == "system_word_limit" else "marker") + \
+                (", seen value" if (check, asked) in seen else ", new value")
+            assert row["category"] == kind, row["id"]
+            kinds[kind] = kinds.get(kind, 0) + 1
+            assert asked in words if check == "system_marker" else int(asked) >= shortest, row["id"]
+        # Half the rows ask for a limit or word no training instruction states: generalising to a
+        # new constraint, not only to a new wording of a trained one.
+        assert kinds == {k: len(splits[name]) // 4 for k in ("limit, seen value", "limit, new value",
+                                                             "marker, seen value", "marker, new value")}, name
+    new = lambda rows: {constraint(r) for r in rows} - seen  # noqa: E731
+    assert not new(splits["tuning"]) & new(splits["held-out"])
 
 
 @pytest.mark.slow
