@@ -30,6 +30,19 @@ def test_judge_budget_experiment_writes_arms_within_their_budgets(tiny_model, tm
         assert all(r["eval/win_rate_vs_ref"] is not None for r in rows)
     md = (out / "results.md").read_text()
     assert "\n| random@1 | " in md and "\n| sea@0.5 | " in md and (out / "table.md").read_text() in md
+    # The table's numbers are the runs' own: sea's final win rate, and its paired differences from
+    # random@1's final evaluation and from random@1's evaluation at the same judge calls (round 0:
+    # by then random@1 had spent 16 calls, sea@0.5 at most 8 a round).
+    runs = {arm: json.loads((out / "arms" / f"{arm}.json").read_text())["seeds"]["0"]
+            for arm in ("random@1", "sea@0.5")}
+    assert runs["random@1"][0]["budget/judge_calls"] == 16
+    cells = [c.strip() for c in md.split("\n| sea@0.5 | ")[1].split("\n")[0].split("|")]
+    value = lambda cell: float(cell.split(" [")[0])  # noqa: E731
+    low, high = (float(v) for v in cells[1].split(" [")[1].rstrip("]").split(", "))
+    sea, base = runs["sea@0.5"][-1]["eval/win_rate_vs_ref"], runs["random@1"]
+    assert value(cells[1]) == pytest.approx(sea, abs=1e-3) and low <= sea <= high
+    assert value(cells[3]) == pytest.approx(sea - base[-1]["eval/win_rate_vs_ref"], abs=1e-3)
+    assert value(cells[4]) == pytest.approx(sea - base[0]["eval/win_rate_vs_ref"], abs=1e-3)
     assert (out / "win_rate.png").read_bytes()[:4] == b"\x89PNG"
     # --only with nothing: results.md written again from the stored arms, nothing rerun.
     again = subprocess.run([*command, "--only", ""], cwd=ROOT, capture_output=True, text=True)

@@ -1,7 +1,7 @@
 """Spending the judge where it teaches (issue 30): the held-out win rate against the start as a
 function of judge calls spent, for each way of choosing the comparisons the judge sees.
 
-    .venv/bin/python scripts/experiments/judge_budget.py [--only ARM,ARM] [--seeds 0,1,2,3,4] [--out DIR] [key=value ...]
+    .venv/bin/python scripts/experiments/judge_budget.py [--only ARM,ARM] [--seeds 0,1,...] [--out DIR] [key=value ...]
 
 The task, judges and evaluation are the online-vs-offline experiment's
 (configs/experiments/online_offline_tiny.yaml; its training annotator, the distilled reward
@@ -11,9 +11,12 @@ model, is built into annotate.model when missing, as online_offline.py does). Ev
 comparison is 2 calls, both orders): fraction 1 buys one comparison per prompt, OAIF's
 amount of feedback; 0.5 half of that. An arm is RULE@FRACTION, RULE one of annotate.select.rule:
   random@1      (0, 1) of every prompt: online DPO as OAIF runs it (the baseline)
-  random@0.5    the same pairs for half the prompts (half the judge calls, no choosing)
-  max_margin@0.5, uncertain@0.5, sea@0.5   the proxy's choice, on half the judge calls
-The goal it tests: a rule at 0.5 ends at random@1's win rate (paired by seed) with half the calls.
+  random@F      the same pairs for a share F of the prompts (fewer judge calls, no choosing)
+  max_margin@F, uncertain@F, sea@F   the proxy's choice, on the same number of judge calls
+with F 0.5 and 0.25. The goal it tests: a rule at 0.5 ends at random@1's win rate (paired by
+seed) with half the calls. random@F is the control that goal needs: where random@0.5 also ends
+there, the task saturates before the judge budget binds, and only the smaller budget (0.25)
+can tell the rules apart.
 
 Each arm stores DIR/arms/ARM.json (every seed's metrics per round, the command, minutes and
 CPU); results.md, win_rate.png and table.md are written from every stored arm, so --only
@@ -31,24 +34,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # results.py, online_offline.py, beside this file
 from online_offline import distil_reward_model, quiet  # noqa: E402
-from results import ROOT, Results, check_model, fmt, mean_sd, mean_spread, table  # noqa: E402
+from results import ROOT, Results, check_model, fmt, mean_sd, mean_spread, nested_interval, table  # noqa: E402
 
 import oaif  # noqa: E402
-from oaif.evaluation import eval_annotator_config  # noqa: E402
+from oaif.evaluation import SCORE, eval_annotator_config  # noqa: E402
 from oaif.records import read_jsonl  # noqa: E402
 
-ARMS = ("random@1", "random@0.5", "max_margin@0.5", "uncertain@0.5", "sea@0.5")
+ARMS = ("random@1", *(f"{rule}@{f}" for f in ("0.5", "0.25") for rule in ("random", "max_margin", "uncertain", "sea")))
 BASELINE = "random@1"
 SAMPLES = 4
 KEYS = ("round", "budget/judge_calls", "annotate/judge_calls", "pairs_kept", "select/proxy_accuracy",
         "eval/win_rate_vs_ref", "eval/kl_to_ref", "eval/mean_length")
 
 
+def run_name(arm: str, seed: int | str) -> str:
+    return f"{arm.replace('@', '-')}-seed{seed}"
+
+
 def arm_config(cfg: oaif.RunConfig, arm: str, seed: int, out: Path) -> oaif.RunConfig:
     rule, fraction = arm.split("@")
     a = cfg.annotate
     return dataclasses.replace(
-        cfg, seed=seed, name=f"{arm.replace('@', '-')}-seed{seed}", overwrite=True, output_dir=str(out / "runs"),
+        cfg, seed=seed, name=run_name(arm, seed), overwrite=True, output_dir=str(out / "runs"),
         generate=dataclasses.replace(cfg.generate, samples_per_prompt=SAMPLES),
         annotate=dataclasses.replace(
             a, select=dataclasses.replace(a.select, rule=rule),
@@ -70,18 +77,55 @@ def run_arm(cfg: oaif.RunConfig, arm: str, seeds: list[int], out: Path) -> dict:
     return {"arm": arm, "seeds": runs, "seed_minutes": minutes}
 
 
-def curve(stored: dict, key: str) -> tuple:
-    """(mean judge calls spent, mean, min, max of key over seeds), per round."""
-    runs = list(stored["seeds"].values())
-    rounds = min(map(len, runs))
-    x = [mean_spread([r[k]["budget/judge_calls"] for r in runs])[0] for k in range(rounds)]
-    per_round = [[r[k][key] for r in runs if r[k][key] is not None] for k in range(rounds)]
-    return (x, [mean_spread(v)[0] for v in per_round], [min(v, default=None) for v in per_round],
-            [max(v, default=None) for v in per_round])
+RESAMPLES = 2000
+
+
+def prompt_scores(out: Path, arm: str, seed: str, round: int) -> dict[str, float]:
+    """Each held-out prompt's score against the start in one evaluation (win 1, tie 0.5, loss 0;
+    an invalid judgment is left out), from the run's own eval records."""
+    records = read_jsonl(out / "runs" / run_name(arm, seed) / "eval" / f"round_{round:06d}.jsonl")
+    return {r["prompt_id"]: SCORE[r["outcome"]] for r in records if r["outcome"] in SCORE}
+
+
+def interval(per_seed: list[dict[str, float]]) -> tuple:
+    """95% interval of the mean over seeds × prompts (seeds drawn, then prompts within them)."""
+    return nested_interval([list(s.values()) for s in per_seed], RESAMPLES)
+
+
+def paired(a: list[dict[str, float]], b: list[dict[str, float]]) -> tuple:
+    """(mean, low, high) of a - b, paired by seed and prompt, with the nested bootstrap's interval."""
+    groups = [[x[p] - y[p] for p in x if p in y] for x, y in zip(a, b)]
+    values = [v for g in groups for v in g]
+    return (sum(values) / len(values) if values else None, *nested_interval(groups, RESAMPLES))
+
+
+def same_calls_round(rows: list[dict], calls: int) -> int:
+    """The last round by which a run had spent at most `calls` judge calls (round 0 at least)."""
+    return max([r["round"] for r in rows if r["budget/judge_calls"] <= calls], default=0)
+
+
+def curve(out: Path, arm: str, stored: dict) -> tuple:
+    """(mean judge calls spent, win rate, 95% low, 95% high) per round, over seeds × prompts."""
+    seeds = stored["seeds"]
+    rounds = min(map(len, seeds.values()))
+    x = [mean_spread([rows[k]["budget/judge_calls"] for rows in seeds.values()])[0] for k in range(rounds)]
+    y, low, high = [], [], []
+    for k in range(rounds):
+        scores = [prompt_scores(out, arm, s, k) for s in seeds]
+        values = [v for s in scores for v in s.values()]
+        y.append(sum(values) / len(values) if values else None)
+        lo, hi = interval(scores)
+        low.append(lo)
+        high.append(hi)
+    return x, y, low, high
+
+
+def with_interval(mean, low, high, spec: str = "+.3f") -> str:
+    return "-" if mean is None else f"{mean:{spec}} [{low:{spec}}, {high:{spec}}]"
 
 
 def write(out: Path, res: Results, cfg: oaif.RunConfig) -> Path:
-    """results.md, table.md and win_rate.png from every arm stored in out/arms."""
+    """results.md, table.md and win_rate.png from every arm stored in out/arms and its runs' eval records."""
     stored = {p.stem: json.loads(p.read_text()) for p in sorted((out / "arms").glob("*.json"))}
     order = [a for a in ARMS if a in stored] + sorted(a for a in stored if a not in ARMS)
     judge = eval_annotator_config(cfg).annotate
@@ -91,35 +135,57 @@ def write(out: Path, res: Results, cfg: oaif.RunConfig) -> Path:
             f"`{cfg.annotate.backend}` (`{trained_by}`); evaluation annotator "
             f"`{judge.backend}` (`{judge.constitution}`) on `{cfg.eval.prompts}`, the policy's greedy answers judged "
             f"in both orders against the start's. An arm RULE@F judges at most F × 2 × {cfg.prompts_per_round} calls "
-            f"per round (annotate.budget.calls_per_round), chosen by annotate.select.rule RULE. Mean ± sd over seeds.")
+            f"per round (annotate.budget.calls_per_round), chosen by annotate.select.rule RULE. Win rates: the mean "
+            f"over seeds × held-out prompts (win 1, tie 0.5), with a 95% interval from {RESAMPLES} bootstrap "
+            f"draws of seeds and then prompts within them; differences are paired by seed and prompt.")
 
-    def final(arm: str, key: str) -> dict[str, float]:
-        return {s: rows[-1][key] for s, rows in stored[arm]["seeds"].items()}
+    def last(arm: str) -> dict[str, dict]:
+        return {s: rows[-1] for s, rows in stored[arm]["seeds"].items()}
+
+    def final_scores(arm: str) -> list[dict[str, float]]:
+        return [prompt_scores(out, arm, s, row["round"]) for s, row in last(arm).items()]
 
     rows = []
     for arm in order:
-        wins, calls = final(arm, "eval/win_rate_vs_ref"), final(arm, "budget/judge_calls")
+        scores, seeds = final_scores(arm), list(last(arm))
+        values = [v for s in scores for v in s.values()]
+        minus_final = minus_same = "-"
+        if BASELINE in stored and arm != BASELINE:
+            base_runs = stored[BASELINE]["seeds"]
+            common = [s for s in seeds if s in base_runs]
+            minus_final = with_interval(*paired([scores[seeds.index(s)] for s in common],
+                                                [prompt_scores(out, BASELINE, s, base_runs[s][-1]["round"])
+                                                 for s in common]))
+            base_same = [prompt_scores(out, BASELINE, s, same_calls_round(base_runs[s],
+                                                                         last(arm)[s]["budget/judge_calls"]))
+                         for s in common]
+            minus_same = with_interval(*paired([scores[seeds.index(s)] for s in common], base_same))
         accuracy = [r["select/proxy_accuracy"] for rs in stored[arm]["seeds"].values() for r in rs[1:]]
-        base = final(BASELINE, "eval/win_rate_vs_ref") if BASELINE in stored else {}
-        paired = [wins[s] - base[s] for s in wins if s in base]
-        rows.append([arm, mean_sd(list(calls.values()), ".0f"), mean_sd(list(wins.values())),
-                     " ".join(f"{v:.2f}" for v in wins.values()),
-                     mean_sd(paired) if paired and arm != BASELINE else "-",
+        rows.append([arm, mean_sd([r["budget/judge_calls"] for r in last(arm).values()], ".0f"),
+                     with_interval(sum(values) / len(values), *interval(scores), spec=".3f"),
+                     " ".join(f"{r['eval/win_rate_vs_ref']:.2f}" for r in last(arm).values()),
+                     minus_final, minus_same,
                      mean_sd([sum(r["pairs_kept"] for r in rs) for rs in stored[arm]["seeds"].values()], ".0f"),
                      fmt(mean_spread([a for a in accuracy if a is not None])[0]),
                      f"{fmt(stored[arm].get('minutes'), '.1f')} min on {stored[arm]['cpu']}"])
-    summary = table(["arm", "judge calls spent", "final win rate vs start", "per seed", f"minus {BASELINE} (paired)",
+    summary = table(["arm", "judge calls spent", "final win rate vs start [95%]", "per seed",
+                     f"minus {BASELINE}'s final [95%]", f"minus {BASELINE} at the same calls [95%]",
                      "pairs trained on", "proxy accuracy (rounds 1+)", "made in"], rows)
     (out / "table.md").write_text(summary + "\n")
-    res.add(f"After round {cfg.rounds - 1}:\n\n{summary}\n\nProxy accuracy: the share of a round's agreeing verdicts "
-            f"whose winner the proxy (fit on the rounds before) picked. Commands: "
-            + "; ".join(f"{a}: `{stored[a]['command']}`" for a in order))
-    res.plot("win_rate.png", "Held-out win rate against the start by judge calls spent (mean; band: range over seeds)",
+    res.add(f"After round {cfg.rounds - 1}:\n\n{summary}\n\n\"At the same calls\": {BASELINE}'s evaluation after the "
+            f"last round by which it had spent no more judge calls than the arm did in all (same seed). Proxy "
+            f"accuracy: the share of a round's agreeing verdicts whose winner the proxy (fit on the rounds before) "
+            f"picked. Commands: " + "; ".join(f"{a}: `{stored[a]['command']}`" for a in order))
+    curves = {arm: curve(out, arm, stored[arm]) for arm in order}
+    fractions = sorted({a.split("@")[1] for a in order if a != BASELINE}, key=float, reverse=True)
+    res.plot("win_rate.png", "Held-out win rate by judge calls spent (band: 95% interval, seeds × prompts)",
              "judge calls spent (run total)",
-             [("win rate", {arm: curve(stored[arm], "eval/win_rate_vs_ref") for arm in order})], reference=0.5)
+             [(f"win rate, rules at {f}",
+               {a: curves[a] for a in order if a == BASELINE or a.endswith(f"@{f}")}) for f in fractions],
+             reference=0.5)
     return res.write(f"`.venv/bin/python scripts/experiments/judge_budget.py` runs every arm; `--only ARM` reruns "
-                     f"some and keeps the others' stored results (DIR/arms/ARM.json); written "
-                     f"{time.strftime('%Y-%m-%d')}.")
+                     f"some and keeps the others' stored results (DIR/arms/ARM.json, and each run's eval records "
+                     f"in DIR/runs/); written {time.strftime('%Y-%m-%d')}.")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -56,6 +57,22 @@ def mean_sd(values: list[float], spec: str = ".3f") -> str:
     """'mean ± sd' of the values (over seeds), or '-'."""
     m, s = mean_spread(values)
     return fmt(m, spec) if s is None else f"{fmt(m, spec)} ± {fmt(s, spec)}"
+
+
+def nested_interval(groups: list[list[float]], resamples: int, seed: int = 0) -> tuple[float | None, float | None]:
+    """95% percentile interval of the mean of every value, by a two-level bootstrap: draw the
+    groups (seeds) with replacement, then the values (prompts) within each drawn group. A
+    bootstrap over the values alone would hide how much the seeds differ."""
+    groups = [g for g in groups if g]
+    if not groups:
+        return None, None
+    rng = random.Random(seed)
+    means = []
+    for _ in range(resamples):
+        drawn = [v for g in rng.choices(groups, k=len(groups)) for v in rng.choices(g, k=len(g))]
+        means.append(sum(drawn) / len(drawn))
+    means.sort()
+    return means[int(0.025 * (resamples - 1))], means[int(0.975 * (resamples - 1))]
 
 
 def line_plot(path: Path, title: str, xlabel: str, panels: list[tuple[str, dict]], reference: float | None = None
