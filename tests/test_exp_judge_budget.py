@@ -17,7 +17,8 @@ def test_judge_budget_experiment_writes_arms_within_their_budgets(tiny_model, tm
     command = [sys.executable, "scripts/experiments/judge_budget.py", "--seeds", "0", "--out", str(out),
                f"policy.model={tiny_model}", "rounds=2", "prompts_per_round=8", "eval.max_prompts=8",
                "annotate.backend=rules", "annotate.constitution=constitutions/system_prompt.yaml",
-               f"annotate.cache={tmp_path / 'cache.jsonl'}"]
+               f"annotate.cache={tmp_path / 'cache.jsonl'}",
+               "train.learning_rate=3e-3"]   # enough to move the tiny policy's win rate between the two rounds
     done = subprocess.run([*command, "--only", "random@1,sea@0.5"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for arm, cap in (("random@1", 16), ("sea@0.5", 8)):
@@ -36,6 +37,7 @@ def test_judge_budget_experiment_writes_arms_within_their_budgets(tiny_model, tm
     runs = {arm: json.loads((out / "arms" / f"{arm}.json").read_text())["seeds"]["0"]
             for arm in ("random@1", "sea@0.5")}
     assert runs["random@1"][0]["budget/judge_calls"] == 16
+    assert runs["random@1"][0]["eval/win_rate_vs_ref"] != runs["random@1"][1]["eval/win_rate_vs_ref"]
     cells = [c.strip() for c in md.split("\n| sea@0.5 | ")[1].split("\n")[0].split("|")]
     value = lambda cell: float(cell.split(" [")[0])  # noqa: E731
     low, high = (float(v) for v in cells[1].split(" [")[1].rstrip("]").split(", "))

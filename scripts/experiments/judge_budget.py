@@ -178,7 +178,7 @@ def write(out: Path, res: Results, cfg: oaif.RunConfig) -> Path:
             f"picked. Commands: " + "; ".join(f"{a}: `{stored[a]['command']}`" for a in order))
     curves = {arm: curve(out, arm, stored[arm]) for arm in order}
     fractions = sorted({a.split("@")[1] for a in order if a != BASELINE}, key=float, reverse=True)
-    res.plot("win_rate.png", "Held-out win rate by judge calls spent (band: 95% interval, seeds × prompts)",
+    res.plot("win_rate.png", "Held-out win rate by judge calls spent (band: 95% interval)",
              "judge calls spent (run total)",
              [(f"win rate, rules at {f}",
                {a: curves[a] for a in order if a == BASELINE or a.endswith(f"@{f}")}) for f in fractions],
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", default=str(ROOT / "configs/experiments/online_offline_tiny.yaml"))
     ap.add_argument("--only", default=",".join(ARMS), help="arms RULE@FRACTION, comma-separated; empty: rewrite "
                                                            "results.md from the stored ones")
-    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--seeds", default="0,1,2,3,4,5,6,7,8,9")
     ap.add_argument("--out", type=Path, default=Path("runs/experiments/judge_budget"))
     args = ap.parse_args(argv)
     cfg = oaif.load_config(args.config, args.overrides)
