@@ -21,6 +21,10 @@ Rule checks (each adds its weight to a response's score; the higher score wins):
   matches_reference         the response contains one of the prompt's accepted answers (its
                             "references" in the prompt file) as whole words, ignoring case and
                             punctuation; a prompt without references cannot be judged by it
+  random                    a coin flip per pair, the same in both orders: the response whose
+                            SHA-256 of (`seed`, its text) is larger (optional `seed`, default 0;
+                            identical responses tie). It prefers nothing about the answers, so
+                            after another rule it decides that rule's ties without steering
 
 Checks that read their constraint from the conversation's system prompt (its leading
 "system" message): `pattern` (optional; one group, the constraint; defaults in
@@ -53,7 +57,7 @@ from oaif.bundled import data_path
 
 RULE_FIELDS = {
     "shorter": set(), "longer": set(), "contains": {"text"}, "not_contains": {"text"},
-    "regex": {"pattern"}, "max_chars": {"limit"}, "matches_reference": set(),
+    "regex": {"pattern"}, "max_chars": {"limit"}, "matches_reference": set(), "random": set(),
     "system_word_limit": set(), "system_marker": set(), "system_prefix": set(), "system_format": set(),
 }
 # The system-prompt checks' default patterns (a rule's `pattern` replaces them): the group is the constraint.
@@ -78,6 +82,7 @@ class Rule:
     text: str = ""
     pattern: str = ""
     limit: int = 0
+    seed: int = 0
 
     def score(self, response: str, other: str, references: tuple[str, ...] = (),
               messages: list[dict] = ()) -> float:
@@ -93,6 +98,7 @@ class Rule:
             "not_contains": lambda: self.text not in response,
             "regex": lambda: re.search(self.pattern, response) is not None,
             "max_chars": lambda: len(response) <= self.limit,
+            "random": lambda: coin(self.seed, response) > coin(self.seed, other),
         }[self.check]()
         return self.weight if hit else 0.0
 
@@ -110,6 +116,12 @@ class Rule:
         if self.check == "system_prefix":
             return re.match(rf"\s*{re.escape(constraint)}(?!\w)", response, re.IGNORECASE) is not None
         return is_format(response, constraint)
+
+
+def coin(seed: int, text: str) -> bytes:
+    """The `random` check's draw for one response: a hash, so the pair gets the same verdict
+    whichever response is shown first (a verdict that flips with the order is dropped)."""
+    return hashlib.sha256(f"{seed}\0{text}".encode()).digest()
 
 
 def system_prompt(messages: list[dict]) -> str:
@@ -195,7 +207,8 @@ def _rule(path: Path, i: int, raw: object) -> Rule:
     if check not in RULE_FIELDS:
         raise ConstitutionError(f"{where}.check: unknown check {check!r}; known: {', '.join(RULE_FIELDS)}")
     needed = RULE_FIELDS[check]
-    optional = {"pattern"} if check in SYSTEM_PATTERNS else set()   # the system checks have a default
+    # The system checks have a default pattern; random, a default seed.
+    optional = {"pattern"} if check in SYSTEM_PATTERNS else {"seed"} if check == "random" else set()
     unknown = set(raw) - needed - optional - {"check", "weight"}
     if unknown:
         raise ConstitutionError(f"{where}: unknown field(s) {sorted(unknown)} for check {check!r}")
@@ -217,8 +230,11 @@ def _rule(path: Path, i: int, raw: object) -> Rule:
                                     f"system prompt), has {groups}")
     if "limit" in needed and (isinstance(raw["limit"], bool) or not isinstance(raw["limit"], int) or raw["limit"] < 0):
         raise ConstitutionError(f"{where}.limit: must be a non-negative integer")
+    if "seed" in raw and (isinstance(raw["seed"], bool) or not isinstance(raw["seed"], int)):
+        raise ConstitutionError(f"{where}.seed: must be an integer")
     return Rule(check=check, weight=float(weight), text=raw.get("text", ""),
-                pattern=raw.get("pattern", SYSTEM_PATTERNS.get(check, "")), limit=raw.get("limit", 0))
+                pattern=raw.get("pattern", SYSTEM_PATTERNS.get(check, "")), limit=raw.get("limit", 0),
+                seed=raw.get("seed", 0))
 
 
 def load_constitution(path: str | Path, sample_principles: bool = False) -> Constitution:

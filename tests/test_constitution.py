@@ -20,6 +20,8 @@ PURPOSE = {
     "concise_correct": (["matches_reference", "shorter"], [("The answer is Paris.", "Lyon.", ("Paris",)),  # correct,
                                                            ("Paris.", "It is Paris.", ("Paris",))]),      # then short
     "correct": (["matches_reference"], [("Paris, I think.", "Lyon.", ("Paris",))]),
+    # Correct first; its coin between equally correct answers: test_random_check_... below.
+    "correct_random": (["matches_reference", "random"], [("Lyon, no: Paris.", "Lyon.", ("Paris",))]),
     "detailed": (["longer", "max_chars"], [("Paris, on the Seine.", "Paris.", ()),
                                            ("Paris, on the Seine." * 14, "Paris, on the Seine." * 5, ())]),   # 280 chars
     "harmless": ([], []),
@@ -81,12 +83,33 @@ def test_each_rule_check_decides_hand_made_pairs_in_both_orders(tmp_path, rule, 
     assert p_first(RulesAnnotator(load_constitution(path)), first, second, refs) == want
 
 
+def test_random_check_decides_each_pair_the_same_in_both_orders_and_by_nothing_it_reads(tmp_path):
+    """The coin: a verdict for every pair of different texts, kept when the order is swapped
+    (a flip would drop the pair); a tie for identical texts; about half the pairs to the
+    shorter answer, so it steers no length; another seed draws other verdicts."""
+    def judge(seed: int) -> RulesAnnotator:
+        path = tmp_path / f"coin{seed}.yaml"
+        path.write_text(f"name: t\npreamble: p\nprinciples: [p]\nrules: [{{check: random, seed: {seed}}}]\n")
+        return RulesAnnotator(load_constitution(path))
+
+    pairs = [(f"Answer {i}.", f"A longer answer, number {i}.") for i in range(400)]
+    verdicts = {seed: [p_first(judge(seed), x, y) for x, y in pairs] for seed in (0, 1)}
+    for v in verdicts.values():
+        assert all(v1 in (0.0, 1.0) and v2 == 1.0 - v1 for v1, v2 in v)
+        shorter_won = sum(v1 == 1.0 for v1, _ in v) / len(v)   # each pair's first text is the shorter
+        assert 0.42 < shorter_won < 0.58, shorter_won
+    assert 0.3 < sum(a != b for a, b in zip(verdicts[0], verdicts[1])) / len(pairs) < 0.7
+    assert p_first(judge(0), "Paris.", "Paris.") == [0.5, 0.5]
+
+
 @pytest.mark.parametrize("body, message", [
     ("name: x\npreamble: p\nprinciples: []\n", "'principles' must be a non-empty list"),
     ("name: x\npreamble: p\nprinciples: [a]\ncolour: red\n", "unknown field(s) ['colour']"),
     ("name: x\npreamble: p\nprinciples: [a]\nrules: [{check: shortest}]\n", "rules[0].check: unknown check 'shortest'"),
     ("name: x\npreamble: p\nprinciples: [a]\nrules: [{check: regex}]\n", "check 'regex' needs ['pattern']"),
     ("name: x\npreamble: p\nprinciples: [a]\nrules: [{check: regex, pattern: '('}]\n", "rules[0].pattern: not a valid"),
+    ("name: x\npreamble: p\nprinciples: [a]\nrules: [{check: random, seed: one}]\n", "rules[0].seed: must be an integer"),
+    ("name: x\npreamble: p\nprinciples: [a]\nrules: [{check: shorter, seed: 1}]\n", "unknown field(s) ['seed']"),
     ("preamble: p\nprinciples: [a]\n", "'name' must be a non-empty string"),
 ])
 def test_constitution_errors_name_file_and_field(tmp_path, body, message):

@@ -45,6 +45,30 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def paired_difference(diffs: list[float], z: float = 1.96) -> tuple[float, float, float] | tuple[None, None, None]:
+    """The mean of per-item paired differences and its Wald 95% interval, mean ± z·σ/√n with σ²
+    the items' variance over n. For items that are one pair of 0/1 outcomes each (d = −1, 0 or
+    +1) it is the interval of a difference of paired proportions, (b − c)/n ± z·√(b + c − (b −
+    c)²/n)/n, b and c the discordant counts. The item is the unit: results on the same prompt
+    from several seeds are averaged into one difference per prompt first, since they are not
+    independent draws."""
+    if not diffs:
+        return None, None, None
+    n = len(diffs)
+    mean = sum(diffs) / n
+    half = z * math.sqrt(sum((d - mean) ** 2 for d in diffs) / n / n)
+    return mean, mean - half, mean + half
+
+
+def sign_test(diffs: list[float]) -> float:
+    """Two-sided exact sign test of per-item paired differences (zeros left out): the chance
+    of a split of the signs at least as uneven as this one if + and − were equally likely.
+    For one pair of 0/1 outcomes per item it is McNemar's exact test."""
+    up, down = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    tail = sum(math.comb(up + down, k) for k in range(min(up, down) + 1)) / 2 ** (up + down)
+    return min(1.0, 2 * tail)
+
+
 def mean_spread(values: list[float]) -> tuple[float | None, float | None]:
     """(mean, sample standard deviation) of the values that are not None; std None below 2."""
     vs = [v for v in values if v is not None and not math.isnan(v)]
