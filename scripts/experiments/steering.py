@@ -5,8 +5,9 @@ response length from ~120 to ~40 tokens while staying preferred to the SFT model
 default arms, judged by the `rules` backend (no LLM judge that runs on this CPU carries
 signal), are `control` (`correct_random.yaml`: the correct answer, then a seeded coin),
 `helpful` (the correct answer wins, ties stay ties) and `concise` (`concise_correct.yaml`:
-the correct answer, then the shorter). `control` decides as many pairs as `concise` but
-steers nothing besides correctness: the two differ by the length rule alone.
+the correct answer, then the shorter). `control` decides every pair of different answers, so at
+least as many as `concise` (which leaves equal lengths tied), but steers nothing besides
+correctness: the two differ by the length rule, not by the amount of signal.
 
 The main measure is held-out accuracy: the share of answers that contain an accepted answer
 (`matches_reference`), which every default arm also trains on. The held-out set (the config's
