@@ -38,6 +38,26 @@ def fmt(value, spec: str = ".3f") -> str:
     return str(value) if isinstance(value, int) else format(value, spec)
 
 
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float] | tuple[None, None]:
+    """The 95% Wilson score interval of the proportion k / n (Wilson 1927): unlike the normal
+    approximation it stays inside [0, 1] and is not zero-width at 0 / n or n / n, where small
+    judges' rates sit. k may be fractional (a tie counted as half). (None, None) when n is 0."""
+    if not n:
+        return None, None
+    p, z2 = k / n, z * z
+    centre, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    # min / max: at 0 / n and n / n rounding would otherwise put p a hair outside its interval.
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
+
+
+def fmt_ci(value, low, high, n: int, min_n: int = 1, unit: str = "pairs", spec: str = ".2f") -> str:
+    """A table cell for an estimate with its interval, 'value [low, high]'; 'n/a (n pairs)' when
+    fewer than min_n observations back it, so a rate over one pair does not read as a finding."""
+    if n < min_n or value is None:
+        return f"n/a ({n} {unit.removesuffix('s') if n == 1 else unit})"
+    return f"{fmt(value, spec)} [{fmt(low, spec)}, {fmt(high, spec)}]"
+
+
 def table(header: list[str], rows: list[list]) -> str:
     """A markdown table; cells are formatted with fmt unless already strings."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -129,7 +149,9 @@ def bar_plot(path: Path, title: str, groups: list[str], panels: list[tuple]) -> 
     """Stacked panels of grouped bars: each panel is (y label, {series label: {group: value}})
     or (y label, series, {reference label: y}) with dashed reference lines. A group gets a bar
     for each series that has it (absent: that series does not apply there); each bar is labelled
-    with its value, and a value of None (measured, but undefined) is marked 'n/a'."""
+    with its value. A value is a number; (value, low, high), drawn with its interval as an error
+    bar; None (measured, but undefined), marked 'n/a'; or a string, no bar and the string as its
+    label (e.g. 'n/a (1 pair)' for a rate too thin to draw)."""
     import textwrap
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -142,16 +164,24 @@ def bar_plot(path: Path, title: str, groups: list[str], panels: list[tuple]) -> 
     for ax, (ylabel, series, *refs) in zip(axes, panels):
         refs = refs[0] if refs else {}
         colors = {label: f"C{k}" for k, label in enumerate(series)}
-        top = max([v for values in series.values() for v in values.values() if v is not None]
+        top = max([y for values in series.values() for v in values.values()
+                   for y in (v if isinstance(v, tuple) else (v,)) if isinstance(y, (int, float))]
                   + list(refs.values()) + [1e-9])
         for g, group in enumerate(groups):
             present = [label for label in series if group in series[label]]
             width = 0.8 / max(1, len(present))
             for k, label in enumerate(present):
                 x, v = g + (k - (len(present) - 1) / 2) * width, series[label][group]
-                ax.bar(x, 0 if v is None else v, width, color=colors[label])
-                ax.text(x, 0 if v is None else v, "n/a" if v is None else f"{v:.2f}", ha="center", va="bottom",
-                        fontsize=6, rotation=90 if len(present) > 2 else 0)
+                v, low, high = v if isinstance(v, tuple) else (v, None, None)
+                height = v if isinstance(v, (int, float)) else 0
+                ax.bar(x, height, width, color=colors[label])
+                if low is not None:
+                    # max: a bootstrap interval need not hold its mean, but the bar stays where the value is.
+                    ax.errorbar(x, height, [[max(0, height - low)], [max(0, high - height)]], color="black",
+                                linewidth=0.8, capsize=2)
+                text = "n/a" if v is None else v if isinstance(v, str) else f"{v:.2f}"
+                ax.text(x, height if high is None else high, text, ha="center", va="bottom", fontsize=6,
+                        rotation=90 if len(present) > 2 or isinstance(v, str) else 0)
         lines = [ax.axhline(y, color="grey", linestyle=style, linewidth=1, label=name)
                  for (name, y), style in zip(refs.items(), ("--", ":", "-."))]
         ax.set_ylim(0, top * 1.25)   # room for the value labels
