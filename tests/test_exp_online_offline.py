@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,10 @@ from conftest import ROOT
 from oaif.config import load_config
 from oaif.constitution import SYSTEM_PATTERNS
 from oaif.records import read_jsonl
+
+sys.path.insert(0, str(ROOT / "scripts/experiments"))
+from online_offline import choose_lr  # noqa: E402
+from results import nested_interval  # noqa: E402
 
 CONFIG = ROOT / "configs/experiments/online_offline_tiny.yaml"
 TUNING = ROOT / "prompts/system_prompts_tuning.jsonl"
@@ -56,28 +61,57 @@ def test_held_out_and_tuning_instructions_are_never_seen_in_training():
     assert not new(splits["tuning"]) & new(splits["held-out"])
 
 
+def test_the_interval_resamples_seeds_before_prompts():
+    # Two seeds, one all losses, one all wins: a draw of the seeds alone can give either
+    # extreme, so the interval spans [0, 1]; a bootstrap over the 64 prompts would give ~[0.38, 0.62].
+    assert nested_interval([[0.0] * 32, [1.0] * 32], 2000) == (0.0, 1.0)
+    assert nested_interval([[0.25] * 5, [0.25] * 7], 500) == (0.25, 0.25)
+    low, high = nested_interval([[0.0, 1.0] * 16] * 5, 2000)
+    assert 0.35 < low < 0.5 < high < 0.65
+    assert nested_interval([[], []], 100) == (None, None)
+
+
+def test_the_learning_rate_kept_is_the_best_that_stays_well_formed():
+    row = lambda lr, win, formed: {"lr": lr, "win_rate": win, "well_formed": formed}  # noqa: E731
+    rows = [row(5e-5, 0.6, 1.0), row(5e-5, 0.7, 1.0), row(1e-4, 0.8, 0.95), row(1e-4, 0.7, 0.9),
+            row(2e-4, 0.9, 0.5), row(2e-4, 0.9, 0.6)]
+    assert choose_lr(rows, floor=0.9) == 1e-4      # 2e-4 wins more, by broken answers
+    assert choose_lr(rows, floor=0.0) == 2e-4
+    assert choose_lr(rows, floor=0.99) == 5e-5     # only 5e-5 keeps its answers whole
+    assert choose_lr(rows[:4], floor=1.01) == 5e-5   # none passes: the most well-formed
+    assert choose_lr([row(1e-4, 0.7, None), row(5e-5, 0.7, None)], floor=0.9) == 5e-5   # a tie: the smaller
+    assert choose_lr([row(1e-4, 0.8, None), row(5e-5, 0.7, None)], floor=0.9) == 1e-4   # no pattern: no floor
+
+
 @pytest.mark.slow
-def test_online_offline_experiment_writes_matched_arms(tiny_model, tmp_path):
+def test_online_offline_experiment_tunes_then_compares_matched_arms(tiny_model, tmp_path):
     prompts = tmp_path / "prompts.jsonl"   # 16 system prompts keep the reward model's data small
     prompts.write_text("".join((ROOT / "prompts/system_prompts.jsonl").read_text().splitlines(keepends=True)[:16]))
     out = tmp_path / "exp"
     done = subprocess.run(
-        [sys.executable, "scripts/experiments/online_offline.py", "--seeds", "0", "--out", str(out),
-         f"policy.model={tiny_model}", f"prompts={prompts}", "rounds=2", "prompts_per_round=8",
-         f"annotate.model={tmp_path / 'rm'}", "reward_model.epochs=1", "eval.max_prompts=8",
+        [sys.executable, "scripts/experiments/online_offline.py", "--seeds", "0", "--tune-seeds", "100",
+         "--grid", "1e-4", "--out", str(out), f"policy.model={tiny_model}", f"prompts={prompts}", "rounds=2",
+         "prompts_per_round=8", f"annotate.model={tmp_path / 'rm'}", "reward_model.epochs=1", "eval.max_prompts=8",
          f"annotate.cache={tmp_path / 'cache.jsonl'}"],   # not the default runs/judge_cache.jsonl in the checkout
         cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "rm" / "metrics.json").read_text())["heldout_accuracy"] > 0.6
+    arms = ("online", "offline", "offline, repeated")
+
+    # Tuning: every arm on the tuning split alone; the reported runs use the rate it kept.
+    tuning = json.loads((out / "tuning.json").read_text())
+    assert sorted(r["arm"] for r in tuning["runs"]) == sorted(arms) and tuning["chosen"] == {a: 1e-4 for a in arms}
+    for run in (out / "tuning").iterdir():
+        assert {r["prompt_id"].rsplit("-", 1)[0] for r in read_jsonl(run / "eval/round_000001.jsonl")} == {"sys-tuning"}
 
     curves = [json.loads(line) for line in (out / "curves.jsonl").read_text().splitlines()]
-    arms = ("online", "offline", "offline, repeated")
     assert sorted((c["arm"], c["round"]) for c in curves) == sorted((a, r) for a in arms for r in range(2))
+    assert {c["lr"] for c in curves} == {1e-4}
     first = {c["arm"]: c for c in curves if c["round"] == 0}
     second = {c["arm"]: c for c in curves if c["round"] == 1}
     # Round 0 trains every arm on the same pairs (the starting policy's, same seeds): same policy after it.
     assert len({c["pairs_kept"] for c in first.values()}) == 1
-    for key in ("eval/win_rate_vs_ref", "eval/mean_length", "well_formed"):
+    for key in ("eval/win_rate_vs_ref", "validation/win_rate", "eval/mean_length", "well_formed"):
         assert len({c[key] for c in first.values()}) == 1, key
     kls = [c["eval/kl_to_ref"] for c in first.values()]
     assert max(kls) - min(kls) < 1e-3 * max(1.0, max(kls))
@@ -85,10 +119,35 @@ def test_online_offline_experiment_writes_matched_arms(tiny_model, tmp_path):
     assert second["offline, repeated"]["pairs_annotated"] == 0
     assert second["offline, repeated"]["pairs_kept"] == first["offline, repeated"]["pairs_kept"]
     assert second["offline"]["pairs_annotated"] > 0 and second["online"]["pairs_annotated"] > 0
+    # Held-out and validation records come from their own splits.
+    run = {c["arm"]: Path(c["run"]) for c in curves}
+    ids = lambda path: {r["prompt_id"].rsplit("-", 1)[0] for r in read_jsonl(path)}  # noqa: E731
+    assert ids(run["online"] / "eval/round_000001.jsonl") == {"sys-unseen"}
+    assert ids(run["online"] / "validation/eval/round_000001.jsonl") == {"sys-tuning"}
+
+    # Head to head: online's last answers (the ones its evaluation judged) against each other arm's,
+    # the early-stopped ones at the round of their peak validation win rate.
+    def answers(arm: str, r: int) -> dict:
+        return {x["prompt_id"]: x["policy"] for x in read_jsonl(run[arm] / f"eval/round_{r:06d}.jsonl")}
+
+    head_to_head = {}
+    for arm in ("offline", "offline, repeated"):
+        mine = [c for c in curves if c["arm"] == arm]
+        sound = [c for c in mine if c["validation/well_formed"] >= tuning["floor"]] or mine
+        peak = max(sound, key=lambda c: (c["validation/win_rate"], -c["round"]))["round"]
+        for label, r in ((arm, 1), (f"{arm}, early-stopped", peak)):
+            records = read_jsonl(out / "head_to_head" / f"{label.replace(', ', '-')}-seed0.jsonl")
+            assert len(records) == 8
+            assert {x["prompt_id"]: x["policy"] for x in records} == answers("online", 1)
+            assert {x["prompt_id"]: x["baseline"] for x in records} == answers(arm, r)
+            assert all((x["verdict"] == "identical") == (x["policy"] == x["baseline"]) for x in records)
+            rate = sum({"win": 1, "tie": 0.5, "loss": 0}[x["outcome"]] for x in records) / len(records)
+            head_to_head[label] = f"\n| {label} | {rate:.3f} ["   # the row of the head-to-head table
 
     md = (out / "results.md").read_text()
-    for arm in arms:
-        assert f"\n| {arm} | " in md
-    assert "online_offline.py --seeds 0" in md
-    for png in ("win_rate.png", "kl_length.png"):
+    for arm in (*arms, "offline, early-stopped", "offline, repeated, early-stopped"):
+        assert f"\n| {arm} | 0.0001 | " in md
+    assert all(row in md for row in head_to_head.values())
+    assert "online_offline.py --seeds 0" in md and "not independent of the training signal" in md
+    for png in ("win_rate.png", "length.png", "final.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"

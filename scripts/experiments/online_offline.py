@@ -1,23 +1,37 @@
 """Online against offline DPO (OAIF paper §4): does feedback on the current policy's own
 samples beat the same amount of feedback collected once, on the starting policy's samples?
 
-    .venv/bin/python scripts/experiments/online_offline.py [--config CONFIG] [--seeds 0,1,2] [--out DIR] [key=value ...]
+    .venv/bin/python scripts/experiments/online_offline.py [--config CONFIG] [--seeds 0,1,2,3,4] [--out DIR] [key=value ...]
 
-Three arms per seed, the same config, annotator, prompts per round and optimizer steps:
-  online             the loop (`oaif.run`): each round's pairs are sampled from the policy of that round;
+Three trained arms per seed, the same config, annotator, prompts per round and optimizer steps:
+  online             the loop (`oaif.Loop`): each round's pairs are sampled from the policy of that round;
   offline            the same prompts, in the same rounds, with every pair sampled from the
                      starting policy before training (as many annotated pairs as online);
-  offline, repeated  round 0's pairs alone, trained on in every round (the usual offline
-                     baseline: one fixed set, many passes; fewer annotated pairs).
-Round 0 is the same in all three (same policy, same seeds). After every round each policy
-answers the held-out prompts and `eval.annotate` (a judge no arm was trained with) compares
-the answers with the start's in both orders: win rate, KL to the reference, lengths.
+  offline, repeated  round 0's pairs alone, trained on in every round (one fixed set, many passes).
+Each offline arm is also reported early-stopped: at the round where its validation win rate
+peaks, per seed, among rounds whose answers stay well-formed (no training of its own). Round
+0 samples the same pairs in every arm.
 
-With the default config (configs/experiments/online_offline_tiny.yaml) the training
-annotator is a reward model distilled from the system-prompt rules; this script builds it
-into `annotate.model` when that folder is missing (the starting policy's samples of the
-training prompts, every pair of 8 judged by `eval.annotate`, then `oaif train-rm`).
-Writes results.md, the plots and curves.jsonl (every arm's metrics per round) into --out.
+Three prompt splits that share no prompt (the tiny config's share no system instruction
+either; its comment lists them): training (`prompts`), tuning (--tuning-prompts) and held-out
+(`eval.prompts`). First each arm's
+learning rate is chosen from --grid on the tuning split with the --tune-seeds: the highest
+validation win rate after the last round, averaged over those seeds, among the rates whose
+answers stay well-formed (share >= --floor; without it a judge that counts words is pleased by
+broken text); tuning.json keeps every run's numbers and the choice (--tuned FILE reuses one).
+Then the reported --seeds run with the chosen rates. After every evaluated round (eval.every)
+each policy answers the held-out and the tuning prompts, judged in both orders against the start's answers by
+`eval.annotate`; after the last round online's held-out answers are judged against each other
+arm's (head to head). Intervals: 95%, bootstrapped over seeds and then prompts within a seed.
+
+With the default config (configs/experiments/online_offline_tiny.yaml) the training annotator
+is a reward model distilled from the evaluation rules: the evaluation judge is not independent
+of the training signal (results.md says so beside the numbers). This script builds the reward
+model into `annotate.model` when that folder is missing (the starting policy's samples of the
+training prompts, every pair of 8 judged by `eval.annotate`, then `oaif train-rm`); every seed
+uses that one. Writes results.md, the plots, tuning.json and curves.jsonl (every arm's metrics
+per round) into --out; the runs into --out/runs and --out/tuning, the head-to-head verdicts
+into --out/head_to_head.
 """
 
 from __future__ import annotations
@@ -27,19 +41,28 @@ import dataclasses
 import json
 import math
 import re
+import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import ROOT, Results, check_model, mean_sd, mean_spread, table  # noqa: E402
+from results import (ROOT, Results, check_model, interval_plot, mean_sd, mean_spread, nested_interval,  # noqa: E402
+                     table)
 
 import oaif  # noqa: E402
-from oaif.evaluation import eval_annotator_config  # noqa: E402
+from oaif.annotate.backends import build_annotator  # noqa: E402
+from oaif.annotate.base import close_annotator  # noqa: E402
+from oaif.bundled import data_path  # noqa: E402
+from oaif.datasets_io import load_prompts  # noqa: E402
+from oaif.evaluation import (SCORE, Evaluator, Response, baseline_responses, compare,  # noqa: E402
+                             eval_annotator_config, respond)
 from oaif.generate import round_prompts  # noqa: E402
 from oaif.records import read_jsonl, write_jsonl  # noqa: E402
 
 ARMS = ("online", "offline", "offline, repeated")
+STOPPED = {"offline, early-stopped": "offline", "offline, repeated, early-stopped": "offline, repeated"}
 RM_SAMPLES, RM_ROUNDS = 8, 2   # samples per prompt and passes over the prompts for the reward model's data
+RESAMPLES = 2000
 # The tiny policy's language: capitalised sentences of plain words, each ending in a period.
 # Every answer of the starting policy matches it; "A short walk", "....", " for a common
 # sight." or "cats.es cats" do not. A judge that counts words can score those as wins.
@@ -70,15 +93,63 @@ def distil_reward_model(cfg: oaif.RunConfig, out: Path) -> dict:
     return train_reward_model(cfg, data, out, log=quiet)
 
 
-def online(cfg: oaif.RunConfig) -> list[dict]:
-    return [r | {"pairs_annotated": r["pairs_kept"]} for r in read_jsonl(oaif.run(cfg, log=quiet) / "metrics.jsonl")]
+def answers_file(run: Path, r: int) -> Path:
+    """The policy's answers to eval.prompts after round r, as the engine gave them (token ids too)."""
+    return run / "answers" / f"round_{r:06d}.jsonl"
 
 
-def offline(cfg: oaif.RunConfig, repeated: bool) -> list[dict]:
+def eval_file(run: Path, r: int, split: str = "eval") -> Path:
+    """The evaluation records of round r: split 'eval' (held-out) or 'validation' (tuning split)."""
+    return run / ("eval" if split == "eval" else "validation/eval") / f"round_{r:06d}.jsonl"
+
+
+def well_formed_share(records: list[dict], pattern: re.Pattern, side: str) -> float:
+    """The share of one side's ('policy' or 'baseline') answers that match pattern whole."""
+    return sum(bool(pattern.fullmatch(r[side])) for r in records) / len(records)
+
+
+def validation_evaluator(loop: oaif.Loop, prompts: str) -> Evaluator:
+    """The tuning split's evaluation, beside the loop's own: the start's answers now (before
+    round 0 the engine holds the starting policy), the same judge, records in validation/."""
+    cfg = dataclasses.replace(loop.cfg, eval=dataclasses.replace(loop.cfg.eval, prompts=prompts))
+    where = loop.run_dir / "validation"
+    return Evaluator(cfg, where, loop.evaluator.annotator,
+                     baseline_responses(cfg, where, loop.generator.engine, loop.tokenizer, fresh=True))
+
+
+def after_round(loop: oaif.Loop, r: int, validation: Evaluator | None, pattern: re.Pattern | None) -> dict:
+    """What the loop's evaluation does not keep: the held-out answers themselves (for the head
+    to head), the tuning split's win rate and both splits' well-formed shares."""
+    engine = loop.generator.engine
+    write_jsonl(answers_file(loop.run_dir, r), respond(engine, loop.tokenizer, loop.evaluator.prompts, loop.cfg))
+    extra = {"well_formed": well_formed_share(read_jsonl(eval_file(loop.run_dir, r)), pattern, "policy")} \
+        if pattern else {}
+    if validation is not None:
+        m = validation(engine, loop.tokenizer, loop.trainer, r, loop.policy_version)
+        extra["validation/win_rate"] = m["eval/win_rate_vs_ref"]
+        if pattern:
+            extra["validation/well_formed"] = well_formed_share(
+                read_jsonl(eval_file(loop.run_dir, r, "validation")), pattern, "policy")
+    return extra
+
+
+def online(cfg: oaif.RunConfig, validate: str | None, pattern: re.Pattern | None) -> list[dict]:
+    rows = []
+    with oaif.Loop(cfg, log=quiet) as loop:
+        validation = validation_evaluator(loop, validate) if validate else None
+        for m in loop.rounds():
+            evaluated = "eval/win_rate_vs_ref" in m   # every eval.every rounds, and the last
+            rows.append(m | {"pairs_annotated": m["pairs_kept"]} |
+                        (after_round(loop, m["round"], validation, pattern) if evaluated else {}))
+    return rows
+
+
+def offline(cfg: oaif.RunConfig, repeated: bool, validate: str | None, pattern: re.Pattern | None) -> list[dict]:
     """The offline arms, from the loop's own stages: every pair is sampled and judged first,
     from the starting policy; then one round of training (and an evaluation) per chunk."""
     rows = []
     with oaif.Loop(cfg, log=quiet) as loop:
+        validation = validation_evaluator(loop, validate) if validate else None
         batches = round_prompts(loop.prompts, cfg.prompts_per_round, cfg.seed)   # online's prompts, round by round
         chunks = []
         for r in range(1 if repeated else cfg.rounds):
@@ -91,61 +162,244 @@ def offline(cfg: oaif.RunConfig, repeated: bool) -> list[dict]:
             loop.sync()
             annotated = len(pairs) if r == 0 or not repeated else 0
             rows.append({"round": r, "pairs_kept": len(pairs), "pairs_annotated": annotated, **loop.metrics,
-                         **loop.evaluate(r)})
+                         **(loop.evaluate(r) | after_round(loop, r, validation, pattern)
+                            if loop.evaluator.due(r) else {})})
     return rows
+
+
+def run_arm(cfg: oaif.RunConfig, arm: str, seed: int, lr: float, where: Path, validate: str | None,
+            pattern: re.Pattern | None) -> list[dict]:
+    """One arm's run at learning rate lr, in where/NAME; its metrics per round."""
+    name = arm.replace(", ", "-") + f"-lr{lr:g}-seed{seed}"
+    arm_cfg = dataclasses.replace(cfg, seed=seed, name=name, overwrite=True, output_dir=str(where),
+                                  train=dataclasses.replace(cfg.train, learning_rate=lr))
+    rows = online(arm_cfg, validate, pattern) if arm == "online" else \
+        offline(arm_cfg, arm == "offline, repeated", validate, pattern)
+    return [{"arm": arm, "seed": seed, "lr": lr, "run": str(where / name), **r} for r in rows]
 
 
 def steps(rows: list[dict], cfg: oaif.RunConfig) -> int:
     return sum(cfg.train.epochs_per_round * math.ceil(r["pairs_kept"] / cfg.train.batch_size) for r in rows)
 
 
-def run_dir(out: Path, arm: str, seed: int) -> Path:
-    return out / "runs" / (arm.replace(", ", "-") + f"-seed{seed}")
+def choose_lr(rows: list[dict], floor: float) -> float:
+    """The learning rate with the highest mean validation win rate over the tuning seeds, among
+    those whose mean well-formed share is at least floor (a row without one passes); if none
+    is, the one with the most well-formed answers. A tie goes to the smaller rate."""
+    by_lr = {lr: [r for r in rows if r["lr"] == lr] for lr in sorted({r["lr"] for r in rows})}
+    mean = lambda rs, key: statistics.fmean(r[key] for r in rs)  # noqa: E731
+    formed = {lr: None if rs[0]["well_formed"] is None else mean(rs, "well_formed") for lr, rs in by_lr.items()}
+    kept = [lr for lr in by_lr if formed[lr] is None or formed[lr] >= floor]
+    if not kept:
+        return max(by_lr, key=lambda lr: (formed[lr], -lr))
+    return max(kept, key=lambda lr: (mean(by_lr[lr], "win_rate"), -lr))
 
 
-def well_formed_share(eval_file: Path, pattern: re.Pattern, side: str) -> float:
-    """The share of one side's ('policy' or 'baseline') held-out answers that match pattern whole."""
-    records = read_jsonl(eval_file)
-    return sum(bool(pattern.fullmatch(r[side])) for r in records) / len(records)
+def tune(cfg: oaif.RunConfig, args, pattern: re.Pattern | None) -> dict:
+    """Every arm at every rate of the grid, each tuning seed, evaluated on the tuning split only
+    (the held-out prompts stay unseen); the rate each arm keeps (choose_lr)."""
+    tune_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, prompts=args.tuning_prompts))
+    rows = []
+    for arm in ARMS:
+        for lr in args.grid:
+            for seed in args.tune_seeds:
+                last = run_arm(tune_cfg, arm, seed, lr, args.out / "tuning", None, pattern)[-1]
+                rows.append({"arm": arm, "lr": lr, "seed": seed, "win_rate": last["eval/win_rate_vs_ref"],
+                             "well_formed": last.get("well_formed"), "kl_to_ref": last["eval/kl_to_ref"]})
+                print(f"tuning {arm} lr {lr:g} seed {seed}: validation win rate {rows[-1]['win_rate']:.3f}",
+                      flush=True)
+    return {"prompts": args.tuning_prompts, "grid": args.grid, "seeds": args.tune_seeds, "floor": args.floor,
+            "command": " ".join([".venv/bin/python", "scripts/experiments/online_offline.py", *sys.argv[1:]]),
+            "runs": rows, "chosen": {arm: choose_lr([r for r in rows if r["arm"] == arm], args.floor) for arm in ARMS}}
 
 
-def run_arms(cfg: oaif.RunConfig, seeds: list[int], out: Path, pattern: re.Pattern | None) -> list[dict]:
-    """One line per (arm, seed, round) with its metrics, appended to curves.jsonl as each arm ends."""
-    curves = []
-    for seed in seeds:
-        for arm in ARMS:
-            arm_dir = run_dir(out, arm, seed)
-            arm_cfg = dataclasses.replace(cfg, seed=seed, name=arm_dir.name, overwrite=True, output_dir=str(arm_dir.parent))
-            rows = online(arm_cfg) if arm == "online" else offline(arm_cfg, repeated=arm != "offline")
-            for r in rows if pattern else ():
-                r["well_formed"] = well_formed_share(arm_dir / "eval" / f"round_{r['round']:06d}.jsonl", pattern, "policy")
-            last = rows[-1]
-            formed = "-" if last.get("well_formed") is None else f"{last['well_formed']:.2f}"
-            print(f"{arm} seed {seed}: win rate {last['eval/win_rate_vs_ref']:.3f}, KL {last['eval/kl_to_ref']:.2f}, "
-                  f"held-out length {last['eval/mean_length']:.1f}, well-formed {formed}, "
-                  f"{sum(r['pairs_annotated'] for r in rows)} pairs annotated, {steps(rows, cfg)} steps", flush=True)
-            curves += [{"arm": arm, "seed": seed, **r} for r in rows]
-            with open(out / "curves.jsonl", "a") as f:
-                f.writelines(json.dumps({"arm": arm, "seed": seed, **r}) + "\n" for r in rows)
-    return curves
+def early_stopped(curves: list[dict], floor: float) -> list[dict]:
+    """Each offline arm's row, per seed, at the round its validation win rate peaks (the first
+    such round), as the arm 'ARM, early-stopped'; as in tuning, only rounds whose validation
+    answers are at least `floor` well-formed count (all of them if none is)."""
+    rows = []
+    for label, arm in STOPPED.items():
+        for seed in sorted({c["seed"] for c in curves}):
+            mine = [c for c in curves if c["arm"] == arm and c["seed"] == seed and "validation/win_rate" in c]
+            sound = [c for c in mine if c.get("validation/well_formed", 1.0) >= floor] or mine
+            rows.append(max(sound, key=lambda c: (c["validation/win_rate"], -c["round"])) | {"arm": label})
+    return rows
 
 
-def by_arm(curves: list[dict], arm: str, key: str, rounds: int) -> list[list[float | None]]:
-    """[round][seed] values of key for the arm."""
-    return [[c.get(key) for c in curves if c["arm"] == arm and c["round"] == r] for r in range(rounds)]
+def scores(records: list[dict]) -> dict[str, float]:
+    """Per prompt: 1 a win, 0.5 a tie, 0 a loss of the policy side (invalid ones left out)."""
+    return {r["prompt_id"]: SCORE[r["outcome"]] for r in records if r["outcome"] != "invalid"}
 
 
-def band(curves: list[dict], arm: str, key: str, rounds: int) -> tuple:
-    """(x, mean, min, max) over seeds, per round (a range, not mean ± sd: KL is heavy-tailed)."""
-    per_round = [[v for v in vs if v is not None] for vs in by_arm(curves, arm, key, rounds)]
-    return (list(range(rounds)), [mean_spread(v)[0] for v in per_round],
-            [min(v, default=None) for v in per_round], [max(v, default=None) for v in per_round])
+def head_to_head(cfg: oaif.RunConfig, online: list[dict], others: dict[str, list[dict]], out: Path
+                 ) -> dict[str, list[list[float]]]:
+    """Online's held-out answers after the last round (its rows, one per seed) against each other
+    arm's at its end row, judged in both orders by the evaluation judge; per arm and seed,
+    online's scores."""
+    judge = eval_annotator_config(cfg)
+    annotator = build_annotator(judge)
+    load = lambda row: [Response(**a) for a in read_jsonl(answers_file(Path(row["run"]), row["round"]))]  # noqa: E731
+    result = {}
+    try:
+        for arm, rows in others.items():
+            result[arm] = []
+            for mine, theirs in zip(online, rows):
+                records, _ = compare(annotator, load(mine), load(theirs), None, mine["round"], 0,
+                                     judge.annotate.missing_eos_penalty, judge.annotate.min_label_mass)
+                write_jsonl(out / "head_to_head" / f"{arm.replace(', ', '-')}-seed{mine['seed']}.jsonl", records)
+                result[arm].append(list(scores(records).values()))
+    finally:
+        close_annotator(annotator)
+    return result
 
 
-def samples_section(out: Path, seed: int, rounds: int) -> str:
-    """The first held-out answers of each arm's last evaluation next to the start's, to be read."""
-    last = {arm: read_jsonl(run_dir(out, arm, seed) / "eval" / f"round_{rounds - 1:06d}.jsonl") for arm in ARMS}
-    lines = [f"Held-out answers after round {rounds - 1} (seed {seed}; outcome by the evaluation judge):", ""]
+def with_interval(groups: list[list[float]], spec: str = ".3f") -> str:
+    """'mean [low, high]': the mean of every value, its 95% interval over seeds, then prompts."""
+    lo, hi = nested_interval(groups, RESAMPLES)
+    values = [v for g in groups for v in g]
+    return f"{statistics.fmean(values):{spec}} [{lo:{spec}}, {hi:{spec}}]" if values else "-"
+
+
+def setup_section(cfg: oaif.RunConfig, tuning: dict, seeds: list[int], baseline: list[float], rm: dict | None) -> str:
+    judge = eval_annotator_config(cfg).annotate
+    text = (
+        f"Policy `{cfg.policy.model}` ({cfg.rounds} rounds × {cfg.prompts_per_round} prompts × "
+        f"{cfg.generate.samples_per_prompt} samples, loss {cfg.train.loss}, {cfg.train.epochs_per_round} epochs per "
+        f"round, threads {cfg.threads}); training annotator `{cfg.annotate.backend}` "
+        f"(`{cfg.annotate.model or cfg.annotate.constitution}`), evaluation annotator `{judge.backend}` "
+        f"(`{judge.constitution}`). Prompts: training `{cfg.prompts}`, tuning `{tuning['prompts']}`, held-out "
+        f"`{cfg.eval.prompts}`, no prompt in two of them. Greedy answers judged in both orders against the starting "
+        f"policy's ({mean_sd(baseline, '.1f')} tokens). Reported seeds {', '.join(map(str, seeds))}. Brackets: 95% "
+        f"interval, {RESAMPLES} bootstrap resamples of the seeds, then of the prompts within each seed.")
+    if rm:
+        text += (
+            f"\n\n**The evaluation judge is not independent of the training signal.** The training annotator is a "
+            f"reward model distilled from the evaluation rules (`{judge.constitution}`) on the starting policy's "
+            f"samples of the training prompts: held-out accuracy {rm['heldout_accuracy']:.3f} on {rm['heldout_pairs']} pairs "
+            f"(train {rm['train_accuracy']:.3f}); every seed uses this one reward model. What the held-out split adds: "
+            f"no training prompt has its system instructions, and half of them ask for a limit or a word no training "
+            f"prompt states (by category below). A win there is behaviour the rules reward carried to instructions "
+            f"training never showed, graded by the rules the reward model imitates: not a second opinion.")
+    return text
+
+
+def tuning_section(tuning: dict, pattern: re.Pattern | None) -> str:
+    def cell(arm: str, lr: float) -> str:
+        runs = [r for r in tuning["runs"] if r["arm"] == arm and r["lr"] == lr]
+        formed = "" if pattern is None else f" ({mean_sd([r['well_formed'] for r in runs], '.2f')})"
+        return mean_sd([r["win_rate"] for r in runs]) + formed
+
+    return (f"Learning rates, chosen before any held-out answer was judged: each arm at "
+            f"{', '.join(f'{lr:g}' for lr in tuning['grid'])}, tuning seeds {', '.join(map(str, tuning['seeds']))}, "
+            f"evaluated on the tuning split after the last round; kept: the highest validation win rate among the "
+            f"rates whose well-formed share is at least {tuning['floor']} (`{tuning['command']}`). Validation win "
+            f"rate vs start, mean ± sd over the tuning seeds" + (" (well-formed share)" if pattern else "") + ":\n\n" +
+            table(["arm", *[f"lr {lr:g}" for lr in tuning["grid"]], "chosen"],
+                  [[arm, *[cell(arm, lr) for lr in tuning["grid"]], f"{tuning['chosen'][arm]:g}"] for arm in ARMS]))
+
+
+def report(results: Results, cfg: oaif.RunConfig, curves: list[dict], tuning: dict, seeds: list[int],
+           rm: dict | None, pattern: re.Pattern | None, categories: dict[str, str]) -> None:
+    last = [c for c in curves if c["round"] == cfg.rounds - 1]
+    ends = {arm: [c for c in last if c["arm"] == arm] for arm in ARMS} | \
+        {arm: [c for c in early_stopped(curves, tuning["floor"]) if c["arm"] == arm] for arm in STOPPED}
+    order = ["online", "offline", "offline, early-stopped", "offline, repeated", "offline, repeated, early-stopped"]
+    records = lambda row: read_jsonl(eval_file(Path(row["run"]), row["round"]))  # noqa: E731
+    vs_start = {arm: [scores(records(row)) for row in ends[arm]] for arm in order}   # per seed, per prompt
+    h2h = head_to_head(cfg, ends["online"], {arm: ends[arm] for arm in order[1:]}, results.out)
+    kl = {arm: [[r["kl_to_ref"] for r in records(row)] for row in ends[arm]] for arm in order}
+    values = lambda per_seed: [list(by_prompt.values()) for by_prompt in per_seed]  # noqa: E731
+    # Paired by seed and prompt: the same held-out prompt, each arm's answer against the same start answer.
+    diff = {arm: [[on[p] - theirs[p] for p in on if p in theirs]
+                  for on, theirs in zip(vs_start["online"], vs_start[arm])] for arm in order[1:]}
+
+    results.add(setup_section(cfg, tuning, seeds, [c["eval/baseline_mean_length"] for c in ends["online"]], rm))
+    results.add(tuning_section(tuning, pattern))
+    rows = []
+    for arm in order:
+        e = ends[arm]   # trained until the row's round: the early-stopped arms' pairs and steps stop there
+        upto = [[r for r in curves if r["arm"] == STOPPED.get(arm, arm) and r["seed"] == c["seed"]
+                 and r["round"] <= c["round"]] for c in e]
+        rows.append([arm, f"{e[0]['lr']:g}", "-" if arm == "online" else with_interval(h2h[arm]),
+                     with_interval(values(vs_start[arm])), " ".join(f"{c['eval/win_rate_vs_ref']:.2f}" for c in e),
+                     mean_sd([c.get("eval/train_judge_win_rate") for c in e]), with_interval(kl[arm], ".2f"),
+                     mean_sd([c["eval/mean_length"] for c in e], ".1f"),
+                     *([mean_sd([c["well_formed"] for c in e], ".2f")] if pattern else []),
+                     " ".join(str(c["round"]) for c in e),
+                     mean_sd([sum(r["pairs_annotated"] for r in rs) for rs in upto], ".0f"),
+                     mean_sd([steps(rs, cfg) for rs in upto], ".0f")])
+    results.add(
+        "Held-out, after the last round (early-stopped: at the round of the peak validation win rate). Head to head: "
+        "online's answers after the last round against the arm's, judged in both orders by the evaluation judge "
+        "(win 1, tie 0.5; above 0.5: online better). RM: the training reward model's win rate vs start on the same "
+        "pairs.\n\n" + table(
+            ["arm", "lr", "online vs arm, head to head", "win rate vs start", "per seed", "RM's win rate vs start",
+             "KL to start (nats)", "length (tokens)", *(["well-formed"] if pattern else []), "round per seed",
+             "annotated pairs", "optimizer steps"], rows))
+    share = lambda groups, score: 100 * statistics.fmean(v == score for g in groups for v in g)  # noqa: E731
+    results.add("Head to head, online's held-out answers after the last round against each arm's (as the OAIF "
+                "paper's Table 2: win / tie / loss):\n\n" + table(
+                    ["online vs", "win rate [95%]", "win / tie / loss %", "per seed", "seeds above 0.5"],
+                    [[arm, with_interval(g), " / ".join(f"{share(g, s):.0f}" for s in (1.0, 0.5, 0.0)),
+                      " ".join(f"{statistics.fmean(s):.2f}" for s in g),
+                      f"{sum(statistics.fmean(s) > 0.5 for s in g)} of {len(g)}"] for arm, g in h2h.items()]))
+    if pattern:
+        start = [well_formed_share(records(c), pattern, "baseline") for c in ends["online"]]
+        results.add(f"Well-formed: the answer matches `{pattern.pattern}` whole (the starting policy's answers: "
+                    f"{mean_sd(start, '.2f')}). The evaluation judge does not check it.")
+    results.add("Online minus each arm, win rate vs start, paired by seed and prompt:\n\n" + table(
+        ["online minus", "mean [95%]", "per seed", "seeds where online is higher"],
+        [[arm, with_interval(d), " ".join(f"{statistics.fmean(s):+.3f}" for s in d),
+          f"{sum(statistics.fmean(s) > 0 for s in d)} of {len(d)}"] for arm, d in diff.items()]))
+    kinds = sorted(set(categories.values()))
+    if kinds:
+        results.add("Win rate vs start by the held-out prompt's category (seen value: a limit or word training "
+                    "states, in a new wording; new value: one it never states):\n\n" + table(
+                        ["arm", *kinds], [[arm, *[with_interval([[v for p, v in seed.items() if categories.get(p) == k]
+                                                                 for seed in vs_start[arm]]) for k in kinds]]
+                                          for arm in order]))
+
+    plot_curves(results, curves, pattern)
+    dots = lambda groups: (groups, *nested_interval(groups, RESAMPLES))  # noqa: E731
+    title = "After the last round: seeds (dots), mean, 95% interval"
+    interval_plot(results.out / "final.png", title, [
+        ("win rate vs start", {arm: dots(values(vs_start[arm])) for arm in order}, 0.5, False),
+        ("KL to start (nats, log scale)", {arm: dots(kl[arm]) for arm in order}, None, True),
+        ("online minus arm, win rate vs start", {arm: dots(d) for arm, d in diff.items()}, 0.0, False),
+        ("online vs arm, head to head", {arm: dots(h2h[arm]) for arm in order[1:]}, 0.5, False)])
+    results.add(f"![{title}](final.png)")
+    results.add(samples_section(ends, cfg.rounds))
+
+
+def plot_curves(results: Results, curves: list[dict], pattern: re.Pattern | None) -> None:
+    """The trained arms' evaluated rounds: win rates with their 95% intervals, length and
+    well-formed share with the range over seeds."""
+    x = sorted({c["round"] for c in curves if "validation/win_rate" in c})
+    at = lambda arm, r: [c for c in curves if c["arm"] == arm and c["round"] == r]  # noqa: E731
+    mean = lambda arm, key: [mean_spread([c[key] for c in at(arm, r)])[0] for r in x]  # noqa: E731
+
+    def win_rate(arm: str, key: str, split: str) -> tuple:
+        intervals = [nested_interval([list(scores(read_jsonl(eval_file(Path(c["run"]), r, split))).values())
+                                      for c in at(arm, r)], RESAMPLES) for r in x]
+        return x, mean(arm, key), [lo for lo, _ in intervals], [hi for _, hi in intervals]
+
+    def spread(arm: str, key: str) -> tuple:
+        return x, mean(arm, key), *[[f(c[key] for c in at(arm, r)) for r in x] for f in (min, max)]
+
+    results.plot("win_rate.png", "Win rate vs the start (band: 95% interval)", "round", [
+        (f"{name} win rate", {arm: win_rate(arm, key, split) for arm in ARMS})
+        for name, key, split in (("held-out", "eval/win_rate_vs_ref", "eval"),
+                                 ("validation", "validation/win_rate", "validation"))], reference=0.5)
+    results.plot("length.png", "Length and well-formed answers (band: seed range)", "round",
+                 [("held-out tokens", {arm: spread(arm, "eval/mean_length") for arm in ARMS}),
+                  *([("well-formed share", {arm: spread(arm, "well_formed") for arm in ARMS})] if pattern else [])])
+
+
+def samples_section(ends: dict[str, list[dict]], rounds: int) -> str:
+    """The first held-out answers of each trained arm's last evaluation next to the start's, to be read."""
+    last = {arm: read_jsonl(eval_file(Path(ends[arm][0]["run"]), rounds - 1)) for arm in ARMS}
+    lines = [f"Held-out answers after round {rounds - 1} (seed {ends['online'][0]['seed']}; outcome by the "
+             f"evaluation judge):", ""]
     for k, start in enumerate(last["online"][:6]):
         system = start["messages"][0]["content"] if start["messages"][0]["role"] == "system" else ""
         lines.append(f"- *{system}* **{start['messages'][-1]['content']}** start: \"{start['baseline']}\"")
@@ -153,84 +407,64 @@ def samples_section(out: Path, seed: int, rounds: int) -> str:
     return "\n".join(lines)
 
 
-def report(results: Results, cfg: oaif.RunConfig, curves: list[dict], seeds: list[int], rm: dict | None,
-           pattern: re.Pattern | None) -> None:
-    rounds, out = cfg.rounds, results.out
-    final = lambda arm, key: [c.get(key) for c in curves if c["arm"] == arm and c["round"] == rounds - 1]  # noqa: E731
-    per_seed = lambda arm, f: [f([c for c in curves if c["arm"] == arm and c["seed"] == s]) for s in seeds]  # noqa: E731
-    judge = eval_annotator_config(cfg).annotate
-    baseline = final("online", "eval/baseline_mean_length")
-    results.add(
-        f"Policy `{cfg.policy.model}`, prompts `{cfg.prompts}` ({rounds} rounds × {cfg.prompts_per_round} prompts × "
-        f"{cfg.generate.samples_per_prompt} samples, loss {cfg.train.loss}, lr {cfg.train.learning_rate}, "
-        f"{cfg.train.epochs_per_round} epochs per round); training annotator `{cfg.annotate.backend}` "
-        f"(`{cfg.annotate.model or cfg.annotate.constitution}`); evaluation annotator `{judge.backend}` "
-        f"(`{judge.constitution}`) on `{cfg.eval.prompts}`, greedy answers judged in both orders against the "
-        f"starting policy's ({mean_sd(baseline, '.1f')} tokens). Seeds {', '.join(map(str, seeds))}; "
-        f"mean ± sd over seeds.")
-    if rm:
-        results.add(f"The reward model: held-out accuracy {rm['heldout_accuracy']:.3f} on {rm['heldout_pairs']} pairs "
-                    f"of the starting policy's samples (train {rm['train_accuracy']:.3f}).")
-    formed = [] if pattern is None else ["well-formed answers"]
-    rows = []
-    for arm in ARMS:
-        rows.append([arm, mean_sd(final(arm, "eval/win_rate_vs_ref")), mean_sd(final(arm, "eval/lc_win_rate_vs_ref")),
-                     mean_sd(final(arm, "eval/kl_to_ref"), ".2f"), mean_sd(final(arm, "eval/mean_length"), ".1f"),
-                     *([mean_sd(final(arm, "well_formed"), ".2f")] if pattern else []),
-                     " ".join(f"{v:.2f}" for v in final(arm, "eval/win_rate_vs_ref")),
-                     mean_sd(per_seed(arm, lambda rs: sum(r["pairs_annotated"] for r in rs)), ".0f"),
-                     mean_sd(per_seed(arm, lambda rs: steps(rs, cfg)), ".0f")])
-    results.add(f"After round {rounds - 1}:\n\n" + table(
-        ["arm", "win rate vs start", "LC win rate", "KL to start (nats)", "held-out length", *formed,
-         "win rate per seed", "annotated pairs", "optimizer steps"], rows))
-    if pattern:
-        start = [well_formed_share(run_dir(out, "online", s) / "eval" / f"round_{rounds - 1:06d}.jsonl", pattern,
-                                   "baseline") for s in seeds]
-        results.add(f"Well-formed: the answer matches `{pattern.pattern}` whole (the starting policy's answers: "
-                    f"{mean_sd(start, '.2f')}). The evaluation judge does not check it.")
-    # Paired by seed: round 0 is the same in every arm, so the seeds pair the arms up.
-    diff = lambda a, b, key: [x - y for x, y in zip(final(a, key), final(b, key))]  # noqa: E731
-    keys = [("eval/win_rate_vs_ref", "win rate", ".3f"), ("eval/kl_to_ref", "KL", ".2f")] + \
-        ([("well_formed", "well-formed", ".2f")] if pattern else [])
-    results.add("Online minus each offline arm, seed by seed (after the last round):\n\n" + table(
-        ["online minus", *[f"{label}: mean ± sd (per seed)" for _, label, _ in keys], "seeds where online wins more"],
-        [[arm, *[f"{mean_sd(diff('online', arm, k), spec)} ({' '.join(format(v, '+' + spec) for v in diff('online', arm, k))})"
-                 for k, _, spec in keys],
-          f"{sum(v > 0 for v in diff('online', arm, 'eval/win_rate_vs_ref'))} of {len(seeds)}"] for arm in ARMS[1:]]))
-    results.plot("win_rate.png", "Held-out win rate against the start (mean; band: range over seeds)", "round",
-                 [("win rate", {arm: band(curves, arm, "eval/win_rate_vs_ref", rounds) for arm in ARMS})], reference=0.5)
-    results.plot("kl_length.png", "KL to the start, length and well-formed answers (mean; band: range over seeds)",
-                 "round", [("KL (nats)", {arm: band(curves, arm, "eval/kl_to_ref", rounds) for arm in ARMS}),
-                           ("tokens", {arm: band(curves, arm, "eval/mean_length", rounds) for arm in ARMS}),
-                           *([("well-formed share", {arm: band(curves, arm, "well_formed", rounds) for arm in ARMS})]
-                             if pattern else [])])
-    results.add(samples_section(out, seeds[0], rounds))
+def conversations(path: str) -> set:
+    return {tuple((m["role"], m["content"]) for m in p.messages) for p in load_prompts(path)}
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("overrides", nargs="*", help="key=value, as for oaif run (e.g. rounds=4)")
     ap.add_argument("--config", default=str(ROOT / "configs/experiments/online_offline_tiny.yaml"))
-    ap.add_argument("--seeds", default="0,1,2,3,4")
-    ap.add_argument("--out", default="runs/experiments/online_offline")
+    ap.add_argument("--seeds", default="0,1,2,3,4", help="the reported seeds")
+    ap.add_argument("--out", type=Path, default=Path("runs/experiments/online_offline"))
+    ap.add_argument("--tuning-prompts", default="prompts/system_prompts_tuning.jsonl",
+                    help="the tuning split: learning rates and early stopping are chosen on it")
+    ap.add_argument("--tune-seeds", default="100,101", help="seeds of the tuning runs, none of them reported")
+    ap.add_argument("--grid", default="5e-5,1e-4,2e-4", help="learning rates tried for each arm")
+    ap.add_argument("--floor", type=float, default=0.9,
+                    help="a learning rate is kept only if this share of its tuning answers is well-formed")
+    ap.add_argument("--tuned", type=Path, help="a tuning.json of an earlier invocation: its rates, no tuning runs")
     ap.add_argument("--well-formed", default=TINY_SENTENCES,
                     help="a regex a sound answer matches whole (default: the tiny policy's sentences; '' for none)")
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    cfg = oaif.load_config(args.config, [f"output_dir={out / 'runs'}", *args.overrides])
+    cfg = oaif.load_config(args.config, [f"output_dir={args.out / 'runs'}", *args.overrides])
     check_model(cfg.policy.model, "policy.model")
+    if cfg.eval.every < 1:
+        raise SystemExit("eval.every must be >= 1: the arms are compared, and stopped early, on their evaluations")
+    split = conversations(args.tuning_prompts)
+    if split & conversations(cfg.prompts) or split & conversations(cfg.eval.prompts):
+        raise SystemExit(f"--tuning-prompts {args.tuning_prompts} shares a prompt with `prompts` or `eval.prompts`")
     seeds = [int(s) for s in args.seeds.split(",")]
+    args.tune_seeds = [int(s) for s in args.tune_seeds.split(",")]
+    args.grid = [float(lr) for lr in args.grid.split(",")]
     pattern = re.compile(args.well_formed) if args.well_formed else None
-    results = Results(out, "Online against offline DPO")
-    (out / "curves.jsonl").unlink(missing_ok=True)
+    results = Results(args.out, "Online against offline DPO")
+    (args.out / "curves.jsonl").unlink(missing_ok=True)
     rm = None
     if cfg.annotate.backend == "reward_model" and not Path(cfg.annotate.model).exists():
         print(f"distilling the training annotator into {cfg.annotate.model} ...", flush=True)
         rm = distil_reward_model(cfg, Path(cfg.annotate.model))
     elif cfg.annotate.backend == "reward_model":
         rm = json.loads((Path(cfg.annotate.model) / "metrics.json").read_text())
-    curves = run_arms(cfg, seeds, out, pattern)
-    report(results, cfg, curves, seeds, rm, pattern)
+    if args.tuned:
+        tuning = json.loads(args.tuned.read_text())
+    else:
+        tuning = tune(cfg, args, pattern)
+        (args.out / "tuning.json").write_text(json.dumps(tuning, indent=1) + "\n")
+    curves = []
+    for seed in seeds:
+        for arm in ARMS:
+            rows = run_arm(cfg, arm, seed, tuning["chosen"][arm], args.out / "runs", args.tuning_prompts, pattern)
+            end = rows[-1]
+            print(f"{arm} seed {seed} (lr {end['lr']:g}): win rate {end['eval/win_rate_vs_ref']:.3f}, "
+                  f"validation {end['validation/win_rate']:.3f}, KL {end['eval/kl_to_ref']:.2f}", flush=True)
+            curves += rows
+            with open(args.out / "curves.jsonl", "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+    held_out = data_path(cfg.eval.prompts)
+    categories = {r["id"]: r["category"] for r in read_jsonl(held_out) if "category" in r} \
+        if held_out.suffix == ".jsonl" else {}
+    report(results, cfg, curves, tuning, seeds, rm, pattern, categories)
     print(f"results in {results.write()}")
 
 

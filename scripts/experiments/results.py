@@ -119,6 +119,36 @@ def nested_interval(groups: list[list[float]], resamples: int, seed: int = 0) ->
     return means[int(0.025 * (resamples - 1))], means[int(0.975 * (resamples - 1))]
 
 
+def interval_plot(path: Path, title: str, panels: list[tuple]) -> None:
+    """Stacked panels, one row per group: a dot per seed (the mean of its values), the mean of
+    every value (black) and its interval. Each panel is (x label, {group: (values per seed, low,
+    high)}, reference x or None, log x)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = sum(len(series) for _, series, *_ in panels)
+    fig = Figure(figsize=(7, 0.9 * len(panels) + 0.32 * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(panels), 1, squeeze=False, height_ratios=[len(s) + 1 for _, s, *_ in panels])[:, 0]
+    for ax, (xlabel, series, reference, log) in zip(axes, panels):
+        for y, (groups, low, high) in enumerate(series.values()):
+            per_seed = [statistics.fmean(g) for g in groups if g]
+            mean = statistics.fmean(v for g in groups for v in g)
+            ax.plot(per_seed, [y] * len(per_seed), "o", color="C0", alpha=0.6, markersize=4)
+            ax.errorbar([mean], [y], xerr=[[mean - low], [high - mean]], fmt="s", color="black", markersize=4,
+                        capsize=3)
+        if reference is not None:
+            ax.axvline(reference, color="grey", linestyle="--", linewidth=1)
+        if log:   # symmetric: a per-sample KL estimate can be at or below 0, which a plain log axis drops
+            ax.set_xscale("symlog", linthresh=0.1)
+        ax.set_yticks(range(len(series)), list(series), fontsize="small")
+        ax.set_ylim(len(series) - 0.5, -0.5)   # the first group on top
+        ax.set_xlabel(xlabel)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_title(title)
+    fig.savefig(path, dpi=100)
+
+
 def line_plot(path: Path, title: str, xlabel: str, panels: list[tuple[str, dict]], reference: float | None = None
               ) -> None:
     """Stacked panels sharing x; each panel is (y label, {series label: (x, y) or (x, y, low, high)}),
