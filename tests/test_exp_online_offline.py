@@ -2,6 +2,7 @@
 small: a reward model distilled from the rules, three arms trained by it, each evaluated by the
 rules every round."""
 
+import argparse
 import json
 import re
 import subprocess
@@ -16,6 +17,7 @@ from oaif.constitution import SYSTEM_PATTERNS
 from oaif.records import read_jsonl
 
 sys.path.insert(0, str(ROOT / "scripts/experiments"))
+import online_offline  # noqa: E402
 from online_offline import choose_lr  # noqa: E402
 from results import nested_interval  # noqa: E402
 
@@ -83,6 +85,29 @@ def test_the_learning_rate_kept_is_the_best_that_stays_well_formed():
     assert choose_lr([row(1e-4, 0.8, None), row(5e-5, 0.7, None)], floor=0.9) == 1e-4   # no pattern: no floor
 
 
+def test_a_wider_grid_runs_only_its_new_rates(monkeypatch, tmp_path):
+    ran = []
+
+    def fake_run(cfg, arm, seed, lr, where, validate, pattern):   # the runs themselves: the slow test below
+        ran.append((arm, lr, seed))
+        assert cfg.eval.prompts == "tuning.jsonl" and validate is None
+        return [{"eval/win_rate_vs_ref": 0.5 + lr, "well_formed": 1.0, "eval/kl_to_ref": 1.0}]
+
+    monkeypatch.setattr(online_offline, "run_arm", fake_run)
+    args = lambda grid, seeds=(100, 101): argparse.Namespace(  # noqa: E731
+        tuning_prompts="tuning.jsonl", tune_seeds=list(seeds), grid=grid, floor=0.9, out=tmp_path)
+    cfg = load_config(CONFIG)
+    first = online_offline.tune(cfg, args([0.1, 0.2]), None, None)
+    assert len(ran) == 3 * 2 * 2 and first["chosen"] == {arm: 0.2 for arm in online_offline.ARMS}
+    ran.clear()
+    wider = online_offline.tune(cfg, args([0.05, 0.1, 0.2, 0.3]), None, json.loads(json.dumps(first)))
+    assert sorted(ran) == sorted((arm, lr, s) for arm in online_offline.ARMS for lr in (0.05, 0.3) for s in (100, 101))
+    assert wider["grid"] == [0.05, 0.1, 0.2, 0.3] and len(wider["runs"]) == 24 and len(wider["commands"]) == 2
+    assert wider["chosen"] == {arm: 0.3 for arm in online_offline.ARMS}
+    with pytest.raises(SystemExit):   # other seeds: their means would not compare with the stored ones
+        online_offline.tune(cfg, args([0.1], seeds=(7,)), None, first)
+
+
 @pytest.mark.slow
 def test_online_offline_experiment_tunes_then_compares_matched_arms(tiny_model, tmp_path):
     prompts = tmp_path / "prompts.jsonl"   # 16 system prompts keep the reward model's data small
@@ -90,7 +115,7 @@ def test_online_offline_experiment_tunes_then_compares_matched_arms(tiny_model, 
     out = tmp_path / "exp"
     done = subprocess.run(
         [sys.executable, "scripts/experiments/online_offline.py", "--seeds", "0", "--tune-seeds", "100",
-         "--grid", "1e-4", "--out", str(out), f"policy.model={tiny_model}", f"prompts={prompts}", "rounds=2",
+         "--grid", "1e-4", "--lr", "offline, repeated=2e-4", "--out", str(out), f"policy.model={tiny_model}", f"prompts={prompts}", "rounds=2",
          "prompts_per_round=8", f"annotate.model={tmp_path / 'rm'}", "reward_model.epochs=1", "eval.max_prompts=8",
          f"annotate.cache={tmp_path / 'cache.jsonl'}"],   # not the default runs/judge_cache.jsonl in the checkout
         cwd=ROOT, capture_output=True, text=True)
@@ -106,15 +131,16 @@ def test_online_offline_experiment_tunes_then_compares_matched_arms(tiny_model, 
 
     curves = [json.loads(line) for line in (out / "curves.jsonl").read_text().splitlines()]
     assert sorted((c["arm"], c["round"]) for c in curves) == sorted((a, r) for a in arms for r in range(2))
-    assert {c["lr"] for c in curves} == {1e-4}
+    assert {(c["arm"], c["lr"]) for c in curves} == {("online", 1e-4), ("offline", 1e-4), ("offline, repeated", 2e-4)}
     first = {c["arm"]: c for c in curves if c["round"] == 0}
     second = {c["arm"]: c for c in curves if c["round"] == 1}
-    # Round 0 trains every arm on the same pairs (the starting policy's, same seeds): same policy after it.
+    # Round 0 trains every arm on the same pairs (the starting policy's, same seeds): at the same
+    # rate, the same policy after it.
     assert len({c["pairs_kept"] for c in first.values()}) == 1
     for key in ("eval/win_rate_vs_ref", "validation/win_rate", "eval/mean_length", "well_formed"):
-        assert len({c[key] for c in first.values()}) == 1, key
-    kls = [c["eval/kl_to_ref"] for c in first.values()]
-    assert max(kls) - min(kls) < 1e-3 * max(1.0, max(kls))
+        assert first["online"][key] == first["offline"][key], key
+    assert abs(first["online"]["eval/kl_to_ref"] - first["offline"]["eval/kl_to_ref"]) < 1e-3 * max(
+        1.0, first["online"]["eval/kl_to_ref"])
     # The repeated arm annotates round 0 only and trains on those pairs again.
     assert second["offline, repeated"]["pairs_annotated"] == 0
     assert second["offline, repeated"]["pairs_kept"] == first["offline, repeated"]["pairs_kept"]
@@ -145,8 +171,11 @@ def test_online_offline_experiment_tunes_then_compares_matched_arms(tiny_model, 
             head_to_head[label] = f"\n| {label} | {rate:.3f} ["   # the row of the head-to-head table
 
     md = (out / "results.md").read_text()
-    for arm in (*arms, "offline, early-stopped", "offline, repeated, early-stopped"):
+    for arm in ("online", "offline", "offline, early-stopped"):
         assert f"\n| {arm} | 0.0001 | " in md
+    for arm in ("offline, repeated", "offline, repeated, early-stopped"):
+        assert f"\n| {arm} | 0.0002 | " in md
+    assert "Rates set by hand, not tuned** (`--lr`), over the choice above: offline, repeated 0.0002" in md
     assert all(row in md for row in head_to_head.values())
     assert "online_offline.py --seeds 0" in md and "not independent of the training signal" in md
     for png in ("win_rate.png", "length.png", "final.png"):

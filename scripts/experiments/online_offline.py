@@ -18,7 +18,8 @@ either; its comment lists them): training (`prompts`), tuning (--tuning-prompts)
 learning rate is chosen from --grid on the tuning split with the --tune-seeds: the highest
 validation win rate after the last round, averaged over those seeds, among the rates whose
 answers stay well-formed (share >= --floor; without it a judge that counts words is pleased by
-broken text); tuning.json keeps every run's numbers and the choice (--tuned FILE reuses one).
+broken text); tuning.json keeps every run's numbers and the choice (--tuned FILE: the runs of
+an earlier one are not redone, so a wider --grid runs only its new rates).
 Then the reported --seeds run with the chosen rates. After every evaluated round (eval.every)
 each policy answers the held-out and the tuning prompts, judged in both orders against the start's answers by
 `eval.annotate`; after the last round online's held-out answers are judged against each other
@@ -195,21 +196,26 @@ def choose_lr(rows: list[dict], floor: float) -> float:
     return max(kept, key=lambda lr: (mean(by_lr[lr], "win_rate"), -lr))
 
 
-def tune(cfg: oaif.RunConfig, args, pattern: re.Pattern | None) -> dict:
+def tune(cfg: oaif.RunConfig, args, pattern: re.Pattern | None, done: dict | None) -> dict:
     """Every arm at every rate of the grid, each tuning seed, evaluated on the tuning split only
-    (the held-out prompts stay unseen); the rate each arm keeps (choose_lr)."""
+    (the held-out prompts stay unseen); the rate each arm keeps (choose_lr) among these and the
+    runs of `done` (an earlier tuning.json: a grid widened later runs only its new rates)."""
+    if done and (done["prompts"], done["seeds"]) != (args.tuning_prompts, args.tune_seeds):
+        raise SystemExit(f"--tuned: its tuning prompts and seeds ({done['prompts']}, {done['seeds']}) are not these")
     tune_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, prompts=args.tuning_prompts))
-    rows = []
+    rows = list(done["runs"]) if done else []
+    have = {(r["arm"], r["lr"], r["seed"]) for r in rows}
     for arm in ARMS:
         for lr in args.grid:
-            for seed in args.tune_seeds:
+            for seed in [s for s in args.tune_seeds if (arm, lr, s) not in have]:
                 last = run_arm(tune_cfg, arm, seed, lr, args.out / "tuning", None, pattern)[-1]
                 rows.append({"arm": arm, "lr": lr, "seed": seed, "win_rate": last["eval/win_rate_vs_ref"],
                              "well_formed": last.get("well_formed"), "kl_to_ref": last["eval/kl_to_ref"]})
                 print(f"tuning {arm} lr {lr:g} seed {seed}: validation win rate {rows[-1]['win_rate']:.3f}",
                       flush=True)
-    return {"prompts": args.tuning_prompts, "grid": args.grid, "seeds": args.tune_seeds, "floor": args.floor,
-            "command": " ".join([".venv/bin/python", "scripts/experiments/online_offline.py", *sys.argv[1:]]),
+    command = " ".join([".venv/bin/python", "scripts/experiments/online_offline.py", *sys.argv[1:]])
+    return {"prompts": args.tuning_prompts, "seeds": args.tune_seeds, "floor": args.floor,
+            "grid": sorted({r["lr"] for r in rows}), "commands": (done["commands"] if done else []) + [command],
             "runs": rows, "chosen": {arm: choose_lr([r for r in rows if r["arm"] == arm], args.floor) for arm in ARMS}}
 
 
@@ -292,14 +298,16 @@ def tuning_section(tuning: dict, pattern: re.Pattern | None) -> str:
     return (f"Learning rates, chosen before any held-out answer was judged: each arm at "
             f"{', '.join(f'{lr:g}' for lr in tuning['grid'])}, tuning seeds {', '.join(map(str, tuning['seeds']))}, "
             f"evaluated on the tuning split after the last round; kept: the highest validation win rate among the "
-            f"rates whose well-formed share is at least {tuning['floor']} (`{tuning['command']}`). Validation win "
+            f"rates whose well-formed share is at least {tuning['floor']} ("
+            f"{'; '.join(f'`{c}`' for c in tuning['commands'])}). Validation win "
             f"rate vs start, mean ± sd over the tuning seeds" + (" (well-formed share)" if pattern else "") + ":\n\n" +
             table(["arm", *[f"lr {lr:g}" for lr in tuning["grid"]], "chosen"],
                   [[arm, *[cell(arm, lr) for lr in tuning["grid"]], f"{tuning['chosen'][arm]:g}"] for arm in ARMS]))
 
 
 def report(results: Results, cfg: oaif.RunConfig, curves: list[dict], tuning: dict, seeds: list[int],
-           rm: dict | None, pattern: re.Pattern | None, categories: dict[str, str]) -> None:
+           rm: dict | None, pattern: re.Pattern | None, categories: dict[str, str], by_hand: dict[str, float]
+           ) -> None:
     last = [c for c in curves if c["round"] == cfg.rounds - 1]
     ends = {arm: [c for c in last if c["arm"] == arm] for arm in ARMS} | \
         {arm: [c for c in early_stopped(curves, tuning["floor"]) if c["arm"] == arm] for arm in STOPPED}
@@ -315,6 +323,10 @@ def report(results: Results, cfg: oaif.RunConfig, curves: list[dict], tuning: di
 
     results.add(setup_section(cfg, tuning, seeds, [c["eval/baseline_mean_length"] for c in ends["online"]], rm))
     results.add(tuning_section(tuning, pattern))
+    if by_hand:
+        results.add(f"**Rates set by hand, not tuned** (`--lr`), over the choice above: "
+                    f"{', '.join(f'{arm} {lr:g}' for arm, lr in by_hand.items())}. A check of the choice, not a "
+                    f"result of the procedure.")
     rows = []
     for arm in order:
         e = ends[arm]   # trained until the row's round: the early-stopped arms' pairs and steps stop there
@@ -423,7 +435,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--grid", default="5e-5,1e-4,2e-4", help="learning rates tried for each arm")
     ap.add_argument("--floor", type=float, default=0.9,
                     help="a learning rate is kept only if this share of its tuning answers is well-formed")
-    ap.add_argument("--tuned", type=Path, help="a tuning.json of an earlier invocation: its rates, no tuning runs")
+    ap.add_argument("--tuned", type=Path, help="a tuning.json of an earlier invocation: its runs are kept, not redone")
+    ap.add_argument("--lr", action="append", default=[], metavar="ARM=RATE",
+                    help="set an arm's rate by hand over the tuned one (a check of the choice; results.md says so)")
     ap.add_argument("--well-formed", default=TINY_SENTENCES,
                     help="a regex a sound answer matches whole (default: the tiny policy's sentences; '' for none)")
     args = ap.parse_args(argv)
@@ -435,6 +449,9 @@ def main(argv: list[str] | None = None) -> None:
     if split & conversations(cfg.prompts) or split & conversations(cfg.eval.prompts):
         raise SystemExit(f"--tuning-prompts {args.tuning_prompts} shares a prompt with `prompts` or `eval.prompts`")
     seeds = [int(s) for s in args.seeds.split(",")]
+    by_hand = {arm: float(rate) for arm, _, rate in (item.rpartition("=") for item in args.lr)}
+    if set(by_hand) - set(ARMS):
+        raise SystemExit(f"--lr: arms are {', '.join(ARMS)}; got {', '.join(set(by_hand) - set(ARMS))}")
     args.tune_seeds = [int(s) for s in args.tune_seeds.split(",")]
     args.grid = [float(lr) for lr in args.grid.split(",")]
     pattern = re.compile(args.well_formed) if args.well_formed else None
@@ -446,15 +463,13 @@ def main(argv: list[str] | None = None) -> None:
         rm = distil_reward_model(cfg, Path(cfg.annotate.model))
     elif cfg.annotate.backend == "reward_model":
         rm = json.loads((Path(cfg.annotate.model) / "metrics.json").read_text())
-    if args.tuned:
-        tuning = json.loads(args.tuned.read_text())
-    else:
-        tuning = tune(cfg, args, pattern)
-        (args.out / "tuning.json").write_text(json.dumps(tuning, indent=1) + "\n")
+    tuning = tune(cfg, args, pattern, json.loads(args.tuned.read_text()) if args.tuned else None)
+    (args.out / "tuning.json").write_text(json.dumps(tuning, indent=1) + "\n")
     curves = []
     for seed in seeds:
         for arm in ARMS:
-            rows = run_arm(cfg, arm, seed, tuning["chosen"][arm], args.out / "runs", args.tuning_prompts, pattern)
+            lr = by_hand.get(arm, tuning["chosen"][arm])
+            rows = run_arm(cfg, arm, seed, lr, args.out / "runs", args.tuning_prompts, pattern)
             end = rows[-1]
             print(f"{arm} seed {seed} (lr {end['lr']:g}): win rate {end['eval/win_rate_vs_ref']:.3f}, "
                   f"validation {end['validation/win_rate']:.3f}, KL {end['eval/kl_to_ref']:.2f}", flush=True)
@@ -464,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
     held_out = data_path(cfg.eval.prompts)
     categories = {r["id"]: r["category"] for r in read_jsonl(held_out) if "category" in r} \
         if held_out.suffix == ".jsonl" else {}
-    report(results, cfg, curves, tuning, seeds, rm, pattern, categories)
+    report(results, cfg, curves, tuning, seeds, rm, pattern, categories, by_hand)
     print(f"results in {results.write()}")
 
 
