@@ -104,6 +104,8 @@ def test_a_wider_grid_runs_only_its_new_rates(monkeypatch, tmp_path):
     assert sorted(ran) == sorted((arm, lr, s) for arm in online_offline.ARMS for lr in (0.05, 0.3) for s in (100, 101))
     assert wider["grid"] == [0.05, 0.1, 0.2, 0.3] and len(wider["runs"]) == 24 and len(wider["commands"]) == 2
     assert wider["chosen"] == {arm: 0.3 for arm in online_offline.ARMS}
+    again = online_offline.tune(cfg, args([0.1]), None, wider)   # nothing new to run: no new command
+    assert again["commands"] == wider["commands"] and again["runs"] == wider["runs"]
     with pytest.raises(SystemExit):   # other seeds: their means would not compare with the stored ones
         online_offline.tune(cfg, args([0.1], seeds=(7,)), None, first)
 

@@ -205,6 +205,7 @@ def tune(cfg: oaif.RunConfig, args, pattern: re.Pattern | None, done: dict | Non
     tune_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, prompts=args.tuning_prompts))
     rows = list(done["runs"]) if done else []
     have = {(r["arm"], r["lr"], r["seed"]) for r in rows}
+    stored = len(rows)
     for arm in ARMS:
         for lr in args.grid:
             for seed in [s for s in args.tune_seeds if (arm, lr, s) not in have]:
@@ -215,7 +216,8 @@ def tune(cfg: oaif.RunConfig, args, pattern: re.Pattern | None, done: dict | Non
                       flush=True)
     command = " ".join([".venv/bin/python", "scripts/experiments/online_offline.py", *sys.argv[1:]])
     return {"prompts": args.tuning_prompts, "seeds": args.tune_seeds, "floor": args.floor,
-            "grid": sorted({r["lr"] for r in rows}), "commands": (done["commands"] if done else []) + [command],
+            "grid": sorted({r["lr"] for r in rows}),
+            "commands": (done["commands"] if done else []) + ([command] if len(rows) > stored else []),
             "runs": rows, "chosen": {arm: choose_lr([r for r in rows if r["arm"] == arm], args.floor) for arm in ARMS}}
 
 
