@@ -34,10 +34,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # results.py, online_offline.py, beside this file
 from online_offline import distil_reward_model, quiet  # noqa: E402
-from results import ROOT, Results, check_model, fmt, mean_sd, mean_spread, nested_interval, table  # noqa: E402
+from results import (RESAMPLES, ROOT, Results, check_model, fmt, mean_sd, mean_spread, nested_interval,  # noqa: E402
+                     prompt_scores, table, with_interval)
 
 import oaif  # noqa: E402
-from oaif.evaluation import SCORE, eval_annotator_config  # noqa: E402
+from oaif.evaluation import eval_annotator_config  # noqa: E402
 from oaif.records import read_jsonl  # noqa: E402
 
 ARMS = ("random@1", *(f"{rule}@{f}" for f in ("0.5", "0.25") for rule in ("random", "max_margin", "uncertain", "sea")))
@@ -77,26 +78,14 @@ def run_arm(cfg: oaif.RunConfig, arm: str, seeds: list[int], out: Path) -> dict:
     return {"arm": arm, "seeds": runs, "seed_minutes": minutes}
 
 
-RESAMPLES = 2000
+def round_scores(out: Path, arm: str, seed: str, round: int) -> dict[str, float]:
+    """Each held-out prompt's score against the start in one evaluation, from the run's own records."""
+    return prompt_scores(read_jsonl(out / "runs" / run_name(arm, seed) / "eval" / f"round_{round:06d}.jsonl"))
 
 
-def prompt_scores(out: Path, arm: str, seed: str, round: int) -> dict[str, float]:
-    """Each held-out prompt's score against the start in one evaluation (win 1, tie 0.5, loss 0;
-    an invalid judgment is left out), from the run's own eval records."""
-    records = read_jsonl(out / "runs" / run_name(arm, seed) / "eval" / f"round_{round:06d}.jsonl")
-    return {r["prompt_id"]: SCORE[r["outcome"]] for r in records if r["outcome"] in SCORE}
-
-
-def interval(per_seed: list[dict[str, float]]) -> tuple:
-    """95% interval of the mean over seeds × prompts (seeds drawn, then prompts within them)."""
-    return nested_interval([list(s.values()) for s in per_seed], RESAMPLES)
-
-
-def paired(a: list[dict[str, float]], b: list[dict[str, float]]) -> tuple:
-    """(mean, low, high) of a - b, paired by seed and prompt, with the nested bootstrap's interval."""
-    groups = [[x[p] - y[p] for p in x if p in y] for x, y in zip(a, b)]
-    values = [v for g in groups for v in g]
-    return (sum(values) / len(values) if values else None, *nested_interval(groups, RESAMPLES))
+def paired(a: list[dict[str, float]], b: list[dict[str, float]]) -> list[list[float]]:
+    """a - b per seed (the groups) and prompt (the prompts both have)."""
+    return [[x[p] - y[p] for p in x if p in y] for x, y in zip(a, b)]
 
 
 def same_calls_round(rows: list[dict], calls: int) -> int:
@@ -111,17 +100,13 @@ def curve(out: Path, arm: str, stored: dict) -> tuple:
     x = [mean_spread([rows[k]["budget/judge_calls"] for rows in seeds.values()])[0] for k in range(rounds)]
     y, low, high = [], [], []
     for k in range(rounds):
-        scores = [prompt_scores(out, arm, s, k) for s in seeds]
-        values = [v for s in scores for v in s.values()]
+        groups = [list(round_scores(out, arm, s, k).values()) for s in seeds]
+        values = [v for g in groups for v in g]
         y.append(sum(values) / len(values) if values else None)
-        lo, hi = interval(scores)
+        lo, hi = nested_interval(groups, RESAMPLES)
         low.append(lo)
         high.append(hi)
     return x, y, low, high
-
-
-def with_interval(mean, low, high, spec: str = "+.3f") -> str:
-    return "-" if mean is None else f"{mean:{spec}} [{low:{spec}}, {high:{spec}}]"
 
 
 def write(out: Path, res: Results, cfg: oaif.RunConfig) -> Path:
@@ -142,27 +127,22 @@ def write(out: Path, res: Results, cfg: oaif.RunConfig) -> Path:
     def last(arm: str) -> dict[str, dict]:
         return {s: rows[-1] for s, rows in stored[arm]["seeds"].items()}
 
-    def final_scores(arm: str) -> list[dict[str, float]]:
-        return [prompt_scores(out, arm, s, row["round"]) for s, row in last(arm).items()]
-
     rows = []
     for arm in order:
-        scores, seeds = final_scores(arm), list(last(arm))
-        values = [v for s in scores for v in s.values()]
+        scores = {s: round_scores(out, arm, s, row["round"]) for s, row in last(arm).items()}
         minus_final = minus_same = "-"
         if BASELINE in stored and arm != BASELINE:
             base_runs = stored[BASELINE]["seeds"]
-            common = [s for s in seeds if s in base_runs]
-            minus_final = with_interval(*paired([scores[seeds.index(s)] for s in common],
-                                                [prompt_scores(out, BASELINE, s, base_runs[s][-1]["round"])
-                                                 for s in common]))
-            base_same = [prompt_scores(out, BASELINE, s, same_calls_round(base_runs[s],
-                                                                         last(arm)[s]["budget/judge_calls"]))
+            common = [s for s in scores if s in base_runs]
+            base_final = [round_scores(out, BASELINE, s, base_runs[s][-1]["round"]) for s in common]
+            base_same = [round_scores(out, BASELINE, s,
+                                      same_calls_round(base_runs[s], last(arm)[s]["budget/judge_calls"]))
                          for s in common]
-            minus_same = with_interval(*paired([scores[seeds.index(s)] for s in common], base_same))
+            minus_final = with_interval(paired([scores[s] for s in common], base_final), "+.3f")
+            minus_same = with_interval(paired([scores[s] for s in common], base_same), "+.3f")
         accuracy = [r["select/proxy_accuracy"] for rs in stored[arm]["seeds"].values() for r in rs[1:]]
         rows.append([arm, mean_sd([r["budget/judge_calls"] for r in last(arm).values()], ".0f"),
-                     with_interval(sum(values) / len(values), *interval(scores), spec=".3f"),
+                     with_interval([list(v.values()) for v in scores.values()]),
                      " ".join(f"{r['eval/win_rate_vs_ref']:.2f}" for r in last(arm).values()),
                      minus_final, minus_same,
                      mean_sd([sum(r["pairs_kept"] for r in rs) for rs in stored[arm]["seeds"].values()], ".0f"),

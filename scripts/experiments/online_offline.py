@@ -47,15 +47,15 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import (ROOT, Results, check_model, interval_plot, mean_sd, mean_spread, nested_interval,  # noqa: E402
-                     table)
+from results import (RESAMPLES, ROOT, Results, check_model, interval_plot, mean_sd, mean_spread,  # noqa: E402
+                     nested_interval, prompt_scores, table, with_interval)
 
 import oaif  # noqa: E402
 from oaif.annotate.backends import build_annotator  # noqa: E402
 from oaif.annotate.base import close_annotator  # noqa: E402
 from oaif.bundled import data_path  # noqa: E402
 from oaif.datasets_io import load_prompts  # noqa: E402
-from oaif.evaluation import (SCORE, Evaluator, Response, baseline_responses, compare,  # noqa: E402
+from oaif.evaluation import (Evaluator, Response, baseline_responses, compare,  # noqa: E402
                              eval_annotator_config, respond)
 from oaif.generate import round_prompts  # noqa: E402
 from oaif.records import read_jsonl, write_jsonl  # noqa: E402
@@ -63,7 +63,6 @@ from oaif.records import read_jsonl, write_jsonl  # noqa: E402
 ARMS = ("online", "offline", "offline, repeated")
 STOPPED = {"offline, early-stopped": "offline", "offline, repeated, early-stopped": "offline, repeated"}
 RM_SAMPLES, RM_ROUNDS = 8, 2   # samples per prompt and passes over the prompts for the reward model's data
-RESAMPLES = 2000
 # The tiny policy's language: capitalised sentences of plain words, each ending in a period.
 # Every answer of the starting policy matches it; "A short walk", "....", " for a common
 # sight." or "cats.es cats" do not. A judge that counts words can score those as wins.
@@ -234,11 +233,6 @@ def early_stopped(curves: list[dict], floor: float) -> list[dict]:
     return rows
 
 
-def scores(records: list[dict]) -> dict[str, float]:
-    """Per prompt: 1 a win, 0.5 a tie, 0 a loss of the policy side (invalid ones left out)."""
-    return {r["prompt_id"]: SCORE[r["outcome"]] for r in records if r["outcome"] != "invalid"}
-
-
 def head_to_head(cfg: oaif.RunConfig, online: list[dict], others: dict[str, list[dict]], out: Path
                  ) -> dict[str, list[list[float]]]:
     """Online's held-out answers after the last round (its rows, one per seed) against each other
@@ -255,17 +249,10 @@ def head_to_head(cfg: oaif.RunConfig, online: list[dict], others: dict[str, list
                 records, _ = compare(annotator, load(mine), load(theirs), None, mine["round"], 0,
                                      judge.annotate.missing_eos_penalty, judge.annotate.min_label_mass)
                 write_jsonl(out / "head_to_head" / f"{arm.replace(', ', '-')}-seed{mine['seed']}.jsonl", records)
-                result[arm].append(list(scores(records).values()))
+                result[arm].append(list(prompt_scores(records).values()))
     finally:
         close_annotator(annotator)
     return result
-
-
-def with_interval(groups: list[list[float]], spec: str = ".3f") -> str:
-    """'mean [low, high]': the mean of every value, its 95% interval over seeds, then prompts."""
-    lo, hi = nested_interval(groups, RESAMPLES)
-    values = [v for g in groups for v in g]
-    return f"{statistics.fmean(values):{spec}} [{lo:{spec}}, {hi:{spec}}]" if values else "-"
 
 
 def setup_section(cfg: oaif.RunConfig, tuning: dict, seeds: list[int], baseline: list[float], rm: dict | None) -> str:
@@ -315,7 +302,7 @@ def report(results: Results, cfg: oaif.RunConfig, curves: list[dict], tuning: di
         {arm: [c for c in early_stopped(curves, tuning["floor"]) if c["arm"] == arm] for arm in STOPPED}
     order = ["online", "offline", "offline, early-stopped", "offline, repeated", "offline, repeated, early-stopped"]
     records = lambda row: read_jsonl(eval_file(Path(row["run"]), row["round"]))  # noqa: E731
-    vs_start = {arm: [scores(records(row)) for row in ends[arm]] for arm in order}   # per seed, per prompt
+    vs_start = {arm: [prompt_scores(records(row)) for row in ends[arm]] for arm in order}   # per seed, per prompt
     h2h = head_to_head(cfg, ends["online"], {arm: ends[arm] for arm in order[1:]}, results.out)
     kl = {arm: [[r["kl_to_ref"] for r in records(row)] for row in ends[arm]] for arm in order}
     values = lambda per_seed: [list(by_prompt.values()) for by_prompt in per_seed]  # noqa: E731
@@ -393,7 +380,7 @@ def plot_curves(results: Results, curves: list[dict], pattern: re.Pattern | None
     mean = lambda arm, key: [mean_spread([c[key] for c in at(arm, r)])[0] for r in x]  # noqa: E731
 
     def win_rate(arm: str, key: str, split: str) -> tuple:
-        intervals = [nested_interval([list(scores(read_jsonl(eval_file(Path(c["run"]), r, split))).values())
+        intervals = [nested_interval([list(prompt_scores(read_jsonl(eval_file(Path(c["run"]), r, split))).values())
                                       for c in at(arm, r)], RESAMPLES) for r in x]
         return x, mean(arm, key), [lo for lo, _ in intervals], [hi for _, hi in intervals]
 

@@ -119,6 +119,25 @@ def nested_interval(groups: list[list[float]], resamples: int, seed: int = 0) ->
     return means[int(0.025 * (resamples - 1))], means[int(0.975 * (resamples - 1))]
 
 
+RESAMPLES = 2000   # bootstrap draws behind every interval the experiments report
+
+
+def with_interval(groups: list[list[float]], spec: str = ".3f") -> str:
+    """'mean [low, high]': the mean of every value, its 95% interval over groups (seeds), then
+    values within them (prompts); '-' when there is none."""
+    lo, hi = nested_interval(groups, RESAMPLES)
+    values = [v for g in groups for v in g]
+    return f"{statistics.fmean(values):{spec}} [{lo:{spec}}, {hi:{spec}}]" if values else "-"
+
+
+def prompt_scores(records: list[dict]) -> dict[str, float]:
+    """Per prompt, the policy side's score in evaluation records (oaif.evaluation.compare): 1 a
+    win, 0.5 a tie, 0 a loss; invalid judgments left out."""
+    from oaif.evaluation import SCORE
+
+    return {r["prompt_id"]: SCORE[r["outcome"]] for r in records if r["outcome"] in SCORE}
+
+
 def interval_plot(path: Path, title: str, panels: list[tuple]) -> None:
     """Stacked panels, one row per group: a dot per seed (the mean of its values), the mean of
     every value (black) and its interval. Each panel is (x label, {group: (values per seed, low,
