@@ -35,6 +35,11 @@ def must_be_positive(prefix: str, values: dict) -> list[str]:
     return [f"{prefix}{k}: must be > 0, got {v}" for k, v in values.items() if v <= 0]
 
 
+def must_not_be_negative(prefix: str, values: dict) -> list[str]:
+    """One error line per value that is < 0, named by its dotted key (prefix + name)."""
+    return [f"{prefix}{k}: must be >= 0, got {v}" for k, v in values.items() if v < 0]
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     model: str = _f("models/tiny", "Path or hub id of the policy to train (loaded with from_pretrained and vllm.LLM).")
@@ -145,9 +150,7 @@ class SelectConfig:
         errors = must_be_positive(f"{where}.select.",
                   {"comparisons_per_prompt": self.comparisons_per_prompt, "heads": self.heads, "window": self.window,
                    "steps": self.steps, "learning_rate": self.learning_rate})
-        if self.l2 < 0:
-            errors.append(f"{where}.select.l2: must be >= 0, got {self.l2}")
-        return errors
+        return errors + must_not_be_negative(f"{where}.select.", {"l2": self.l2})
 
 
 @dataclass(frozen=True)
@@ -211,8 +214,7 @@ class AnnotateConfig:
             errors.append(f"{where}.max_invalid_rate: must be in [0, 1], got {self.max_invalid_rate}")
         if self.length_debias_window < 0:
             errors.append(f"{where}.length_debias_window: must be >= 0 (0: off), got {self.length_debias_window}")
-        if self.missing_eos_penalty < 0:
-            errors.append(f"{where}.missing_eos_penalty: must be >= 0, got {self.missing_eos_penalty}")
+        errors += must_not_be_negative(f"{where}.", {"missing_eos_penalty": self.missing_eos_penalty})
         if not 0 <= self.min_label_mass < 1:
             errors.append(f"{where}.min_label_mass: must be in [0, 1) (0: off), got {self.min_label_mass}")
         if self.labels[0] == self.labels[1]:
@@ -236,9 +238,8 @@ class AnnotateConfig:
                     "max_tokens": o.max_tokens}.items() if v <= 0]
         if o.max_retries < 0:
             errors.append(f"{where}.openai.max_retries: must be >= 0")
-        errors += [f"{where}.openai.{k}: must be >= 0, got {v}" for k, v in
-                   {"price_per_mtok_input": o.price_per_mtok_input,
-                    "price_per_mtok_output": o.price_per_mtok_output}.items() if v < 0]
+        errors += must_not_be_negative(f"{where}.openai.", {"price_per_mtok_input": o.price_per_mtok_input,
+                                                              "price_per_mtok_output": o.price_per_mtok_output})
         errors += [e for e in (key_env_problem(o.api_key_env, f"{where}.openai.api_key_env"),
                                url_problem(o.base_url, f"{where}.openai.base_url", o.api_key_env,
                                            f"{where}.openai.api_key_env")) if e]
@@ -343,9 +344,8 @@ class EvalConfig:
         None, "The evaluation annotator: the keys of `annotate` (e.g. {backend: rules, constitution: constitutions/correct.yaml}); keys left out are taken from `annotate`. Unset: the training annotator, with a warning: the policy is then graded by the judge it was trained to please.")
 
     def problems(self) -> list[str]:
-        errors = [f"eval.{k}: must be >= 0, got {v}" for k, v in
-                  {"every": self.every, "max_prompts": self.max_prompts, "temperature": self.temperature,
-                   "max_new_tokens": self.max_new_tokens}.items() if v < 0]
+        errors = must_not_be_negative("eval.", {"every": self.every, "max_prompts": self.max_prompts,
+                                                "temperature": self.temperature, "max_new_tokens": self.max_new_tokens})
         if self.bootstrap < 1:
             errors.append(f"eval.bootstrap: must be >= 1, got {self.bootstrap}")
         if self.annotate is not None:
@@ -374,9 +374,7 @@ class RewardModelConfig:
                    "max_tokens": self.max_tokens, "lora_r": self.lora_r})
         if not 0 < self.heldout_fraction < 1:
             errors.append(f"reward_model.heldout_fraction: must be in (0, 1), got {self.heldout_fraction}")
-        if self.margin_scale < 0:
-            errors.append(f"reward_model.margin_scale: must be >= 0, got {self.margin_scale}")
-        return errors
+        return errors + must_not_be_negative("reward_model.", {"margin_scale": self.margin_scale})
 
 
 @dataclass(frozen=True)
@@ -397,9 +395,8 @@ class SFTConfig:
         errors = must_be_positive("sft.",
                   {"epochs": self.epochs, "learning_rate": self.learning_rate, "batch_size": self.batch_size,
                    "micro_batch_size": self.micro_batch_size, "max_tokens": self.max_tokens})
-        errors += [f"sft.{k}: must be >= 0, got {v}" for k, v in
-                   {"max_steps": self.max_steps or 0, "weight_decay": self.weight_decay,
-                    "warmup_steps": self.warmup_steps, "max_grad_norm": self.max_grad_norm}.items() if v < 0]
+        errors += must_not_be_negative("sft.", {"max_steps": self.max_steps or 0, "weight_decay": self.weight_decay,
+                                                "warmup_steps": self.warmup_steps, "max_grad_norm": self.max_grad_norm})
         if not 0 <= self.min_lr_ratio <= 1:
             errors.append(f"sft.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         return errors
@@ -424,8 +421,7 @@ class CritiqueConfig:
         errors = must_be_positive("critique.",
                   {"revisions": self.revisions, "max_new_tokens": self.max_new_tokens,
                    "max_prompt_tokens": self.max_prompt_tokens})
-        errors += [f"critique.{k}: must be >= 0, got {v}" for k, v in
-                   {"max_prompts": self.max_prompts, "temperature": self.temperature}.items() if v < 0]
+        errors += must_not_be_negative("critique.", {"max_prompts": self.max_prompts, "temperature": self.temperature})
         if self.critic != "policy" and not self.critic_model:
             errors.append(f"critique.critic_model: critic '{self.critic}' needs a model: a model folder or hub id "
                           f"(vllm, transformers) or the API's model name (openai); or set critique.critic=policy")
