@@ -57,12 +57,14 @@ def test_split_is_fixed_disjoint_and_refuses_what_cannot_be_measured():
 
 
 @pytest.mark.slow
-def test_steering_quick_chooses_on_validation_reports_test_and_matches_the_runs(tiny_model, tmp_path):
+def test_steering_quick_chooses_on_validation_reports_test_matches_the_runs_and_resumes(tiny_model, tmp_path):
     out = tmp_path / "steering"
-    r = subprocess.run([sys.executable, "scripts/experiments/steering.py", "--quick", "--out", str(out),
-                        f"policy.model={tiny_model}", "threads=1"], cwd=ROOT, capture_output=True, text=True)
+    command = [sys.executable, "scripts/experiments/steering.py", "--quick", "--out", str(out),
+               f"policy.model={tiny_model}", "threads=1"]
+    r = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     text = (out / "results.md").read_text()
+    assert "read back" not in text
     for png in ("lengths.png", "validation.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in text
     validation, test = (read_jsonl(out / "split" / f"{part}.jsonl") for part in ("validation", "test"))
@@ -116,6 +118,29 @@ def test_steering_quick_chooses_on_validation_reports_test_and_matches_the_runs(
     # The length rule, not the amount of signal, made the concise arm's test answers shorter.
     length = {arm: sum(e["policy_tokens"] for s in SEEDS for e in runs[arm, s]["records"]) for arm in ARMS}
     assert length["concise"] < length["control"]
+
+    # Resumed, as after an interruption: a run whose test answers are in (its steering.json, with
+    # the same resolved config) is read back, untouched; one without is run again. The report is
+    # the same but for its first line and the note that says so.
+    written = lambda: {(a, s): (out / a / f"seed{s}" / "metrics.jsonl").stat().st_mtime_ns  # noqa: E731
+                       for a in ARMS for s in SEEDS}
+    before = written()
+    (out / "concise" / "seed1" / steering.DONE).unlink()
+    r = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    after, again = written(), (out / "results.md").read_text()
+    assert [k for k in before if before[k] != after[k]] == [("concise", SEEDS[1])]
+    assert "3 of the 4 runs finished in earlier invocations" in again
+    def body(text: str) -> list[str]:   # from the first section; the arm table's last cell is the minutes per run
+        lines = text.splitlines()
+        return [line.rsplit("|", 2)[0] if "| `constitutions/" in line else line
+                for line in lines[lines.index(next(x for x in lines if x.startswith("## "))):]
+                if line and "read back" not in line]
+
+    assert body(again) == body(text)
+    # Another config is another experiment: nothing is read back.
+    r = subprocess.run([*command, "rounds=1"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "read back" not in (out / "results.md").read_text(), r.stderr[-3000:]
 
 
 def test_steering_refuses_bad_arms_seeds_and_per_run_keys(tmp_path):

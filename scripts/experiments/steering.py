@@ -24,7 +24,10 @@ prompt (the seeds' differences on a prompt averaged first).
 Writes DIR/results.md (the tables, samples of each chosen policy beside the start's, the
 command and the wall time), DIR/lengths.png, DIR/validation.png, the split DIR/split/
 {validation,test}.jsonl, and each run's directory DIR/ARM/seedS (its test comparison in
-evals/). key=value overrides go to every run. --quick: the tiny policy for 2 rounds, two arms
+evals/, its steering.json once done). A run whose steering.json records the same resolved
+config is read back, not run again: an interrupted invocation resumes, and seeds run as
+separate invocations into one folder are reported together by one more with all of them.
+key=value overrides go to every run. --quick: the tiny policy for 2 rounds, two arms
 and two seeds (configs/experiments/steering_tiny.yaml), a check of the plumbing.
 """
 
@@ -44,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))   # results.py, beside 
 
 import oaif
 from oaif import outputs
+from oaif.config import to_dict
 from oaif.constitution import load_constitution, matches_reference
 from oaif.datasets_io import load_prompts
 from oaif.evaluation import eval_prompts
@@ -61,6 +65,7 @@ QUICK_SEEDS = "0,1"
 SET_PER_RUN = ("name", "output_dir", "seed", "annotate.constitution", "train.checkpoint_every",
                "train.keep_checkpoints", "eval.policy")
 SPLIT_KIND = "steering split"   # oaif/outputs.py: a file this script wrote, and may replace
+DONE, DONE_KIND = "steering.json", "steering run"   # in a run's directory once its test answers are in
 SAMPLES = 4   # test prompts whose answers results.md shows: the first ones by id, not picked
 
 
@@ -140,15 +145,21 @@ def share(flags: dict[str, bool]) -> float:
 def run_one(config: str, arm: str, constitution: str, seed: int, out: Path, overrides: list[str], every: int,
             split: tuple[Path, Path], references: dict[str, tuple[str, ...]]) -> dict:
     """One arm at one seed through the Python API: the run, validation accuracy at every
-    evaluated round, the chosen checkpoint's answers to the test set; what the report needs."""
+    evaluated round, the chosen checkpoint's answers to the test set; what the report needs.
+    A run that finished before with the same resolved config (its DONE file says) is read back,
+    not run again: an interrupted invocation resumes where it stopped."""
     # A checkpoint wherever the validation set is answered (the same rule: every `every`
     # rounds and after the last), all of them kept, so the best one can answer the test set.
     cfg = oaif.load_config(config, [*overrides, f"name=seed{seed}", f"output_dir={out / arm}", "overwrite=true",
                                     f"seed={seed}", f"annotate.constitution={constitution}",
                                     f"eval.prompts={split[0]}", "eval.max_prompts=0",
                                     f"train.checkpoint_every={every}", "train.keep_checkpoints=0"])
-    t0 = time.perf_counter()
-    run_dir = oaif.run(cfg)
+    run_dir, resolved = out / arm / f"seed{seed}", to_dict(cfg)
+    done = json.loads((run_dir / DONE).read_text()) if (run_dir / DONE).is_file() else None
+    reused = done is not None and done["config"] == resolved
+    if not reused:
+        t0 = time.perf_counter()
+        run_dir = oaif.run(cfg)
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     evals = [m for m in metrics if "eval/win_rate_vs_ref" in m]
     validation = {e["round"]: share(correct({r["prompt_id"]: r["policy"] for r in
@@ -158,15 +169,18 @@ def run_one(config: str, arm: str, constitution: str, seed: int, out: Path, over
                           references))
     # The best validation accuracy; on a tie the later round: as good on validation, steered longer.
     chosen = max(validation, key=lambda r: (validation[r], r))
-    checkpoint = run_dir / "checkpoints" / f"round_{chosen:06d}"
-    test_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, prompts=str(split[1]),
-                                                                 policy=str(checkpoint)))
-    test = oaif.evaluate(test_cfg, log=lambda line: None)   # writes run_dir/evals/round_<chosen>.jsonl
+    if not reused:
+        checkpoint = run_dir / "checkpoints" / f"round_{chosen:06d}"
+        test_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, prompts=str(split[1]),
+                                                                     policy=str(checkpoint)))
+        test = oaif.evaluate(test_cfg, log=lambda line: None)   # writes run_dir/evals/round_<chosen>.jsonl
+        done = {"config": resolved, "test": test, "minutes": (time.perf_counter() - t0) / 60}
+        outputs.write_file(run_dir / DONE, DONE_KIND, lambda f: json.dump(done, f, indent=1), overwrite=True)
     records = read_jsonl(run_dir / "evals" / f"round_{chosen:06d}.jsonl")
     return {"arm": arm, "constitution": constitution, "seed": seed, "cfg": cfg, "metrics": metrics,
             "evals": evals, "validation": validation, "validation_start": start, "chosen": chosen,
-            "test": test, "records": {r["prompt_id"]: r for r in records},
-            "minutes": (time.perf_counter() - t0) / 60}
+            "test": done["test"], "records": {r["prompt_id"]: r for r in records},
+            "minutes": done["minutes"], "reused": reused}
 
 
 def report(res: Results, runs: list[dict], arms: list[tuple[str, str]], seeds: list[int], held_out: str,
@@ -339,6 +353,10 @@ def main() -> None:
     runs = [run_one(config, name, constitution, seed, out, args.overrides, base.eval.every, split, references)
             for seed in seeds for name, constitution in arms]
     report(res, runs, arms, seeds, base.eval.prompts, split, references)
+    reused = sum(r["reused"] for r in runs)
+    if reused:
+        res.add(f"{reused} of the {len(runs)} runs finished in earlier invocations into this folder, with the same "
+                f"resolved config, and were read back; the minutes per run are each run's own.")
     print(f"results in {res.write()}")
 
 
