@@ -5,6 +5,7 @@ an edited constitution is taken up at the next round while a broken edit is refu
 
 Runs in this process use the real vLLM engine, trainer and sync on the tiny policy."""
 
+import json
 import math
 import subprocess
 import sys
@@ -92,6 +93,7 @@ def test_a_judge_function_is_learned_from_and_named_in_the_records(tiny_model, t
 
 
 JUDGE_FILE = '''
+import json
 import math
 
 def judge(prompt_messages, response_1, response_2):
@@ -305,3 +307,26 @@ def test_the_curriculum_example_switches_constitution_half_way(tiny_model, tmp_p
     assert min(longer[:2]) > 0.8 and max(longer[2:]) == 0.0, longer   # the data turns at once
     assert "round 2: constitution" in r.stdout and "changed" in r.stdout
     assert [m["round"] for m in read_jsonl(tmp_path / "cur/metrics.jsonl")] == [0, 1, 2, 3]
+
+
+def test_a_finished_run_leaves_nothing_of_itself_in_the_process(tiny_model, tmp_path):
+    # A sweep or a notebook calls oaif.run again and again in one process: once a run returns, its
+    # Loop, trainer, policy and engine model (every layer with weights) must be gone, or the process grows by a model a run
+    # (it did: vLLM's reload records and an import error's traceback kept them). A fresh process,
+    # so that vLLM is first imported inside the run, as in a user's script.
+    script = f"""
+import gc, json, oaif, torch
+cfg = oaif.load_config({str(ROOT / 'configs/tiny_cpu.yaml')!r}, {[f'policy.model={tiny_model}', f'output_dir={tmp_path}',
+                                                                  'name=r', 'rounds=2', 'threads=1', *FAST]!r})
+run_dir = oaif.run(cfg)
+gc.collect()
+from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+weighs = lambda o: isinstance(o, torch.nn.Module) and next(o.parameters(recurse=False), None) is not None
+alive = sorted({{f"{{type(o).__module__}}.{{type(o).__name__}}" for o in gc.get_objects()
+                 if weighs(o) or type(o).__name__ in ("Loop", "PreferenceTrainer")}})
+print(json.dumps({{"alive": alive, "records": len(LAYERWISE_INFO), "rounds": len(oaif.records.read_jsonl(run_dir / "metrics.jsonl"))}}))
+"""
+    r = python("-c", script)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report == {"alive": [], "records": 0, "rounds": 2}   # two rounds: the weights were reloaded once

@@ -7,6 +7,7 @@ into it as tensors (engine/weights.py) without a disk write.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -34,6 +35,8 @@ def build_llm(model: str, dtype: str, seed: int, kv_cache_gib: float, max_model_
     from vllm import LLM  # imported here so that config errors surface before vLLM loads
     import vllm.envs
 
+    release_import_tracebacks()
+
     # Set only while the workers start, so that a later engine still sees what the user set.
     bind = cpu_threads_bind(tensor_parallel_size)
     if bind:
@@ -58,6 +61,18 @@ def build_llm(model: str, dtype: str, seed: int, kv_cache_gib: float, max_model_
     finally:
         for key in bind:
             del os.environ[key]
+
+
+def release_import_tracebacks() -> None:
+    """vLLM keeps, in module globals, errors it caught while importing (an optional audio
+    decoder that is not installed: vllm/multimodal/media/audio.py), and with each its
+    traceback, which holds every frame that was on the stack at that first import. Imported
+    inside a run, that pinned the run's Loop, its policy and trainer, for the life of the process."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith("vllm") and module is not None:
+            for value in list(vars(module).values()):
+                if isinstance(value, BaseException):
+                    value.__traceback__ = None
 
 
 def cpu_threads_bind(tensor_parallel_size: int) -> dict[str, str]:
@@ -101,7 +116,20 @@ def shutdown_llm(llm) -> None:
     one tears down vLLM's process-wide parallel state: left to the collector, that can happen
     while a later engine in the same process runs (a script's second oaif.run), which then
     fails with "pipeline model parallel group is not initialized"."""
+    llm.collective_rpc(forget_reload_records)
     llm.llm_engine.engine_core.shutdown()
+
+
+def forget_reload_records(worker) -> None:
+    """On each worker of an engine that is ending: drop its layers from vLLM's process-wide
+    record of how to reload them. The record is a weak dictionary, but once weights were
+    reloaded its entries refer back to their layer (through the wrapped weight loaders), so
+    without this the model outlives its engine: a script's repeated oaif.run grew by about
+    1.2 GB a run at 135M parameters (vLLM 0.32 on CPU; tests/test_api.py checks it)."""
+    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+
+    for layer in worker.model_runner.get_model().modules():
+        LAYERWISE_INFO.pop(layer, None)
 
 
 class InProcessEngine(Submitted):
