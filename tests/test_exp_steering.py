@@ -59,9 +59,10 @@ def test_split_is_fixed_disjoint_and_refuses_what_cannot_be_measured():
 @pytest.mark.slow
 def test_steering_quick_chooses_on_validation_reports_test_matches_the_runs_and_resumes(tiny_model, tmp_path):
     out = tmp_path / "steering"
-    command = [sys.executable, "scripts/experiments/steering.py", "--quick", "--out", str(out),
-               f"policy.model={tiny_model}", "threads=1"]
-    r = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    # From a folder outside the checkout, as a user with a clone elsewhere runs it.
+    command = [sys.executable, str(ROOT / "scripts/experiments/steering.py"), "--quick", "--out", str(out),
+               f"policy.model={tiny_model.resolve()}", "threads=1"]
+    r = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     text = (out / "results.md").read_text()
     assert "read back" not in text
@@ -126,7 +127,7 @@ def test_steering_quick_chooses_on_validation_reports_test_matches_the_runs_and_
                        for a in ARMS for s in SEEDS}
     before = written()
     (out / "concise" / "seed1" / steering.DONE).unlink()
-    r = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     after, again = written(), (out / "results.md").read_text()
     assert [k for k in before if before[k] != after[k]] == [("concise", SEEDS[1])]
@@ -139,7 +140,7 @@ def test_steering_quick_chooses_on_validation_reports_test_matches_the_runs_and_
 
     assert body(again) == body(text)
     # Another config is another experiment: nothing is read back.
-    r = subprocess.run([*command, "rounds=1"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([*command, "rounds=1"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0 and "read back" not in (out / "results.md").read_text(), r.stderr[-3000:]
 
 

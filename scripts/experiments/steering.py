@@ -47,12 +47,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))   # results.py, beside 
 
 import oaif
 from oaif import outputs
+from oaif.bundled import data_path
 from oaif.config import to_dict
 from oaif.constitution import load_constitution, matches_reference
 from oaif.datasets_io import load_prompts
 from oaif.evaluation import eval_prompts
 from oaif.records import Prompt, read_jsonl
-from results import Results, check_model, fmt, mean_sd, paired_difference, sign_test, table
+from results import ROOT, Results, check_model, fmt, mean_sd, paired_difference, sign_test, table
 
 CONFIG = "configs/experiments/steering_smollm2.yaml"
 ARMS = ("control=constitutions/correct_random.yaml,helpful=constitutions/helpful.yaml,"
@@ -70,14 +71,15 @@ SAMPLES = 4   # test prompts whose answers results.md shows: the first ones by i
 
 
 def parse_arms(text: str) -> list[tuple[str, str]]:
-    """'name=constitution,...' -> [(name, path)]; at least two arms, distinct names, files that exist."""
+    """'name=constitution,...' -> [(name, path)]; at least two arms, distinct names, constitutions
+    that exist (a file, a bundled name, or a path of oaif's source tree: the config's rules)."""
     arms = []
     for item in text.split(","):
         name, sep, path = item.strip().partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z0-9._-]+", name) or not path:
             raise SystemExit(f"--arms: {item!r} is not NAME=CONSTITUTION (NAME: letters, digits, '.', '-', '_')")
-        if not Path(path).is_file():
-            raise SystemExit(f"--arms: constitution file {path} not found")
+        if not data_path(path).is_file():
+            raise SystemExit(f"--arms: constitution {path} not found (give a file, or a bundled name: oaif constitutions)")
         arms.append((name, path))
     if len(arms) < 2 or len({n for n, _ in arms}) != len(arms):
         raise SystemExit(f"--arms: give at least two arms with distinct names, got {text!r}")
@@ -334,7 +336,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key=value for every run's config, e.g. threads=1 rounds=4")
     args = parser.parse_args()
 
-    config = args.config or (QUICK_CONFIG if args.quick else CONFIG)
+    config = args.config or str(ROOT / (QUICK_CONFIG if args.quick else CONFIG))   # the defaults from any folder
     arms = parse_arms(args.arms or (QUICK_ARMS if args.quick else ARMS))
     seeds = parse_seeds(args.seeds or (QUICK_SEEDS if args.quick else SEEDS))
     check_overrides(args.overrides)
