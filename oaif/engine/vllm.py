@@ -116,8 +116,10 @@ def shutdown_llm(llm) -> None:
     one tears down vLLM's process-wide parallel state: left to the collector, that can happen
     while a later engine in the same process runs (a script's second oaif.run), which then
     fails with "pipeline model parallel group is not initialized"."""
-    llm.collective_rpc(forget_reload_records)
-    llm.llm_engine.engine_core.shutdown()
+    try:
+        llm.collective_rpc(forget_reload_records)
+    finally:   # an engine whose workers failed is still ended
+        llm.llm_engine.engine_core.shutdown()
 
 
 def forget_reload_records(worker) -> None:

@@ -186,16 +186,15 @@ def run_one(config: str, arm: str, constitution: str, seed: int, out: Path, over
 
 
 def report(res: Results, runs: list[dict], arms: list[tuple[str, str]], seeds: list[int], held_out: str,
-           split: tuple[Path, Path], references: dict[str, tuple[str, ...]]) -> None:
+           n_val: int, n_test: int, references: dict[str, tuple[str, ...]]) -> None:
     first = runs[0]
     cfg = first["cfg"]
     by_arm = {name: [r for r in runs if r["arm"] == name] for name, _ in arms}
     ids = sorted(set.intersection(*(set(r["records"]) for r in runs)))   # test prompts every run answered
-    n_val, n_test = len(read_jsonl(split[0])), len(read_jsonl(split[1]))
 
     def flags(run: dict, side: str) -> list[bool]:
         """Per test prompt (ids), whether `side` (policy: the chosen checkpoint; baseline: the start) was correct."""
-        return [matches_reference(run["records"][pid][side], references[pid]) for pid in ids]
+        return list(correct({pid: run["records"][pid][side] for pid in ids}, references).values())
 
     def change(run: dict) -> list[int]:
         return [int(f) - int(s) for f, s in zip(flags(run, "policy"), flags(run, "baseline"))]
@@ -354,7 +353,7 @@ def main() -> None:
     references = {p.id: p.references for p in validation + test}
     runs = [run_one(config, name, constitution, seed, out, args.overrides, base.eval.every, split, references)
             for seed in seeds for name, constitution in arms]
-    report(res, runs, arms, seeds, base.eval.prompts, split, references)
+    report(res, runs, arms, seeds, base.eval.prompts, len(validation), len(test), references)
     reused = sum(r["reused"] for r in runs)
     if reused:
         res.add(f"{reused} of the {len(runs)} runs finished in earlier invocations into this folder, with the same "
